@@ -1,0 +1,5 @@
+"""`python -m chatd` is the `chatd` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,207 @@
+"""The command line: parse argv, run one command, print its messages, exit with its LSB status.
+
+This is the only module that writes to the terminal or exits. No user
+mistake and no run-time fault ends in a Python traceback here: every failure
+is one line, `chatd: <reason>`, and an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+from . import __version__, control
+from .errors import EXIT_FAILED, EXIT_USAGE, ChatdError, UsageError
+
+COMMANDS = ("start", "run", "stop", "restart", "reload", "status", "check-config")
+
+# Options that set a config key: flag -> dotted key (SPEC section 1 and 3).
+SETTING_FLAGS = {
+    "--host": "server.host", "--port": "server.port", "--mode": "server.mode",
+    "--loop": "server.loop", "--pidfile": "daemon.pidfile", "--user": "daemon.user",
+    "--group": "daemon.group", "--log": "log.target", "--log-level": "log.level",
+}
+
+HELP = f"""\
+NAME
+    chatd - a TCP line-echo and chat daemon, done the textbook way
+
+SYNOPSIS
+    chatd [start] [OPTIONS]
+    chatd run [OPTIONS]                  (also: chatd -f, chatd --foreground)
+    chatd stop [--timeout S] [OPTIONS]
+    chatd restart | reload | status | check-config [OPTIONS]
+    chatd --help | --version
+
+COMMANDS
+    start          detach and serve; return once it serves, or fail with its reason
+                   (the default command)
+    run            serve in the foreground: systemd, supervisors, containers, a terminal
+    stop           graceful stop (SIGUSR1); wait until the process has exited; after
+                   --timeout send SIGTERM, 5 s later SIGKILL
+    restart        SIGHUP: re-read the config and apply it in place, print the outcome;
+                   start chatd if it is not running
+    reload         as restart, but never start a stopped chatd (LSB reload)
+    status         is it running? pid, address, mode, clients, uptime, ...
+    check-config   validate the config without touching the running daemon
+
+OPTIONS
+    Every command accepts every option and ignores those it has no use for.
+    Each setting is also a config key; the command line wins over the file.
+    -c, --config PATH        TOML config file; without it every setting has its default
+        --host ADDR          address to listen on [server] host (default 0.0.0.0)
+    -p, --port N             TCP port, 1-65535 [server] port (default 7777)
+        --mode echo|chat     [server] mode (default echo)
+        --pidfile PATH       [daemon] pidfile (default: see FILES)
+        --log syslog|stderr|PATH
+                             [log] target (default: stderr for run; syslog if its socket
+                             exists, else X.log beside the pid file, for start)
+        --log-level LEVEL    debug, info, warning or error [log] level (default info)
+        --user NAME|#UID     drop privileges to this user after binding [daemon] user
+        --group NAME|#GID    ... and this group [daemon] group
+        --loop auto|uvloop|asyncio
+                             event loop [server] loop (default auto: uvloop if installed)
+        --timeout S          stop: seconds to wait before SIGTERM (default drain_timeout + 5)
+    -f, --foreground         the same as the run command
+    -h, --help               this text
+        --version            print the version
+
+EXIT STATUS (LSB)
+    start, run      0 serving (or already running, for start); 1 failed, with the reason;
+                    2 bad usage; 4 insufficient privilege; 6 bad or missing config
+    stop            0 stopped or not running; 1 needed SIGKILL; 4 not allowed
+    restart, reload 0 applied; 6 config rejected (old one still serving); 1 failed or
+                    no answer; 7 reload of a stopped chatd
+    status          0 running; 1 dead but pid file left; 3 not running; 4 cannot tell
+    check-config    0 valid; 6 invalid (file:line and what is wrong)
+
+FILES
+    X.pid, X.lock, X.state, X.log   pid file (locked while running), guard lock for the
+                   control commands, state for status and restart, fallback log.
+                   X is --pidfile or [daemon] pidfile without .pid, else DIR/NAME where
+                   NAME is chatd or the -c file's stem and DIR is $RUNTIME_DIRECTORY,
+                   /run/chatd (root), $XDG_RUNTIME_DIR/chatd, or /tmp/chatd-$UID.
+
+SIGNALS
+    SIGUSR1 graceful stop; SIGHUP restart in place (and reopen the log);
+    SIGTERM, SIGINT, SIGQUIT prompt tidy exit; SIGPIPE, SIGUSR2, SIGALRM ignored.
+
+chatd {__version__}
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="chatd", add_help=False, allow_abbrev=False)
+    p.add_argument("command", nargs="?", default=None)
+    p.add_argument("-c", "--config", default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("-p", "--port", default=None)
+    p.add_argument("--mode", default=None)
+    p.add_argument("--pidfile", default=None)
+    p.add_argument("--log", default=None)
+    p.add_argument("--log-level", default=None)
+    p.add_argument("--user", default=None)
+    p.add_argument("--group", default=None)
+    p.add_argument("--loop", default=None)
+    p.add_argument("--timeout", default=None)
+    p.add_argument("-f", "--foreground", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--version", action="store_true")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[control.Options, list[str]] | str:
+    """The options and the flags that were given, or "help"/"version"."""
+    args = _parser().parse_args(argv)
+    if args.help:
+        return "help"
+    if args.version:
+        return "version"
+    command = args.command or "start"
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
+    if args.foreground and command == "start":
+        command = "run"
+    opts = control.Options(command=command, config=args.config)
+    given: list[str] = ["--config"] if args.config is not None else []
+    for flag, key in SETTING_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            opts.overrides[key] = (value, flag)
+            given.append(flag)
+    if args.timeout is not None:
+        try:
+            opts.timeout = float(args.timeout)
+        except ValueError:
+            raise UsageError(f"--timeout: expected seconds, got {args.timeout!r}") from None
+        if not opts.timeout > 0 or opts.timeout == float("inf"):
+            raise UsageError(f"--timeout: must be a positive number of seconds, got {args.timeout!r}")
+        given.append("--timeout")
+    return opts, given
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    try:
+        print(f"chatd: {message}", file=sys.stderr, flush=True)
+        if status == EXIT_USAGE:
+            print("Try 'chatd --help'.", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    sys.exit(status)
+
+
+def run_command(argv: list[str]) -> int:
+    parsed = parse(argv)
+    if parsed == "help":
+        _say(HELP.rstrip("\n"))
+        return 0
+    if parsed == "version":
+        _say(f"chatd {__version__}")
+        return 0
+    opts, given = parsed
+    verbs = {
+        "start": lambda: control.start(opts, _say),
+        "run": lambda: control.run(opts, _say),
+        "stop": lambda: control.stop(opts, _say),
+        "restart": lambda: control.restart(opts, _say, given),
+        "reload": lambda: control.restart(opts, _say, given, reload=True),
+        "status": lambda: control.status(opts, _say),
+        "check-config": lambda: control.check_config(opts, _say),
+    }
+    return verbs[opts.command]()
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The `chatd` console script."""
+    try:
+        status = run_command(sys.argv[1:] if argv is None else argv)
+    except ChatdError as e:
+        _fail(e.message, e.status)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        # Output went to a pipe that closed (`chatd status | head -1`): nothing to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_FAILED)
+    except Exception as e:   # noqa: BLE001 - a bug must still not print a traceback at users
+        if os.environ.get("CHATD_DEBUG"):
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (set CHATD_DEBUG=1 for details)", EXIT_FAILED)
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    sys.exit(status)

@@ -1,0 +1,405 @@
+"""Configuration: the schema of every key, its default, and `load()` with file:line errors.
+
+The config file is TOML, read with `tomllib`. Every key has a default, so no
+file is needed. Command-line values win over the file. tomllib reports lines
+only for syntax errors, so `_locate_keys` finds each key's line itself.
+This module reads the file and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import importlib.util
+import ipaddress
+import os
+import pwd
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError, setting_error
+
+FACILITIES = (
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp",
+    "cron", "authpriv", "ftp",
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ROOM_RE = re.compile(r"#?[A-Za-z0-9_-]{1,32}")
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+class Invalid(ValueError):
+    """A value that fails its check; the message says what was expected."""
+
+
+# ---------------------------------------------------------------- value checks
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip(), 10)
+            except ValueError:
+                raise Invalid(f"expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Invalid(f"expected an integer, got {_type_name(value)}")
+        if value < lo or (hi is not None and value > hi):
+            span = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise Invalid(f"must be {span}, got {value}")
+        return value
+    return check
+
+
+def _float(lo: float, strictly_above: bool = False) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise Invalid(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Invalid(f"expected a number, got {_type_name(value)}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise Invalid(f"expected a finite number, got {value}")
+        if value < lo or (strictly_above and value == lo):
+            raise Invalid(f"must be {'greater than' if strictly_above else 'at least'} {lo:g}, got {value:g}")
+        return value
+    return check
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {_type_name(value)}")
+    if "\0" in value:
+        raise Invalid("must not contain a NUL character")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        value = _str(value)
+        if value not in choices:
+            raise Invalid(f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    return check
+
+
+def _host(value: Any) -> str:
+    value = _str(value).strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not HOSTNAME_RE.fullmatch(value):
+        raise Invalid(f"not an IP address or host name: {value!r}")
+    try:
+        socket.getaddrinfo(value, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise Invalid(f"cannot resolve {value!r}: {e.strerror}") from None
+    return value
+
+
+def _loop(value: Any) -> str:
+    value = _choice("auto", "uvloop", "asyncio")(value)
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise Invalid("uvloop is not installed here; use 'auto' or 'asyncio'")
+    return value
+
+
+def _user(value: Any) -> str:
+    value = _str(value).strip()
+    if value:
+        lookup_user(value)
+    return value
+
+
+def _group(value: Any) -> str:
+    value = _str(value).strip()
+    if value:
+        lookup_group(value)
+    return value
+
+
+def _room(value: Any) -> str:
+    value = _str(value)
+    if not ROOM_RE.fullmatch(value):
+        raise Invalid("a room is 1 to 32 letters, digits, '_' or '-' (a leading '#' is optional)")
+    return value.lstrip("#").lower()
+
+
+def _path(value: Any) -> str:
+    return _str(value)
+
+
+def lookup_user(spec: str) -> pwd.struct_passwd | int:
+    """A user by name or "#uid": its passwd entry, or the bare uid if it has none."""
+    if spec.startswith("#"):
+        uid = _int(0, 2**32 - 2)(spec[1:])
+        try:
+            return pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    try:
+        return pwd.getpwnam(spec)
+    except KeyError:
+        raise Invalid(f"no such user: {spec!r}") from None
+
+
+def lookup_group(spec: str) -> int:
+    """A group id by name or "#gid"."""
+    if spec.startswith("#"):
+        return _int(0, 2**32 - 2)(spec[1:])
+    try:
+        return grp.getgrnam(spec).gr_gid
+    except KeyError:
+        raise Invalid(f"no such group: {spec!r}") from None
+
+
+# ---------------------------------------------------------------- the schema
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: where it lives, its default, its check, its command-line flag."""
+
+    section: str
+    name: str
+    default: Any
+    check: Callable[[Any], Any]
+    flag: str = ""           # the command-line option that sets it, if any
+    is_path: bool = False    # relative paths resolve against the file's directory
+    help: str = ""
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+SCHEMA: tuple[Key, ...] = (
+    Key("server", "host", "0.0.0.0", _host, "--host",
+        help='address to bind ("::" for IPv6 and IPv4); the seed binds every interface'),
+    Key("server", "port", 7777, _int(1, 65535), "--port", help="1-65535"),
+    Key("server", "mode", "echo", _choice("echo", "chat"), "--mode", help='"echo" or "chat"'),
+    Key("server", "backlog", 1024, _int(1, 65535), help="listen(2) backlog"),
+    Key("server", "loop", "auto", _loop, "--loop",
+        help='"auto" (uvloop when importable), "uvloop", or "asyncio"'),
+    Key("daemon", "pidfile", "", _path, "--pidfile", is_path=True,
+        help="empty: $RUNTIME_DIRECTORY, /run/chatd, $XDG_RUNTIME_DIR/chatd or /tmp/chatd-$UID"),
+    Key("daemon", "user", "", _user, "--user", help='name or "#uid"; empty: stay who you are'),
+    Key("daemon", "group", "", _group, "--group", help='name or "#gid"; empty: the user\'s group'),
+    Key("daemon", "drain_timeout", 10.0, _float(0.0, strictly_above=True),
+        help="seconds a graceful stop may wait for slow clients (> 0)"),
+    Key("log", "target", "", _path, "--log", is_path=True,
+        help='empty: stderr for "run", else syslog or X.log; "syslog", "stderr", or a file path'),
+    Key("log", "level", "info", _choice(*LOG_LEVELS), "--log-level", help="debug, info, warning, error"),
+    Key("log", "syslog_socket", "/dev/log", _path, is_path=True, help="the syslog daemon's socket"),
+    Key("log", "facility", "daemon", _choice(*FACILITIES),
+        help="a syslog facility name: daemon, user, local0 ... local7"),
+    Key("limits", "max_line", 4096, _int(16, 1 << 24), help="bytes in one line, terminator excluded (>= 16)"),
+    Key("limits", "max_clients", 10000, _int(0), help="0: no limit"),
+    Key("limits", "max_clients_per_ip", 100, _int(0), help="0: no limit"),
+    Key("limits", "idle_timeout", 0.0, _float(0.0),
+        help="seconds since the last byte received before a client is closed; 0: never"),
+    Key("limits", "output_buffer", 262144, _int(16, 1 << 30),
+        help="bytes queued for one client (>= max_line); echo stops reading a client past it"),
+    Key("limits", "rate", 10.0, _float(0.0), help="chat lines per second per client, sustained; 0: no limit"),
+    Key("limits", "burst", 20, _int(1), help="chat lines a client may send at once (>= 1)"),
+    Key("limits", "keepalive", 60, _int(0, 32767),
+        help="seconds of silence before TCP keepalive probes find dead peers; 0 = off"),
+    Key("chat", "motd", "", _str, help='text sent to each new chat client; one line per "\\n"'),
+    Key("chat", "default_room", "lobby", _room, help="the room everyone joins first"),
+)
+KEYS: dict[str, Key] = {k.dotted: k for k in SCHEMA}
+SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
+
+
+def _section_class(section: str) -> type:
+    fields = [(k.name, type(k.default), field(default=k.default)) for k in SCHEMA if k.section == section]
+    return dataclasses.make_dataclass(section.capitalize() + "Config", fields, frozen=True)
+
+
+ServerConfig = _section_class("server")
+DaemonConfig = _section_class("daemon")
+LogConfig = _section_class("log")
+LimitsConfig = _section_class("limits")
+ChatConfig = _section_class("chat")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, validated; `origins` says where each non-default value came from."""
+
+    server: Any = field(default_factory=ServerConfig)
+    daemon: Any = field(default_factory=DaemonConfig)
+    log: Any = field(default_factory=LogConfig)
+    limits: Any = field(default_factory=LimitsConfig)
+    chat: Any = field(default_factory=ChatConfig)
+    path: str | None = None                     # the absolute config file path, if any
+    origins: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def get(self, dotted: str) -> Any:
+        section, name = dotted.split(".")
+        return getattr(getattr(self, section), name)
+
+    def origin(self, dotted: str) -> str:
+        """Where a key's value came from: "FILE:LINE", "--flag", or "default"."""
+        return self.origins.get(dotted, "default")
+
+    def differences(self, other: Config) -> list[str]:
+        """Dotted names of the keys whose values differ between two configs."""
+        return [k.dotted for k in SCHEMA if self.get(k.dotted) != other.get(k.dotted)]
+
+
+# ---------------------------------------------------------------- locating keys
+
+_HEADER_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _split_dotted(text: str) -> tuple[str, ...]:
+    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)
+    return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)
+
+
+def _locate_keys(text: str) -> dict[tuple[str, ...], int]:
+    """Map each table header and key (as a path of names) to its 1-based line.
+
+    A small scanner, not a TOML parser: it runs only on text tomllib accepted,
+    and skips the inside of multi-line strings.
+    """
+    found: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    in_multiline: str | None = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if in_multiline:
+            if line.count(in_multiline) % 2 == 1:
+                in_multiline = None
+            continue
+        m = _HEADER_RE.match(line)
+        if m:
+            table = _split_dotted(m.group(1))
+            found.setdefault(table, lineno)
+            continue
+        m = _KEY_RE.match(line)
+        if m:
+            found.setdefault(table + _split_dotted(m.group(1)), lineno)
+            rest = line[m.end():]
+            for quote in ('"""', "'''"):
+                if rest.count(quote) % 2 == 1:
+                    in_multiline = quote
+    return found
+
+
+# ---------------------------------------------------------------- loading
+
+def _read(path: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message ends with "(at line N, column M)"; restate it as file:line.
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column \d+\)$", msg)
+        where = f"{path}:{m.group(1)}" if m else f"{path}"
+        msg = msg[: m.start()].strip() if m else msg
+        raise ConfigError(f"{where}: TOML syntax error: {msg}") from None
+    return data, _locate_keys(text)
+
+
+def load(path: str | None = None, overrides: dict[str, tuple[Any, str]] | None = None,
+         cwd: str | None = None) -> Config:
+    """Build a Config from defaults, then the file at `path`, then `overrides`.
+
+    `overrides` maps dotted keys to (value, origin), origin being the flag
+    ("--port"); its relative paths resolve against `cwd`. Raises ConfigError
+    (file, exit 6) or UsageError (command line, exit 2) naming where the bad
+    value came from.
+    """
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    abspath = None
+    if path is not None:
+        abspath = os.path.abspath(os.path.join(cwd or os.getcwd(), path))
+        data, lines = _read(abspath)
+        base = os.path.dirname(abspath)
+        for section, table in data.items():
+            where = f"{abspath}:{lines.get((section,), '?')}"
+            if section not in SECTIONS:
+                raise ConfigError(f"{where}: unknown section [{section}] "
+                                  f"(known: {', '.join(SECTIONS)})")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: {section} must be a table, got {_type_name(table)}")
+            for name, value in table.items():
+                where = f"{abspath}:{lines.get((section, name), lines.get((section,), '?'))}"
+                key = KEYS.get(f"{section}.{name}")
+                if key is None:
+                    known = ", ".join(k.name for k in SCHEMA if k.section == section)
+                    raise ConfigError(f"{where}: unknown key '{name}' in [{section}] (known: {known})")
+                try:
+                    value = key.check(value)
+                except Invalid as e:
+                    raise ConfigError(f"{where}: [{section}] {name}: {e}") from None
+                if key.is_path and value and value not in ("syslog", "stderr"):
+                    value = os.path.normpath(os.path.join(base, value))
+                values[key.dotted] = value
+                origins[key.dotted] = where
+    for dotted, (value, origin) in (overrides or {}).items():
+        key = KEYS[dotted]
+        try:
+            value = key.check(value)
+        except Invalid as e:
+            raise setting_error(origin, str(e)) from None
+        if key.is_path and value and value not in ("syslog", "stderr"):
+            value = os.path.normpath(os.path.join(cwd or os.getcwd(), value))
+        values[dotted] = value
+        origins[dotted] = origin
+    return _build(values, origins, abspath)
+
+
+def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) -> Config:
+    sections = {}
+    for section, cls in (("server", ServerConfig), ("daemon", DaemonConfig), ("log", LogConfig),
+                         ("limits", LimitsConfig), ("chat", ChatConfig)):
+        kwargs = {}
+        for key in SCHEMA:
+            if key.section == section and key.dotted in values:
+                v = values[key.dotted]
+                kwargs[key.name] = float(v) if isinstance(key.default, float) else v
+        sections[section] = cls(**kwargs)
+    cfg = Config(path=path, origins=origins, **sections)
+    _check_across(cfg)
+    return cfg
+
+
+def _check_across(cfg: Config) -> None:
+    """Rules that tie two keys together."""
+    if cfg.limits.output_buffer < cfg.limits.max_line:
+        raise setting_error(cfg.origin("limits.output_buffer") if "limits.output_buffer" in cfg.origins
+                            else cfg.origin("limits.max_line"),
+                            f"[limits] output_buffer ({cfg.limits.output_buffer}) must be at least "
+                            f"max_line ({cfg.limits.max_line})")
+    if cfg.daemon.user.startswith("#") and not cfg.daemon.group:
+        if isinstance(lookup_user(cfg.daemon.user), int):
+            raise setting_error(cfg.origin("daemon.user"),
+                                f"user {cfg.daemon.user} has no passwd entry; set a group too")

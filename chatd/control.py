@@ -1,0 +1,428 @@
+"""The commands: start, run, stop, restart, reload, status, check-config. Each returns an LSB status.
+
+They follow libucw's daemon-control protocol: every command holds the guard
+lock while it looks at the pid file and acts, so concurrent commands never
+leave two daemons or none; "running" means "the pid-file lock is held".
+Messages for the user go through `say`; failures are raised as ChatdError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import __version__, config as config_mod, daemon, listen
+from .config import Config
+from .daemon import ReadinessPipe
+from .errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK,
+                     EXIT_PRIVILEGE, ChatdError, PrivilegeError, StartError)
+from .log import Logging, log, resolve_target
+from .paths import SYSTEM_DIR, InstancePaths, instance_paths, prepare_directory
+from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, probe
+from .server import Listener, Runtime, Server, check_mode, new_event_loop
+from .signals import STOP_SIGNALS, SignalRecorder, signal_name
+from .state import StateFile, read_state
+
+Say = Callable[[str], None]
+
+START_TIMEOUT_S = 60.0     # how long the invoker waits for the daemon's word
+RESTART_TIMEOUT_S = 15.0   # how long restart/reload wait for the outcome
+KILL_WAIT_S = 5.0          # after SIGTERM, then after SIGKILL
+
+
+@dataclass
+class Options:
+    """The command line, parsed: what to do and the settings given for it."""
+
+    command: str = "start"
+    config: str | None = None
+    overrides: dict[str, tuple[str, str]] = field(default_factory=dict)   # key -> (value, flag)
+    timeout: float | None = None
+    cwd: str = field(default_factory=os.getcwd)
+
+
+def load_config(opts: Options) -> Config:
+    return config_mod.load(opts.config, opts.overrides, cwd=opts.cwd)
+
+
+def _find_instance(opts: Options, say: Say) -> tuple[Config | None, InstancePaths]:
+    """The config and file names for a control command, even when the config is broken.
+
+    `stop` and `status` must still find a running daemon whose config file has
+    since been broken: then the pid file comes from `--pidfile`, a readable
+    `[daemon] pidfile`, or the default name.
+    """
+    try:
+        cfg = load_config(opts)
+        return cfg, instance_paths(cfg)
+    except ChatdError as e:
+        say(f"warning: {e}")
+    overrides = {k: v for k, v in opts.overrides.items() if k == "daemon.pidfile"}
+    if "daemon.pidfile" not in overrides and opts.config:
+        try:
+            with open(os.path.join(opts.cwd, opts.config), "rb") as f:
+                value = tomllib.load(f).get("daemon", {}).get("pidfile")
+            if isinstance(value, str) and value:
+                overrides["daemon.pidfile"] = (os.path.join(os.path.dirname(
+                    os.path.join(opts.cwd, opts.config)), value), "--pidfile")
+        except (OSError, tomllib.TOMLDecodeError, AttributeError):
+            pass
+    cfg = config_mod.load(None, overrides, cwd=opts.cwd)
+    if opts.config:
+        cfg = Config(path=os.path.abspath(os.path.join(opts.cwd, opts.config)),
+                     daemon=cfg.daemon, origins=cfg.origins)
+    return None, instance_paths(cfg)
+
+
+# ---------------------------------------------------------------------- start and run
+
+def start(opts: Options, say: Say) -> int:
+    """Detach and serve; return 0 only once the daemon serves (or was already running)."""
+    cfg = load_config(opts)
+    check_mode(cfg)
+    target = resolve_target(cfg, foreground=False)
+    daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group)
+    paths = instance_paths(cfg)
+    prepare_directory(cfg, paths)
+    with guard(paths.guard):
+        found = probe(paths.pidfile)
+        if found.running:
+            say(f"chatd is already running (pid {found.pid or 'unknown'})")
+            return EXIT_OK
+        recorder = SignalRecorder()
+        recorder.install(detached=True)
+        pipe = ReadinessPipe()
+        child = daemon.fork_invoker()
+        if child:
+            return _wait_for_daemon(pipe, child, paths, recorder, say)
+        _become_daemon(cfg, paths, target, pipe, recorder)   # never returns
+
+
+def _become_daemon(cfg: Config, paths: InstancePaths, target: str, pipe: ReadinessPipe,
+                   recorder: SignalRecorder) -> None:
+    """In the first child: detach, serve, and exit with the daemon's status."""
+    code = EXIT_FAILED
+    try:
+        os.close(pipe.r)
+        daemon.detach_session()
+        daemon.fork_again()
+        pipe.send(event="pid", pid=os.getpid())
+        daemon.close_inherited_fds(keep={pipe.w})
+        daemon.set_umask()
+        daemon.change_directory()
+        code = serve(cfg, paths, target, pipe.ready, recorder, detached=True)
+    except ChatdError as e:
+        pipe.fail(e)
+        code = e.status
+    except BaseException as e:   # noqa: BLE001 - the invoker must hear of any failure
+        pipe.fail(ChatdError(f"internal error: {type(e).__name__}: {e}"))
+        log.error("internal error: %s: %s", type(e).__name__, e)
+    os._exit(code)
+
+
+def _wait_for_daemon(pipe: ReadinessPipe, child: int, paths: InstancePaths,
+                     recorder: SignalRecorder, say: Say) -> int:
+    """The invoker's side: reap the middle child, then wait for the daemon's word."""
+    os.waitpid(child, 0)
+    forwarded: set[int] = set()
+
+    def forward_stop(pid: int | None) -> None:
+        # Ctrl-C on `chatd start` aborts the start, even after the daemon left our session.
+        sig = recorder.stop_requested()
+        if sig is not None and pid and sig not in forwarded:
+            forwarded.add(sig)
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
+    message = pipe.wait(START_TIMEOUT_S, forward_stop)
+    event = message.get("event")
+    if event == "ready":
+        log_note = message.get("log", "")
+        say(f"chatd started (pid {message['pid']}): {message.get('mode')} mode on "
+            f"{message.get('address')}, event loop {message.get('loop')}, log: {log_note}")
+        return EXIT_OK
+    pid = message.get("pid")
+    if event == "timeout" and pid:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    clear_stale(paths.pidfile)
+    if event == "fail":
+        raise ChatdError(message.get("message", "failed"), message.get("status", EXIT_FAILED))
+    if event == "timeout":
+        raise StartError(f"no word from the daemon (pid {pid}) within {START_TIMEOUT_S:g} s; killed it")
+    raise StartError("the daemon exited during start-up without saying why")
+
+
+def run(opts: Options, say: Say) -> int:
+    """Serve in the foreground (systemd, supervisors, containers, a terminal)."""
+    cfg = load_config(opts)
+    check_mode(cfg)
+    target = resolve_target(cfg, foreground=True)
+    daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group)
+    paths = instance_paths(cfg)
+    prepare_directory(cfg, paths)
+    with contextlib.ExitStack() as held:
+        held.enter_context(guard(paths.guard))
+        found = probe(paths.pidfile)
+        if found.running:
+            raise AlreadyRunning(paths.pidfile, found.pid)
+        recorder = SignalRecorder()
+        recorder.install(detached=False)
+        return serve(cfg, paths, target, lambda **info: held.close(), recorder, detached=False)
+
+
+def serve(cfg: Config, paths: InstancePaths, target: str, ready: Callable[..., None],
+          recorder: SignalRecorder, detached: bool) -> int:
+    """The daemon's body, after detaching (start) or at once (run)."""
+    max_clients, fd_warning = daemon.raise_fd_limit(cfg.limits.max_clients)
+    addresses = listen.resolve(cfg.server.host, cfg.server.port)
+    socks = listen.bind_all(addresses, cfg.server.backlog)
+    pidfile = PidFile(paths.pidfile)
+    state = StateFile(paths.state)
+    logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
+    try:
+        pidfile.acquire(os.getpid())
+        state.open(pid=os.getpid(), started=time.time(), config=cfg.path, pidfile=paths.pidfile,
+                   mode=cfg.server.mode, address=listen.describe(addresses), clients=0, generation=0)
+        logs.configure(cfg, target)
+        state.update(log=logs.status())
+        log.info("chatd %s starting (pid %d, config %s)", __version__, os.getpid(), cfg.path or "none")
+        if fd_warning:
+            log.warning("%s", fd_warning)
+        daemon.drop_privileges(cfg.daemon.user, cfg.daemon.group)
+        if detached:
+            daemon.redirect_stdio()
+        loop, loop_name = new_event_loop(cfg.server.loop)
+        runtime = Runtime(state=state, logs=logs, foreground=not detached,
+                          release=lambda: _release(state, pidfile, logs),
+                          ready=lambda info: ready(**info), recorder=recorder,
+                          overrides=_absolute_overrides(cfg))
+        listeners = [Listener(a, s) for a, s in zip(addresses, socks)]
+        server = Server(cfg, listeners, runtime, max_clients, loop_name)
+        try:
+            return loop.run_until_complete(server.serve())
+        finally:
+            loop.close()
+            for sig in STOP_SIGNALS | {signal.SIGHUP}:
+                signal.signal(sig, signal.SIG_IGN)   # exiting: late signals change nothing
+    finally:
+        for s in socks:
+            s.close()
+        _release(state, pidfile, logs)
+
+
+def _release(state: StateFile, pidfile: PidFile, logs: Logging) -> None:
+    state.remove()
+    pidfile.release()
+    logs.close()
+
+
+def _absolute_overrides(cfg: Config) -> dict[str, tuple[Any, str]]:
+    """The command-line settings, as resolved at start, re-applied over the file on restart."""
+    return {key: (cfg.get(key), origin) for key, origin in cfg.origins.items() if origin.startswith("-")}
+
+
+# ---------------------------------------------------------------------- stop
+
+def _process_start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19].decode()
+
+
+def _signal(pid: int, sig: int, started: str | None) -> None:
+    """Send `sig` to our daemon, unless the process at `pid` is no longer the one we probed."""
+    if _process_start_time(pid) != started:
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        raise PrivilegeError(f"not allowed to signal chatd (pid {pid}): it belongs to another user") from None
+
+
+def _gone(paths: InstancePaths, pid: int, started: str | None, timeout: float) -> bool:
+    """Wait until the pid-file lock is free and the process has exited (or is a zombie)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        if _process_start_time(pid) != started and not probe(paths.pidfile).running:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _running_pid(found: Probe) -> int:
+    if found.pid is None:
+        raise ChatdError(f"pid file {found.path} is locked, but {found.problem}; "
+                         f"not signalling anything")
+    return found.pid
+
+
+def stop(opts: Options, say: Say) -> int:
+    """Graceful stop: SIGUSR1 (and SIGCONT), wait for the exit; SIGTERM, then SIGKILL, if it hangs."""
+    cfg, paths = _find_instance(opts, say)
+    drain = cfg.daemon.drain_timeout if cfg else config_mod.KEYS["daemon.drain_timeout"].default
+    timeout = opts.timeout if opts.timeout is not None else drain + 5
+    with guard(paths.guard):
+        found = probe(paths.pidfile)
+        if not found.running:
+            if found.content.strip():
+                clear_stale(paths.pidfile)
+                say(f"chatd is not running (removed a stale pid file naming {found.content.strip().decode(errors='replace')[:20]})")
+            else:
+                say("chatd is not running")
+            return EXIT_OK
+        pid = _running_pid(found)
+        started = _process_start_time(pid)
+        _signal(pid, signal.SIGUSR1, started)
+        _signal(pid, signal.SIGCONT, started)
+        if _gone(paths, pid, started, timeout):
+            say(f"chatd stopped (pid {pid})")
+            return EXIT_OK
+        say(f"chatd (pid {pid}) has not stopped after {timeout:g} s; sending SIGTERM")
+        _signal(pid, signal.SIGTERM, started)
+        if _gone(paths, pid, started, KILL_WAIT_S):
+            say(f"chatd stopped by SIGTERM (pid {pid})")
+            return EXIT_OK
+        say(f"chatd (pid {pid}) ignored SIGTERM for {KILL_WAIT_S:g} s; sending SIGKILL")
+        _signal(pid, signal.SIGKILL, started)
+        if _gone(paths, pid, started, KILL_WAIT_S):
+            clear_stale(paths.pidfile)
+            say(f"chatd killed with SIGKILL (pid {pid})")
+            return EXIT_FAILED
+        raise ChatdError(f"chatd (pid {pid}) survived SIGKILL")
+
+
+# ---------------------------------------------------------------------- restart and reload
+
+OUTCOME_STATUS = {"applied": EXIT_OK, "rejected": EXIT_CONFIG, "failed": EXIT_FAILED}
+
+
+def restart(opts: Options, say: Say, flags: list[str], reload: bool = False) -> int:
+    """SIGHUP: the daemon re-reads its config and applies it in place; print the outcome.
+
+    `restart` starts a stopped chatd; `reload` (LSB) does not, and exits 7.
+    """
+    _, paths = _find_instance(opts, say)
+    with guard(paths.guard):
+        found = probe(paths.pidfile)
+        if found.running:
+            return _restart_running(found, paths, say, flags)
+    if reload:
+        say("chatd is not running")
+        return EXIT_NOT_RUNNING_RELOAD
+    say("chatd is not running; starting it")
+    return start(opts, say)
+
+
+def _restart_running(found: Probe, paths: InstancePaths, say: Say, flags: list[str]) -> int:
+    ignored = [f for f in flags if f not in ("-c", "--config", "--pidfile")]
+    if ignored:
+        say(f"note: {', '.join(ignored)} ignored: a running chatd keeps the options it was "
+            f"started with, and re-reads only its config file")
+    pid = _running_pid(found)
+    before = read_state(paths.state) or {}
+    generation = before.get("generation")
+    generation = generation if isinstance(generation, int) else -1
+    _signal(pid, signal.SIGHUP, _process_start_time(pid))
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while time.monotonic() < deadline:
+        now = read_state(paths.state) or {}
+        gen = now.get("generation")
+        if isinstance(gen, int) and gen > generation and isinstance(now.get("last_restart"), dict):
+            outcome = now["last_restart"].get("outcome")
+            message = now["last_restart"].get("message", "")
+            if outcome == "applied":
+                say(f"chatd restarted in place (pid {pid}): {message}")
+                return EXIT_OK
+            if outcome == "rejected":
+                raise ChatdError(f"config rejected; still serving with the old one: {message}", EXIT_CONFIG)
+            raise ChatdError(f"restart failed; still serving as before: {message}", EXIT_FAILED)
+        time.sleep(0.02)
+    raise ChatdError(f"no answer from chatd (pid {pid}) within {RESTART_TIMEOUT_S:g} s")
+
+
+# ---------------------------------------------------------------------- status
+
+def status(opts: Options, say: Say) -> int:
+    """Is it running? 0 yes, 1 dead with a pid file, 3 not running, 4 cannot tell."""
+    cfg, paths = _find_instance(opts, say)
+    candidates = [paths]
+    explicit = opts.config or "daemon.pidfile" in opts.overrides or (cfg and cfg.daemon.pidfile)
+    if not explicit and paths.default_dir and os.path.dirname(paths.pidfile) != SYSTEM_DIR:
+        candidates.append(instance_paths(cfg or Config(), directory=SYSTEM_DIR))
+    first: Probe | None = None
+    for where in candidates:
+        try:
+            with guard(where.guard, read_only=True):
+                found = probe(where.pidfile)
+        except ChatdError as e:
+            raise ChatdError(f"cannot tell: {e}", EXIT_PRIVILEGE) from None
+        if found.running:
+            _print_status(found, where, say)
+            return EXIT_OK
+        first = first or found
+        if found.exists:
+            break
+    assert first is not None
+    if first.content.strip():
+        say(f"chatd is not running, but its pid file {first.path} still names "
+            f"{first.content.strip().decode(errors='replace')[:20]} (it crashed or was killed)")
+        return EXIT_FAILED
+    say("chatd is not running")
+    return EXIT_NOT_RUNNING
+
+
+def _print_status(found: Probe, paths: InstancePaths, say: Say) -> None:
+    say(f"chatd is running (pid {found.pid or 'unknown: ' + found.problem})")
+    st = read_state(paths.state) or {}
+    started = st.get("started")
+    uptime = _duration(time.time() - started) if isinstance(started, (int, float)) else "unknown"
+    last = st.get("last_restart")
+    if isinstance(last, dict):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0)))
+        last_text = f"{when} {last.get('outcome')}: {last.get('message')}"
+    else:
+        last_text = "never"
+    for key, value in (("address", st.get("address")), ("mode", st.get("mode")),
+                       ("clients", st.get("clients")), ("uptime", uptime),
+                       ("event loop", st.get("loop")), ("log", st.get("log")),
+                       ("last restart", last_text), ("pid file", paths.pidfile),
+                       ("config", st.get("config") or "none (defaults)")):
+        say(f"{key}: {'unknown' if value is None else value}")
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h}h {m:02d}m {s:02d}s"
+
+
+# ---------------------------------------------------------------------- check-config
+
+def check_config(opts: Options, say: Say) -> int:
+    cfg = load_config(opts)
+    check_mode(cfg)
+    if cfg.path:
+        say(f"{cfg.path}: OK")
+    else:
+        say("no config file given (-c): the defaults and the command-line options are valid")
+    return EXIT_OK

@@ -1,0 +1,233 @@
+"""Becoming a daemon, one named step each, in the order of daemon(7) and APUE section 13.3.
+
+The invoker forks and then waits on a readiness pipe; the daemon writes one
+JSON line to it: "ready" once it serves, or "fail" with the reason and the
+exit status. EOF without either (the daemon died without a word) is a
+failure too, so `chatd start` exits 0 only when chatd really serves. Only this
+module forks.
+
+Tests: tests/process/test_detach.py, tests/process/test_start.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import time
+from typing import Any, Callable
+
+from .config import lookup_user, lookup_group
+from .errors import ChatdError, PrivilegeError, StartError
+
+UMASK = 0o022
+FD_RESERVE = 64      # descriptors kept for listeners, logs, the loop and the pid file
+
+
+class ReadinessPipe:
+    """The one-way channel from the daemon to the invoker waiting for it."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    # ---- daemon side
+    def send(self, **message: Any) -> None:
+        if self.w < 0:
+            return
+        data = (json.dumps(message) + "\n").encode()
+        try:
+            os.write(self.w, data)
+        except OSError:
+            pass   # the invoker is gone (killed); the daemon carries on
+
+    def ready(self, **info: Any) -> None:
+        self.send(event="ready", **info)
+        self.close_write()
+
+    def fail(self, error: ChatdError) -> None:
+        """Report a failed start. The pipe stays open until the process exits, so
+        the invoker, which waits for EOF, returns only when nothing is left."""
+        self.send(event="fail", status=error.status, message=error.message)
+
+    def close_write(self) -> None:
+        if self.w >= 0:
+            os.close(self.w)
+            self.w = -1
+
+    # ---- invoker side
+    def wait(self, timeout: float, on_tick: Callable[[int | None], None]) -> dict[str, Any]:
+        """Read the daemon's messages until "ready", "fail" or EOF; `on_tick(pid)` runs between reads."""
+        os.close(self.w)
+        self.w = -1
+        buf = b""
+        pid = None
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                on_tick(pid)
+                ready, _, _ = select.select([self.r], [], [], 0.1)
+                if not ready:
+                    continue
+                chunk = os.read(self.r, 4096)
+                if not chunk:
+                    return {"event": "eof", "pid": pid}
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        message = json.loads(line)
+                    except ValueError:
+                        continue
+                    if message.get("event") == "pid":
+                        pid = message.get("pid")
+                    elif message.get("event") == "fail":
+                        message.setdefault("pid", pid)
+                        self._read_to_eof(deadline)
+                        return message
+                    else:
+                        message.setdefault("pid", pid)
+                        return message
+            return {"event": "timeout", "pid": pid}
+        finally:
+            os.close(self.r)
+
+    def _read_to_eof(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.r], [], [], 0.1)
+            if ready and not os.read(self.r, 4096):
+                return
+
+
+# ------------------------------------------------------------------ the steps
+
+def fork_invoker() -> int:
+    """daemon(7) step 5: fork; the parent stays behind as the invoker and waits on the pipe."""
+    return os.fork()
+
+
+def detach_session() -> None:
+    """Step 6: setsid(), leaving the invoker's session and its controlling terminal."""
+    os.setsid()
+
+
+def fork_again() -> bool:
+    """Steps 7-8: fork again and let the session leader exit, so the daemon is not one
+    and can never acquire a controlling terminal (APUE 13.3). True in the daemon."""
+    if os.fork() > 0:
+        os._exit(0)   # the middle child; the invoker reaps it
+    return True
+
+
+def close_inherited_fds(keep: set[int]) -> None:
+    """Step 1: close every inherited descriptor above 2 except `keep`.
+
+    It lists /proc/self/fd, so its cost follows the open descriptors, not
+    RLIMIT_NOFILE; without /proc, close_range(2) over the gaps does the same.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        top = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        lo = 3
+        for k in sorted(f for f in keep if f >= 3) + [top]:
+            os.closerange(lo, k)
+            lo = k + 1
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass   # the listing's own descriptor, already closed
+
+
+def set_umask() -> None:
+    """Step 10: an explicit umask (022); files get explicit modes as well."""
+    os.umask(UMASK)
+
+
+def change_directory() -> None:
+    """Step 11: chdir("/") so no file system is kept busy; paths were resolved before."""
+    os.chdir("/")
+
+
+def raise_fd_limit(max_clients: int) -> tuple[int, str]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; lower max_clients if it cannot fit.
+
+    Returns the usable max_clients (0 = unlimited) and a warning, if any.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    room = soft - FD_RESERVE if soft != resource.RLIM_INFINITY else max_clients
+    if max_clients and max_clients > room:
+        return room, (f"max_clients {max_clients} does not fit RLIMIT_NOFILE {soft}; "
+                      f"using {room}")
+    return max_clients, ""
+
+
+def check_privilege_drop(user: str, group: str) -> None:
+    """Before detaching: only root may switch user or group (exit 4)."""
+    if not (user or group) or os.geteuid() == 0:
+        return
+    uid, gid = _target_ids(user, group)
+    if uid != os.geteuid() or gid != os.getegid():
+        raise PrivilegeError("only root can switch to another user or group "
+                             f"(--user {user or '-'} --group {group or '-'})")
+
+
+def _target_ids(user: str, group: str) -> tuple[int, int]:
+    entry = lookup_user(user) if user else None
+    if entry is None:
+        uid = os.geteuid()
+    else:
+        uid = entry if isinstance(entry, int) else entry.pw_uid
+    if group:
+        gid = lookup_group(group)
+    elif entry is not None and not isinstance(entry, int):
+        gid = entry.pw_gid
+    else:
+        gid = os.getegid()
+    return uid, gid
+
+
+def drop_privileges(user: str, group: str) -> None:
+    """Step 13: become `user`/`group` for good, after binding and after the pid file.
+
+    Supplementary groups come from /etc/group when the user has a name
+    (initgroups), else none; then the gid, then the uid, with all of real,
+    effective and saved ids changed, and a check that root cannot come back.
+    """
+    if not (user or group) or os.geteuid() != 0:
+        return
+    uid, gid = _target_ids(user, group)
+    entry = lookup_user(user) if user else None
+    try:
+        if entry is not None and not isinstance(entry, int):
+            os.initgroups(entry.pw_name, gid)
+        else:
+            os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as e:
+        raise StartError(f"cannot drop privileges to uid {uid} gid {gid}: {e.strerror}") from None
+    if uid != 0:
+        try:
+            os.setuid(0)
+        except OSError:
+            return
+        raise StartError("privileges were not dropped: setuid(0) still works")
+
+
+def redirect_stdio() -> None:
+    """Step 9: stdin, stdout and stderr to /dev/null, once logging no longer needs stderr."""
+    fd = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)

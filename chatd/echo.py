@@ -1,0 +1,70 @@
+"""Echo mode (SPEC section 4): every complete line comes back byte for byte, at once.
+
+The path of a line: `data_received` -> `LineDecoder.feed` (framing, telnet,
+length bound) -> one `transport.write` per read. A read that holds only whole
+lines and no IAC byte is written back as it came.
+
+Tests: tests/unit/test_echo.py, tests/process/test_echo.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .connection import Connection
+from .protocol import LINE_TOO_LONG, escape_iac
+
+READ_BUFFER_BYTES = 256 * 1024
+
+
+class EchoConnection(Connection):
+    """A client of echo mode."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        decoder = self.decoder
+        out = decoder.feed(data)
+        if out:
+            if len(out) == 1 and out[0] is not LINE_TOO_LONG and b"\xff" not in out[0]:
+                self.transport.write(out[0])
+            else:
+                self._write_slow(out)
+        if decoder.replies:
+            self.transport.write(bytes(decoder.replies))
+            decoder.replies.clear()
+
+    def _write_slow(self, out: list) -> None:
+        parts = [self.too_long_line() if item is LINE_TOO_LONG else escape_iac(item) for item in out]
+        self.transport.write(b"".join(parts))
+
+    def too_long_line(self) -> bytes:
+        return b"ERR line too long (max %d bytes)\r\n" % self.decoder.max_line
+
+    def eof_received(self) -> bool:
+        """The client half-closed: echo its last unterminated bytes, flush, close."""
+        tail = self.decoder.finish()
+        if tail:
+            self.transport.write(escape_iac(tail))
+        self.reason = "client closed"
+        return False
+
+
+class BufferedEchoConnection(EchoConnection, asyncio.BufferedProtocol):
+    """EchoConnection reading into one shared buffer (asyncio's own loop).
+
+    asyncio's selector transport otherwise allocates a fresh 256 KiB bytes
+    object for every recv(); reading into a reused buffer avoids that. One
+    buffer serves every connection: callbacks never interleave, and the bytes
+    are copied out before anything else runs.
+    """
+
+    __slots__ = ()
+    _buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self._buffer[:nbytes]))

@@ -1,0 +1,252 @@
+"""Logging: one target (syslog, stderr or a file), a fallback file, `reopen()` for logrotate.
+
+Defaults (SPEC section 2): `chatd run` logs to stderr; a detached daemon logs
+to syslog when the syslog socket exists, else to X.log beside its pid file.
+A target that fails (syslog gone, disk full) never stops the daemon: the
+message goes to the fallback X.log, the failure is reported once, and the
+target is tried again every RETRY_S seconds. Logging's own errors never print
+a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import stat
+import sys
+import time
+from typing import Callable, TextIO
+
+from .config import Config
+from .errors import ChatdError, setting_error
+
+LOGGER_NAME = "chatd"
+RETRY_S = 10.0
+FILE_MODE = 0o640
+log = logging.getLogger(LOGGER_NAME)
+
+
+def _raise(self: logging.Handler, record: logging.LogRecord) -> None:
+    raise   # noqa: PLE0704 - re-raise the error the handler is handling, for FailoverHandler
+
+
+class _StrictMixin:
+    """Handlers that raise on failure, so FailoverHandler sees it."""
+
+    handleError = _raise
+
+
+class FileTarget(_StrictMixin, logging.StreamHandler):
+    """Appends to a file opened with an explicit mode; `reopen()` follows logrotate."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(self._open())
+
+    def _open(self) -> TextIO:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
+
+    def reopen(self) -> None:
+        stream = self._open()
+        self.acquire()
+        try:
+            old, self.stream = self.stream, stream
+        finally:
+            self.release()
+        old.close()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self.stream:
+                self.stream.close()
+        finally:
+            self.release()
+        super().close()
+
+
+class StderrTarget(_StrictMixin, logging.StreamHandler):
+    pass
+
+
+class SyslogTarget(_StrictMixin, logging.handlers.SysLogHandler):
+    """RFC 3164 datagrams to the syslog socket, tagged chatd[PID]."""
+
+    def __init__(self, address: str, facility: str) -> None:
+        super().__init__(address=address, facility=facility)
+        self.ident = f"chatd[{os.getpid()}]: "
+
+
+class FailoverHandler(logging.Handler):
+    """Sends to the target; while it fails, to the fallback file; retries the target."""
+
+    def __init__(self, target: logging.Handler, fallback_path: str,
+                 on_change: Callable[[str], None]) -> None:
+        super().__init__()
+        self.target = target
+        self.fallback_path = fallback_path
+        self.fallback: FileTarget | None = None
+        self.failed_at: float | None = None
+        self.failure = ""
+        self.on_change = on_change
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed_at is None or time.monotonic() - self.failed_at >= RETRY_S:
+            try:
+                self.target.handle(record)
+            except Exception as e:   # noqa: BLE001 - any failure of the target falls over
+                self._failed(e, record)
+            else:
+                if self.failed_at is not None:
+                    self.failed_at = None
+                    self.failure = ""
+                    self.on_change("")
+                return
+        self._to_fallback(record)
+
+    def _failed(self, error: Exception, record: logging.LogRecord) -> None:
+        first = self.failed_at is None
+        self.failed_at = time.monotonic()
+        self.failure = f"{type(error).__name__}: {error}"
+        if first:
+            self.on_change(self.failure)
+            note = logging.LogRecord(LOGGER_NAME, logging.WARNING, __file__, 0,
+                                     "log target failed (%s); writing to %s until it works again",
+                                     (self.failure, self.fallback_path), None)
+            self._to_fallback(note)
+
+    def _to_fallback(self, record: logging.LogRecord) -> None:
+        try:
+            if self.fallback is None:
+                self.fallback = FileTarget(self.fallback_path)
+                self.fallback.setFormatter(logging.Formatter(FILE_FORMAT, DATE_FORMAT))
+            self.fallback.handle(record)
+        except Exception:   # noqa: BLE001 - nowhere left to write; drop the line
+            pass
+
+    def reopen(self) -> None:
+        for h in (self.target, self.fallback):
+            if isinstance(h, FileTarget):
+                try:
+                    h.reopen()
+                except OSError as e:
+                    self._failed(e, None)   # type: ignore[arg-type]
+
+    def close(self) -> None:
+        for h in (self.target, self.fallback):
+            if h is not None:
+                try:
+                    h.close()
+                except Exception:   # noqa: BLE001
+                    pass
+        super().close()
+
+
+FILE_FORMAT = "%(asctime)s chatd[%(process)d] %(levelname)s: %(message)s"
+STDERR_FORMAT = "chatd[%(process)d] %(levelname)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
+def _journal_prefix() -> bool:
+    """Does JOURNAL_STREAM say that our stderr is the journal? (systemd.exec(5))"""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+class _JournalFormatter(logging.Formatter):
+    """`<N>` priority prefixes (sd-daemon(3)) that the journal turns into levels."""
+
+    LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.LEVELS.get(record.levelno, 6)}>{record.getMessage()}"
+
+
+def resolve_target(cfg: Config, foreground: bool) -> str:
+    """The effective target: "syslog", "stderr" or an absolute file path."""
+    target = cfg.log.target
+    if target == "stderr" and not foreground:
+        raise setting_error(cfg.origin("log.target"),
+                            "a detached daemon has no stderr; use 'chatd run' to log to stderr")
+    if target:
+        return target
+    if foreground:
+        return "stderr"
+    return "syslog" if _is_socket(cfg.log.syslog_socket) else ""
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class Logging:
+    """The daemon's logging: set up once, reopened on SIGHUP, reconfigured on restart."""
+
+    def __init__(self, fallback_path: str, on_change: Callable[[str], None]) -> None:
+        self.fallback_path = fallback_path
+        self.on_change = on_change
+        self.handler: FailoverHandler | None = None
+        self.description = ""
+        logging.raiseExceptions = False
+
+    def configure(self, cfg: Config, target: str) -> None:
+        """Point the chatd logger at `target` ("" means the fallback file)."""
+        try:
+            if target == "syslog":
+                handler: logging.Handler = SyslogTarget(cfg.log.syslog_socket, cfg.log.facility)
+                handler.setFormatter(logging.Formatter("%(message)s"))
+                description = f"syslog {cfg.log.syslog_socket} (facility {cfg.log.facility})"
+            elif target == "stderr":
+                handler = StderrTarget(sys.stderr)
+                journal = _journal_prefix()
+                handler.setFormatter(_JournalFormatter() if journal
+                                     else logging.Formatter(STDERR_FORMAT))
+                description = "stderr (journal)" if journal else "stderr"
+            else:
+                path = target or self.fallback_path
+                handler = FileTarget(path)
+                handler.setFormatter(logging.Formatter(FILE_FORMAT, DATE_FORMAT))
+                description = f"file {path}"
+                if not target:
+                    description += f" (no syslog socket at {cfg.log.syslog_socket})"
+        except OSError as e:
+            raise ChatdError(f"cannot open log target {target or self.fallback_path}: {e.strerror}") from None
+        new = FailoverHandler(handler, self.fallback_path, self._changed)
+        old, self.handler = self.handler, new
+        log.addHandler(new)
+        if old is not None:
+            log.removeHandler(old)
+            old.close()
+        log.setLevel(cfg.log.level.upper())
+        log.propagate = False
+        self.description = description
+
+    def _changed(self, failure: str) -> None:
+        self.on_change(self.status())
+
+    def status(self) -> str:
+        """The target, and its failure if it is failing (for the state file)."""
+        if self.handler is not None and self.handler.failure:
+            return f"{self.description} (failing: {self.handler.failure}; writing to {self.fallback_path})"
+        return self.description
+
+    def reopen(self) -> None:
+        if self.handler is not None:
+            self.handler.reopen()
+
+    def close(self) -> None:
+        if self.handler is not None:
+            log.removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+

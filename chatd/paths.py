@@ -1,0 +1,97 @@
+"""Where an instance keeps its files: the pid file and, beside it, the guard, state and log files.
+
+The pid file is `--pidfile`, else `[daemon] pidfile`, else DIR/NAME.pid, NAME
+being "chatd" or the stem of the `-c` file, so instances with different
+configs get different files. Its siblings share the stem: X.pid has the guard
+X.lock, the state file X.state and the fallback log X.log.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from .config import Config
+from .errors import ChatdError, PrivilegeError, setting_error
+
+SYSTEM_DIR = "/run/chatd"
+
+
+@dataclass(frozen=True)
+class InstancePaths:
+    pidfile: str
+    guard: str
+    state: str
+    fallback_log: str
+    default_dir: bool   # the directory is chatd's own default, which chatd creates
+
+
+def default_directory() -> str:
+    """$RUNTIME_DIRECTORY, /run/chatd for root, $XDG_RUNTIME_DIR/chatd, or /tmp/chatd-$UID."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if os.path.isabs(runtime):
+        return runtime
+    if os.geteuid() == 0:
+        return SYSTEM_DIR
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg) and os.path.isdir(xdg):
+        return os.path.join(xdg, "chatd")
+    return f"/tmp/chatd-{os.geteuid()}"
+
+
+def siblings(pidfile: str, default_dir: bool = False) -> InstancePaths:
+    stem = pidfile[:-4] if pidfile.endswith(".pid") else pidfile
+    return InstancePaths(pidfile, stem + ".lock", stem + ".state", stem + ".log", default_dir)
+
+
+def instance_paths(cfg: Config, directory: str | None = None) -> InstancePaths:
+    """The instance's file names (nothing is created here)."""
+    if cfg.daemon.pidfile:
+        return siblings(cfg.daemon.pidfile)
+    name = "chatd"
+    if cfg.path:
+        name = os.path.splitext(os.path.basename(cfg.path))[0] or "chatd"
+    return siblings(os.path.join(directory or default_directory(), name + ".pid"), default_dir=True)
+
+
+def prepare_directory(cfg: Config, paths: InstancePaths) -> None:
+    """Make sure the pid file's directory exists, is ours and is safe; create a default one.
+
+    A default directory that another user owns, or that others may write, is
+    refused: whoever controls it controls which pid our `stop` signals.
+    """
+    directory = os.path.dirname(paths.pidfile)
+    if paths.default_dir:
+        mode = 0o755 if directory == SYSTEM_DIR else 0o700
+        try:
+            os.mkdir(directory, mode)
+            os.chmod(directory, mode)   # explicit: the umask must not decide
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise _dir_error(directory, e) from None
+        try:
+            st = os.lstat(directory)
+        except OSError as e:
+            raise _dir_error(directory, e) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise PrivilegeError(f"pid directory {directory} is not a directory; refusing it")
+        if st.st_uid != os.geteuid():
+            raise PrivilegeError(f"pid directory {directory} belongs to uid {st.st_uid}, not to us "
+                                 f"(uid {os.geteuid()}); refusing it (remove it, or use --pidfile)")
+        if st.st_mode & 0o022:
+            raise PrivilegeError(f"pid directory {directory} may be written by others "
+                                 f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing it")
+    elif not os.path.isdir(directory):
+        raise setting_error(cfg.origin("daemon.pidfile"),
+                            f"the pid file's directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PrivilegeError(f"pid directory {directory} is not writable by uid {os.geteuid()}")
+
+
+def _dir_error(directory: str, e: OSError) -> ChatdError:
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PrivilegeError(f"cannot create pid directory {directory}: {e.strerror}")
+    return ChatdError(f"cannot create pid directory {directory}: {e.strerror}")

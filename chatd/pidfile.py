@@ -1,0 +1,233 @@
+"""The pid file and the guard lock of libucw's daemon-control protocol.
+
+The daemon holds an `flock` on its pid file for its whole life: that lock, not
+the file's existence, means "running", so a pid file left by a killed daemon
+is harmless. Control commands serialise on a second lock, the guard file. A pid
+is signalled only when the lock is held and /proc/locks shows that the holder
+is the very pid the file names. Only this module locks.
+
+Tests: tests/unit/test_pidfile.py, tests/process/test_control.py
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import ChatdError, PrivilegeError, StartError
+
+GUARD_TIMEOUT_S = 30.0
+PID_MAX = 4194304          # the kernel's upper bound for pid_max (PID_MAX_LIMIT)
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class AlreadyRunning(StartError):
+    """Another daemon holds the pid-file lock."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        who = f"pid {pid}" if pid else "pid unknown"
+        super().__init__(f"chatd is already running ({who}, pid file {path})")
+        self.pid = pid
+
+
+def parse_pid(content: bytes) -> int | None:
+    """The pid in a pid file's content, or None for anything but a plausible decimal pid."""
+    text = content.strip()
+    if not text.isdigit() or len(text) > 7:
+        return None
+    pid = int(text)
+    return pid if 1 < pid <= PID_MAX else None
+
+
+def lock_holders(fd: int) -> set[int]:
+    """The pids holding an flock on the file open at `fd`, read from /proc/locks."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                # "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF"; waiters carry "->".
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == dev:
+                    holders.add(int(parts[4]))
+    except (OSError, ValueError):
+        pass
+    return holders
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the pid file says: `running` is true only while its lock is held."""
+
+    path: str
+    exists: bool
+    running: bool
+    pid: int | None          # a pid proven to be the daemon (running) or the stale content
+    content: bytes = b""
+    problem: str = ""        # why a locked pid file's pid cannot be trusted
+
+
+def probe(path: str) -> Probe:
+    """Look at the pid file without changing anything (libucw: "try to lock the PID file").
+
+    Raises PrivilegeError when the file exists but cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    except FileNotFoundError:
+        return Probe(path, exists=False, running=False, pid=None)
+    except OSError as e:
+        raise PrivilegeError(f"cannot open pid file {path}: {e.strerror}") from None
+    try:
+        content = os.pread(fd, 64, 0)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            raise PrivilegeError(f"cannot lock pid file {path}: {e.strerror}") from None
+        else:
+            return Probe(path, exists=True, running=False, pid=parse_pid(content), content=content)
+        content = os.pread(fd, 64, 0)   # re-read: the holder may have just written it
+        pid = parse_pid(content)
+        holders = lock_holders(fd)
+        problem = ""
+        if pid is None:
+            problem = f"its content {content[:20]!r} is not a pid"
+        elif holders and pid not in holders:
+            problem = f"it names pid {pid} but the lock is held by pid {min(holders)}"
+            pid = None
+        return Probe(path, exists=True, running=True, pid=pid, content=content, problem=problem)
+    finally:
+        os.close(fd)
+
+
+class PidFile:
+    """The daemon's own pid file: created, locked and written once, held until exit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, pid: int) -> None:
+        """Lock the pid file and write `pid`; AlreadyRunning if another daemon holds it.
+
+        After locking, the file at the path must still be the one we locked (same
+        inode): an exiting daemon unlinks its file while holding the lock, and
+        a lock on that deleted file would protect nothing.
+        """
+        for _ in range(50):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
+            except OSError as e:
+                cls = PrivilegeError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else StartError
+                raise cls(f"cannot open pid file {self.path}: {e.strerror}") from None
+            if not self._lock(fd):
+                content = os.pread(fd, 64, 0)
+                os.close(fd)
+                raise AlreadyRunning(self.path, parse_pid(content))
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise StartError(f"pid file {self.path} keeps being replaced; giving up")
+        os.fchmod(fd, 0o644)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{pid}\n".encode(), 0)
+        self.fd = fd
+
+    @staticmethod
+    def _lock(fd: int) -> bool:
+        # A control command probing with a shared lock holds it for microseconds;
+        # retry briefly so such a probe is never taken for a running daemon.
+        for attempt in range(10):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                time.sleep(0.005 * (attempt + 1))
+        return False
+
+    def release(self) -> None:
+        """Remove the pid file while still holding its lock, then let the lock go.
+
+        A daemon that dropped privileges may no longer unlink it: it truncates
+        the file instead, and an empty pid file means "not running".
+        """
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def clear_stale(path: str) -> None:
+    """Remove a pid file whose lock is free (call only while holding the guard)."""
+    try:
+        fd = os.open(path, os.O_RDWR | _OPEN_FLAGS)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            try:
+                os.unlink(path)
+            except OSError:
+                os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def guard(path: str, timeout: float = GUARD_TIMEOUT_S, read_only: bool = False) -> Iterator[None]:
+    """Hold the guard lock that serialises control commands (libucw), waiting at most `timeout`.
+
+    With `read_only`, a guard file we may not create (another user's instance)
+    is opened read-only if it exists, or skipped: `status` only looks.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
+    except OSError as e:
+        if not read_only:
+            cls = PrivilegeError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ChatdError
+            raise cls(f"cannot open guard lock {path}: {e.strerror}") from None
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        except OSError:
+            yield
+            return
+    try:
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ChatdError(f"busy: another chatd command has held {path} "
+                                     f"for {timeout:g} s; try again") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        yield
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,189 @@
+"""Sans-IO wire codec: bytes in, complete lines and telnet replies out. No asyncio here.
+
+`LineDecoder.feed` frames lines (a line ends with LF; a CR before it is part of
+the terminator), bounds their length, and filters telnet IAC sequences
+(RFC 854/855): every option is refused, DO TIMING-MARK is answered with WILL
+TIMING-MARK (RFC 860) so telnet's Ctrl-C does not freeze its screen, and
+subnegotiations are consumed whole. Memory per decoder stays below
+`max_line` + 2 bytes whatever arrives.
+
+Tests: tests/unit/test_protocol.py
+"""
+
+from __future__ import annotations
+
+IAC = 255
+DONT, DO, WONT, WILL, SB = 254, 253, 252, 251, 250
+SE = 240
+TIMING_MARK = 6
+
+# Telnet parser states.
+_DATA, _IAC, _OPTION, _SUB, _SUB_IAC = range(5)
+_IAC_BYTE = b"\xff"
+
+
+class _TooLong:
+    """The marker `feed` yields in place of a line longer than `max_line`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LINE_TOO_LONG"
+
+
+LINE_TOO_LONG = _TooLong()
+
+
+def escape_iac(data: bytes) -> bytes:
+    """Double every 0xFF so a literal byte 255 goes out as telnet's `IAC IAC`."""
+    return data.replace(b"\xff", b"\xff\xff") if _IAC_BYTE in data else data
+
+
+class LineDecoder:
+    """Frames a byte stream into lines, with telnet filtering and a length bound.
+
+    `feed(data)` returns a list whose items are either `bytes` holding one or
+    more complete lines (each ending in b"\\n", in arrival order) or the
+    marker LINE_TOO_LONG, which stands for one discarded over-long line.
+    Telnet answers accumulate in `replies`; the caller sends and clears them.
+    """
+
+    __slots__ = ("max_line", "buf", "discarding", "replies", "_tstate", "_verb", "_sub_len")
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.buf = bytearray()       # the unterminated tail of the current line
+        self.discarding = False      # inside an over-long line: drop up to the next LF
+        self.replies = bytearray()   # telnet answers waiting to be sent
+        self._tstate = _DATA
+        self._verb = 0
+        self._sub_len = 0
+
+    def feed(self, data: bytes) -> list:
+        # Fast path: no pending state, no IAC, no room for an over-long line.
+        if (not self.buf and not self.discarding and self._tstate == _DATA
+                and len(data) <= self.max_line and _IAC_BYTE not in data):
+            end = data.rfind(b"\n") + 1
+            if end == len(data):
+                return [data]
+            self.buf += memoryview(data)[end:]
+            return [data[:end]] if end else []
+        if self._tstate != _DATA or _IAC_BYTE in data:
+            data = self._filter_telnet(data)
+        return self._frame(data)
+
+    def finish(self) -> bytes:
+        """At end of input: the final unterminated bytes (empty if none or discarded)."""
+        tail = bytes(self.buf)
+        self.buf.clear()
+        if self.discarding:
+            self.discarding = False
+            return b""
+        return tail
+
+    # ------------------------------------------------------------ framing
+
+    def _frame(self, data: bytes) -> list:
+        out: list = []
+        n = len(data)
+        pos = 0
+        limit = self.max_line
+        buf = self.buf
+        if self.discarding:
+            i = data.find(b"\n")
+            if i < 0:
+                return out
+            self.discarding = False
+            pos = i + 1
+        run_start = pos          # start of a run of good complete lines in `data`
+        while pos < n:
+            i = data.find(b"\n", pos)
+            if i < 0:
+                break
+            length = len(buf) + i - pos
+            if length > limit and not (length == limit + 1 and
+                                       (data[i - 1] if i > pos else buf[-1]) == 13):
+                if run_start < pos:
+                    out.append(data[run_start:pos])
+                out.append(LINE_TOO_LONG)
+                buf.clear()
+                pos = run_start = i + 1
+                continue
+            if buf:
+                buf += memoryview(data)[pos:i + 1]
+                out.append(bytes(buf))
+                buf.clear()
+                run_start = i + 1
+            pos = i + 1
+        if run_start < pos:
+            out.append(data[run_start:pos])
+        if pos < n:
+            buf += memoryview(data)[pos:]
+            if len(buf) > limit + 1 or (len(buf) == limit + 1 and buf[-1] != 13):
+                buf.clear()
+                self.discarding = True
+                out.append(LINE_TOO_LONG)
+        return out
+
+    # ------------------------------------------------------------ telnet
+
+    def _filter_telnet(self, data: bytes) -> bytes:
+        """Strip IAC sequences from `data`, queue the answers, keep `IAC IAC` as one 0xFF."""
+        out = bytearray()
+        replies = self.replies
+        st = self._tstate
+        i = 0
+        n = len(data)
+        while i < n:
+            if st == _DATA:
+                j = data.find(_IAC_BYTE, i)
+                if j < 0:
+                    out += memoryview(data)[i:]
+                    break
+                out += memoryview(data)[i:j]
+                i = j + 1
+                st = _IAC
+                continue
+            if st == _SUB:
+                # Skip the subnegotiation's payload; we negotiate nothing, so keep none of it.
+                j = data.find(_IAC_BYTE, i)
+                end = n if j < 0 else j
+                self._sub_len += end - i
+                i = end
+                if self._sub_len > self.max_line:
+                    st = _DATA            # runaway subnegotiation: give up on it
+                elif j >= 0:
+                    i = j + 1
+                    st = _SUB_IAC
+                continue
+            b = data[i]
+            i += 1
+            if st == _IAC:
+                if b == IAC:
+                    out.append(IAC)
+                    st = _DATA
+                elif WILL <= b <= DONT:
+                    self._verb = b
+                    st = _OPTION
+                elif b == SB:
+                    self._sub_len = 0
+                    st = _SUB
+                else:
+                    st = _DATA            # NOP, IP, AYT, ... or an unknown byte: dropped
+            elif st == _OPTION:
+                if self._verb == DO:
+                    replies += bytes((IAC, WILL, b)) if b == TIMING_MARK else bytes((IAC, WONT, b))
+                elif self._verb == WILL:
+                    replies += bytes((IAC, DONT, b))
+                # DONT and WONT ask for the state we are already in: no answer (RFC 854).
+                st = _DATA
+            else:  # _SUB_IAC
+                if b == SE:
+                    st = _DATA
+                elif b == IAC:
+                    self._sub_len += 1
+                    st = _SUB
+                else:
+                    st = _DATA            # malformed subnegotiation: end it here
+        self._tstate = st
+        return bytes(out)

@@ -1,0 +1,407 @@
+"""The Server: startup, main loop, shutdown; signals dispatched to `handle_<name>`; restart in place.
+
+`serve()` reads as the daemon's table of contents. Signal handlers only put
+the signal number on a queue; the main loop takes it off and calls the
+matching `handle_<sig>` method, so all work happens in the loop.
+
+Tests: tests/process/test_signals.py, tests/process/test_restart.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import config as config_mod
+from . import listen
+from .config import Config
+from .connection import Connection, ServerState
+from .daemon import raise_fd_limit
+from .echo import BufferedEchoConnection, EchoConnection
+from .errors import ChatdError, StartError, setting_error
+from .log import Logging, resolve_target
+from .signals import CAUGHT, STOP_SIGNALS, SignalRecorder, signal_name
+from .state import StateFile
+
+log = logging.getLogger("chatd")
+
+TIDY_GRACE_S = 0.5        # SIGTERM: how long queued output may still flush
+STATE_REFRESH_S = 1.0     # how often the state file's client count is brought up to date
+# Keys a running daemon cannot change: they need a stop and a start.
+FIXED_KEYS = ("daemon.user", "daemon.group", "daemon.pidfile", "server.loop")
+
+
+def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
+    """uvloop when asked for or (with "auto") when importable; asyncio's own loop otherwise."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise StartError("--loop uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.new_event_loop(), f"uvloop {uvloop.__version__}"
+    return asyncio.new_event_loop(), "asyncio"
+
+
+def check_mode(cfg: Config) -> None:
+    """Chat mode arrives with its own issue; until then it is refused, never half-served."""
+    if cfg.server.mode == "chat":
+        raise setting_error(cfg.origin("server.mode"), "chat mode is not available in this version yet")
+
+
+@dataclass
+class Listener:
+    address: listen.Address
+    sock: socket.socket
+    server: Any = None        # the asyncio Server serving a duplicate of `sock`
+
+
+@dataclass
+class Runtime:
+    """What the server keeps up to date besides its sockets: state file, logging, pid file."""
+
+    state: StateFile
+    logs: Logging
+    foreground: bool
+    release: Callable[[], None]           # removes the pid file, at the very end
+    ready: Callable[[dict[str, Any]], None]
+    recorder: SignalRecorder
+    overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
+
+
+class Server:
+    """One chatd instance's event-loop side."""
+
+    def __init__(self, cfg: Config, listeners: list[Listener], runtime: Runtime,
+                 max_clients: int, loop_name: str) -> None:
+        self.cfg = cfg
+        self.listeners = listeners
+        self.runtime = runtime
+        self.max_clients = max_clients
+        self.loop_name = loop_name
+        self.stop_signal: int | None = None
+        self.generation = 0
+        self.started = time.time()
+        self.signals: asyncio.Queue[int] = asyncio.Queue()
+        self.state: ServerState
+        self.connection_class: type[Connection] = EchoConnection
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def serve(self) -> int:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return 0
+
+    async def startup(self) -> None:
+        """Take the signals over, serve every listener, then report ready."""
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._on_loop_error)
+        for sig in CAUGHT:
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        self.runtime.recorder.take_over(self.signals.put_nowait)
+        self.state = ServerState(self.cfg.limits, self.max_clients, loop)
+        self.connection_class = self._connection_class(loop)
+        for listener in self.listeners:
+            await self._serve_on(listener)
+        self._abort_if_stopped_early()
+        self.runtime.state.update(**self._state_fields(), generation=0, last_restart=None,
+                                  started=self.started)
+        info = {"address": self.address, "mode": self.cfg.server.mode, "loop": self.loop_name,
+                "log": self.runtime.logs.status()}
+        log.info("ready: %s mode on %s, event loop %s", self.cfg.server.mode, self.address, self.loop_name)
+        self.runtime.ready(info)
+        self._tasks.append(asyncio.create_task(self._refresh_state()))
+        self._tasks.append(asyncio.create_task(self._sweep_idle()))
+
+    async def main_loop(self) -> None:
+        while self.stop_signal is None:
+            sig = await self.signals.get()
+            await self.dispatch(sig)
+
+    async def dispatch(self, sig: int) -> None:
+        handler = getattr(self, "handle_" + signal_name(sig)[3:].lower())
+        await handler()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every client (gracefully after SIGUSR1), release the pid file."""
+        graceful = self.stop_signal == signal.SIGUSR1
+        how = "graceful stop" if graceful else "stop"
+        log.info("%s (%s), %d clients", how, signal_name(self.stop_signal) if self.stop_signal else "error",
+                 len(self.state.connections))
+        for listener in self.listeners:
+            self._close_listener(listener)
+        self.listeners = []
+        if graceful:
+            await self._drain_clients()
+        await self._close_clients()
+        for task in self._tasks:
+            task.cancel()
+        self.runtime.state.remove()
+        log.info("stopped")
+        self.runtime.release()
+
+    # ------------------------------------------------------------------ signals
+
+    async def handle_usr1(self) -> None:
+        """SIGUSR1: graceful stop (stop accepting, answer what arrived, FIN, close; exit 0)."""
+        if self.stop_signal is None:
+            self.stop_signal = signal.SIGUSR1
+
+    async def handle_term(self) -> None:
+        """SIGTERM: tidy up and exit promptly."""
+        self.stop_signal = signal.SIGTERM
+
+    async def handle_int(self) -> None:
+        """SIGINT (Ctrl-C on `chatd run`): as SIGTERM, without a traceback."""
+        self.stop_signal = signal.SIGINT
+
+    async def handle_quit(self) -> None:
+        """SIGQUIT: as SIGTERM."""
+        self.stop_signal = signal.SIGQUIT
+
+    async def handle_hup(self) -> None:
+        """SIGHUP: reopen the log, then re-read the config and apply it in place.
+
+        - the log file is reopened first, even if the config is then rejected;
+        - an invalid config, or a change to a key that needs a stop and start,
+          is rejected and the daemon serves exactly as before;
+        - a valid one is applied: new address bound before the old one closes,
+          mode and limits for new connections; connected clients stay.
+        """
+        self.runtime.logs.reopen()
+        outcome, message = await self.restart()
+        self.generation += 1
+        level = logging.INFO if outcome == "applied" else logging.WARNING
+        log.log(level, "restart %s: %s", outcome, message)
+        self.runtime.state.update(**self._state_fields(), generation=self.generation,
+                                  last_restart={"time": time.time(), "outcome": outcome,
+                                                "message": message})
+
+    # ------------------------------------------------------------------ restart
+
+    async def restart(self) -> tuple[str, str]:
+        old = self.cfg
+        try:
+            new = config_mod.load(old.path, self.runtime.overrides)
+            check_mode(new)
+            target = resolve_target(new, self.runtime.foreground)
+        except ChatdError as e:
+            return "rejected", str(e)
+        for key in FIXED_KEYS:
+            if new.get(key) != old.get(key):
+                return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
+                                    f"which needs 'chatd stop' and 'chatd start'; nothing changed")
+        changed = old.differences(new)
+        log_keys = [k for k in changed if k.startswith("log.")]
+        if log_keys:
+            try:
+                self.runtime.logs.configure(new, target)
+            except ChatdError as e:
+                return "failed", f"{e}; nothing changed"
+        try:
+            note = await self._rebind(new)
+        except ChatdError as e:
+            if log_keys:
+                self.runtime.logs.configure(old, resolve_target(old, self.runtime.foreground))
+            return "failed", f"{e}; nothing changed"
+        if "server.backlog" in changed:
+            for listener in self.listeners:
+                listener.sock.listen(new.server.backlog)
+        self.cfg = new
+        self.max_clients, warning = raise_fd_limit(new.limits.max_clients)
+        if warning:
+            log.warning("%s", warning)
+        self.state.limits = new.limits
+        self.state.max_clients = self.max_clients
+        self.connection_class = self._connection_class(asyncio.get_running_loop())
+        if not changed:
+            return "applied", "config re-read; nothing changed"
+        parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+        return "applied", "changed " + ", ".join(parts) + (f" {note}" if note else "")
+
+    async def _rebind(self, new: Config) -> str:
+        """Listen on the new address (if it changed) before closing the old one."""
+        if (new.server.host, new.server.port) == (self.cfg.server.host, self.cfg.server.port):
+            return ""
+        wanted = listen.resolve(new.server.host, new.server.port)
+        retire = [li for li in self.listeners if li.address not in wanted]
+        have = [li.address for li in self.listeners]
+        add = [a for a in wanted if a not in have]
+        if any(li.address.overlaps(a) for li in retire for a in add):
+            return await self._rebind_overlapping(retire, add, new.server.backlog)
+        socks = listen.bind_all(add, new.server.backlog)
+        for address, sock in zip(add, socks):
+            listener = Listener(address, sock)
+            await self._serve_on(listener)
+            self.listeners.append(listener)
+        for listener in retire:
+            await self._retire(listener)
+        return ""
+
+    async def _rebind_overlapping(self, retire: list[Listener], add: list[listen.Address],
+                                  backlog: int) -> str:
+        """0.0.0.0 -> 127.0.0.1 on one port: the kernel allows only close, then bind."""
+        for listener in retire:
+            await self._retire(listener)
+        try:
+            socks = listen.bind_all(add, backlog)
+        except ChatdError as e:
+            try:
+                socks = listen.bind_all([li.address for li in retire], backlog)
+            except ChatdError as e2:
+                raise ChatdError(f"{e}; and the old address could not be bound again: {e2}") from None
+            for listener, sock in zip(retire, socks):
+                restored = Listener(listener.address, sock)
+                await self._serve_on(restored)
+                self.listeners.append(restored)
+            raise
+        for address, sock in zip(add, socks):
+            listener = Listener(address, sock)
+            await self._serve_on(listener)
+            self.listeners.append(listener)
+        return ("(the addresses overlap, so the old listener was closed before the new one "
+                "was bound; connections attempted in between were refused)")
+
+    # ------------------------------------------------------------------ listeners
+
+    async def _serve_on(self, listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        listener.server = await loop.create_server(
+            self._new_connection, sock=listener.sock.dup(), backlog=self.cfg.server.backlog)
+
+    def _new_connection(self) -> Connection:
+        return self.connection_class(self.state)
+
+    def _close_listener(self, listener: Listener) -> None:
+        if listener.server is not None:
+            listener.server.close()
+        listener.sock.close()
+
+    async def _retire(self, listener: Listener) -> None:
+        """Stop serving an old address, but first accept what waits in its backlog."""
+        self.listeners.remove(listener)
+        if listener.server is not None:
+            listener.server.close()
+        loop = asyncio.get_running_loop()
+        for _ in range(100000):
+            try:
+                conn, _ = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                log.warning("accepting from the old listener %s: %s", listener.address, e.strerror)
+                break
+            conn.setblocking(False)
+            await loop.connect_accepted_socket(self._new_connection, conn)
+        listener.sock.close()
+
+    # ------------------------------------------------------------------ clients
+
+    async def _drain_clients(self) -> None:
+        """SIGUSR1: let every client finish cleanly, for at most drain_timeout seconds.
+
+        A further SIGTERM, SIGINT or SIGQUIT cuts the wait short.
+        """
+        for conn in list(self.state.connections):
+            conn.drain()
+        deadline = time.monotonic() + self.cfg.daemon.drain_timeout
+        closed = asyncio.ensure_future(self.state.all_closed.wait())
+        try:
+            while not closed.done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("drain_timeout: %d clients still open", len(self.state.connections))
+                    return
+                nextsig = asyncio.ensure_future(self.signals.get())
+                await asyncio.wait({closed, nextsig}, timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if nextsig.done():
+                    sig = nextsig.result()
+                    if sig in STOP_SIGNALS and sig != signal.SIGUSR1:
+                        log.info("%s during the graceful stop: closing now", signal_name(sig))
+                        self.stop_signal = sig
+                        return
+                else:
+                    nextsig.cancel()
+        finally:
+            closed.cancel()
+
+    async def _close_clients(self) -> None:
+        """Close what is left, let queued output flush briefly, then abort the rest."""
+        for conn in list(self.state.connections):
+            conn.close("server stopping")
+        try:
+            await asyncio.wait_for(self.state.all_closed.wait(), TIDY_GRACE_S)
+        except asyncio.TimeoutError:
+            for conn in list(self.state.connections):
+                conn.abort("server stopping")
+            try:
+                await asyncio.wait_for(self.state.all_closed.wait(), TIDY_GRACE_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _sweep_idle(self) -> None:
+        """Close clients that sent nothing for idle_timeout seconds (checked a few times per timeout)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = self.state.limits.idle_timeout
+            await asyncio.sleep(max(0.05, min(1.0, idle / 4)) if idle else 1.0)
+            if not idle:
+                continue
+            now = loop.time()
+            for conn in list(self.state.connections):
+                if conn.active:
+                    conn.active = False
+                    conn.idle_since = now
+                elif now - conn.idle_since >= idle:
+                    conn.close("idle")
+
+    async def _refresh_state(self) -> None:
+        clients = -1
+        while True:
+            await asyncio.sleep(STATE_REFRESH_S)
+            if len(self.state.connections) != clients:
+                clients = len(self.state.connections)
+                self.runtime.state.update(clients=clients)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def address(self) -> str:
+        return listen.describe([li.address for li in self.listeners])
+
+    def _state_fields(self) -> dict[str, Any]:
+        return {"address": self.address, "mode": self.cfg.server.mode, "loop": self.loop_name,
+                "log": self.runtime.logs.status(), "clients": len(self.state.connections)}
+
+    def _connection_class(self, loop: asyncio.AbstractEventLoop) -> type[Connection]:
+        return EchoConnection if self.loop_name.startswith("uvloop") else BufferedEchoConnection
+
+    def _abort_if_stopped_early(self) -> None:
+        """A stop signal before ready aborts the start (SPEC section 2); a SIGHUP waits."""
+        early: list[int] = []
+        while not self.signals.empty():
+            early.append(self.signals.get_nowait())
+        stop = next((s for s in early if s in STOP_SIGNALS), None)
+        if stop is not None:
+            raise StartError(f"start aborted by {signal_name(stop)}")
+        for sig in early:
+            self.signals.put_nowait(sig)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """One log line for whatever the loop could not handle; never a traceback."""
+        exc = context.get("exception")
+        detail = f": {type(exc).__name__}: {exc}" if exc else ""
+        log.error("event loop: %s%s", context.get("message", "error"), detail)
+

@@ -1,0 +1,76 @@
+"""The signal table, set in one step before the first fork, and the startup-window recorder.
+
+Every signal's final disposition is set at once, before chatd forks, so no
+signal that arrives while it starts can kill it by default action. Until the
+event loop runs, the caught signals are only recorded; `Server` then takes them
+over with `loop.add_signal_handler` and replays what was recorded. Handlers
+never do work: they record, and the main loop acts.
+
+Tests: tests/process/test_signals.py, tests/process/test_detach.py
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+# What each signal means is documented in SPEC section 2 and the README.
+CAUGHT = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGTERM})
+IGNORED = (signal.SIGPIPE, signal.SIGUSR2, signal.SIGALRM)
+JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+# SIGXFSZ stays ignored as Python sets it: a log file over its size limit gives
+# EFBIG, which the log handler survives, rather than a kill.
+KEPT_IGNORED = (signal.SIGXFSZ,)
+
+
+class SignalRecorder:
+    """Records caught signals until a loop takes them over."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self._sink: Callable[[int], None] | None = None
+
+    def _record(self, signum: int, frame: object) -> None:
+        if self._sink is not None:
+            self._sink(signum)
+        else:
+            self.pending.append(signum)
+
+    def install(self, detached: bool) -> None:
+        """Empty the signal mask and set every disposition of the table, in one step.
+
+        Signals outside the table get their defaults back (a parent may have left
+        SIGCHLD or SIGHUP ignored, as nohup does). A detached daemon ignores the
+        job-control stops; `chatd run` keeps them so Ctrl-Z works at a terminal.
+        """
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        special = set(CAUGHT) | set(IGNORED) | set(JOB_CONTROL) | set(KEPT_IGNORED)
+        for sig in signal.valid_signals():
+            if sig in special or sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass   # real-time signals reserved by the C library
+        for sig in IGNORED:
+            signal.signal(sig, signal.SIG_IGN)
+        for sig in JOB_CONTROL:
+            signal.signal(sig, signal.SIG_IGN if detached else signal.SIG_DFL)
+        for sig in CAUGHT:
+            signal.signal(sig, self._record)
+
+    def take_over(self, sink: Callable[[int], None]) -> None:
+        """From now on deliver signals to `sink`, starting with those recorded so far."""
+        self._sink = sink
+        pending, self.pending = self.pending, []
+        for signum in pending:
+            sink(signum)
+
+    def stop_requested(self) -> int | None:
+        """The first recorded stop signal, if any (checked during start-up)."""
+        return next((s for s in self.pending if s in STOP_SIGNALS), None)
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

@@ -1,0 +1,110 @@
+"""The state file: a small JSON object beside the pid file, through which control commands
+learn what the daemon is doing (`status`) and how a restart ended (`restart`, `reload`).
+
+It is replaced atomically (temp file, rename). A daemon that dropped privileges
+and may not create files in a root-owned directory rewrites it in place
+instead, under an exclusive flock that readers share.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from typing import Any
+
+STATE_KEYS = ("pid", "started", "address", "mode", "loop", "log", "clients",
+              "generation", "last_restart")
+
+
+class StateFile:
+    """The daemon's writer for its state file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+        self._fd: int | None = None   # kept open for in-place rewrites after a privilege drop
+
+    def open(self, **initial: Any) -> None:
+        """Create the file (before dropping privileges) with its first contents."""
+        self.data = {k: None for k in STATE_KEYS} | initial
+        self._replace()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+    def update(self, **changes: Any) -> None:
+        if not self.data:
+            return   # not opened yet, or already removed at exit
+        self.data.update(changes)
+        try:
+            self._replace()
+        except PermissionError:
+            self._rewrite_in_place()
+        except OSError:
+            pass   # a full disk must not stop the daemon; the next update retries
+
+    def _payload(self) -> bytes:
+        return (json.dumps(self.data, sort_keys=True) + "\n").encode()
+
+    def _replace(self) -> None:
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, self._payload())
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+    def _rewrite_in_place(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, self._payload(), 0)
+        except OSError:
+            pass
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def remove(self) -> None:
+        """Remove the file at exit; only the process that created it may."""
+        if not self.data:
+            return
+        self.data = {}
+        try:
+            os.unlink(self.path)
+        except OSError:
+            if self._fd is not None:
+                try:
+                    os.ftruncate(self._fd, 0)
+                except OSError:
+                    pass
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    """The daemon's state, or None if there is none (or it cannot be read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            pass
+        raw = b""
+        while chunk := os.read(fd, 65536):
+            raw += chunk
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,268 @@
+"""Test helpers: run the real `chatd` command, talk to it over TCP, read /proc.
+
+Every wait has a deadline; every process a test starts is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TIMEOUT = 10.0
+
+
+def chatd_command() -> list[str]:
+    """The installed console script, as a user runs it."""
+    here = Path(sys.executable).parent / "chatd"
+    path = str(here) if here.exists() else shutil.which("chatd")
+    if path is None:
+        raise RuntimeError("the chatd command is not installed (pip install -e .)")
+    return [path]
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.01, what: str = "condition"):
+    """Poll `predicate` until it returns a true value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.1)
+
+
+# ------------------------------------------------------------------ /proc
+
+def proc_stat(pid: int) -> dict:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, tty_nr)."""
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    rest = raw.rsplit(b")", 1)[1].split()
+    return {"state": rest[0].decode(), "ppid": int(rest[1]), "pgrp": int(rest[2]),
+            "session": int(rest[3]), "tty_nr": int(rest[4]), "starttime": int(rest[19])}
+
+
+def proc_status(pid: int) -> dict:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` a live process (not a zombie)?"""
+    try:
+        return proc_stat(pid)["state"] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def kill_and_wait(pid: int, grace: float = 3.0) -> None:
+    """TERM, wait, KILL, wait: for a pid this test started."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        if not alive(pid):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.01)
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ a TCP client
+
+class LineClient:
+    """A blocking TCP client with deadlines, for exact-bytes assertions."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT,
+                 rcvbuf: int | None = None) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
+        self.timeout = timeout
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out; received so far: {self.buf[:200]!r}")
+        self.sock.settimeout(remaining)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def recv_exact(self, n: int, timeout: float | None = None) -> bytes:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while len(self.buf) < n:
+            if not self._fill(deadline):
+                raise AssertionError(f"EOF after {len(self.buf)} of {n} bytes: {self.buf[:200]!r}")
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def recv_line(self, timeout: float | None = None) -> bytes:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while b"\n" not in self.buf:
+            if not self._fill(deadline):
+                raise AssertionError(f"EOF before a full line: {self.buf[:200]!r}")
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+    def recv_until_eof(self, timeout: float | None = None) -> bytes:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while self._fill(deadline):
+            pass
+        data, self.buf = self.buf, b""
+        return data
+
+    def shutdown_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "LineClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------ a chatd instance
+
+@dataclass
+class Chatd:
+    """One chatd instance under a test's temporary directory, driven by the real command."""
+
+    dir: Path
+    port: int
+    loop: str = "auto"
+    extra_config: str = ""
+    env: dict = field(default_factory=dict)
+    pids: set = field(default_factory=set)
+    outputs: list = field(default_factory=list)
+    popens: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.config = self.dir / "chatd.conf"
+        self.pidfile = self.dir / "chatd.pid"
+        self.logfile = self.dir / "chatd.log"
+        self.write_config()
+
+    def write_config(self, extra: str | None = None, **server: object) -> None:
+        settings = {"host": "127.0.0.1", "port": self.port, "loop": self.loop} | server
+        lines = ["[server]"] + [f"{k} = {v!r}".replace("'", '"') for k, v in settings.items()]
+        lines += ["[daemon]", f'pidfile = "{self.pidfile}"', "[log]", f'target = "{self.logfile}"',
+                  'level = "debug"']
+        text = "\n".join(lines) + "\n" + (self.extra_config if extra is None else extra)
+        self.config.write_text(text)
+
+    def cmd(self, *args: str, timeout: float = 30.0, config: bool = True,
+            check: int | None = None, **kw) -> subprocess.CompletedProcess:
+        """Run `chatd ARGS -c CONFIG` and remember the daemon's pid for cleanup."""
+        argv = chatd_command() + list(args) + (["-c", str(self.config)] if config else [])
+        env = os.environ | self.env | kw.pop("env", {})
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              env=env, **kw)
+        self.outputs.append((argv, proc.stdout, proc.stderr))
+        self.remember_pid()
+        if check is not None:
+            assert proc.returncode == check, (
+                f"{' '.join(argv)} -> {proc.returncode}, wanted {check}\nstdout: {proc.stdout!r}\n"
+                f"stderr: {proc.stderr!r}\nlog:\n{self.log_text()[-3000:]}")
+        return proc
+
+    def start(self, *args: str) -> int:
+        self.cmd("start", *args, check=0)
+        return self.pid()
+
+    def run_foreground(self, *args: str, **kw) -> subprocess.Popen:
+        """`chatd run` as a child in its own session; waits until it accepts connections."""
+        argv = chatd_command() + ["run", "-c", str(self.config), *args]
+        env = os.environ | self.env | kw.pop("env", {})
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, start_new_session=True, **kw)
+        self.popens.append(proc)
+        self.pids.add(proc.pid)
+        wait_for(lambda: listening(self.port) or proc.poll() is not None, what="chatd run to listen")
+        return proc
+
+    def pid(self) -> int:
+        text = self.pidfile.read_text().strip()
+        return int(text)
+
+    def remember_pid(self) -> None:
+        try:
+            self.pids.add(self.pid())
+        except (OSError, ValueError):
+            pass
+
+    def log_text(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        """Stop whatever this instance left running, by pid, and check for tracebacks."""
+        self.remember_pid()
+        for proc in self.popens:
+            kill_and_wait(proc.pid)
+            proc.wait(timeout=5)
+        for pid in self.pids:
+            if alive(pid) and str(self.dir) in _cmdline_or_env(pid):
+                kill_and_wait(pid)
+
+    def tracebacks(self) -> list[str]:
+        found = []
+        if "Traceback" in self.log_text():
+            found.append(f"log: {self.log_text()[-2000:]}")
+        for argv, out, err in self.outputs:
+            if b"Traceback" in out or b"Traceback" in err:
+                found.append(f"{argv}: {err[-2000:]!r}")
+        return found
+
+
+def _cmdline_or_env(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
