@@ -264,7 +264,7 @@ class Config:
 
 # ---------------------------------------------------------------- locating keys
 
-_HEADER_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\[\]]+?)\s*\]\]?\s*(#.*)?$")
 _KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
 
 
@@ -284,7 +284,7 @@ def _locate_keys(text: str) -> dict[tuple[str, ...], int]:
     in_multiline: str | None = None
     for lineno, line in enumerate(text.splitlines(), 1):
         if in_multiline:
-            if line.count(in_multiline) % 2 == 1:
+            if in_multiline in line:
                 in_multiline = None
             continue
         m = _HEADER_RE.match(line)
@@ -295,11 +295,34 @@ def _locate_keys(text: str) -> dict[tuple[str, ...], int]:
         m = _KEY_RE.match(line)
         if m:
             found.setdefault(table + _split_dotted(m.group(1)), lineno)
-            rest = line[m.end():]
-            for quote in ('"""', "'''"):
-                if rest.count(quote) % 2 == 1:
-                    in_multiline = quote
+            in_multiline = _opens_multiline(line[m.end():])
     return found
+
+
+def _opens_multiline(value: str) -> str | None:
+    """The quote of a multi-line string that `value` (the text after `=`) leaves open."""
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i]
+        if c == "#":
+            return None
+        quote = value[i:i + 3]
+        if quote in ('"""', "'''"):
+            close = value.find(quote, i + 3)
+            if close < 0:
+                return quote
+            i = close + 3
+        elif c == '"':
+            i += 1
+            while i < n and value[i] != '"':
+                i += 2 if value[i] == "\\" else 1
+            i += 1
+        elif c == "'":
+            close = value.find("'", i + 1)
+            i = n if close < 0 else close + 1
+        else:
+            i += 1
+    return None
 
 
 # ---------------------------------------------------------------- loading
@@ -321,8 +344,13 @@ def _read(path: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         # tomllib's message ends with "(at line N, column M)"; restate it as file:line.
         msg = str(e)
         m = re.search(r"\(at line (\d+), column \d+\)$", msg)
-        where = f"{path}:{m.group(1)}" if m else f"{path}"
-        msg = msg[: m.start()].strip() if m else msg
+        end = re.search(r"\(at end of document\)$", msg)
+        if m:
+            where, msg = f"{path}:{m.group(1)}", msg[: m.start()].strip()
+        elif end:
+            where, msg = f"{path}:{len(text.splitlines()) or 1}", msg[: end.start()].strip() + " at the end"
+        else:
+            where = path
         raise ConfigError(f"{where}: TOML syntax error: {msg}") from None
     return data, _locate_keys(text)
 
@@ -357,6 +385,9 @@ def load(path: str | None = None, overrides: dict[str, tuple[Any, str]] | None =
                     known = ", ".join(k.name for k in SCHEMA if k.section == section)
                     raise ConfigError(f"{where}: unknown key '{name}' in [{section}] (known: {known})")
                 try:
+                    if isinstance(value, str) and not isinstance(key.default, str):
+                        # Strings are parsed only from the command line; in TOML a number is a number.
+                        raise Invalid(f"expected {_type_name(key.default)}, got a string")
                     value = key.check(value)
                 except Invalid as e:
                     raise ConfigError(f"{where}: [{section}] {name}: {e}") from None

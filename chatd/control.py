@@ -12,8 +12,8 @@ import contextlib
 import errno
 import os
 import signal
+import re
 import time
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -65,19 +65,39 @@ def _find_instance(opts: Options, say: Say) -> tuple[Config | None, InstancePath
         say(f"warning: {e}")
     overrides = {k: v for k, v in opts.overrides.items() if k == "daemon.pidfile"}
     if "daemon.pidfile" not in overrides and opts.config:
-        try:
-            with open(os.path.join(opts.cwd, opts.config), "rb") as f:
-                value = tomllib.load(f).get("daemon", {}).get("pidfile")
-            if isinstance(value, str) and value:
-                overrides["daemon.pidfile"] = (os.path.join(os.path.dirname(
-                    os.path.join(opts.cwd, opts.config)), value), "--pidfile")
-        except (OSError, tomllib.TOMLDecodeError, AttributeError):
-            pass
+        path = os.path.join(opts.cwd, opts.config)
+        value = _pidfile_in_broken_config(path)
+        if value:
+            overrides["daemon.pidfile"] = (os.path.join(os.path.dirname(path), value), "--pidfile")
     cfg = config_mod.load(None, overrides, cwd=opts.cwd)
     if opts.config:
         cfg = Config(path=os.path.abspath(os.path.join(opts.cwd, opts.config)),
                      daemon=cfg.daemon, origins=cfg.origins)
     return None, instance_paths(cfg)
+
+
+_PIDFILE_LINE = re.compile(r"""^\s*pidfile\s*=\s*(?:"([^"]*)"|'([^']*)')\s*(?:#.*)?$""", re.M)
+
+
+def _pidfile_in_broken_config(path: str) -> str:
+    """Best effort: the `pidfile = "..."` setting of a config file tomllib rejects."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    m = _PIDFILE_LINE.search(text)
+    return (m.group(1) or m.group(2)) if m else ""
+
+
+def _check_not_running(found: Probe, say: Say) -> Probe:
+    """A locked pid file that does not name its lock holder was not written by chatd:
+    someone holds a lock on it to keep chatd from starting. Replace it (under the guard)."""
+    if found.running and found.problem:
+        say(f"warning: pid file {found.path} is locked, but {found.problem}; replacing it")
+        os.unlink(found.path)
+        return probe(found.path)
+    return found
 
 
 # ---------------------------------------------------------------------- start and run
@@ -91,9 +111,9 @@ def start(opts: Options, say: Say) -> int:
     paths = instance_paths(cfg)
     prepare_directory(cfg, paths)
     with guard(paths.guard):
-        found = probe(paths.pidfile)
+        found = _check_not_running(probe(paths.pidfile), say)
         if found.running:
-            say(f"chatd is already running (pid {found.pid or 'unknown'})")
+            say(f"chatd is already running (pid {found.pid})")
             return EXIT_OK
         recorder = SignalRecorder()
         recorder.install(detached=True)
@@ -151,6 +171,8 @@ def _wait_for_daemon(pipe: ReadinessPipe, child: int, paths: InstancePaths,
     if event == "timeout" and pid:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+    if pid:
+        _wait_exited(pid, KILL_WAIT_S)   # the pipe closes a moment before the process is gone
     clear_stale(paths.pidfile)
     if event == "fail":
         raise ChatdError(message.get("message", "failed"), message.get("status", EXIT_FAILED))
@@ -169,7 +191,7 @@ def run(opts: Options, say: Say) -> int:
     prepare_directory(cfg, paths)
     with contextlib.ExitStack() as held:
         held.enter_context(guard(paths.guard))
-        found = probe(paths.pidfile)
+        found = _check_not_running(probe(paths.pidfile), say)
         if found.running:
             raise AlreadyRunning(paths.pidfile, found.pid)
         recorder = SignalRecorder()
@@ -195,10 +217,10 @@ def serve(cfg: Config, paths: InstancePaths, target: str, ready: Callable[..., N
         log.info("chatd %s starting (pid %d, config %s)", __version__, os.getpid(), cfg.path or "none")
         if fd_warning:
             log.warning("%s", fd_warning)
+        loop, loop_name = new_event_loop(cfg.server.loop)   # imports uvloop while we still may
         daemon.drop_privileges(cfg.daemon.user, cfg.daemon.group)
         if detached:
             daemon.redirect_stdio()
-        loop, loop_name = new_event_loop(cfg.server.loop)
         runtime = Runtime(state=state, logs=logs, foreground=not detached,
                           release=lambda: _release(state, pidfile, logs),
                           ready=lambda info: ready(**info), recorder=recorder,
@@ -240,6 +262,15 @@ def _process_start_time(pid: int) -> str | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return fields[19].decode()
+
+
+def _wait_exited(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _process_start_time(pid) is not None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _signal(pid: int, sig: int, started: str | None) -> None:

@@ -46,7 +46,7 @@ class EchoConnection(Connection):
         """The client half-closed: echo its last unterminated bytes, flush, close."""
         tail = self.decoder.finish()
         if tail:
-            self.transport.write(escape_iac(tail))
+            self._write_slow(tail)
         self.reason = "client closed"
         return False
 

@@ -127,12 +127,15 @@ class FailoverHandler(logging.Handler):
             pass
 
     def reopen(self) -> None:
+        """Reopen file targets (logrotate moved them). A file we may no longer open
+        (privileges dropped since) keeps its old descriptor, which still works."""
         for h in (self.target, self.fallback):
             if isinstance(h, FileTarget):
                 try:
                     h.reopen()
                 except OSError as e:
-                    self._failed(e, None)   # type: ignore[arg-type]
+                    log.warning("cannot reopen log file %s (%s); still writing to the old one",
+                                h.path, e.strerror)
 
     def close(self) -> None:
         for h in (self.target, self.fallback):

@@ -87,8 +87,18 @@ def prepare_directory(cfg: Config, paths: InstancePaths) -> None:
     elif not os.path.isdir(directory):
         raise setting_error(cfg.origin("daemon.pidfile"),
                             f"the pid file's directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PrivilegeError(f"pid directory {directory} is not writable by uid {os.geteuid()}")
+    _check_writable(directory)
+
+
+def _check_writable(directory: str) -> None:
+    """Create and remove a file: access(2) says yes to root even on /proc or a read-only mount."""
+    probe = os.path.join(directory, f".chatd-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise PrivilegeError(f"pid directory {directory} is not writable by uid {os.geteuid()}: "
+                             f"{e.strerror}") from None
 
 
 def _dir_error(directory: str, e: OSError) -> ChatdError:

@@ -204,7 +204,10 @@ def guard(path: str, timeout: float = GUARD_TIMEOUT_S, read_only: bool = False) 
     is opened read-only if it exists, or skipped: `status` only looks.
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
+        # 0600: flock needs only a read-only descriptor, so a lock file others may
+        # read is one any user could hold forever, locking root out of `chatd stop`.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
+        os.fchmod(fd, 0o600)
     except OSError as e:
         if not read_only:
             cls = PrivilegeError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ChatdError

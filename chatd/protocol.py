@@ -60,6 +60,8 @@ class LineDecoder:
         self._sub_len = 0
 
     def feed(self, data: bytes) -> list:
+        if not data:
+            return []
         # Fast path: no pending state, no IAC, no room for an over-long line.
         if (not self.buf and not self.discarding and self._tstate == _DATA
                 and len(data) <= self.max_line and _IAC_BYTE not in data):
@@ -72,14 +74,18 @@ class LineDecoder:
             data = self._filter_telnet(data)
         return self._frame(data)
 
-    def finish(self) -> bytes:
-        """At end of input: the final unterminated bytes (empty if none or discarded)."""
+    def finish(self) -> list:
+        """At end of input: the final unterminated bytes, as `feed` would give them.
+
+        Empty if there are none or they belong to a line being discarded; the
+        marker if they are over the limit (a last CR is no terminator here).
+        """
         tail = bytes(self.buf)
         self.buf.clear()
-        if self.discarding:
-            self.discarding = False
-            return b""
-        return tail
+        discarding, self.discarding = self.discarding, False
+        if discarding or not tail:
+            return []
+        return [LINE_TOO_LONG] if len(tail) > self.max_line else [tail]
 
     # ------------------------------------------------------------ framing
 
@@ -148,11 +154,17 @@ class LineDecoder:
                 # Skip the subnegotiation's payload; we negotiate nothing, so keep none of it.
                 j = data.find(_IAC_BYTE, i)
                 end = n if j < 0 else j
+                room = self.max_line + 1 - self._sub_len
+                if end - i >= room:
+                    # A runaway subnegotiation: give up on it after max_line bytes, at the
+                    # same byte however the input was split; what follows is data again.
+                    i += room
+                    self._sub_len += room
+                    st = _DATA
+                    continue
                 self._sub_len += end - i
                 i = end
-                if self._sub_len > self.max_line:
-                    st = _DATA            # runaway subnegotiation: give up on it
-                elif j >= 0:
+                if j >= 0:
                     i = j + 1
                     st = _SUB_IAC
                 continue

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +27,17 @@ def make_chatd(tmp_path):
     """A factory of chatd instances; every one is stopped at teardown and checked for tracebacks."""
     made: list[Chatd] = []
 
-    def make(loop: str = "auto", extra_config: str = "", name: str = "") -> Chatd:
-        directory = tmp_path / (name or f"i{len(made)}")
-        directory.mkdir()
+    public_dirs: list[str] = []
+
+    def make(loop: str = "auto", extra_config: str = "", name: str = "", public: bool = False) -> Chatd:
+        """`public`: a world-readable directory, for a daemon that drops privileges."""
+        if public:
+            directory = Path(tempfile.mkdtemp(prefix="chatd-test-"))
+            directory.chmod(0o755)
+            public_dirs.append(str(directory))
+        else:
+            directory = tmp_path / (name or f"i{len(made)}")
+            directory.mkdir()
         inst = Chatd(directory, free_port(), loop=loop, extra_config=extra_config)
         made.append(inst)
         return inst
@@ -36,6 +47,8 @@ def make_chatd(tmp_path):
     for inst in made:
         inst.cleanup()
         problems += inst.tracebacks()
+    for directory in public_dirs:
+        shutil.rmtree(directory, ignore_errors=True)
     assert not problems, "tracebacks seen:\n" + "\n".join(problems)
 
 

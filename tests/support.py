@@ -187,11 +187,13 @@ class Chatd:
         self.logfile = self.dir / "chatd.log"
         self.write_config()
 
-    def write_config(self, extra: str | None = None, **server: object) -> None:
+    def write_config(self, extra: str | None = None, daemon: dict | None = None, **server: object) -> None:
+        """Write the instance's config: [server] keys, [daemon] keys, then `extra` text."""
         settings = {"host": "127.0.0.1", "port": self.port, "loop": self.loop} | server
-        lines = ["[server]"] + [f"{k} = {v!r}".replace("'", '"') for k, v in settings.items()]
-        lines += ["[daemon]", f'pidfile = "{self.pidfile}"', "[log]", f'target = "{self.logfile}"',
-                  'level = "debug"']
+        daemon_keys = {"pidfile": str(self.pidfile)} | (daemon or {})
+        lines = ["[server]"] + [_toml(k, v) for k, v in settings.items()]
+        lines += ["[daemon]"] + [_toml(k, v) for k, v in daemon_keys.items()]
+        lines += ["[log]", f'target = "{self.logfile}"', 'level = "debug"']
         text = "\n".join(lines) + "\n" + (self.extra_config if extra is None else extra)
         self.config.write_text(text)
 
@@ -261,8 +263,32 @@ class Chatd:
         return found
 
 
+def _toml(key: str, value: object) -> str:
+    return f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}"
+
+
 def _cmdline_or_env(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+FAULT_DIR = Path(__file__).resolve().parent / "fault"
+
+
+def fault_env(fault: str, **extra: str) -> dict:
+    """Environment that makes the daemon misbehave on purpose (see tests/fault/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(FAULT_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "CHATD_TEST_FAULT": fault} | extra
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line mentions `text` (a test's unique directory)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            pid = int(entry)
+            if text in _cmdline_or_env(pid) and alive(pid):
+                found.append(pid)
+    return found

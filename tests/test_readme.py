@@ -1,0 +1,90 @@
+"""The README's table of daemon steps stays true: functions exist, tests exist, order matches the code."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def step_rows() -> list[dict]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## The daemon, step by step", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[2].startswith("`") and cells[0] != "step":
+            rows.append({"step": cells[0], "source": cells[1], "function": cells[2].strip("`"),
+                         "test": cells[3].strip("`")})
+    return rows
+
+
+def resolve(dotted: str):
+    module, *attrs = dotted.split(".")
+    obj = importlib.import_module(f"chatd.{module}")
+    for attr in attrs:
+        obj = getattr(obj, attr)
+    return obj
+
+
+def calls_in(tree: ast.Module, name: str) -> list[ast.Call]:
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    calls = [n for n in ast.walk(func) if isinstance(n, ast.Call)]
+    return sorted(calls, key=lambda c: (c.lineno, c.col_offset))
+
+
+def call_name(call: ast.Call) -> str:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+
+
+def daemon_call_order() -> list[str]:
+    """The names chatd calls on its way from `start` to serving: start up to the fork,
+    then the child's `_become_daemon`, with `serve` inlined."""
+    tree = ast.parse((REPO / "chatd" / "control.py").read_text())
+    order: list[str] = []
+    for call in calls_in(tree, "start"):
+        order.append(call_name(call))
+        if order[-1] == "fork_invoker":
+            break
+    for call in calls_in(tree, "_become_daemon"):
+        if call_name(call) == "serve":
+            order += [call_name(c) for c in calls_in(tree, "serve")]
+        else:
+            order.append(call_name(call))
+    return order
+
+
+def test_the_table_has_every_classic_step():
+    rows = step_rows()
+    assert len(rows) >= 18
+    sources = {r["source"] for r in rows}
+    assert {"daemon(7)", "libucw", "SPEC"} <= sources
+
+
+def test_every_function_in_the_table_exists():
+    for row in step_rows():
+        assert callable(resolve(row["function"])), row
+
+
+def test_every_test_in_the_table_exists():
+    for row in step_rows():
+        path, _, name = row["test"].partition("::")
+        source = (REPO / path).read_text()
+        assert re.search(rf"^def {re.escape(name)}\(", source, re.M), row["test"]
+
+
+def test_the_daemon_steps_are_listed_in_the_order_the_code_takes_them():
+    order = daemon_call_order()
+    positions = []
+    for row in step_rows():
+        if row["source"] == "libucw":
+            continue
+        name = row["function"].rsplit(".", 1)[1]
+        if name in order:
+            positions.append((order.index(name), row["function"]))
+    assert len(positions) >= 11, positions
+    assert positions == sorted(positions), positions

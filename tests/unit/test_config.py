@@ -1,0 +1,572 @@
+"""chatd.config.load: defaults, file, command line, and file:line errors (SPEC section 3)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+
+import pytest
+
+from chatd.config import SCHEMA, Config, load
+from chatd.errors import EXIT_CONFIG, EXIT_USAGE, ConfigError, UsageError
+
+# SPEC section 3, copied from the contract (not from the code).
+SPEC_DEFAULTS = {
+    "server.host": "0.0.0.0",
+    "server.port": 7777,
+    "server.mode": "echo",
+    "server.backlog": 1024,
+    "server.loop": "auto",
+    "daemon.pidfile": "",
+    "daemon.user": "",
+    "daemon.group": "",
+    "daemon.drain_timeout": 10.0,
+    "log.target": "",
+    "log.level": "info",
+    "log.syslog_socket": "/dev/log",
+    "log.facility": "daemon",
+    "limits.max_line": 4096,
+    "limits.max_clients": 10000,
+    "limits.max_clients_per_ip": 100,
+    "limits.idle_timeout": 0,
+    "limits.output_buffer": 262144,
+    "limits.rate": 10.0,
+    "limits.burst": 20,
+    "limits.keepalive": 60,
+    "chat.motd": "",
+    "chat.default_room": "lobby",
+}
+
+HERE = "# <- HERE"
+
+
+def write(tmp_path, text: str, name: str = "chatd.conf"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def marked_line(text: str) -> int:
+    """The 1-based number of the line carrying the HERE marker."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if HERE in line:
+            return number
+    raise AssertionError("no marker in the test's config text")
+
+
+def config_error(path, text: str | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    err = info.value
+    assert err.status == EXIT_CONFIG == 6
+    if text is not None:
+        where = f"{path}:{marked_line(text)}:"
+        assert where in str(err), f"expected {where!r} in {str(err)!r}"
+    return err
+
+
+def usage_error(overrides: dict, flag: str) -> UsageError:
+    with pytest.raises(UsageError) as info:
+        load(None, overrides)
+    err = info.value
+    assert err.status == EXIT_USAGE == 2
+    assert flag in str(err), f"expected {flag!r} in {str(err)!r}"
+    assert not isinstance(err, ConfigError)
+    return err
+
+
+def no_such_user() -> str:
+    name = "chatd_no_such_user_q7"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(name)
+    return name
+
+
+# ------------------------------------------------------------------ defaults
+
+def test_load_without_a_file_gives_the_spec_defaults():
+    cfg = load()
+    assert isinstance(cfg, Config)
+    assert cfg.path is None
+    for dotted, value in SPEC_DEFAULTS.items():
+        got = cfg.get(dotted)
+        assert got == value, dotted
+        assert not isinstance(got, bool), dotted
+        if isinstance(value, float):
+            assert isinstance(got, float), dotted
+        assert cfg.origin(dotted) == "default"
+
+
+def test_every_key_has_a_default_and_the_spec_lists_every_key():
+    assert {k.dotted for k in SCHEMA} == set(SPEC_DEFAULTS)
+
+
+def test_float_keys_are_floats_by_default():
+    cfg = load()
+    assert isinstance(cfg.daemon.drain_timeout, float)
+    assert isinstance(cfg.limits.rate, float)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = write(tmp_path, "")
+    cfg = load(str(path))
+    assert cfg.path == str(path)
+    for dotted, value in SPEC_DEFAULTS.items():
+        assert cfg.get(dotted) == value
+
+
+def test_comment_only_file_and_empty_sections(tmp_path):
+    cfg = load(str(write(tmp_path, "# nothing\n\n[server]\n[limits]\n")))
+    assert cfg.server.port == 7777
+
+
+# ------------------------------------------------------------------ file and command line
+
+def test_file_overrides_defaults(tmp_path):
+    text = """\
+[server]
+host = "127.0.0.1"
+port = 8000
+mode = "chat"
+loop = "asyncio"
+
+[daemon]
+drain_timeout = 2.5
+
+[log]
+level = "debug"
+facility = "local3"
+
+[limits]
+max_line = 100
+output_buffer = 100
+max_clients = 0
+burst = 1
+keepalive = 0
+
+[chat]
+motd = "hello\\nworld"
+default_room = "#Games"
+"""
+    path = write(tmp_path, text)
+    cfg = load(str(path))
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.server.port == 8000
+    assert cfg.server.mode == "chat"
+    assert cfg.server.loop == "asyncio"
+    assert cfg.daemon.drain_timeout == 2.5
+    assert cfg.log.level == "debug"
+    assert cfg.log.facility == "local3"
+    assert cfg.limits.max_line == 100
+    assert cfg.limits.output_buffer == 100
+    assert cfg.limits.max_clients == 0
+    assert cfg.limits.burst == 1
+    assert cfg.limits.keepalive == 0
+    assert cfg.chat.motd == "hello\nworld"
+    assert cfg.chat.default_room == "games"
+    assert cfg.server.backlog == 1024            # untouched keys keep their defaults
+    assert cfg.origin("server.port") == f"{path}:3"
+    assert cfg.origin("server.backlog") == "default"
+
+
+def test_command_line_wins_over_the_file(tmp_path):
+    path = write(tmp_path, '[server]\nport = 8000\nmode = "chat"\n[log]\nlevel = "error"\n')
+    cfg = load(str(path), {"server.port": ("9000", "--port"), "log.level": ("debug", "--log-level")})
+    assert cfg.server.port == 9000
+    assert cfg.log.level == "debug"
+    assert cfg.server.mode == "chat"            # from the file
+    assert cfg.origin("server.port") == "--port"
+    assert cfg.origin("server.mode") == f"{path}:3"
+
+
+def test_command_line_without_a_file():
+    cfg = load(None, {"server.port": ("1234", "--port"), "server.mode": ("chat", "--mode"),
+                      "server.host": ("::", "--host"), "server.loop": ("asyncio", "--loop")})
+    assert (cfg.server.port, cfg.server.mode, cfg.server.host, cfg.server.loop) == (1234, "chat", "::", "asyncio")
+
+
+def test_integer_accepted_where_a_float_is_expected(tmp_path):
+    cfg = load(str(write(tmp_path, "[daemon]\ndrain_timeout = 3\n[limits]\nrate = 5\nidle_timeout = 7\n")))
+    assert cfg.daemon.drain_timeout == 3.0 and isinstance(cfg.daemon.drain_timeout, float)
+    assert cfg.limits.rate == 5.0 and isinstance(cfg.limits.rate, float)
+    assert cfg.limits.idle_timeout == 7.0
+
+
+def test_dotted_keys_at_top_level(tmp_path):
+    cfg = load(str(write(tmp_path, "server.port = 8123\nlimits.burst = 3\n")))
+    assert cfg.server.port == 8123 and cfg.limits.burst == 3
+
+
+def test_differences_between_configs(tmp_path):
+    a = load()
+    b = load(str(write(tmp_path, "[server]\nport = 8000\n[limits]\nburst = 2\n")))
+    assert sorted(a.differences(b)) == ["limits.burst", "server.port"]
+    assert a == load()
+
+
+# ------------------------------------------------------------------ paths
+
+def test_relative_paths_in_the_file_resolve_against_its_directory(tmp_path):
+    confdir = tmp_path / "etc" / "chatd"
+    confdir.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = write(confdir, '[daemon]\npidfile = "run/x.pid"\n[log]\ntarget = "../log/chatd.log"\n'
+                          'syslog_socket = "sock"\n')
+    cfg = load(str(path), cwd=str(elsewhere))
+    assert cfg.daemon.pidfile == str(confdir / "run" / "x.pid")
+    assert cfg.log.target == str(tmp_path / "etc" / "log" / "chatd.log")
+    assert cfg.log.syslog_socket == str(confdir / "sock")
+
+
+def test_relative_config_path_resolves_against_cwd(tmp_path):
+    (tmp_path / "conf").mkdir()
+    write(tmp_path / "conf", '[daemon]\npidfile = "a.pid"\n', name="c.toml")
+    cfg = load("conf/c.toml", cwd=str(tmp_path))
+    assert cfg.path == str(tmp_path / "conf" / "c.toml")
+    assert cfg.daemon.pidfile == str(tmp_path / "conf" / "a.pid")
+
+
+def test_relative_command_line_paths_resolve_against_cwd(tmp_path):
+    confdir = tmp_path / "conf"
+    confdir.mkdir()
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    path = write(confdir, '[daemon]\npidfile = "file.pid"\n')
+    cfg = load(str(path), {"daemon.pidfile": ("p/cli.pid", "--pidfile"),
+                           "log.target": ("out.log", "--log")}, cwd=str(cwd))
+    assert cfg.daemon.pidfile == str(cwd / "p" / "cli.pid")
+    assert cfg.log.target == str(cwd / "out.log")
+
+
+def test_absolute_paths_stay(tmp_path):
+    path = write(tmp_path, '[daemon]\npidfile = "/run/chatd/x.pid"\n')
+    assert load(str(path)).daemon.pidfile == "/run/chatd/x.pid"
+
+
+@pytest.mark.parametrize("target", ["syslog", "stderr"])
+def test_log_target_keywords_are_not_paths(tmp_path, target):
+    path = write(tmp_path, f'[log]\ntarget = "{target}"\n')
+    assert load(str(path)).log.target == target
+    assert load(None, {"log.target": (target, "--log")}, cwd=str(tmp_path)).log.target == target
+
+
+# ------------------------------------------------------------------ users and groups
+
+def test_uid_users_are_accepted(tmp_path):
+    uid = os.getuid()
+    cfg = load(str(write(tmp_path, f'[daemon]\nuser = "#{uid}"\n')))
+    assert cfg.daemon.user == f"#{uid}"
+    assert load(None, {"daemon.user": (f"#{uid}", "--user")}).daemon.user == f"#{uid}"
+
+
+def test_uid_without_passwd_entry_needs_a_group(tmp_path):
+    used = {entry.pw_uid for entry in pwd.getpwall()}
+    uid = next(u for u in range(54321, 70000) if u not in used)
+    cfg = load(str(write(tmp_path, f'[daemon]\nuser = "#{uid}"\ngroup = "#{uid}"\n')))
+    assert cfg.daemon.user == f"#{uid}"
+    text = f'[daemon]\nuser = "#{uid}"  {HERE}\n'
+    config_error(write(tmp_path, text, "b.conf"), text)
+
+
+def test_named_user_is_accepted(tmp_path):
+    name = pwd.getpwuid(os.getuid()).pw_name
+    assert load(str(write(tmp_path, f'[daemon]\nuser = "{name}"\n'))).daemon.user == name
+
+
+def test_unknown_user_in_the_file(tmp_path):
+    text = f'[daemon]\n# who runs it\n\nuser = "{no_such_user()}"  {HERE}\n'
+    err = config_error(write(tmp_path, text), text)
+    assert "no such user" in str(err)
+
+
+def test_unknown_user_on_the_command_line():
+    err = usage_error({"daemon.user": (no_such_user(), "--user")}, "--user")
+    assert "no such user" in str(err)
+
+
+def test_unknown_group(tmp_path):
+    text = f'[daemon]\ngroup = "chatd_no_such_group_q7"  {HERE}\n'
+    config_error(write(tmp_path, text), text)
+    usage_error({"daemon.group": ("chatd_no_such_group_q7", "--group")}, "--group")
+
+
+@pytest.mark.parametrize("bad", ["#abc", "#-1", "#"])
+def test_malformed_uid(tmp_path, bad):
+    text = f'[daemon]\nuser = "{bad}"  {HERE}\n'
+    config_error(write(tmp_path, text), text)
+    usage_error({"daemon.user": (bad, "--user")}, "--user")
+
+
+# ------------------------------------------------------------------ errors in the file, with file:line
+
+BAD_FILE_VALUES = [
+    ("server", "port", "0"),
+    ("server", "port", "70000"),
+    ("server", "port", "-1"),
+    ("server", "port", '"7777"'),          # a string where an integer belongs
+    ("server", "port", '"junk"'),
+    ("server", "port", "true"),            # a boolean is not an integer
+    ("server", "port", "[7777]"),          # an array
+    ("server", "port", "7777.0"),          # a float is not an integer
+    ("server", "port", "{ n = 1 }"),
+    ("server", "backlog", "0"),
+    ("server", "mode", '"irc"'),
+    ("server", "mode", "1"),
+    ("server", "mode", '["echo"]'),
+    ("server", "loop", '"gevent"'),
+    ("server", "host", '"not a host!"'),
+    ("daemon", "drain_timeout", "0"),
+    ("daemon", "drain_timeout", "-1.5"),
+    ("daemon", "drain_timeout", '"5"'),    # a string where a number belongs
+    ("daemon", "drain_timeout", "false"),
+    ("daemon", "drain_timeout", "inf"),
+    ("daemon", "drain_timeout", "nan"),
+    ("daemon", "pidfile", "1"),
+    ("log", "level", '"verbose"'),
+    ("log", "level", '"INFO "'),
+    ("log", "facility", '"local8"'),
+    ("log", "facility", '"daemons"'),
+    ("log", "target", "true"),
+    ("limits", "max_line", "15"),
+    ("limits", "max_line", "0"),
+    ("limits", "max_line", '"4096"'),
+    ("limits", "max_clients", "-1"),
+    ("limits", "burst", "0"),
+    ("limits", "rate", "-1"),
+    ("limits", "idle_timeout", "-0.5"),
+    ("limits", "keepalive", "-1"),
+    ("limits", "output_buffer", "100"),    # below max_line (4096)
+    ("chat", "default_room", '"no spaces"'),
+    ("chat", "motd", "3"),
+]
+
+
+@pytest.mark.parametrize("section,key,value", BAD_FILE_VALUES,
+                         ids=[f"{s}.{k}={v}" for s, k, v in BAD_FILE_VALUES])
+def test_bad_value_in_the_file_names_file_and_line(tmp_path, section, key, value):
+    text = (f"# chatd test config\n\n[{section}]\n# a comment\n\n"
+            f"{key} = {value}  {HERE}\n")
+    err = config_error(write(tmp_path, text), text)
+    assert key in str(err)
+
+
+@pytest.mark.parametrize("section,key,value", BAD_FILE_VALUES[:12],
+                         ids=[f"{s}.{k}={v}" for s, k, v in BAD_FILE_VALUES[:12]])
+def test_bad_value_after_other_sections_and_a_multiline_string(tmp_path, section, key, value):
+    text = f'''# chatd
+[chat]
+motd = """
+Welcome.
+[server]
+port = 0
+{key} = 1
+"""
+default_room = "lobby"
+
+[log]
+level = "info"   # fine
+
+[{section}]
+# the bad one follows
+
+{key} = {value}  {HERE}
+'''
+    err = config_error(write(tmp_path, text), text)
+    assert key in str(err)
+
+
+def test_bad_value_after_a_literal_multiline_string(tmp_path):
+    text = f"""[chat]
+motd = '''
+port = 1
+'''
+[server]
+port = 0  {HERE}
+"""
+    config_error(write(tmp_path, text), text)
+
+
+def test_bad_value_after_a_single_line_triple_quoted_string(tmp_path):
+    text = f'''[chat]
+motd = """one line"""
+[server]
+mode = "x"  {HERE}
+'''
+    config_error(write(tmp_path, text), text)
+
+
+def test_triple_quote_inside_a_literal_string_does_not_lose_lines(tmp_path):
+    text = f"""[chat]
+motd = 'say \"\"\" here'
+[server]
+port = 0  {HERE}
+"""
+    assert "'say \"\"\" here'" in text
+    config_error(write(tmp_path, text), text)
+
+
+def test_triple_quote_inside_a_comment_does_not_lose_lines(tmp_path):
+    text = f"""[chat]
+motd = ""    # for several lines, start with \"\"\"
+[server]
+port = 0  {HERE}
+"""
+    config_error(write(tmp_path, text), text)
+
+
+def test_bad_value_in_a_dotted_key(tmp_path):
+    text = f"# top\n\nserver.port = 70000  {HERE}\n"
+    config_error(write(tmp_path, text), text)
+
+
+def test_bad_value_in_an_inline_table(tmp_path):
+    text = f"# top\nlimits = {{ burst = 0 }}  {HERE}\n"
+    config_error(write(tmp_path, text), text)
+
+
+def test_bad_value_with_quoted_key_and_indentation(tmp_path):
+    text = f'[server]\n  "port" = 0  {HERE}\n'
+    config_error(write(tmp_path, text), text)
+
+
+def test_output_buffer_below_max_line_names_the_output_buffer_line(tmp_path):
+    text = f"[limits]\nmax_line = 5000\n# buffer\noutput_buffer = 4999  {HERE}\n"
+    err = config_error(write(tmp_path, text), text)
+    assert "output_buffer" in str(err)
+    load(str(write(tmp_path, "[limits]\nmax_line = 5000\noutput_buffer = 5000\n", "ok.conf")))
+
+
+def test_max_line_above_the_default_output_buffer_names_the_max_line_line(tmp_path):
+    text = f"[limits]\n\nmax_line = 300000  {HERE}\n"
+    err = config_error(write(tmp_path, text), text)
+    assert "max_line" in str(err)
+
+
+def test_max_line_16_is_the_minimum(tmp_path):
+    assert load(str(write(tmp_path, "[limits]\nmax_line = 16\n"))).limits.max_line == 16
+
+
+@pytest.mark.parametrize("port", [1, 65535])
+def test_port_bounds_accepted(tmp_path, port):
+    assert load(str(write(tmp_path, f"[server]\nport = {port}\n"))).server.port == port
+
+
+def test_unknown_section(tmp_path):
+    text = f'[server]\nport = 8000\n\n# misspelt\n[sever]  {HERE}\nport = 1\n'
+    err = config_error(write(tmp_path, text), text)
+    assert "sever" in str(err)
+
+
+def test_unknown_key(tmp_path):
+    text = f'[server]\n# comment\nport = 8000\n\nprot = 8000  {HERE}\n'
+    err = config_error(write(tmp_path, text), text)
+    assert "prot" in str(err)
+
+
+def test_unknown_key_in_a_later_section(tmp_path):
+    text = f'[server]\nport = 8000\n[limits]\nmax_line = 100\nmax_lines = 100  {HERE}\n'
+    config_error(write(tmp_path, text), text)
+
+
+def test_key_in_the_wrong_section(tmp_path):
+    text = f'[server]\nmax_line = 100  {HERE}\n'
+    config_error(write(tmp_path, text), text)
+
+
+def test_top_level_key_outside_any_section(tmp_path):
+    text = f'port = 8000  {HERE}\n[server]\n'
+    err = config_error(write(tmp_path, text), text)
+    assert "port" in str(err)
+
+
+def test_section_given_as_an_array_of_tables(tmp_path):
+    text = f"# comment\n[[server]]  {HERE}\nport = 8000\n"
+    config_error(write(tmp_path, text), text)
+
+
+def test_first_error_wins_in_file_order(tmp_path):
+    text = f'[server]\nport = 0  {HERE}\nmode = "bogus"\n'
+    err = config_error(write(tmp_path, text), text)
+    assert "port" in str(err)
+
+
+# ------------------------------------------------------------------ syntax errors and missing files
+
+def test_toml_syntax_error_names_file_and_line(tmp_path):
+    text = f'[server]\nport = 8000\n\nmode = = "echo"  {HERE}\n'
+    err = config_error(write(tmp_path, text), text)
+    assert "(at line" not in str(err)
+
+
+def test_toml_syntax_error_duplicate_key(tmp_path):
+    text = f'[server]\nport = 8000\nport = 8001  {HERE}\n'
+    config_error(write(tmp_path, text), text)
+
+
+def test_toml_syntax_error_unterminated_multiline_string_names_a_line(tmp_path):
+    # tomllib reports "(at end of document)" here: the error must still name file:line.
+    path = write(tmp_path, '[chat]\nmotd = """\nwelcome\n')
+    err = config_error(path)
+    assert re.search(re.escape(str(path)) + r":\d+:", str(err)), str(err)
+
+
+def test_toml_syntax_error_at_end_of_file_names_a_line(tmp_path):
+    path = write(tmp_path, "[server]\nport = ")
+    err = config_error(path)
+    assert re.search(re.escape(str(path)) + r":2:", str(err)), str(err)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "chatd.conf"
+    path.write_bytes(b'[chat]\n\nmotd = "\xff\xfe"\n')
+    err = config_error(path)
+    assert f"{path}:3:" in str(err)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    path = tmp_path / "absent.conf"
+    err = config_error(path)
+    assert str(path) in str(err)
+
+
+def test_directory_as_config_file_is_a_config_error(tmp_path):
+    config_error(tmp_path)
+
+
+# ------------------------------------------------------------------ errors on the command line
+
+BAD_FLAGS = [
+    ("server.port", "junk", "--port"),
+    ("server.port", "0", "--port"),
+    ("server.port", "70000", "--port"),
+    ("server.port", "", "--port"),
+    ("server.port", "80.5", "--port"),
+    ("server.mode", "irc", "--mode"),
+    ("server.loop", "gevent", "--loop"),
+    ("server.host", "not a host!", "--host"),
+    ("log.level", "verbose", "--log-level"),
+]
+
+
+@pytest.mark.parametrize("dotted,value,flag", BAD_FLAGS, ids=[f"{f}={v}" for _, v, f in BAD_FLAGS])
+def test_bad_command_line_value_is_a_usage_error_naming_the_flag(dotted, value, flag):
+    usage_error({dotted: (value, flag)}, flag)
+
+
+def test_bad_command_line_value_with_a_good_file(tmp_path):
+    path = write(tmp_path, "[server]\nport = 8000\n")
+    with pytest.raises(UsageError) as info:
+        load(str(path), {"server.port": ("junk", "-p")})
+    assert info.value.status == 2
+    assert "-p" in str(info.value)
+    assert str(path) not in str(info.value)
+
+
+def test_good_command_line_does_not_hide_a_bad_file(tmp_path):
+    text = f"[server]\nport = 0  {HERE}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(str(path), {"server.port": ("8000", "--port")})
+    assert f"{path}:2:" in str(info.value)
