@@ -22,6 +22,7 @@ from .protocol import LineDecoder
 
 log = logging.getLogger("chatd")
 LINGER_S = 1.0        # how long a graceful close reads and discards after its FIN
+MAX_LINGERING = 64    # refused clients closed gracefully at once; more are closed at once
 
 
 def format_peer(peer: Any) -> str:
@@ -65,6 +66,7 @@ class ServerState:
         self.per_ip: dict[str, int] = {}
         self.all_closed = asyncio.Event()
         self.all_closed.set()
+        self.lingering = 0    # refused clients still being closed gracefully
 
     def admit(self, conn: Connection) -> str:
         """Count `conn` in, or say why it is refused ("" when admitted)."""
@@ -117,9 +119,15 @@ class Connection(asyncio.Protocol):
         refusal = self.state.admit(self)
         if refusal:
             self.reason = refusal
-            transport.write(self.FULL_LINE)
-            transport.close()
             log.warning("refused %s: %s", self.peer, refusal)
+            transport.write(self.FULL_LINE)
+            if self.state.lingering < MAX_LINGERING:
+                # Close like a graceful stop: a close over unread input would send RST,
+                # and the client would lose the line just written to it.
+                self.state.lingering += 1
+                transport.set_protocol(_Drainer(self, 0))
+            else:
+                transport.close()
             return
         self.admitted = True
         limits = self.state.limits
@@ -131,6 +139,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.admitted:
+            if self.transport.get_protocol() is not self:
+                self.state.lingering -= 1   # a refused client that was lingering
             return
         self.state.forget(self)
         reason = self.reason or (f"reset ({exc})" if exc else "closed")
@@ -188,7 +198,10 @@ class _Drainer(asyncio.Protocol):
             return
         transport.resume_reading()
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                pass   # the peer is already gone: closing is all that is left
         self.timer = self.conn.state.loop.call_later(LINGER_S, transport.close)
 
     def eof_received(self) -> bool:

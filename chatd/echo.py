@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from .connection import Connection
-from .protocol import LINE_TOO_LONG, escape_iac
+from .protocol import LINE_TOO_LONG, TelnetReply, escape_iac
 
 READ_BUFFER_BYTES = 256 * 1024
 
@@ -24,19 +24,17 @@ class EchoConnection(Connection):
 
     def data_received(self, data: bytes) -> None:
         self.active = True
-        decoder = self.decoder
-        out = decoder.feed(data)
+        out = self.decoder.feed(data)
         if out:
-            if len(out) == 1 and out[0] is not LINE_TOO_LONG and b"\xff" not in out[0]:
+            if len(out) == 1 and out[0].__class__ is bytes and b"\xff" not in out[0]:
                 self.transport.write(out[0])
             else:
                 self._write_slow(out)
-        if decoder.replies:
-            self.transport.write(bytes(decoder.replies))
-            decoder.replies.clear()
 
     def _write_slow(self, out: list) -> None:
-        parts = [self.too_long_line() if item is LINE_TOO_LONG else escape_iac(item) for item in out]
+        """Over-long lines become ERR lines, a literal 0xFF goes out as IAC IAC, replies as they are."""
+        parts = [self.too_long_line() if item is LINE_TOO_LONG
+                 else item if item.__class__ is TelnetReply else escape_iac(item) for item in out]
         self.transport.write(b"".join(parts))
 
     def too_long_line(self) -> bytes:

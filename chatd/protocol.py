@@ -22,6 +22,17 @@ _DATA, _IAC, _OPTION, _SUB, _SUB_IAC = range(5)
 _IAC_BYTE = b"\xff"
 
 
+class TelnetReply(bytes):
+    """An item of `feed`'s output: telnet answer bytes, to be sent as they are.
+
+    Replies keep their place among the lines: RFC 860 puts WILL TIMING-MARK at
+    the point of the stream where the DO was read, and telnet discards the
+    output before it, so an echo must not overtake its reply.
+    """
+
+    __slots__ = ()
+
+
 class _TooLong:
     """The marker `feed` yields in place of a line longer than `max_line`."""
 
@@ -42,19 +53,17 @@ def escape_iac(data: bytes) -> bytes:
 class LineDecoder:
     """Frames a byte stream into lines, with telnet filtering and a length bound.
 
-    `feed(data)` returns a list whose items are either `bytes` holding one or
-    more complete lines (each ending in b"\\n", in arrival order) or the
-    marker LINE_TOO_LONG, which stands for one discarded over-long line.
-    Telnet answers accumulate in `replies`; the caller sends and clears them.
+    `feed(data)` returns a list, in stream order, whose items are `bytes`
+    holding one or more complete lines (each ending in b"\\n"), the marker
+    LINE_TOO_LONG standing for one discarded over-long line, or a TelnetReply.
     """
 
-    __slots__ = ("max_line", "buf", "discarding", "replies", "_tstate", "_verb", "_sub_len")
+    __slots__ = ("max_line", "buf", "discarding", "_tstate", "_verb", "_sub_len")
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
         self.buf = bytearray()       # the unterminated tail of the current line
         self.discarding = False      # inside an over-long line: drop up to the next LF
-        self.replies = bytearray()   # telnet answers waiting to be sent
         self._tstate = _DATA
         self._verb = 0
         self._sub_len = 0
@@ -70,9 +79,15 @@ class LineDecoder:
                 return [data]
             self.buf += memoryview(data)[end:]
             return [data[:end]] if end else []
-        if self._tstate != _DATA or _IAC_BYTE in data:
-            data = self._filter_telnet(data)
-        return self._frame(data)
+        if self._tstate == _DATA and _IAC_BYTE not in data:
+            return self._frame(data)
+        out: list = []
+        for part in self._filter_telnet(data):
+            if part.__class__ is TelnetReply:
+                out.append(part)
+            elif part:
+                out += self._frame(part)
+        return out
 
     def finish(self) -> list:
         """At end of input: the final unterminated bytes, as `feed` would give them.
@@ -133,10 +148,10 @@ class LineDecoder:
 
     # ------------------------------------------------------------ telnet
 
-    def _filter_telnet(self, data: bytes) -> bytes:
-        """Strip IAC sequences from `data`, queue the answers, keep `IAC IAC` as one 0xFF."""
+    def _filter_telnet(self, data: bytes) -> list:
+        """Split `data` into plain data and TelnetReply parts, in order; `IAC IAC` is one 0xFF."""
+        parts: list = []
         out = bytearray()
-        replies = self.replies
         st = self._tstate
         i = 0
         n = len(data)
@@ -183,11 +198,16 @@ class LineDecoder:
                 else:
                     st = _DATA            # NOP, IP, AYT, ... or an unknown byte: dropped
             elif st == _OPTION:
+                reply = None
                 if self._verb == DO:
-                    replies += bytes((IAC, WILL, b)) if b == TIMING_MARK else bytes((IAC, WONT, b))
+                    reply = (IAC, WILL, b) if b == TIMING_MARK else (IAC, WONT, b)
                 elif self._verb == WILL:
-                    replies += bytes((IAC, DONT, b))
+                    reply = (IAC, DONT, b)
                 # DONT and WONT ask for the state we are already in: no answer (RFC 854).
+                if reply:
+                    parts.append(bytes(out))
+                    out.clear()
+                    parts.append(TelnetReply(reply))
                 st = _DATA
             else:  # _SUB_IAC
                 if b == SE:
@@ -198,4 +218,5 @@ class LineDecoder:
                 else:
                     st = _DATA            # malformed subnegotiation: end it here
         self._tstate = st
-        return bytes(out)
+        parts.append(bytes(out))
+        return parts

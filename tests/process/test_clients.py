@@ -14,6 +14,7 @@ Every wait has a deadline; every process started here is stopped by its pid.
 from __future__ import annotations
 
 import importlib.util
+import contextlib
 import os
 import pty
 import select
@@ -108,8 +109,8 @@ def test_several_nc_clients_at_once(loop_chatd):
         for i, p in enumerate(procs):          # ...while every other one is still open
             got[i] = read_pipe_until(p, got[i], b"client %d hello\r\n" % i)
             assert got[i] == b"client %d hello\r\n" % i
-        for i, p in enumerate(procs[::-1]):    # the last to connect finishes first
-            i = len(procs) - 1 - i
+        for i in reversed(range(len(procs))):  # the last to connect finishes first
+            p = procs[i]
             out, err = p.communicate(b"second %d\ntail %d" % (i, i), timeout=TIMEOUT)
             assert p.returncode == 0, err
             assert got[i] + out == b"client %d hello\r\nsecond %d\ntail %d" % (i, i, i)
@@ -180,7 +181,8 @@ def test_nc_refused_when_full_reads_err_server_full_even_if_it_sent_data(make_ch
             out, err = proc.communicate(timeout=TIMEOUT)
         finally:
             os.kill(pid, signal.SIGCONT)
-            os.kill(proc.pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
             kill_and_wait(proc.pid)
             proc.wait(timeout=5)
         assert out == b"ERR server full\r\n", err

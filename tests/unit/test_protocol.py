@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatd.protocol import LINE_TOO_LONG, LineDecoder, escape_iac
+from chatd.protocol import LINE_TOO_LONG, LineDecoder, TelnetReply, escape_iac
 
 IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 NOP, IP, AYT = 241, 244, 246
@@ -25,10 +25,18 @@ def b(*items) -> bytes:
     return bytes(out)
 
 
+def replies(items: list) -> bytes:
+    """The telnet replies among `feed`'s items, joined."""
+    return b"".join(item for item in items if isinstance(item, TelnetReply))
+
+
 def check_items(items: list) -> None:
-    """Every item is the marker or a non-empty bytes run of complete lines."""
+    """Every item is the marker, a telnet reply, or a non-empty bytes run of complete lines."""
     for item in items:
         if item is LINE_TOO_LONG:
+            continue
+        if isinstance(item, TelnetReply):
+            assert item[:1] == b"\xff" and len(item) == 3, item
             continue
         assert isinstance(item, bytes), f"item {item!r} is not bytes"
         assert item, "an empty bytes item"
@@ -41,7 +49,7 @@ def lines_of(items: list) -> list:
     for item in items:
         if item is LINE_TOO_LONG:
             out.append(TOO_LONG)
-        else:
+        elif not isinstance(item, TelnetReply):
             out.extend(re.findall(rb"[^\n]*\n", item))
     return out
 
@@ -60,8 +68,7 @@ def decode(segments, max_line: int = 16):
         check_items(got)
         items += got
         assert len(dec.buf) <= max_line + 1
-    replies = bytes(dec.replies)
-    return lines_of(items), replies, dec.finish()
+    return lines_of(items), replies(items), dec.finish()
 
 
 def decode_items(data: bytes, max_line: int = 16) -> list:
@@ -274,47 +281,43 @@ def test_memory_stays_bounded_with_small_chunks():
 
 def test_do_is_refused_with_wont():
     dec = LineDecoder(16)
-    assert dec.feed(b(IAC, DO, ECHO)) == []
-    assert bytes(dec.replies) == b(IAC, WONT, ECHO)
+    assert dec.feed(b(IAC, DO, ECHO)) == [b(IAC, WONT, ECHO)]
 
 
 def test_do_timing_mark_is_answered_with_will_timing_mark():
     dec = LineDecoder(16)
-    dec.feed(b(IAC, DO, TM))
-    assert bytes(dec.replies) == b(IAC, WILL, TM)
+    assert replies(dec.feed(b(IAC, DO, TM))) == b(IAC, WILL, TM)
 
 
 def test_will_is_refused_with_dont():
     dec = LineDecoder(16)
-    dec.feed(b(IAC, WILL, SGA))
-    assert bytes(dec.replies) == b(IAC, DONT, SGA)
+    assert replies(dec.feed(b(IAC, WILL, SGA))) == b(IAC, DONT, SGA)
 
 
 @pytest.mark.parametrize("verb", [DONT, WONT])
 def test_dont_and_wont_get_no_answer(verb):
     dec = LineDecoder(16)
     assert dec.feed(b(b"a", IAC, verb, ECHO, b"b\n")) == [b"ab\n"]
-    assert bytes(dec.replies) == b""
 
 
 def test_several_negotiations_answered_in_order():
     dec = LineDecoder(16)
-    dec.feed(b(IAC, DO, ECHO, IAC, WILL, NAWS, IAC, DO, TM, IAC, WONT, 5, IAC, DO, 200))
-    assert bytes(dec.replies) == b(IAC, WONT, ECHO, IAC, DONT, NAWS, IAC, WILL, TM, IAC, WONT, 200)
+    items = dec.feed(b(IAC, DO, ECHO, IAC, WILL, NAWS, IAC, DO, TM, IAC, WONT, 5, IAC, DO, 200))
+    assert replies(items) == b(IAC, WONT, ECHO, IAC, DONT, NAWS, IAC, WILL, TM, IAC, WONT, 200)
 
 
-def test_replies_accumulate_until_cleared():
+def test_replies_keep_their_place_among_the_lines():
+    """RFC 860: WILL TIMING-MARK marks the place of the DO; echoes after it must follow it."""
     dec = LineDecoder(16)
-    dec.feed(b(IAC, DO, ECHO))
-    dec.feed(b(IAC, WILL, ECHO))
-    assert bytes(dec.replies) == b(IAC, WONT, ECHO, IAC, DONT, ECHO)
-    dec.replies.clear()
-    dec.feed(b"x\n")
-    assert bytes(dec.replies) == b""
+    items = dec.feed(b(b"before\n", IAC, IP, IAC, DO, TM, b"after\n"))
+    assert items == [b"before\n", b(IAC, WILL, TM), b"after\n"]
+    assert isinstance(items[1], TelnetReply)
+    items = dec.feed(b(b"par", IAC, DO, ECHO, b"tial\n"))
+    assert items == [b(IAC, WONT, ECHO), b"partial\n"]
 
 
 def test_negotiation_inside_a_line_is_not_data():
-    assert decode_items(b(b"he", IAC, DO, ECHO, b"llo\n")) == [b"hello\n"]
+    assert decode_items(b(b"he", IAC, DO, ECHO, b"llo\n")) == [b(IAC, WONT, ECHO), b"hello\n"]
 
 
 def test_iac_iac_is_a_literal_ff():
@@ -335,7 +338,6 @@ def test_subnegotiation_consumed_whole():
     dec = LineDecoder(16)
     data = b(b"x", IAC, SB, TTYPE, 0, b"VT100", IAC, SE, b"y\n")
     assert dec.feed(data) == [b"xy\n"]
-    assert bytes(dec.replies) == b""
 
 
 def test_subnegotiation_with_iac_iac_inside_consumed_whole():
@@ -352,7 +354,6 @@ def test_subnegotiation_with_newline_inside_is_not_a_line():
 def test_iac_followed_by_a_command_or_unknown_byte_is_dropped(cmd):
     dec = LineDecoder(16)
     assert dec.feed(b(b"a", IAC, cmd, b"bc\n")) == [b"abc\n"]
-    assert bytes(dec.replies) == b""
 
 
 TELNET_MIX = b(b"ab", IAC, DO, ECHO, b"c", IAC, IAC, b"d", IAC, SB, TTYPE, 1, IAC, IAC, b"zz",
@@ -410,7 +411,7 @@ def test_runaway_subnegotiation_bounds_memory():
     for _ in range(1000):
         dec.feed(b"s" * 100)
         assert len(dec.buf) <= 65
-    assert len(dec.replies) == 0
+
 
 
 def test_subnegotiation_of_exactly_max_line_is_consumed():
@@ -422,7 +423,9 @@ def test_subnegotiation_of_exactly_max_line_is_consumed():
 def test_no_iac_byte_reaches_output_unless_sent_as_iac_iac():
     data = b(IAC, DO, 1, IAC, SB, 1, IAC, SE, IAC, NOP, b"plain\n")
     items = decode_items(data)
-    assert all(b"\xff" not in item for item in items if item is not LINE_TOO_LONG)
+    assert items == [b(IAC, WONT, 1), b"plain\n"]
+    assert all(b"\xff" not in item for item in items
+               if item is not LINE_TOO_LONG and not isinstance(item, TelnetReply))
 
 
 # ------------------------------------------------------------------ escape_iac
@@ -504,7 +507,6 @@ def test_property_plain_input_comes_back_exactly(max_line, data):
         for item in items:
             out += item
     assert bytes(out) + b"".join(dec.finish()) == stream
-    assert bytes(dec.replies) == b""
 
 
 @settings(max_examples=300, deadline=None)
@@ -515,4 +517,3 @@ def test_property_escaped_bytes_come_back_exactly(payload, data):
     dec = LineDecoder(64)
     out = b"".join(item for seg in split(stream, cuts) if seg for item in dec.feed(seg))
     assert out == payload + b"\n"
-    assert bytes(dec.replies) == b""
