@@ -102,14 +102,20 @@ def _check_not_running(found: Probe, say: Say) -> Probe:
 
 # ---------------------------------------------------------------------- start and run
 
-def start(opts: Options, say: Say) -> int:
-    """Detach and serve; return 0 only once the daemon serves (or was already running)."""
+def _prepare(opts: Options, foreground: bool) -> tuple[Config, str, InstancePaths]:
+    """Everything that can be checked before forking: config, log target, privileges, pid directory."""
     cfg = load_config(opts)
     check_mode(cfg)
-    target = resolve_target(cfg, foreground=False)
+    target = resolve_target(cfg, foreground=foreground)
     daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group)
     paths = instance_paths(cfg)
     prepare_directory(cfg, paths)
+    return cfg, target, paths
+
+
+def start(opts: Options, say: Say) -> int:
+    """Detach and serve; return 0 only once the daemon serves (or was already running)."""
+    cfg, target, paths = _prepare(opts, foreground=False)
     with guard(paths.guard):
         found = _check_not_running(probe(paths.pidfile), say)
         if found.running:
@@ -183,12 +189,7 @@ def _wait_for_daemon(pipe: ReadinessPipe, child: int, paths: InstancePaths,
 
 def run(opts: Options, say: Say) -> int:
     """Serve in the foreground (systemd, supervisors, containers, a terminal)."""
-    cfg = load_config(opts)
-    check_mode(cfg)
-    target = resolve_target(cfg, foreground=True)
-    daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group)
-    paths = instance_paths(cfg)
-    prepare_directory(cfg, paths)
+    cfg, target, paths = _prepare(opts, foreground=True)
     with contextlib.ExitStack() as held:
         held.enter_context(guard(paths.guard))
         found = _check_not_running(probe(paths.pidfile), say)
