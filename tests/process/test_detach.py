@@ -147,12 +147,14 @@ def test_pid_file_holds_the_real_pid_and_control_works(daemon_under_pty, chatd):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-def test_privileges_are_dropped_after_bind_and_pid_file(make_chatd):
-    """As root with --user nobody on a port below 1024: it binds, then becomes nobody for good."""
+@pytest.mark.parametrize("who", [{"user": "nobody"}, {"user": "#65534", "group": "#65534"}])
+def test_privileges_are_dropped_after_bind_and_pid_file(make_chatd, who):
+    """As root with a user (by name, or by #id) on a port below 1024: it binds, then becomes
+    that user for good."""
     chatd = make_chatd(public=True)
     if any(line.split()[1].endswith(":0050") for line in open("/proc/net/tcp").readlines()[1:]):
         pytest.skip("port 80 is in use on this machine")
-    chatd.write_config(port=80, daemon={"user": "nobody"})
+    chatd.write_config(port=80, daemon=who)
     daemon = chatd.start()
     status = proc_status(daemon)
     assert status["Uid"].split() == ["65534"] * 4
@@ -164,7 +166,7 @@ def test_privileges_are_dropped_after_bind_and_pid_file(make_chatd):
         c.send(b"low port\n")
         assert c.recv_line() == b"low port\n"
     # the state file stays current although nobody may not create files in the pid directory
-    chatd.write_config(port=80, daemon={"user": "nobody"}, extra="[limits]\nmax_line = 64\n")
+    chatd.write_config(port=80, daemon=who, extra="[limits]\nmax_line = 64\n")
     chatd.cmd("restart", check=0)
     chatd.cmd("stop", check=0)
     assert not alive(daemon)

@@ -104,20 +104,22 @@ def test_daemon_dying_without_a_word_is_reported_and_cleaned_up(chatd):
     assert_nothing_left(chatd)
 
 
-def test_stop_signal_before_ready_aborts_the_start(chatd):
-    """1. a slow start, 2. SIGTERM once the pid file is written. Result: start exits 1, nothing left."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR1"])
+def test_stop_signal_before_ready_aborts_the_start(chatd, signame):
+    """1. a slow start, 2. a stop signal once the pid file is written. Result: start exits 1
+    saying so, nothing left."""
     starter = subprocess.Popen(chatd_command() + ["start", "-c", str(chatd.config)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=os.environ | fault_env("slow-start", CHATD_TEST_DELAY="1.5"))
     try:
         pid = wait_for(lambda: chatd.pidfile.exists() and chatd.pidfile.read_text().strip(),
                        what="the pid file")
-        os.kill(int(pid), signal.SIGTERM)
+        os.kill(int(pid), getattr(signal, signame))
         out, err = starter.communicate(timeout=20)
     finally:
         kill_and_wait(starter.pid)
     assert starter.returncode == 1, err
-    assert b"start aborted by SIGTERM" in err
+    assert f"start aborted by {signame}".encode() in err
     assert_nothing_left(chatd)
 
 

@@ -1,0 +1,46 @@
+"""Server pieces in-process: the old listener's backlog is accepted before it closes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from chatd import config, listen
+from chatd.connection import ServerState
+from chatd.echo import EchoConnection
+from chatd.server import Listener, Server
+
+
+def test_retiring_a_listener_accepts_what_waits_in_its_backlog():
+    """1. a client connects to a listener nobody accepts on yet (it waits in the backlog),
+    2. the listener is retired, as a restart that moves the address does.
+    Result: the client was accepted on the way out and is served."""
+    logging.getLogger("chatd").disabled = True
+    cfg = config.load()
+    address = listen.Address(socket.AF_INET, "127.0.0.1", 0)
+    sock = listen.bind(address, 16)
+    port = sock.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    client.sendall(b"waited in the backlog\n")
+
+    async def scenario() -> bytes:
+        server = Server(cfg, [], runtime=None, max_clients=0, loop_name="asyncio")
+        server.state = ServerState(cfg.limits, 0, asyncio.get_running_loop())
+        server.connection_class = EchoConnection
+        listener = Listener(listen.Address(socket.AF_INET, "127.0.0.1", port), sock)
+        server.listeners.append(listener)
+        await server._retire(listener)
+        assert server.listeners == [] and sock.fileno() == -1
+        loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        data = b""
+        while not data.endswith(b"\n"):
+            data += await asyncio.wait_for(loop.sock_recv(client, 100), 5)
+        return data
+
+    try:
+        assert asyncio.run(scenario()) == b"waited in the backlog\n"
+    finally:
+        client.close()
+        logging.getLogger("chatd").disabled = False
