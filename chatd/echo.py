@@ -1,8 +1,9 @@
 """Echo mode (SPEC section 4): every complete line comes back byte for byte, at once.
 
-The path of a line: `data_received` -> `LineDecoder.feed` (framing, telnet,
-length bound) -> one `transport.write` per read. A read that holds only whole
-lines and no IAC byte is written back as it came.
+The path of a line: `data_received` -> `LineDecoder.plain` (a read holding
+only whole lines and no IAC byte is written back as it came) or else
+`LineDecoder.feed` (framing, telnet, length bound) -> one `transport.write`
+per read. The connection is itself the decoder (see `connection.Connection`).
 
 Tests: tests/unit/test_echo.py, tests/process/test_echo.py
 """
@@ -24,11 +25,12 @@ class EchoConnection(Connection):
 
     def data_received(self, data: bytes) -> None:
         self.active = True
-        out = self.decoder.feed(data)
-        if out:
-            if len(out) == 1 and out[0].__class__ is bytes and b"\xff" not in out[0]:
-                self.transport.write(out[0])
-            else:
+        block = self.plain(data)
+        if block:
+            self.transport.write(block)
+        elif block is None:
+            out = self.feed(data)
+            if out:
                 self._write_slow(out)
 
     def _write_slow(self, out: list) -> None:
@@ -38,11 +40,11 @@ class EchoConnection(Connection):
         self.transport.write(b"".join(parts))
 
     def too_long_line(self) -> bytes:
-        return b"ERR line too long (max %d bytes)\r\n" % self.decoder.max_line
+        return b"ERR line too long (max %d bytes)\r\n" % self.max_line
 
     def eof_received(self) -> bool:
         """The client half-closed: echo its last unterminated bytes, flush, close."""
-        tail = self.decoder.finish()
+        tail = self.finish()
         if tail:
             self._write_slow(tail)
         self.reason = "client closed"

@@ -20,6 +20,8 @@ TIMING_MARK = 6
 # Telnet parser states.
 _DATA, _IAC, _OPTION, _SUB, _SUB_IAC = range(5)
 _IAC_BYTE = b"\xff"
+# Membership tests use the int: `b"\xff" in data` first tries the bytes as an integer and
+# builds and drops a TypeError on every call, which costs more than the whole fast path.
 
 
 class TelnetReply(bytes):
@@ -47,7 +49,7 @@ LINE_TOO_LONG = _TooLong()
 
 def escape_iac(data: bytes) -> bytes:
     """Double every 0xFF so a literal byte 255 goes out as telnet's `IAC IAC`."""
-    return data.replace(b"\xff", b"\xff\xff") if _IAC_BYTE in data else data
+    return data.replace(b"\xff", b"\xff\xff") if IAC in data else data
 
 
 class LineDecoder:
@@ -56,37 +58,51 @@ class LineDecoder:
     `feed(data)` returns a list, in stream order, whose items are `bytes`
     holding one or more complete lines (each ending in b"\\n"), the marker
     LINE_TOO_LONG standing for one discarded over-long line, or a TelnetReply.
+    `connection.Connection` is a LineDecoder itself, so that the hot path
+    touches one object per read; used alone it is the sans-IO codec.
     """
 
-    __slots__ = ("max_line", "buf", "discarding", "_tstate", "_verb", "_sub_len")
+    __slots__ = ("max_line", "buf", "discarding", "clean", "_tstate", "_verb", "_sub_len")
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
         self.buf = bytearray()       # the unterminated tail of the current line
         self.discarding = False      # inside an over-long line: drop up to the next LF
+        self.clean = True            # nothing pending: no tail, no discarding, no telnet sequence
         self._tstate = _DATA
         self._verb = 0
         self._sub_len = 0
 
+    def plain(self, data: bytes) -> bytes | None:
+        """The fast path: the whole lines of `data` as they came, keeping its tail; or None.
+
+        It applies when nothing is pending (no partial line, no telnet sequence), `data`
+        holds no IAC byte, and it is too short to hold an over-long line: then nothing
+        needs decoding. None means `feed` must do the work.
+        """
+        if not self.clean or len(data) > self.max_line or IAC in data:
+            return None
+        end = data.rfind(b"\n") + 1
+        if end == len(data):
+            return data
+        self.buf += memoryview(data)[end:]
+        self.clean = False
+        return data[:end]
+
     def feed(self, data: bytes) -> list:
-        if not data:
-            return []
-        # Fast path: no pending state, no IAC, no room for an over-long line.
-        if (not self.buf and not self.discarding and self._tstate == _DATA
-                and len(data) <= self.max_line and _IAC_BYTE not in data):
-            end = data.rfind(b"\n") + 1
-            if end == len(data):
-                return [data]
-            self.buf += memoryview(data)[end:]
-            return [data[:end]] if end else []
-        if self._tstate == _DATA and _IAC_BYTE not in data:
-            return self._frame(data)
-        out: list = []
-        for part in self._filter_telnet(data):
-            if part.__class__ is TelnetReply:
-                out.append(part)
-            elif part:
-                out += self._frame(part)
+        block = self.plain(data)
+        if block is not None:
+            return [block] if block else []
+        if self._tstate == _DATA and IAC not in data:
+            out = self._frame(data)
+        else:
+            out = []
+            for part in self._filter_telnet(data):
+                if part.__class__ is TelnetReply:
+                    out.append(part)
+                elif part:
+                    out += self._frame(part)
+        self.clean = not self.buf and not self.discarding and self._tstate == _DATA
         return out
 
     def finish(self) -> list:
@@ -98,6 +114,7 @@ class LineDecoder:
         tail = bytes(self.buf)
         self.buf.clear()
         discarding, self.discarding = self.discarding, False
+        self.clean = self._tstate == _DATA
         if discarding or not tail:
             return []
         return [LINE_TOO_LONG] if len(tail) > self.max_line else [tail]

@@ -68,6 +68,8 @@ def decode(segments, max_line: int = 16):
         check_items(got)
         items += got
         assert len(dec.buf) <= max_line + 1
+        # the fast path's flag agrees with the state it summarises
+        assert dec.clean == (not dec.buf and not dec.discarding and dec._tstate == 0)
     return lines_of(items), replies(items), dec.finish()
 
 
