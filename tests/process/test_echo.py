@@ -263,3 +263,40 @@ def test_any_split_into_segments_gives_the_same_echo(chatd):
             assert c.recv_exact(len(payload)) == payload
 
     prop()
+
+
+@pytest.mark.slow
+def test_thousands_of_concurrent_clients(make_chatd):
+    """3000 clients connected at once, each echoed; none waits for another."""
+    import selectors
+
+    inst = make_chatd(extra_config="[limits]\nmax_clients_per_ip = 0\n")
+    inst.start()
+    socks = []
+    try:
+        for _ in range(3000):
+            s = socket.create_connection(("127.0.0.1", inst.port), timeout=10)
+            socks.append(s)
+        sel = selectors.DefaultSelector()
+        pending = {}
+        for i, s in enumerate(socks):
+            s.sendall(b"client %d\n" % i)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, i)
+            pending[i] = b""
+        deadline = time.monotonic() + 30
+        done = 0
+        while done < len(socks) and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=1):
+                i = key.data
+                pending[i] += key.fileobj.recv(4096)
+                if pending[i].endswith(b"\n"):
+                    assert pending[i] == b"client %d\n" % i
+                    sel.unregister(key.fileobj)
+                    done += 1
+        assert done == len(socks)
+        assert wait_for(lambda: b"clients: 3000" in inst.cmd("status").stdout, timeout=5,
+                        what="status to count 3000 clients")
+    finally:
+        for s in socks:
+            s.close()
