@@ -9,7 +9,6 @@ Messages for the user go through `say`; failures are raised as ChatdError.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import re
@@ -26,7 +25,7 @@ from .log import Logging, log, resolve_target
 from .paths import SYSTEM_DIR, InstancePaths, instance_paths, prepare_directory
 from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, probe
 from .server import Listener, Runtime, Server, check_mode, new_event_loop
-from .signals import STOP_SIGNALS, SignalRecorder, signal_name
+from .signals import STOP_SIGNALS, SignalRecorder
 from .state import StateFile, read_state
 
 Say = Callable[[str], None]

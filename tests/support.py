@@ -5,6 +5,7 @@ Every wait has a deadline; every process a test starts is stopped by its pid.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -90,6 +91,21 @@ def kill_and_wait(pid: int, grace: float = 3.0) -> None:
             except ChildProcessError:
                 pass
             time.sleep(0.01)
+
+
+def flock_held(path) -> bool:
+    """Is an flock held on `path`? Tried read-only from a fresh open file description."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from support import LineClient, alive, chatd_command, proc_stat, proc_status, wait_for
+from support import LineClient, alive, chatd_command, proc_stat, proc_status
 
 PR_SET_CHILD_SUBREAPER = 36
 CAUGHT = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGTERM}

@@ -11,7 +11,6 @@ no captured output or log may contain a traceback.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -25,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require_real
-from support import LineClient, alive, chatd_command, free_port, kill_and_wait, listening, proc_status, wait_for
+from support import (LineClient, alive, chatd_command, flock_held, free_port, kill_and_wait, listening,
+                     proc_status, wait_for)
 
 NOBODY = 65534
 REPO = Path(__file__).resolve().parents[2]
@@ -439,29 +439,14 @@ def test_normal_user_cannot_block_a_root_daemons_control_commands(nobody):
         holder.stderr.close()
 
 
-def _system_instance_running() -> bool:
-    """Read-only look at /run/chatd/chatd.pid: is its lock held (a system chatd running)?"""
-    try:
-        fd = os.open("/run/chatd/chatd.pid", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def test_status_as_normal_user_with_nothing_running(nobody):
     """1. as nobody, XDG_RUNTIME_DIR an empty directory, `chatd status`.
     Result: exit 3, "chatd is not running"; nothing created in XDG_RUNTIME_DIR.
     (status also looks, read-only, at /run/chatd, which this test does not touch.)"""
     xdg = nobody.mkdtemp()
-    before = _system_instance_running()
+    before = flock_held("/run/chatd/chatd.pid")
     proc = nobody.run("status", xdg=xdg)
-    if before or _system_instance_running():
+    if before or flock_held("/run/chatd/chatd.pid"):
         pytest.skip("a system chatd runs in /run/chatd (another session): status would report it")
     assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr)
     assert status_line(proc) == "chatd is not running", proc.stdout

@@ -6,13 +6,28 @@ import json
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 
 import pytest
 
 from support import LineClient, alive, free_port, listening, wait_for
+
+
+def stuck_client(port: int) -> LineClient:
+    """A client that sends until every buffer between it and chatd is full, and reads nothing."""
+    c = LineClient(port, rcvbuf=4096)
+    c.sock.setblocking(False)
+    deadline = time.monotonic() + 5
+    stalled = 0
+    while time.monotonic() < deadline and stalled < 5:
+        try:
+            c.sock.send(b"z" * 1000 + b"\n")
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+            time.sleep(0.02)
+    return c
 
 
 def state(inst) -> dict:
@@ -207,19 +222,7 @@ def test_sigusr1_is_bounded_by_drain_timeout_for_a_client_that_never_reads(chatd
     chatd.write_config(daemon={"drain_timeout": 1.0})
     inst = chatd
     pid = inst.start()
-    c = LineClient(inst.port, rcvbuf=4096)
-    c.sock.setblocking(False)
-    sent = 0
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:   # fill every buffer between us and chatd
-        try:
-            sent += c.sock.send(b"z" * 1000 + b"\n")
-        except BlockingIOError:
-            time.sleep(0.05)
-            try:
-                sent += c.sock.send(b"z" * 1000 + b"\n")
-            except BlockingIOError:
-                break
+    c = stuck_client(inst.port)
     t0 = time.monotonic()
     os.kill(pid, signal.SIGUSR1)
     wait_for(lambda: not alive(pid), timeout=10, what="chatd to exit")
@@ -229,13 +232,7 @@ def test_sigusr1_is_bounded_by_drain_timeout_for_a_client_that_never_reads(chatd
 
 def test_sigterm_is_prompt_even_with_a_stuck_client(chatd):
     pid = chatd.start()
-    c = LineClient(chatd.port, rcvbuf=4096)
-    c.sock.setblocking(False)
-    try:
-        for _ in range(2000):
-            c.sock.send(b"q" * 1000 + b"\n")
-    except BlockingIOError:
-        pass
+    c = stuck_client(chatd.port)
     t0 = time.monotonic()
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not alive(pid), timeout=5, what="chatd to exit")

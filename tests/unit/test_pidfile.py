@@ -7,7 +7,6 @@ its pid in a `finally` (TERM, wait, KILL). Every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import signal
@@ -20,6 +19,7 @@ import pytest
 
 from chatd.errors import EXIT_FAILED, EXIT_PRIVILEGE, ChatdError, PrivilegeError, StartError
 from chatd.pidfile import PID_MAX, AlreadyRunning, PidFile, clear_stale, guard, parse_pid, probe
+from support import flock_held
 
 DEADLINE = 10.0
 
@@ -111,18 +111,6 @@ def command(proc: subprocess.Popen, text: str) -> None:
     proc.stdin.flush()
 
 
-def locked_by_someone(path) -> bool:
-    """Is an flock held on `path`? (Tried from a fresh open file description.)"""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------ parse_pid
 
 @pytest.mark.parametrize("content", [
@@ -176,7 +164,7 @@ def test_probe_changes_nothing(tmp_path):
     after = os.stat(path)
     assert path.read_bytes() == b"1234\n"
     assert (before.st_ino, before.st_mode, before.st_mtime_ns) == (after.st_ino, after.st_mode, after.st_mtime_ns)
-    assert not locked_by_someone(path)
+    assert not flock_held(path)
     assert not (tmp_path / "chatd.lock").exists()
 
 
@@ -236,7 +224,7 @@ def test_acquire_writes_the_pid_and_holds_the_lock(tmp_path):
     try:
         assert path.read_bytes() == f"{os.getpid()}\n".encode()
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
-        assert locked_by_someone(path)
+        assert flock_held(path)
         p = probe(str(path))
         assert (p.running, p.pid, p.problem) == (True, os.getpid(), "")
     finally:
@@ -358,8 +346,8 @@ def test_guard_creates_the_lock_file_and_holds_it(tmp_path):
     path = tmp_path / "chatd.lock"
     with guard(str(path), timeout=1):
         assert path.exists()
-        assert locked_by_someone(path)
-    assert not locked_by_someone(path)
+        assert flock_held(path)
+    assert not flock_held(path)
 
 
 def test_guard_times_out_busy_while_another_process_holds_it(tmp_path):
@@ -401,7 +389,7 @@ def test_guard_released_on_exception(tmp_path):
     with pytest.raises(RuntimeError):
         with guard(str(path), timeout=1):
             raise RuntimeError("boom")
-    assert not locked_by_someone(path)
+    assert not flock_held(path)
 
 
 def test_guard_in_a_missing_directory_is_an_error(tmp_path):
