@@ -94,7 +94,10 @@ def _check_not_running(found: Probe, say: Say) -> Probe:
     someone holds a lock on it to keep chatd from starting. Replace it (under the guard)."""
     if found.running and found.problem:
         say(f"warning: pid file {found.path} is locked, but {found.problem}; replacing it")
-        os.unlink(found.path)
+        try:
+            os.unlink(found.path)
+        except OSError as e:
+            raise PrivilegeError(f"cannot replace pid file {found.path}: {e.strerror}") from None
         return probe(found.path)
     return found
 

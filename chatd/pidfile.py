@@ -45,7 +45,11 @@ def parse_pid(content: bytes) -> int | None:
 
 
 def lock_holders(fd: int) -> set[int]:
-    """The pids holding an flock on the file open at `fd`, read from /proc/locks."""
+    """The pids holding an exclusive flock on the file open at `fd`, from /proc/locks.
+
+    chatd's daemon holds its pid file with LOCK_EX; shared locks are anyone's
+    (flock needs only a read-only descriptor) and prove nothing.
+    """
     st = os.fstat(fd)
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     holders = set()
@@ -54,7 +58,7 @@ def lock_holders(fd: int) -> set[int]:
             for line in f:
                 parts = line.split()
                 # "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF"; waiters carry "->".
-                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == dev:
+                if len(parts) >= 6 and parts[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and parts[5] == dev:
                     holders.add(int(parts[4]))
     except (OSError, ValueError):
         pass
@@ -129,6 +133,12 @@ class PidFile:
                 cls = PrivilegeError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else StartError
                 raise cls(f"cannot open pid file {self.path}: {e.strerror}") from None
             if not self._lock(fd):
+                if not lock_holders(fd) and os.path.exists("/proc/locks"):
+                    # Only shared locks: no chatd holds this file, someone sits on it. Our
+                    # caller holds the guard, so replace the file rather than give up.
+                    _unlink_if_same(self.path, fd)
+                    os.close(fd)
+                    continue
                 content = os.pread(fd, 64, 0)
                 os.close(fd)
                 raise AlreadyRunning(self.path, parse_pid(content))
@@ -175,6 +185,14 @@ class PidFile:
                 pass
         os.close(self.fd)
         self.fd = None
+
+
+def _unlink_if_same(path: str, fd: int) -> None:
+    try:
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def clear_stale(path: str) -> None:

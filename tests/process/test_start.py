@@ -347,3 +347,31 @@ def test_every_command_accepts_every_option(chatd):
     assert restart.returncode == 0 and b"ignored" in restart.stdout
     assert chatd.cmd("reload", *opts).returncode == 0
     assert chatd.cmd("stop", *opts).returncode == 0
+
+
+@pytest.mark.parametrize("lock", ["LOCK_SH", "LOCK_EX"])
+def test_a_stranger_holding_a_lock_on_a_stale_pid_file_cannot_block_start(chatd, lock):
+    """1. chatd is killed, leaving its pid file, 2. another process locks it (any user who may
+    read it can, shared or exclusive). Result: start replaces the file and serves."""
+    pid = chatd.start()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not alive(pid), what="the daemon to die")
+    squatter = subprocess.Popen([sys.executable, "-c",
+                                 "import fcntl, os, sys, time\n"
+                                 "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+                                 f"fcntl.flock(fd, fcntl.{lock})\n"
+                                 "print('locked', flush=True)\ntime.sleep(30)\n",
+                                 str(chatd.pidfile)], stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout.readline() == b"locked\n"
+        proc = chatd.cmd("start", check=0)
+        assert b"chatd started" in proc.stdout
+        if lock == "LOCK_EX":   # it looks running until /proc/locks shows who holds it
+            assert f"it names pid {pid} but the lock is held by pid {squatter.pid}".encode() in proc.stdout
+        assert chatd.pid() != pid
+        with LineClient(chatd.port) as c:
+            c.send(b"mine\n")
+            assert c.recv_line() == b"mine\n"
+        assert alive(squatter.pid)
+    finally:
+        kill_and_wait(squatter.pid)
