@@ -201,6 +201,7 @@ class Chatd:
         self.config = self.dir / "chatd.conf"
         self.pidfile = self.dir / "chatd.pid"
         self.logfile = self.dir / "chatd.log"
+        self.run_stderr = self.dir / "run.stderr"
         self.write_config()
 
     def write_config(self, extra: str | None = None, daemon: dict | None = None, **server: object) -> None:
@@ -233,15 +234,24 @@ class Chatd:
         return self.pid()
 
     def run_foreground(self, *args: str, **kw) -> subprocess.Popen:
-        """`chatd run` as a child in its own session; waits until it accepts connections."""
+        """`chatd run` as a child in its own session; returns once it has logged "ready:".
+
+        (The port accepts connections a moment before that, and a stop signal in
+        between rightly aborts the start.) Its stderr goes to `self.run_stderr`.
+        """
         argv = chatd_command() + ["run", "-c", str(self.config), *args]
         env = os.environ | self.env | kw.pop("env", {})
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, start_new_session=True, **kw)
+        with open(self.run_stderr, "wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err, env=env, start_new_session=True, **kw)
         self.popens.append(proc)
         self.pids.add(proc.pid)
-        wait_for(lambda: listening(self.port) or proc.poll() is not None, what="chatd run to listen")
+        wait_for(lambda: "ready:" in self.log_text() or b"ready:" in self.run_stderr.read_bytes()
+                 or proc.poll() is not None, what="chatd run to be ready")
         return proc
+
+    def foreground_stderr(self) -> bytes:
+        return self.run_stderr.read_bytes()
 
     def pid(self) -> int:
         text = self.pidfile.read_text().strip()
@@ -276,6 +286,8 @@ class Chatd:
         for argv, out, err in self.outputs:
             if b"Traceback" in out or b"Traceback" in err:
                 found.append(f"{argv}: {err[-2000:]!r}")
+        if self.run_stderr.exists() and b"Traceback" in self.run_stderr.read_bytes():
+            found.append(f"chatd run: {self.run_stderr.read_bytes()[-2000:]!r}")
         return found
 
 

@@ -134,8 +134,10 @@ def test_run_logs_to_stderr_plainly_otherwise(chatd):
     chatd.config.write_text(text)
     proc = chatd.run_foreground()
     os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
+    assert proc.wait(timeout=10) == 0
+    err = chatd.foreground_stderr()
     assert re.search(rb"chatd\[%d\] INFO: ready: " % proc.pid, err), err
+    assert re.search(rb"chatd\[%d\] INFO: stopped" % proc.pid, err), err
 
 
 @pytest.mark.slow
