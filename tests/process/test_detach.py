@@ -11,6 +11,7 @@ import ctypes
 import os
 import pty
 import signal
+import socket
 import subprocess
 import time
 
@@ -152,9 +153,8 @@ def test_privileges_are_dropped_after_bind_and_pid_file(make_chatd, who):
     """As root with a user (by name, or by #id) on a port below 1024: it binds, then becomes
     that user for good."""
     chatd = make_chatd(public=True)
-    if any(line.split()[1].endswith(":0050") for line in open("/proc/net/tcp").readlines()[1:]):
-        pytest.skip("port 80 is in use on this machine")
-    chatd.write_config(port=80, daemon=who)
+    port = free_privileged_port()
+    chatd.write_config(port=port, daemon=who)
     daemon = chatd.start()
     status = proc_status(daemon)
     assert status["Uid"].split() == ["65534"] * 4
@@ -162,15 +162,29 @@ def test_privileges_are_dropped_after_bind_and_pid_file(make_chatd, who):
     assert status["Groups"].split() in ([], ["65534"])
     assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
     assert "uvloop" in chatd.cmd("status").stdout.decode()   # imported before the drop
-    with LineClient(80) as c:
+    with LineClient(port) as c:
         c.send(b"low port\n")
         assert c.recv_line() == b"low port\n"
     # the state file stays current although nobody may not create files in the pid directory
-    chatd.write_config(port=80, daemon=who, extra="[limits]\nmax_line = 64\n")
+    chatd.write_config(port=port, daemon=who, extra="[limits]\nmax_line = 64\n")
     chatd.cmd("restart", check=0)
     chatd.cmd("stop", check=0)
     assert not alive(daemon)
     assert chatd.cmd("status").returncode == 3    # an empty (truncated) pid file: not running
+
+
+def free_privileged_port() -> int:
+    """A port below 1024 that nothing listens on now (random, so parallel runs rarely meet)."""
+    import random
+
+    for port in random.sample(range(600, 1024), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port below 1024")
 
 
 def _limits(pid: int) -> tuple[int, int]:
