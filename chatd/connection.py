@@ -67,6 +67,8 @@ class ServerState:
         self.all_closed = asyncio.Event()
         self.all_closed.set()
         self.lingering = 0    # refused clients still being closed gracefully
+        self.stopping = False  # the server is stopping: leaving clients are not announced
+        self.chat: Any = None  # the ChatService of rooms.py, shared by chat connections
 
     def admit(self, conn: Connection) -> str:
         """Count `conn` in, or say why it is refused ("" when admitted)."""
@@ -101,11 +103,13 @@ class Connection(LineDecoder, asyncio.Protocol):
     quarter of the echo throughput (measured on uvloop, 64-byte lines).
     """
 
-    __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "admitted")
+    __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "admitted",
+                 "closing")
     FULL_LINE = b"ERR server full\r\n"
+    CR_NUL_ENDS_LINE = False
 
     def __init__(self, state: ServerState) -> None:
-        super().__init__(state.limits.max_line)
+        super().__init__(state.limits.max_line, self.CR_NUL_ENDS_LINE)
         self.state = state
         self.transport: Any = None
         self.ip = ""
@@ -114,6 +118,7 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.idle_since = 0.0     # when the idle sweep last found it inactive
         self.reason = ""
         self.admitted = False
+        self.closing = False      # nothing more may be written: closed, or half-closed by us
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -129,7 +134,9 @@ class Connection(LineDecoder, asyncio.Protocol):
                 # Close like a graceful stop: a close over unread input would send RST,
                 # and the client would lose the line just written to it.
                 self.state.lingering += 1
-                transport.set_protocol(_Drainer(self, 0))
+                drainer = _Drainer(self, 0)
+                transport.set_protocol(drainer)
+                drainer.finish()
             else:
                 transport.close()
             return
@@ -158,47 +165,63 @@ class Connection(LineDecoder, asyncio.Protocol):
     def close(self, reason: str) -> None:
         """Close after flushing what is queued."""
         self.reason = self.reason or reason
+        self.closing = True
         self.transport.close()
 
     def abort(self, reason: str) -> None:
         """Close now, dropping what is queued."""
         self.reason = self.reason or reason
+        self.closing = True
         self.transport.abort()
 
-    def drain(self) -> None:
-        """Graceful stop: answer what has arrived, FIN, read and discard a moment, close."""
+    def drain(self) -> _Drainer:
+        """Graceful stop, first step: from now on only what has already arrived is answered.
+
+        The server calls `finish()` on the result once every client's input is read.
+        """
         self.reason = self.reason or "server shutting down"
-        self.transport.set_protocol(_Drainer(self, unread_bytes(self.transport)))
+        drainer = _Drainer(self, unread_bytes(self.transport))
+        self.transport.set_protocol(drainer)
+        return drainer
+
+    def farewell(self) -> None:
+        """What a client is told just before a graceful stop half-closes it (nothing, in echo)."""
 
 
 class _Drainer(asyncio.Protocol):
     """Stands in for a connection during a graceful stop (SPEC section 2, SIGUSR1).
 
-    The bytes that had arrived when the stop began are still answered; after
-    that, our side is half-closed (FIN) once the output is flushed, and what
-    the client still sends is read and dropped for LINGER_S, so closing does not
-    reset the connection over unread data.
+    The bytes that had arrived when the stop began (`budget`) are still
+    answered, and nothing after them. Then `finish()`: the farewell, our side
+    half-closed (FIN) once the output is flushed, and what the client still
+    sends read and dropped for LINGER_S, so closing does not reset the
+    connection over unread data.
     """
 
     def __init__(self, conn: Connection, budget: int) -> None:
         self.conn = conn
         self.budget = budget
         self.timer: asyncio.TimerHandle | None = None
-        if budget == 0:
-            self._half_close()
+
+    @property
+    def caught_up(self) -> bool:
+        """Has everything that had arrived been read (or is the connection gone)?"""
+        return self.budget <= 0 or self.conn.transport.is_closing()
 
     def data_received(self, data: bytes) -> None:
         if self.budget > 0:
             take = data[: self.budget]
             self.budget -= len(take)
             self.conn.data_received(take)
-            if self.budget == 0:
-                self._half_close()
 
-    def _half_close(self) -> None:
-        transport = self.conn.transport
-        if transport.is_closing():
+    def finish(self) -> None:
+        conn = self.conn
+        transport = conn.transport
+        if transport.is_closing() or conn.closing:
             return
+        if conn.admitted:
+            conn.farewell()
+        conn.closing = True
         transport.resume_reading()
         if transport.can_write_eof():
             try:

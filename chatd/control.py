@@ -24,7 +24,7 @@ from .errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNIN
 from .log import Logging, log, resolve_target
 from .paths import SYSTEM_DIR, InstancePaths, instance_paths, prepare_directory
 from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, probe
-from .server import Listener, Runtime, Server, check_mode, new_event_loop
+from .server import Listener, Runtime, Server, new_event_loop
 from .signals import STOP_SIGNALS, SignalRecorder
 from .state import StateFile, read_state
 
@@ -107,7 +107,6 @@ def _check_not_running(found: Probe, say: Say) -> Probe:
 def _prepare(opts: Options, foreground: bool) -> tuple[Config, str, InstancePaths]:
     """Everything that can be checked before forking: config, log target, privileges, pid directory."""
     cfg = load_config(opts)
-    check_mode(cfg)
     target = resolve_target(cfg, foreground=foreground)
     daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group)
     paths = instance_paths(cfg)
@@ -454,7 +453,6 @@ def _duration(seconds: float) -> str:
 
 def check_config(opts: Options, say: Say) -> int:
     cfg = load_config(opts)
-    check_mode(cfg)
     if cfg.path:
         say(f"{cfg.path}: OK")
     else:

@@ -12,6 +12,8 @@ Tests: tests/unit/test_protocol.py
 
 from __future__ import annotations
 
+import re
+
 IAC = 255
 DONT, DO, WONT, WILL, SB = 254, 253, 252, 251, 250
 SE = 240
@@ -62,16 +64,19 @@ class LineDecoder:
     touches one object per read; used alone it is the sans-IO codec.
     """
 
-    __slots__ = ("max_line", "buf", "discarding", "clean", "_tstate", "_verb", "_sub_len")
+    __slots__ = ("max_line", "cr_nul", "buf", "discarding", "clean", "_tstate", "_verb", "_sub_len",
+                 "_cr")
 
-    def __init__(self, max_line: int) -> None:
+    def __init__(self, max_line: int, cr_nul: bool = False) -> None:
         self.max_line = max_line
+        self.cr_nul = cr_nul         # CR NUL ends a line too (telnet's bare CR; chat mode)
         self.buf = bytearray()       # the unterminated tail of the current line
         self.discarding = False      # inside an over-long line: drop up to the next LF
         self.clean = True            # nothing pending: no tail, no discarding, no telnet sequence
         self._tstate = _DATA
         self._verb = 0
         self._sub_len = 0
+        self._cr = False             # the last byte framed was a CR (for a CR NUL split in two)
 
     def plain(self, data: bytes) -> bytes | None:
         """The fast path: the whole lines of `data` as they came, keeping its tail; or None.
@@ -90,9 +95,12 @@ class LineDecoder:
         return data[:end]
 
     def feed(self, data: bytes) -> list:
-        block = self.plain(data)
-        if block is not None:
-            return [block] if block else []
+        if not self.cr_nul:
+            block = self.plain(data)
+            if block is not None:
+                return [block] if block else []
+        elif not data:
+            return []
         if self._tstate == _DATA and IAC not in data:
             out = self._frame(data)
         else:
@@ -122,6 +130,8 @@ class LineDecoder:
     # ------------------------------------------------------------ framing
 
     def _frame(self, data: bytes) -> list:
+        if self.cr_nul:
+            data = self._cr_nul_to_crlf(data)
         out: list = []
         n = len(data)
         pos = 0
@@ -162,6 +172,13 @@ class LineDecoder:
                 self.discarding = True
                 out.append(LINE_TOO_LONG)
         return out
+
+    def _cr_nul_to_crlf(self, data: bytes) -> bytes:
+        """Make CR NUL a CRLF, also when the CR came at the end of the previous read."""
+        if self._cr and data[:1] == b"\0":
+            data = b"\n" + data[1:]
+        self._cr = data[-1:] == b"\r"
+        return data.replace(b"\r\0", b"\r\n") if b"\r\0" in data else data
 
     # ------------------------------------------------------------ telnet
 
@@ -237,3 +254,28 @@ class LineDecoder:
         self._tstate = st
         parts.append(bytes(out))
         return parts
+
+
+# ---------------------------------------------------------------- chat text
+
+# ESC with the CSI sequence it starts (parameters, intermediates, final byte) or the OSC
+# sequence (up to BEL or ST); an unterminated one ends at the end of the line.
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
+                              r"|\](?:[^\x07\x1b]|\x1b(?!\\))*(?:\x07|\x1b\\)?)")
+# Every other C0 control but TAB, DEL, every C1 control, the bidi overrides and isolates.
+_UNSAFE = dict.fromkeys([*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0),
+                         *range(0x202a, 0x202f), *range(0x2066, 0x206a)])
+
+
+def clean_text(line: bytes) -> str:
+    """A chat line as text that can fool no terminal: SPEC section 5's sanitizing.
+
+    The terminator goes; invalid UTF-8 becomes U+FFFD; escape sequences and
+    controls (bare CR included) are removed.
+    """
+    if line.endswith(b"\n"):
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    text = line.decode("utf-8", "replace")
+    if "\x1b" in text:
+        text = _ESCAPE_SEQUENCE.sub("", text)
+    return text.translate(_UNSAFE)

@@ -22,8 +22,11 @@ from . import listen
 from .config import Config
 from .connection import Connection, ServerState
 from .daemon import raise_fd_limit
+from .chat import ChatConnection
 from .echo import BufferedEchoConnection, EchoConnection
-from .errors import ChatdError, StartError, setting_error
+from .errors import ChatdError, StartError
+from .protocol import clean_text
+from .rooms import ChatService
 from .log import Logging, resolve_target
 from .signals import CAUGHT, STOP_SIGNALS, SignalRecorder, signal_name
 from .state import StateFile
@@ -47,12 +50,6 @@ def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
         else:
             return uvloop.new_event_loop(), f"uvloop {uvloop.__version__}"
     return asyncio.new_event_loop(), "asyncio"
-
-
-def check_mode(cfg: Config) -> None:
-    """Chat mode arrives with its own issue; until then it is refused, never half-served."""
-    if cfg.server.mode == "chat":
-        raise setting_error(cfg.origin("server.mode"), "chat mode is not available in this version yet")
 
 
 @dataclass
@@ -111,6 +108,8 @@ class Server:
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         self.runtime.recorder.take_over(self.signals.put_nowait)
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
+        self.state.chat = ChatService()
+        self._configure_chat(self.cfg)
         self.connection_class = self._connection_class()
         for listener in self.listeners:
             await self._serve_on(listener)
@@ -136,6 +135,7 @@ class Server:
     async def shutdown(self) -> None:
         """Stop accepting, close every client (gracefully after SIGUSR1), release the pid file."""
         graceful = self.stop_signal == signal.SIGUSR1
+        self.state.stopping = True
         how = "graceful stop" if graceful else "stop"
         log.info("%s (%s), %d clients", how, signal_name(self.stop_signal) if self.stop_signal else "error",
                  len(self.state.connections))
@@ -194,7 +194,6 @@ class Server:
         old = self.cfg
         try:
             new = config_mod.load(old.path, self.runtime.overrides)
-            check_mode(new)
             target = resolve_target(new, self.runtime.foreground)
         except ChatdError as e:
             return "rejected", str(e)
@@ -224,6 +223,8 @@ class Server:
             log.warning("%s", warning)
         self.state.limits = new.limits
         self.state.max_clients = self.max_clients
+        self._configure_chat(new)
+        self.connection_class = self._connection_class()
         if not changed:
             return "applied", "config re-read; nothing changed"
         parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
@@ -310,31 +311,32 @@ class Server:
     async def _drain_clients(self) -> None:
         """SIGUSR1: let every client finish cleanly, for at most drain_timeout seconds.
 
-        A further SIGTERM, SIGINT or SIGQUIT cuts the wait short.
+        First every client's input that had arrived is read and answered (chat
+        lines reach the others while they are all still open); then each one
+        gets its farewell and a FIN. A further SIGTERM, SIGINT or SIGQUIT cuts
+        the wait short.
         """
-        for conn in list(self.state.connections):
-            conn.drain()
+        self.state.stopping = True
+        drainers = [conn.drain() for conn in list(self.state.connections)]
         deadline = time.monotonic() + self.cfg.daemon.drain_timeout
-        closed = asyncio.ensure_future(self.state.all_closed.wait())
-        try:
-            while not closed.done():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.warning("drain_timeout: %d clients still open", len(self.state.connections))
-                    return
-                nextsig = asyncio.ensure_future(self.signals.get())
-                await asyncio.wait({closed, nextsig}, timeout=remaining,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if nextsig.done():
-                    sig = nextsig.result()
-                    if sig in STOP_SIGNALS and sig != signal.SIGUSR1:
-                        log.info("%s during the graceful stop: closing now", signal_name(sig))
-                        self.stop_signal = sig
-                        return
-                else:
-                    nextsig.cancel()
-        finally:
-            closed.cancel()
+        if await self._wait_draining(lambda: all(d.caught_up for d in drainers), deadline):
+            for drainer in drainers:
+                drainer.finish()
+            if not await self._wait_draining(self.state.all_closed.is_set, deadline):
+                log.warning("drain_timeout: %d clients still open", len(self.state.connections))
+
+    async def _wait_draining(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Poll `done` until the deadline; False if a further stop signal came first."""
+        while not done() and time.monotonic() < deadline:
+            try:
+                sig = await asyncio.wait_for(self.signals.get(), min(0.02, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                continue
+            if sig in STOP_SIGNALS and sig != signal.SIGUSR1:
+                log.info("%s during the graceful stop: closing now", signal_name(sig))
+                self.stop_signal = sig
+                return False
+        return True
 
     async def _close_clients(self) -> None:
         """Close what is left, let queued output flush briefly, then abort the rest."""
@@ -385,9 +387,20 @@ class Server:
                 "log": self.runtime.logs.status(), "clients": len(self.state.connections)}
 
     def _connection_class(self) -> type[Connection]:
-        """uvloop reads into buffers of its own; asyncio's loop is faster with a BufferedProtocol
-        (measured: 1.8-3.4 times the plain Protocol there, and no different on uvloop)."""
+        """The class for new connections: the mode's, and for echo the loop's.
+
+        uvloop reads into buffers of its own; asyncio's loop is faster with a
+        BufferedProtocol (measured: 1.8-3.4 times the plain Protocol there, and
+        no different on uvloop).
+        """
+        if self.cfg.server.mode == "chat":
+            return ChatConnection
         return EchoConnection if self.loop_name.startswith("uvloop") else BufferedEchoConnection
+
+    def _configure_chat(self, cfg: Config) -> None:
+        """MOTD and default room for new chat clients; the MOTD is sanitized like user text."""
+        motd = "\n".join(clean_text(text.encode()) for text in cfg.chat.motd.split("\n"))
+        self.state.chat.configure(motd if cfg.chat.motd else "", cfg.chat.default_room)
 
     def _abort_if_stopped_early(self) -> None:
         """A stop signal before ready aborts the start (SPEC section 2); a SIGHUP waits."""

@@ -1,0 +1,134 @@
+"""Chat mode's connection (SPEC section 5): lines in, limits, and a bounded output queue.
+
+The path of a line: `data_received` -> `LineDecoder.feed` (LF, CRLF or CR NUL;
+telnet; the length bound) -> `clean_text` -> the token bucket -> the
+`ChatService` of rooms.py, which sends to each recipient with `send`. `send`
+never waits: the transport's buffer is this client's output queue, and when it
+passes `output_buffer` the transport calls `pause_writing`, which drops the
+client as too slow, so nobody else ever waits for it.
+
+Tests: tests/process/test_chat.py
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from .connection import Connection
+from .protocol import LINE_TOO_LONG, TelnetReply, clean_text
+from .rooms import error, notice
+
+FLOOD_WINDOW_S = 10.0      # `burst` dropped lines within this window disconnect a client
+
+
+class ChatConnection(Connection):
+    """A client of chat mode."""
+
+    __slots__ = ("nick", "room", "tokens", "refilled", "dropped")
+    FULL_LINE = b"*** server full\r\n"
+    CR_NUL_ENDS_LINE = True
+
+    def __init__(self, state: Any) -> None:
+        super().__init__(state)
+        self.nick = ""
+        self.room = ""
+        self.tokens = float(state.limits.burst)   # the bucket is full at connect
+        self.refilled = 0.0
+        self.dropped: collections.deque[float] = collections.deque()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if self.admitted:
+            self.refilled = self.state.loop.time()
+            self.state.chat.arrive(self)
+
+    # ------------------------------------------------------------ input
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        self._lines(self.feed(data))
+
+    def eof_received(self) -> bool:
+        """The client half-closed: it has left. Its last line counts; what is queued is flushed."""
+        self._lines(self.finish())
+        self._leave("connection closed")
+        self.reason = self.reason or "client closed"
+        self.closing = True
+        return False
+
+    def _lines(self, items: list) -> None:
+        for item in items:
+            if self.closing:
+                return
+            if item.__class__ is TelnetReply:
+                self.transport.write(item)
+            elif item is LINE_TOO_LONG:
+                self.send(error(f"line too long (max {self.max_line} bytes), dropped"))
+            else:
+                for raw in item.split(b"\n"):
+                    text = clean_text(raw)
+                    if text.strip() and self._take_token() and not self.closing:
+                        self.state.chat.on_line(self, text)
+
+    def _take_token(self) -> bool:
+        """The token bucket: `burst` lines at once, `rate` a second after that."""
+        limits = self.state.limits
+        if not limits.rate:
+            return True
+        now = self.state.loop.time()
+        self.tokens = min(float(limits.burst), self.tokens + (now - self.refilled) * limits.rate)
+        self.refilled = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        dropped = self.dropped
+        dropped.append(now)
+        while dropped[0] < now - FLOOD_WINDOW_S:
+            dropped.popleft()
+        if len(dropped) >= limits.burst:
+            self._leave("flooding")
+            self.close("flooding")
+        else:
+            self.send(error("slow down, line dropped"))
+        return False
+
+    # ------------------------------------------------------------ output
+
+    def send(self, data: bytes) -> None:
+        """Queue `data` for this client; never waits (see the module docstring)."""
+        if not self.closing:
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        """Unread output passed `output_buffer`: drop the client, whoever else is waiting."""
+        if not self.closing:
+            self._leave("too slow")
+            self.abort("too slow")
+
+    def resume_writing(self) -> None:
+        pass
+
+    def quit(self, reason: str) -> None:
+        """/quit: leave with `reason`, flush what is queued, close."""
+        self._leave(reason)
+        self.close("quit")
+
+    def farewell(self) -> None:
+        self.send(notice("server shutting down"))
+
+    # ------------------------------------------------------------ leaving
+
+    def _leave(self, reason: str) -> None:
+        if self.nick:
+            self.state.chat.depart(self, reason, tell_others=not self.state.stopping)
+
+    def close(self, reason: str) -> None:
+        self._leave(reason)
+        super().close(reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.admitted:
+            self._leave(self.reason if self.reason in ("idle", "too slow", "flooding")
+                        else "connection closed")
+        super().connection_lost(exc)

@@ -1,0 +1,220 @@
+"""Chat mode's rooms, nicks and commands (SPEC section 5), as bytes on the wire.
+
+The service never waits for anyone: every `peer.send` is a synchronous write
+into that peer's own bounded output queue, and a peer that cannot keep up is
+dropped by its connection, not waited for. Text reaching `on_line` is already
+sanitized (`protocol.clean_text`); every line sent here ends with CRLF, and
+every user line gets a server prefix, so no user can forge a `*** ` line.
+Imports nothing else from chatd.
+
+Tests: tests/unit/test_rooms.py, tests/process/test_chat.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Callable, Protocol
+
+NICK_RE = re.compile(r"[A-Za-z0-9_.-]{1,16}")
+GUEST_RE = re.compile(r"guest[0-9]+", re.IGNORECASE)
+ROOM_RE = re.compile(r"#[A-Za-z0-9_-]{1,32}")
+
+
+class Peer(Protocol):
+    """What the service needs of a chat client."""
+
+    nick: str
+    room: str
+
+    def send(self, data: bytes) -> None: ...
+
+    def quit(self, reason: str) -> None: ...
+
+
+def line(text: str) -> bytes:
+    return (text + "\r\n").encode("utf-8")
+
+
+def notice(text: str) -> bytes:
+    return line("*** " + text)
+
+
+def error(text: str) -> bytes:
+    return line("*** error: " + text)
+
+
+def by_name(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: (n.casefold(), n))
+
+
+Command = Callable[["ChatService", Peer, str], None]
+COMMANDS: dict[str, Command] = {}
+HELP: list[str] = []
+
+
+def command(usage: str, text: str, *aliases: str) -> Callable[[Command], Command]:
+    """Register `cmd_<name>` (and its aliases) with the usage and text /help shows."""
+    def register(fn: Command) -> Command:
+        for name in (fn.__name__[4:], *aliases):
+            COMMANDS[name] = fn
+        HELP.append(f"{usage:<17} {text}")
+        return fn
+    return register
+
+
+class ChatService:
+    """Everyone connected in chat mode: nicks, rooms, and what they say."""
+
+    def __init__(self, motd: str = "", default_room: str = "lobby") -> None:
+        self.rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
+        self.nicks: dict[str, Peer] = {}               # case-folded nick -> peer
+        self._guests = itertools.count(1)              # guest numbers are never reused
+        self.motd: list[str] = []
+        self.default_room = "#lobby"
+        self.configure(motd, default_room)
+
+    def configure(self, motd: str, default_room: str) -> None:
+        """Apply [chat] settings (at start and on restart): new arrivals see them."""
+        self.motd = motd.split("\n") if motd else []
+        self.default_room = "#" + default_room.lstrip("#").lower()
+
+    # ------------------------------------------------------------ arriving and leaving
+
+    def arrive(self, peer: Peer) -> None:
+        """A new client: a guest nick, the welcome, the MOTD, then the default room."""
+        nick = f"guest{next(self._guests)}"
+        while nick.casefold() in self.nicks:   # cannot happen (guest names are reserved); be sure
+            nick = f"guest{next(self._guests)}"
+        peer.nick = nick
+        self.nicks[nick.casefold()] = peer
+        peer.send(notice(f"Welcome to chatd, {nick}. Type /help for commands."))
+        for text in self.motd:
+            peer.send(notice(text))
+        self._enter(peer, self.default_room)
+
+    def depart(self, peer: Peer, reason: str, tell_others: bool = True) -> None:
+        """`peer` leaves the server; the others in its room are told why (unless we stop)."""
+        if self.nicks.get(peer.nick.casefold()) is not peer:
+            return   # already gone
+        self._leave_room(peer, reason if tell_others else None)
+        del self.nicks[peer.nick.casefold()]
+
+    def _enter(self, peer: Peer, room: str) -> None:
+        members = self.rooms.setdefault(room, {})
+        peer.send(self._roster(room, members))
+        self.broadcast(room, notice(f"{peer.nick} joined {room}"))
+        members[peer] = None
+        peer.room = room
+
+    def _leave_room(self, peer: Peer, reason: str | None) -> None:
+        room = peer.room
+        members = self.rooms.get(room, {})
+        members.pop(peer, None)
+        if not members:
+            self.rooms.pop(room, None)
+        elif reason is not None:
+            self.broadcast(room, notice(f"{peer.nick} left {room} ({reason})"))
+
+    @staticmethod
+    def _roster(room: str, members: dict[Peer, None]) -> bytes:
+        names = by_name([p.nick for p in members])
+        return notice(f"{room}: {', '.join(names) if names else 'nobody else here'}")
+
+    def broadcast(self, room: str, data: bytes, skip: Peer | None = None) -> None:
+        # A tuple: a send may drop a member that cannot keep up.
+        for member in tuple(self.rooms.get(room, ())):
+            if member is not skip:
+                member.send(data)
+
+    # ------------------------------------------------------------ lines
+
+    def on_line(self, peer: Peer, text: str) -> None:
+        """One sanitized, non-empty line from `peer`."""
+        if text.startswith("//"):
+            self.say(peer, text[1:])
+        elif text.startswith("/"):
+            name, _, args = text[1:].partition(" ")
+            handler = COMMANDS.get(name.lower())
+            if handler is None:
+                peer.send(error(f"unknown command /{name} (try /help)"))
+            else:
+                handler(self, peer, args.strip())
+        else:
+            self.say(peer, text)
+
+    def say(self, peer: Peer, text: str) -> None:
+        self.broadcast(peer.room, line(f"<{peer.nick}> {text}"), skip=peer)
+
+    # ------------------------------------------------------------ commands
+
+    @command("/nick NAME", "change your nick")
+    def cmd_nick(self, peer: Peer, args: str) -> None:
+        new = args
+        if not new:
+            return peer.send(error("usage: /nick NAME"))
+        if not NICK_RE.fullmatch(new):
+            return peer.send(error(f"bad nick: {new} (1 to 16 letters, digits, _ - .)"))
+        mine = new.casefold() == peer.nick.casefold()
+        if GUEST_RE.fullmatch(new) and not mine:
+            return peer.send(error(f"nick reserved for guests: {new}"))
+        if not mine and new.casefold() in self.nicks:
+            return peer.send(error(f"nick taken: {new}"))
+        if new == peer.nick:
+            return peer.send(notice(f"you are already {new}"))
+        old = peer.nick
+        del self.nicks[old.casefold()]
+        self.nicks[new.casefold()] = peer
+        peer.nick = new
+        self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
+
+    @command("/join #ROOM", "leave this room for another (made if need be)")
+    def cmd_join(self, peer: Peer, args: str) -> None:
+        if not args:
+            return peer.send(error("usage: /join #ROOM"))
+        room = args if args.startswith("#") else "#" + args
+        if not ROOM_RE.fullmatch(room):
+            return peer.send(error(f"bad room name: {args} (# and 1 to 32 letters, digits, _ or -)"))
+        room = room.lower()
+        if room == peer.room:
+            return peer.send(error(f"you are already in {room}"))
+        self._leave_room(peer, f"joined {room}")
+        self._enter(peer, room)
+
+    @command("/who, /names", "who is in this room", "names")
+    def cmd_who(self, peer: Peer, args: str) -> None:
+        peer.send(self._roster(peer.room, self.rooms.get(peer.room, {})))
+
+    @command("/rooms", "the rooms, and how many are in each")
+    def cmd_rooms(self, peer: Peer, args: str) -> None:
+        listed = ", ".join(f"{room} ({len(members)})" for room, members in sorted(self.rooms.items()))
+        peer.send(notice(f"rooms: {listed}"))
+
+    @command("/me ACTION", "say what you do: * alice waves")
+    def cmd_me(self, peer: Peer, args: str) -> None:
+        if not args:
+            return peer.send(error("usage: /me ACTION"))
+        self.broadcast(peer.room, line(f"* {peer.nick} {args}"), skip=peer)
+
+    @command("/msg NICK TEXT", "a private message, whatever room NICK is in")
+    def cmd_msg(self, peer: Peer, args: str) -> None:
+        nick, _, text = args.partition(" ")
+        text = text.strip()
+        if not nick or not text:
+            return peer.send(error("usage: /msg NICK TEXT"))
+        target = self.nicks.get(nick.casefold())
+        if target is None:
+            return peer.send(error(f"no such nick: {nick}"))
+        target.send(line(f"*{peer.nick}* {text}"))
+        peer.send(line(f"-> *{target.nick}* {text}"))
+
+    @command("/quit [REASON]", "leave")
+    def cmd_quit(self, peer: Peer, args: str) -> None:
+        peer.quit(args or "quit")
+
+    @command("/help", "this list")
+    def cmd_help(self, peer: Peer, args: str) -> None:
+        peer.send(notice("commands:"))
+        for text in HELP:
+            peer.send(notice(text))
+        peer.send(notice(f"{'//text':<17} say a line that starts with /"))
