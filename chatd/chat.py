@@ -101,9 +101,12 @@ class ChatConnection(Connection):
             self.transport.write(data)
 
     def pause_writing(self) -> None:
-        """Unread output passed `output_buffer`: drop the client, whoever else is waiting."""
+        """Unread output passed `output_buffer`: drop the client, whoever else is waiting.
+
+        This runs inside a send, often in the middle of a broadcast: the room is
+        told when the loop delivers `connection_lost`, after the line at hand.
+        """
         if not self.closing:
-            self._leave("too slow")
             self.abort("too slow")
 
     def resume_writing(self) -> None:

@@ -22,7 +22,8 @@ from .protocol import LineDecoder
 
 log = logging.getLogger("chatd")
 LINGER_S = 1.0        # how long a graceful close reads and discards after its FIN
-MAX_LINGERING = 64    # refused clients closed gracefully at once; more are closed at once
+MAX_LINGERING = 96    # refused clients closed gracefully at a time (within daemon.FD_RESERVE);
+                      # past that, under a flood of connections, they are closed at once
 
 
 def format_peer(peer: Any) -> str:

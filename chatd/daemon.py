@@ -22,7 +22,8 @@ from .config import lookup_user, lookup_group
 from .errors import ChatdError, PrivilegeError, StartError
 
 UMASK = 0o022
-FD_RESERVE = 64      # descriptors kept for listeners, logs, the loop and the pid file
+FD_RESERVE = 128     # descriptors kept for listeners, logs, the loop, the pid file and
+                     # refused clients being told "server full" (connection.MAX_LINGERING)
 
 
 class ReadinessPipe:
@@ -155,7 +156,7 @@ def change_directory() -> None:
 def raise_fd_limit(max_clients: int) -> tuple[int, str]:
     """Raise the soft RLIMIT_NOFILE to the hard one; lower max_clients if it cannot fit.
 
-    Returns the usable max_clients (0 = unlimited) and a warning, if any.
+    Returns the usable max_clients and a warning, if any.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -164,11 +165,15 @@ def raise_fd_limit(max_clients: int) -> tuple[int, str]:
             soft = hard
         except (ValueError, OSError):
             pass
-    room = soft - FD_RESERVE if soft != resource.RLIM_INFINITY else max_clients
-    if max_clients and max_clients > room:
+    if soft == resource.RLIM_INFINITY:
+        return max_clients, ""
+    room = max(1, soft - FD_RESERVE)
+    if max_clients > room:
         return room, (f"max_clients {max_clients} does not fit RLIMIT_NOFILE {soft}; "
                       f"using {room}")
-    return max_clients, ""
+    # max_clients 0 sets no limit of ours, but descriptors are one: past it a newcomer is
+    # told "server full" with a descriptor from the reserve instead of being left hanging.
+    return max_clients or room, ""
 
 
 def check_privilege_drop(user: str, group: str) -> None:

@@ -206,4 +206,4 @@ def test_fd_limit_is_raised_and_max_clients_fitted(chatd):
     chatd.cmd("stop", check=0)
     chatd.cmd("start", check=0, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)))
     assert _limits(chatd.pid()) == (300, 300)
-    assert "max_clients 10000 does not fit RLIMIT_NOFILE 300; using 236" in chatd.log_text()
+    assert "max_clients 10000 does not fit RLIMIT_NOFILE 300; using 172" in chatd.log_text()

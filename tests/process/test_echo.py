@@ -300,3 +300,34 @@ def test_thousands_of_concurrent_clients(make_chatd):
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.mark.parametrize("mode, full", [("echo", b"ERR server full\r\n"), ("chat", b"*** server full\r\n")])
+def test_running_out_of_descriptors_tells_newcomers_server_full(make_chatd, mode, full):
+    """With max_clients = 0 (no limit of ours) and only 300 descriptors, chatd keeps a
+    reserve: clients past what fits are told "server full" and closed, none is left hanging,
+    and those admitted are served."""
+    import resource
+
+    inst = make_chatd(extra_config="[limits]\nmax_clients = 0\nmax_clients_per_ip = 0\nrate = 0\n")
+    inst.write_config(mode=mode, extra="[limits]\nmax_clients = 0\nmax_clients_per_ip = 0\nrate = 0\n")
+    inst.cmd("start", check=0, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)))
+    clients = []
+    try:
+        answers = {"served": 0, "full": 0}
+        for i in range(260):
+            c = LineClient(inst.port, timeout=5)
+            clients.append(c)
+            c.send(b"n%d\n" % i)
+        for i, c in enumerate(clients):
+            first = c.recv_line()
+            if first == full:
+                assert c.recv_until_eof() == b""
+                answers["full"] += 1
+            else:
+                answers["served"] += 1
+        assert answers["served"] >= 150 and answers["full"] >= 50, answers
+    finally:
+        for c in clients:
+            c.close()
+    assert "Traceback" not in inst.log_text()
