@@ -76,7 +76,8 @@ class ChatService:
 
     def configure(self, motd: str, default_room: str) -> None:
         """Apply [chat] settings (at start and on restart): new arrivals see them."""
-        self.motd = motd.split("\n") if motd else []
+        text = motd.removesuffix("\n")   # a TOML multi-line string ends with one
+        self.motd = text.split("\n") if text else []
         self.default_room = "#" + default_room.lstrip("#").lower()
 
     # ------------------------------------------------------------ arriving and leaving
