@@ -62,6 +62,9 @@ def bind(address: Address, backlog: int) -> socket.socket:
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Telnet's Synch sends IAC DM with the IAC as urgent data: keep it in the stream
+        # (accepted sockets inherit this), so the decoder drops the whole sequence.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         if address.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address.wildcard else 1)
         sock.bind((address.host, address.port))
