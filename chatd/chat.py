@@ -13,6 +13,8 @@ Tests: tests/process/test_chat.py
 from __future__ import annotations
 
 import collections
+import socket
+import struct
 from typing import Any
 
 from .connection import Connection
@@ -40,8 +42,27 @@ class ChatConnection(Connection):
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         if self.admitted:
+            self._bound_output()
             self.refilled = self.state.loop.time()
             self.state.chat.arrive(self)
+
+    def _bound_output(self) -> None:
+        """Make `output_buffer` bound all the unread output, the kernel's share included.
+
+        Linux grows a socket's send buffer to megabytes for a peer that does not
+        read, so the loop's buffer alone would let ~3 MB queue up before "too
+        slow". The kernel's share is capped, and the loop's gets the rest.
+        """
+        limit = self.state.limits.output_buffer
+        sock = self.transport.get_extra_info("socket")
+        kernel = 0
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(1, min(65536, limit // 4)))
+            kernel = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)   # what the kernel took
+        except (OSError, AttributeError):
+            pass
+        high = max(limit - kernel, self.max_line + 2)
+        self.transport.set_write_buffer_limits(high=high, low=high // 2)
 
     # ------------------------------------------------------------ input
 
@@ -107,6 +128,11 @@ class ChatConnection(Connection):
         told when the loop delivers `connection_lost`, after the line at hand.
         """
         if not self.closing:
+            try:   # reset rather than FIN: the kernel drops what it still holds for the client
+                self.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (OSError, AttributeError):
+                pass
             self.abort("too slow")
 
     def resume_writing(self) -> None:
