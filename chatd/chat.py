@@ -54,13 +54,14 @@ class ChatConnection(Connection):
         slow". The kernel's share is capped, and the loop's gets the rest.
         """
         limit = self.state.limits.output_buffer
-        sock = self.transport.get_extra_info("socket")
-        kernel = 0
+        kernel = min(65536, limit // 4)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(1, min(65536, limit // 4)))
-            kernel = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)   # what the kernel took
+            # The kernel doubles this for its bookkeeping (socket(7)): the payload it holds
+            # is about what was asked for, and that is the share taken from the limit.
+            self.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, max(1, kernel))
         except (OSError, AttributeError):
-            pass
+            kernel = 0
         high = max(limit - kernel, self.max_line + 2)
         self.transport.set_write_buffer_limits(high=high, low=high // 2)
 
