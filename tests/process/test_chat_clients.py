@@ -18,7 +18,6 @@ Every read has a deadline (select); every process started here is stopped by its
 from __future__ import annotations
 
 import os
-import pty
 import select
 import socket
 import subprocess
@@ -27,11 +26,10 @@ import time
 
 import pytest
 
-from conftest import require_real
+from telnet_pty import TELNET, connected_telnet, need
 from support import kill_and_wait
 
 NC = "/usr/bin/nc"
-TELNET = "/usr/bin/telnet"
 HOST = "127.0.0.1"
 TIMEOUT = 10.0
 CHAT = "[limits]\nrate = 0\n"
@@ -39,11 +37,6 @@ CHAT = "[limits]\nrate = 0\n"
 IAC, DONT, DO, WONT, WILL, SB, SE, IP = 0xFF, 0xFE, 0xFD, 0xFC, 0xFB, 0xFA, 0xF0, 0xF4
 ECHO, SGA, TIMING_MARK = 0x01, 0x03, 0x06
 CTRL_C_BYTES = bytes([IAC, IP, IAC, DO, TIMING_MARK])
-
-
-def need(path: str, name: str) -> None:
-    if not os.access(path, os.X_OK):
-        require_real(name)
 
 
 def start_chat(inst) -> None:
@@ -136,100 +129,6 @@ class NcClient:
 
 
 # ------------------------------------------------------------------ telnet through a pty
-
-class TelnetPty:
-    """The real telnet client with a pty as its controlling terminal (so ^C is a real SIGINT)."""
-
-    def __init__(self, port: int) -> None:
-        env = {"PATH": "/usr/bin:/bin", "TERM": "dumb", "HOME": os.environ.get("HOME", "/tmp"),
-               "LANG": "C"}
-        pid, fd = pty.fork()
-        if pid == 0:                                           # the child: exec, never return
-            try:
-                os.execve(TELNET, [TELNET, HOST, str(port)], env)
-            finally:
-                os._exit(127)
-        self.pid, self.fd = pid, fd
-        self.out = b""
-        self.seen = 0
-        self.returncode: int | None = None
-
-    def write(self, data: bytes) -> None:
-        os.write(self.fd, data)
-
-    def _read(self, deadline: float) -> bool:
-        """One bounded read from the pty master; False at EOF (the child is gone)."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return True
-        ready, _, _ = select.select([self.fd], [], [], min(remaining, 0.1))
-        if not ready:
-            return True
-        try:
-            chunk = os.read(self.fd, 4096)
-        except OSError:                                        # EIO: the slave side is closed
-            return False
-        self.out += chunk
-        return bool(chunk)
-
-    def expect(self, want: bytes, timeout: float = TIMEOUT) -> bytes:
-        """Wait until the screen after the last match shows `want`; return the new part."""
-        deadline = time.monotonic() + timeout
-        while want not in self.out[self.seen:]:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"telnet: timed out waiting for {want!r}; screen:\n"
-                                     f"{self.out[self.seen:]!r}")
-            if not self._read(deadline) and want not in self.out[self.seen:]:
-                raise AssertionError(f"telnet: EOF waiting for {want!r}; screen:\n{self.out!r}")
-        end = self.out.index(want, self.seen) + len(want)
-        new, self.seen = self.out[self.seen:end], end
-        return new
-
-    def settle(self, seconds: float) -> None:
-        """Keep draining the pty for `seconds` (telnet must never block on its output)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and self._read(deadline):
-            pass
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def ctrl_c(self) -> None:
-        """^C: the tty echoes it, telnet's SIGINT handler sends IAC IP IAC DO TIMING-MARK."""
-        self.write(b"\x03")
-        self.expect(b"^C")
-        self.settle(0.3)
-
-    def stop(self) -> None:
-        """TERM, wait, KILL by pid; reap; close the master."""
-        try:
-            if self.poll() is None:
-                kill_and_wait(self.pid)
-                try:
-                    os.waitpid(self.pid, 0)
-                except ChildProcessError:
-                    pass
-        finally:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-
-
-def connected_telnet(port: int) -> TelnetPty:
-    t = TelnetPty(port)
-    try:
-        t.expect(b"Escape character is")
-        t.settle(0.2)                     # let telnet set its terminal modes before typing
-    except BaseException:
-        t.stop()
-        raise
-    return t
-
 
 # ------------------------------------------------------------------ a logging relay
 

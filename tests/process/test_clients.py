@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import contextlib
 import os
-import pty
 import select
 import signal
 import socket
@@ -26,20 +25,15 @@ import time
 import pytest
 
 from conftest import LOOPS, require_real
+from telnet_pty import TELNET, connected_telnet, need
 from support import LineClient, kill_and_wait, wait_for
 
 NC = "/usr/bin/nc"
-TELNET = "/usr/bin/telnet"
 HOST = "127.0.0.1"
 TIMEOUT = 10.0
 
 IAC, DONT, DO, WONT, WILL, SB, SE = 0xFF, 0xFE, 0xFD, 0xFC, 0xFB, 0xFA, 0xF0
 ECHO, SGA, TIMING_MARK, TTYPE, NAWS = 0x01, 0x03, 0x06, 0x18, 0x1F
-
-
-def need(path: str, name: str) -> None:
-    if not os.access(path, os.X_OK):
-        require_real(name)
 
 
 # ------------------------------------------------------------------ 1. nc (netcat-openbsd)
@@ -191,107 +185,6 @@ def test_nc_refused_when_full_reads_err_server_full_even_if_it_sent_data(make_ch
 
 
 # ------------------------------------------------------------------ 2. telnet through a pty
-
-class TelnetPty:
-    """The real telnet client with a pty as its controlling terminal (so ^C is a real SIGINT)."""
-
-    def __init__(self, port: int) -> None:
-        env = {"PATH": "/usr/bin:/bin", "TERM": "dumb", "HOME": os.environ.get("HOME", "/tmp"),
-               "LANG": "C"}
-        pid, fd = pty.fork()
-        if pid == 0:                                           # the child: exec, never return
-            try:
-                os.execve(TELNET, [TELNET, HOST, str(port)], env)
-            finally:
-                os._exit(127)
-        self.pid, self.fd = pid, fd
-        self.out = b""
-        self.returncode: int | None = None
-
-    def write(self, data: bytes) -> None:
-        os.write(self.fd, data)
-
-    def _read(self, deadline: float) -> bool:
-        """One bounded read from the pty master; False at EOF (the child is gone)."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return True
-        ready, _, _ = select.select([self.fd], [], [], min(remaining, 0.1))
-        if not ready:
-            return True
-        try:
-            chunk = os.read(self.fd, 4096)
-        except OSError:                                        # EIO: the slave side is closed
-            return False
-        self.out += chunk
-        return bool(chunk)
-
-    def wait_output(self, predicate, what: str, timeout: float = TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.out):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"telnet: timed out waiting for {what}; screen:\n{self.out!r}")
-            if not self._read(deadline) and not predicate(self.out):
-                raise AssertionError(f"telnet: EOF waiting for {what}; screen:\n{self.out!r}")
-
-    def settle(self, seconds: float) -> None:
-        """Keep draining the pty for `seconds` (telnet must never block on its output)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and self._read(deadline):
-            pass
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait_exit(self, timeout: float = TIMEOUT) -> int:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"telnet did not exit; screen:\n{self.out!r}")
-            self._read(min(deadline, time.monotonic() + 0.05))
-        drain = time.monotonic() + 2.0            # what it wrote before exiting is still queued
-        while self._read(drain) and time.monotonic() < drain:
-            pass
-        return self.returncode
-
-    def stop(self) -> None:
-        """TERM, wait, KILL by pid; reap; close the master."""
-        try:
-            if self.poll() is None:
-                kill_and_wait(self.pid)
-                try:
-                    os.waitpid(self.pid, 0)
-                except ChildProcessError:
-                    pass
-        finally:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-
-    def type_line_and_see_echo(self, token: str) -> None:
-        """Type `token` + Enter; telnet shows the tty's local echo, then the server's: 2 copies."""
-        tok = token.encode()
-        before = self.out.count(tok)
-        assert before == 0, f"token {token} already on screen"
-        self.write(tok + b"\r")
-        self.wait_output(lambda out: out.count(tok) >= 2, f"the server's echo of {token}")
-
-
-def connected_telnet(port: int) -> TelnetPty:
-    t = TelnetPty(port)
-    try:
-        t.wait_output(lambda out: b"Escape character is" in out, "telnet to connect")
-        t.settle(0.2)                     # let telnet set its terminal modes before typing
-    except BaseException:
-        t.stop()
-        raise
-    return t
-
 
 def test_telnet_line_is_echoed_and_ctrl_c_does_not_freeze_the_session(loop_chatd):
     """1. telnet to chatd, 2. type a line, 3. Ctrl-C (telnet sends IAC IP IAC DO TIMING-MARK and
