@@ -24,7 +24,8 @@ from .errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNIN
 from .log import Logging, log, resolve_target
 from .paths import SYSTEM_DIR, InstancePaths, instance_paths, prepare_directory
 from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, probe
-from .server import Listener, Runtime, Server, new_event_loop
+from .notify import Activated, Notifier, listen_fds, supervised, take_upstart_job
+from .server import Listener, Runtime, Server, describe_listeners, new_event_loop
 from .signals import STOP_SIGNALS, SignalRecorder
 from .state import StateFile, read_state
 
@@ -104,35 +105,55 @@ def _check_not_running(found: Probe, say: Say) -> Probe:
 
 # ---------------------------------------------------------------------- start and run
 
-def _prepare(opts: Options, foreground: bool) -> tuple[Config, str, InstancePaths]:
-    """Everything that can be checked before forking: config, log target, privileges, pid directory."""
+@dataclass
+class Launch:
+    """What a starting daemon carries from its command into its event loop."""
+
+    cfg: Config
+    target: str                    # the log target
+    paths: InstancePaths
+    detached: bool
+    notifier: Notifier
+    activated: list[Activated]     # sockets handed over by socket activation, if any
+    upstart: bool = False          # stop itself (SIGSTOP) once ready: upstart's `expect stop`
+    recorder: SignalRecorder = field(default_factory=SignalRecorder)
+
+
+def _prepare(opts: Options, foreground: bool, notifier: Notifier | None = None) -> Launch:
+    """Everything that can be checked before forking: config, log target, privileges, pid
+    directory; and the sockets socket activation handed to this very process."""
     cfg = load_config(opts)
     target = resolve_target(cfg, foreground=foreground)
     daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group)
     paths = instance_paths(cfg)
     prepare_directory(cfg, paths)
-    return cfg, target, paths
+    return Launch(cfg, target, paths, detached=not foreground, notifier=notifier or Notifier(),
+                  activated=listen_fds(), upstart=foreground and take_upstart_job())
 
 
 def start(opts: Options, say: Say) -> int:
-    """Detach and serve; return 0 only once the daemon serves (or was already running)."""
-    cfg, target, paths = _prepare(opts, foreground=False)
-    with guard(paths.guard):
-        found = _check_not_running(probe(paths.pidfile), say)
+    """Detach and serve; return 0 only once the daemon serves (or was already running).
+
+    Under a supervisor (NOTIFY_SOCKET or UPSTART_JOB set) chatd never detaches:
+    the supervisor tracks the pid it started, so `start` serves as `run` does.
+    """
+    if supervised():
+        return run(opts, say)
+    launch = _prepare(opts, foreground=False)
+    with guard(launch.paths.guard):
+        found = _check_not_running(probe(launch.paths.pidfile), say)
         if found.running:
             say(f"chatd is already running (pid {found.pid})")
             return EXIT_OK
-        recorder = SignalRecorder()
-        recorder.install(detached=True)
+        launch.recorder.install(detached=True)
         pipe = ReadinessPipe()
         child = daemon.fork_invoker()
         if child:
-            return _wait_for_daemon(pipe, child, paths, recorder, say)
-        _become_daemon(cfg, paths, target, pipe, recorder)   # never returns
+            return _wait_for_daemon(pipe, child, launch.paths, launch.recorder, say)
+        _become_daemon(launch, pipe)   # never returns
 
 
-def _become_daemon(cfg: Config, paths: InstancePaths, target: str, pipe: ReadinessPipe,
-                   recorder: SignalRecorder) -> None:
+def _become_daemon(launch: Launch, pipe: ReadinessPipe) -> None:
     """In the first child: detach, serve, and exit with the daemon's status."""
     code = EXIT_FAILED
     try:
@@ -140,10 +161,10 @@ def _become_daemon(cfg: Config, paths: InstancePaths, target: str, pipe: Readine
         daemon.detach_session()
         daemon.fork_again()
         pipe.send(event="pid", pid=os.getpid())
-        daemon.close_inherited_fds(keep={pipe.w})
+        daemon.close_inherited_fds(keep={pipe.w} | {a.sock.fileno() for a in launch.activated})
         daemon.set_umask()
         daemon.change_directory()
-        code = serve(cfg, paths, target, pipe.ready, recorder, detached=True)
+        code = serve(launch, pipe.ready)
     except ChatdError as e:
         pipe.fail(e)
         code = e.status
@@ -189,45 +210,68 @@ def _wait_for_daemon(pipe: ReadinessPipe, child: int, paths: InstancePaths,
 
 
 def run(opts: Options, say: Say) -> int:
-    """Serve in the foreground (systemd, supervisors, containers, a terminal)."""
-    cfg, target, paths = _prepare(opts, foreground=True)
-    with contextlib.ExitStack() as held:
-        held.enter_context(guard(paths.guard))
-        found = _check_not_running(probe(paths.pidfile), say)
-        if found.running:
-            raise AlreadyRunning(paths.pidfile, found.pid)
-        recorder = SignalRecorder()
-        recorder.install(detached=False)
-        return serve(cfg, paths, target, lambda **info: held.close(), recorder, detached=False)
+    """Serve in the foreground (systemd, supervisors, containers, a terminal).
+
+    Under systemd a failed start is also reported on the notify socket (ERRNO=).
+    """
+    notifier = Notifier.from_environment()
+    try:
+        launch = _prepare(opts, foreground=True, notifier=notifier)
+        with contextlib.ExitStack() as held:
+            held.enter_context(guard(launch.paths.guard))
+            found = _check_not_running(probe(launch.paths.pidfile), say)
+            if found.running:
+                raise AlreadyRunning(launch.paths.pidfile, found.pid)
+            launch.recorder.install(detached=False)
+
+            def ready(**info: Any) -> None:
+                held.close()   # the guard: other commands may look now
+                if launch.upstart:
+                    os.kill(os.getpid(), signal.SIGSTOP)   # upstart continues us (SIGCONT)
+
+            return serve(launch, ready)
+    except ChatdError as e:
+        notifier.failed(e.errno_value, e.message)
+        raise
+    finally:
+        notifier.close()
 
 
-def serve(cfg: Config, paths: InstancePaths, target: str, ready: Callable[..., None],
-          recorder: SignalRecorder, detached: bool) -> int:
+def serve(launch: Launch, ready: Callable[..., None]) -> int:
     """The daemon's body, after detaching (start) or at once (run)."""
+    cfg, paths = launch.cfg, launch.paths
     max_clients, fd_warning = daemon.raise_fd_limit(cfg.limits.max_clients)
-    addresses = listen.resolve(cfg.server.host, cfg.server.port)
-    socks = listen.bind_all(addresses, cfg.server.backlog)
+    if launch.activated:
+        socks = [a.sock for a in launch.activated]
+        addresses = [listen.address_of(s) for s in socks]
+    else:
+        addresses = listen.resolve(cfg.server.host, cfg.server.port)
+        socks = listen.bind_all(addresses, cfg.server.backlog)
+    listeners = [Listener(a, s, name=act.name if act else "")
+                 for a, s, act in zip(addresses, socks, launch.activated or [None] * len(socks))]
     pidfile = PidFile(paths.pidfile)
     state = StateFile(paths.state)
     logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
     try:
         pidfile.acquire(os.getpid())
         state.open(pid=os.getpid(), started=time.time(), config=cfg.path, pidfile=paths.pidfile,
-                   mode=cfg.server.mode, address=listen.describe(addresses), clients=0, generation=0)
-        logs.configure(cfg, target)
+                   mode=cfg.server.mode, address=describe_listeners(listeners), clients=0, generation=0)
+        logs.configure(cfg, launch.target)
         state.update(log=logs.status())
         log.info("chatd %s starting (pid %d, config %s)", __version__, os.getpid(), cfg.path or "none")
+        if launch.activated:
+            log.info("listening on sockets handed over by socket activation: %s",
+                     describe_listeners(listeners))
         if fd_warning:
             log.warning("%s", fd_warning)
         loop, loop_name = new_event_loop(cfg.server.loop)   # imports uvloop while we still may
         daemon.drop_privileges(cfg.daemon.user, cfg.daemon.group)
-        if detached:
+        if launch.detached:
             daemon.redirect_stdio()
-        runtime = Runtime(state=state, logs=logs, foreground=not detached,
+        runtime = Runtime(state=state, logs=logs, foreground=not launch.detached,
                           release=lambda: _release(state, pidfile, logs),
-                          ready=lambda info: ready(**info), recorder=recorder,
-                          overrides=_absolute_overrides(cfg))
-        listeners = [Listener(a, s) for a, s in zip(addresses, socks)]
+                          ready=lambda info: ready(**info), recorder=launch.recorder,
+                          notifier=launch.notifier, overrides=_absolute_overrides(cfg))
         server = Server(cfg, listeners, runtime, max_clients, loop_name)
         try:
             return loop.run_until_complete(server.serve())

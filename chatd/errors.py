@@ -6,6 +6,8 @@ Code below `cli` raises these instead of printing or exiting, so one place
 
 from __future__ import annotations
 
+import errno
+
 # LSB init-script exit statuses (LSB 5.0, "Init Script Actions").
 EXIT_OK = 0
 EXIT_FAILED = 1          # generic failure; for status: dead but pid file has content
@@ -17,15 +19,21 @@ EXIT_NOT_RUNNING_RELOAD = 7  # reload of a stopped service
 
 
 class ChatdError(Exception):
-    """A failure that ends a command with `status` and a one-line `message`."""
+    """A failure that ends a command with `status` and a one-line `message`.
+
+    `errno_value` is what systemd hears (ERRNO=) when a supervised start fails.
+    """
 
     status = EXIT_FAILED
+    errno_value = errno.EIO
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, errno_value: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
+        if errno_value is not None:
+            self.errno_value = errno_value
 
     def __str__(self) -> str:
         return self.message
@@ -35,18 +43,21 @@ class UsageError(ChatdError):
     """Bad command line: unknown command or option, or a bad option value."""
 
     status = EXIT_USAGE
+    errno_value = errno.EINVAL
 
 
 class ConfigError(ChatdError):
     """Bad or missing config file; the message names file:line where it can."""
 
     status = EXIT_CONFIG
+    errno_value = errno.EINVAL
 
 
 class PrivilegeError(ChatdError):
     """Not allowed: a privileged port, another user, a directory we may not use."""
 
     status = EXIT_PRIVILEGE
+    errno_value = errno.EACCES
 
 
 class StartError(ChatdError):

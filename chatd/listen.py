@@ -91,14 +91,25 @@ def bind_all(addresses: list[Address], backlog: int) -> list[socket.socket]:
 def _bind_error(address: Address, e: OSError) -> ChatdError:
     if e.errno == errno.EADDRINUSE:
         return StartError(f"cannot listen on {address}: address already in use "
-                          f"(another program has port {address.port}; stop it or choose another --port)")
+                          f"(another program has port {address.port}; stop it or choose another --port)",
+                          errno_value=e.errno)
     if e.errno in (errno.EACCES, errno.EPERM):
         return PrivilegeError(f"cannot listen on {address}: permission denied "
-                              f"(ports below 1024 need root)")
+                              f"(ports below 1024 need root)", errno_value=e.errno)
     if e.errno == errno.EADDRNOTAVAIL:
-        return StartError(f"cannot listen on {address}: no such address on this machine")
-    return StartError(f"cannot listen on {address}: {e.strerror}")
+        return StartError(f"cannot listen on {address}: no such address on this machine",
+                          errno_value=e.errno)
+    return StartError(f"cannot listen on {address}: {e.strerror}", errno_value=e.errno)
 
 
-def describe(addresses: list[Address]) -> str:
-    return ", ".join(str(a) for a in addresses)
+def address_of(sock: socket.socket) -> Address:
+    """The address a listening socket (one handed over, say) is bound to."""
+    host, port = sock.getsockname()[:2]
+    return Address(sock.family, ipaddress.ip_address(host).compressed, port)
+
+
+def describe(addresses: list[Address], names: list[str] | None = None) -> str:
+    """"0.0.0.0:7777", or with socket activation's names "127.0.0.1:7778 (systemd: tcp)"."""
+    if not names:
+        return ", ".join(str(a) for a in addresses)
+    return ", ".join(f"{a} (systemd: {n})" for a, n in zip(addresses, names))

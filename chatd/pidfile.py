@@ -227,6 +227,9 @@ def guard(path: str, timeout: float = GUARD_TIMEOUT_S, read_only: bool = False) 
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
         os.fchmod(fd, 0o600)
     except OSError as e:
+        if e.errno == errno.ENOENT:
+            yield   # no directory: no instance there to guard (systemd makes it at start)
+            return
         if not read_only:
             cls = PrivilegeError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ChatdError
             raise cls(f"cannot open guard lock {path}: {e.strerror}") from None

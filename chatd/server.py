@@ -28,6 +28,7 @@ from .errors import ChatdError, StartError
 from .protocol import clean_text
 from .rooms import ChatService
 from .log import Logging, resolve_target
+from .notify import Notifier
 from .signals import CAUGHT, STOP_SIGNALS, SignalRecorder, signal_name
 from .state import StateFile
 
@@ -57,6 +58,12 @@ class Listener:
     address: listen.Address
     sock: socket.socket
     server: Any = None        # the asyncio Server serving a duplicate of `sock`
+    name: str = ""            # LISTEN_FDNAMES's name, for a socket handed over by systemd
+
+
+def describe_listeners(listeners: list[Listener]) -> str:
+    names = [li.name for li in listeners]
+    return listen.describe([li.address for li in listeners], names if any(names) else None)
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Runtime:
     release: Callable[[], None]           # removes the pid file, at the very end
     ready: Callable[[dict[str, Any]], None]
     recorder: SignalRecorder
+    notifier: Notifier = field(default_factory=Notifier)
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
 
@@ -84,6 +92,7 @@ class Server:
         self.loop_name = loop_name
         self.stop_signal: int | None = None
         self.generation = 0
+        self.last_restart: dict[str, Any] | None = None
         self.started = time.time()
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.state: ServerState
@@ -119,9 +128,12 @@ class Server:
         info = {"address": self.address, "mode": self.cfg.server.mode, "loop": self.loop_name,
                 "log": self.runtime.logs.status()}
         log.info("ready: %s mode on %s, event loop %s", self.cfg.server.mode, self.address, self.loop_name)
+        self.runtime.notifier.ready(self.status_text())
         self.runtime.ready(info)
         self._tasks.append(asyncio.create_task(self._refresh_state()))
         self._tasks.append(asyncio.create_task(self._sweep_idle()))
+        if self.runtime.notifier.watchdog_interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(self.runtime.notifier.watchdog_interval)))
 
     async def main_loop(self) -> None:
         while self.stop_signal is None:
@@ -139,6 +151,7 @@ class Server:
         how = "graceful stop" if graceful else "stop"
         log.info("%s (%s), %d clients", how, signal_name(self.stop_signal) if self.stop_signal else "error",
                  len(self.state.connections))
+        self.runtime.notifier.stopping(f"{how}, {len(self.state.connections)} clients")
         for listener in self.listeners:
             self._close_listener(listener)
         self.listeners = []
@@ -179,14 +192,16 @@ class Server:
         - a valid one is applied: new address bound before the old one closes,
           mode and limits for new connections; connected clients stay.
         """
+        self.runtime.notifier.reloading()
         self.runtime.logs.reopen()
         outcome, message = await self.restart()
         self.generation += 1
         level = logging.INFO if outcome == "applied" else logging.WARNING
         log.log(level, "restart %s: %s", outcome, message)
+        self.last_restart = {"time": time.time(), "outcome": outcome, "message": message}
         self.runtime.state.update(**self._state_fields(), generation=self.generation,
-                                  last_restart={"time": time.time(), "outcome": outcome,
-                                                "message": message})
+                                  last_restart=self.last_restart)
+        self.runtime.notifier.ready(self.status_text())
 
     # ------------------------------------------------------------------ restart
 
@@ -201,6 +216,12 @@ class Server:
             if new.get(key) != old.get(key):
                 return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
                                     f"which needs 'chatd stop' and 'chatd start'; nothing changed")
+        if any(li.name for li in self.listeners):
+            for key in ("server.host", "server.port"):
+                if new.get(key) != old.get(key):
+                    return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
+                                        f"but the listening socket was handed over by socket "
+                                        f"activation; change the .socket unit instead; nothing changed")
         changed = old.differences(new)
         log_keys = [k for k in changed if k.startswith("log.")]
         if log_keys:
@@ -369,18 +390,34 @@ class Server:
                     conn.close("idle")
 
     async def _refresh_state(self) -> None:
-        clients = -1
+        """Bring the client count in the state file and systemd's STATUS= up to date."""
+        clients = len(self.state.connections)
         while True:
             await asyncio.sleep(STATE_REFRESH_S)
             if len(self.state.connections) != clients:
                 clients = len(self.state.connections)
                 self.runtime.state.update(clients=clients)
+                self.runtime.notifier.status(self.status_text())
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC, from the loop itself: a wedged loop stops it."""
+        while True:
+            self.runtime.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ helpers
 
     @property
     def address(self) -> str:
-        return listen.describe([li.address for li in self.listeners])
+        return describe_listeners(self.listeners)
+
+    def status_text(self) -> str:
+        """What `systemctl status` shows: mode, address, clients, and the last restart."""
+        n = len(self.state.connections)
+        text = f"{self.cfg.server.mode} on {self.address}, {n} client{'' if n == 1 else 's'}"
+        if self.last_restart:
+            text += f"; last restart {self.last_restart['outcome']}: {self.last_restart['message']}"
+        return text
 
     def _state_fields(self) -> dict[str, Any]:
         return {"address": self.address, "mode": self.cfg.server.mode, "loop": self.loop_name,
