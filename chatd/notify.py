@@ -39,7 +39,10 @@ class Notifier:
         self.watchdog_usec = watchdog_usec
         self.sock: socket.socket | None = None
         if address is not None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a receiver that stops reading fills its queue, and a blocking
+            # send would then freeze the event loop; a lost datagram is the lesser harm.
+            self.sock = socket.socket(socket.AF_UNIX,
+                                      socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     @classmethod
     def from_environment(cls) -> Notifier:
@@ -67,7 +70,8 @@ class Notifier:
         return self.watchdog_usec / 2e6 if self.enabled else 0.0
 
     def send(self, *fields: str) -> None:
-        """One datagram of KEY=VALUE lines. A notify socket that went away changes nothing."""
+        """One datagram of KEY=VALUE lines. A notify socket that went away, or is full,
+        changes nothing."""
         if self.sock is None:
             return
         try:
