@@ -375,3 +375,12 @@ def test_a_stranger_holding_a_lock_on_a_stale_pid_file_cannot_block_start(chatd,
         assert alive(squatter.pid)
     finally:
         kill_and_wait(squatter.pid)
+
+
+def test_control_commands_on_a_pid_directory_that_does_not_exist_yet(chatd):
+    """As before systemd first makes RuntimeDirectory=: nothing runs there, and nothing is created."""
+    pidfile = str(chatd.dir / "not-yet" / "chatd.pid")
+    assert chatd.cmd("stop", "--pidfile", pidfile, check=0).stdout == b"chatd is not running\n"
+    assert chatd.cmd("status", "--pidfile", pidfile, check=3).stdout == b"chatd is not running\n"
+    assert chatd.cmd("reload", "--pidfile", pidfile, check=7).stdout == b"chatd is not running\n"
+    assert not (chatd.dir / "not-yet").exists()
