@@ -551,6 +551,25 @@ def test_two_sockets_with_names_for_our_pid(chatd):
         assert exit_status(proc) == 0, output_of(inst)
 
 
+def test_a_detached_start_keeps_the_sockets_handed_to_it(chatd):
+    """`chatd start` with LISTEN_PID naming the invoker: the daemon, two forks later, serves
+    the socket it was handed (the descriptor sweep spares it) and binds nothing itself."""
+    inst = chatd
+    a = tcp_listener()
+    port = a.getsockname()[1]
+    env = base_env(LISTEN_PID="placeholder", LISTEN_FDS="1", LISTEN_FDNAMES="handed")
+    with a:
+        proc = subprocess.run(with_own_pid("LISTEN_PID", chatd_run(inst, "start")), env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                              pass_fds=(3,), preexec_fn=dup_onto_3(a.fileno()))
+    inst.remember_pid()
+    assert proc.returncode == 0, proc.stderr
+    assert f"127.0.0.1:{port} (systemd: handed)".encode() in proc.stdout
+    echo_works(port, b"two forks later\n")
+    assert not listening(inst.port)
+    inst.cmd("stop", check=0)
+
+
 # ------------------------------------------------------------------ upstart
 
 def wait_stopped(pid: int, timeout: float = 10.0) -> int:
