@@ -69,11 +69,21 @@ class ChatConnection(Connection):
 
     def data_received(self, data: bytes) -> None:
         self.active = True
-        self._lines(self.feed(data))
+        chat = self.state.chat
+        chat.cork()
+        try:
+            self._lines(self.feed(data))
+        finally:
+            chat.uncork()
 
     def eof_received(self) -> bool:
         """The client half-closed: it has left. Its last line counts; what is queued is flushed."""
-        self._lines(self.finish())
+        chat = self.state.chat
+        chat.cork()
+        try:
+            self._lines(self.finish())
+        finally:
+            chat.uncork()
         self._leave("connection closed")
         self.reason = self.reason or "client closed"
         self.closing = True
@@ -84,9 +94,9 @@ class ChatConnection(Connection):
             if self.closing:
                 return
             if item.__class__ is TelnetReply:
-                self.transport.write(item)
+                self.state.chat.tell(self, item)
             elif item is LINE_TOO_LONG:
-                self.send(error(f"line too long (max {self.max_line} bytes), dropped"))
+                self.state.chat.tell(self, error(f"line too long (max {self.max_line} bytes), dropped"))
             else:
                 for raw in item.split(b"\n"):
                     text = clean_text(raw)
@@ -112,7 +122,7 @@ class ChatConnection(Connection):
             self._leave("flooding")
             self.close("flooding")
         else:
-            self.send(error("slow down, line dropped"))
+            self.state.chat.tell(self, error("slow down, line dropped"))
         return False
 
     # ------------------------------------------------------------ output

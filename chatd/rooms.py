@@ -2,7 +2,11 @@
 
 The service never waits for anyone: every `peer.send` is a synchronous write
 into that peer's own bounded output queue, and a peer that cannot keep up is
-dropped by its connection, not waited for. Text reaching `on_line` is already
+dropped by its connection, not waited for. While a connection handles one
+read (`cork`/`uncork`), what goes to a room is held and then sent to each
+member in one write: sixteen lines in one read are one write per receiver, not
+sixteen. Anything sent to one peer first sends what is held, so every client
+still sees lines in the order they happened. Text reaching `on_line` is already
 sanitized (`protocol.clean_text`); every line sent here ends with CRLF, and
 every user line gets a server prefix, so no user can forge a `*** ` line.
 Imports nothing else from chatd.
@@ -72,6 +76,8 @@ class ChatService:
         self._guests = itertools.count(1)              # guest numbers are never reused
         self.motd: list[str] = []
         self.default_room = "#lobby"
+        self._held: list[tuple[str, bytes, Peer | None]] = []   # (room, data, who not to send to)
+        self._corked = False
         self.configure(motd, default_room)
 
     def configure(self, motd: str, default_room: str) -> None:
@@ -89,9 +95,9 @@ class ChatService:
             nick = f"guest{next(self._guests)}"
         peer.nick = nick
         self.nicks[nick.casefold()] = peer
-        peer.send(notice(f"Welcome to chatd, {nick}. Type /help for commands."))
+        self.tell(peer, notice(f"Welcome to chatd, {nick}. Type /help for commands."))
         for text in self.motd:
-            peer.send(notice(text))
+            self.tell(peer, notice(text))
         self._enter(peer, self.default_room)
 
     def depart(self, peer: Peer, reason: str, tell_others: bool = True) -> None:
@@ -103,8 +109,8 @@ class ChatService:
 
     def _enter(self, peer: Peer, room: str) -> None:
         members = self.rooms.setdefault(room, {})
-        peer.send(self._roster(room, members))
-        self.broadcast(room, notice(f"{peer.nick} joined {room}"))
+        self.tell(peer, self._roster(room, members))
+        self.broadcast(room, notice(f"{peer.nick} joined {room}"), skip=peer)
         members[peer] = None
         peer.room = room
 
@@ -115,18 +121,54 @@ class ChatService:
         if not members:
             self.rooms.pop(room, None)
         elif reason is not None:
-            self.broadcast(room, notice(f"{peer.nick} left {room} ({reason})"))
+            self.broadcast(room, notice(f"{peer.nick} left {room} ({reason})"), skip=peer)
 
     @staticmethod
     def _roster(room: str, members: dict[Peer, None]) -> bytes:
         names = by_name([p.nick for p in members])
         return notice(f"{room}: {', '.join(names) if names else 'nobody else here'}")
 
+    # ------------------------------------------------------------ sending
+
+    def cork(self) -> None:
+        """Hold what goes to rooms until `uncork` (a connection handling one read)."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        self._corked = False
+        if self._held:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is held: runs for one room and the same skipped peer become one write."""
+        held, self._held = self._held, []
+        i, n = 0, len(held)
+        while i < n:
+            room, data, skip = held[i]
+            j = i + 1
+            while j < n and held[j][0] == room and held[j][2] is skip:
+                j += 1
+            self._deliver(room, data if j == i + 1 else b"".join(h[1] for h in held[i:j]), skip)
+            i = j
+
     def broadcast(self, room: str, data: bytes, skip: Peer | None = None) -> None:
+        """`data` to everyone in `room` but `skip`."""
+        if self._corked:
+            self._held.append((room, data, skip))
+        else:
+            self._deliver(room, data, skip)
+
+    def _deliver(self, room: str, data: bytes, skip: Peer | None) -> None:
         # A tuple: a send may drop a member that cannot keep up.
         for member in tuple(self.rooms.get(room, ())):
             if member is not skip:
                 member.send(data)
+
+    def tell(self, peer: Peer, data: bytes) -> None:
+        """`data` to one peer, after what is held, so that the order of events holds."""
+        if self._held:
+            self.flush()
+        peer.send(data)
 
     # ------------------------------------------------------------ lines
 
@@ -138,7 +180,7 @@ class ChatService:
             name, _, args = text[1:].partition(" ")
             handler = COMMANDS.get(name.lower())
             if handler is None:
-                peer.send(error(f"unknown command /{name} (try /help)"))
+                self.tell(peer, error(f"unknown command /{name} (try /help)"))
             else:
                 handler(self, peer, args.strip())
         else:
@@ -153,16 +195,16 @@ class ChatService:
     def cmd_nick(self, peer: Peer, args: str) -> None:
         new = args
         if not new:
-            return peer.send(error("usage: /nick NAME"))
+            return self.tell(peer, error("usage: /nick NAME"))
         if not NICK_RE.fullmatch(new):
-            return peer.send(error(f"bad nick: {new} (1 to 16 letters, digits, _ - .)"))
+            return self.tell(peer, error(f"bad nick: {new} (1 to 16 letters, digits, _ - .)"))
         mine = new.casefold() == peer.nick.casefold()
         if GUEST_RE.fullmatch(new) and not mine:
-            return peer.send(error(f"nick reserved for guests: {new}"))
+            return self.tell(peer, error(f"nick reserved for guests: {new}"))
         if not mine and new.casefold() in self.nicks:
-            return peer.send(error(f"nick taken: {new}"))
+            return self.tell(peer, error(f"nick taken: {new}"))
         if new == peer.nick:
-            return peer.send(notice(f"you are already {new}"))
+            return self.tell(peer, notice(f"you are already {new}"))
         old = peer.nick
         del self.nicks[old.casefold()]
         self.nicks[new.casefold()] = peer
@@ -172,29 +214,29 @@ class ChatService:
     @command("/join #ROOM", "leave this room for another (made if need be)")
     def cmd_join(self, peer: Peer, args: str) -> None:
         if not args:
-            return peer.send(error("usage: /join #ROOM"))
+            return self.tell(peer, error("usage: /join #ROOM"))
         room = args if args.startswith("#") else "#" + args
         if not ROOM_RE.fullmatch(room):
-            return peer.send(error(f"bad room name: {args} (# and 1 to 32 letters, digits, _ or -)"))
+            return self.tell(peer, error(f"bad room name: {args} (# and 1 to 32 letters, digits, _ or -)"))
         room = room.lower()
         if room == peer.room:
-            return peer.send(error(f"you are already in {room}"))
+            return self.tell(peer, error(f"you are already in {room}"))
         self._leave_room(peer, f"joined {room}")
         self._enter(peer, room)
 
     @command("/who, /names", "who is in this room", "names")
     def cmd_who(self, peer: Peer, args: str) -> None:
-        peer.send(self._roster(peer.room, self.rooms.get(peer.room, {})))
+        self.tell(peer, self._roster(peer.room, self.rooms.get(peer.room, {})))
 
     @command("/rooms", "the rooms, and how many are in each")
     def cmd_rooms(self, peer: Peer, args: str) -> None:
         listed = ", ".join(f"{room} ({len(members)})" for room, members in sorted(self.rooms.items()))
-        peer.send(notice(f"rooms: {listed}"))
+        self.tell(peer, notice(f"rooms: {listed}"))
 
     @command("/me ACTION", "say what you do: * alice waves")
     def cmd_me(self, peer: Peer, args: str) -> None:
         if not args:
-            return peer.send(error("usage: /me ACTION"))
+            return self.tell(peer, error("usage: /me ACTION"))
         self.broadcast(peer.room, line(f"* {peer.nick} {args}"), skip=peer)
 
     @command("/msg NICK TEXT", "a private message, whatever room NICK is in")
@@ -202,12 +244,12 @@ class ChatService:
         nick, _, text = args.partition(" ")
         text = text.strip()
         if not nick or not text:
-            return peer.send(error("usage: /msg NICK TEXT"))
+            return self.tell(peer, error("usage: /msg NICK TEXT"))
         target = self.nicks.get(nick.casefold())
         if target is None:
-            return peer.send(error(f"no such nick: {nick}"))
-        target.send(line(f"*{peer.nick}* {text}"))
-        peer.send(line(f"-> *{target.nick}* {text}"))
+            return self.tell(peer, error(f"no such nick: {nick}"))
+        self.tell(target, line(f"*{peer.nick}* {text}"))
+        self.tell(peer, line(f"-> *{target.nick}* {text}"))
 
     @command("/quit [REASON]", "leave")
     def cmd_quit(self, peer: Peer, args: str) -> None:
@@ -215,7 +257,7 @@ class ChatService:
 
     @command("/help", "this list")
     def cmd_help(self, peer: Peer, args: str) -> None:
-        peer.send(notice("commands:"))
+        self.tell(peer, notice("commands:"))
         for text in HELP:
-            peer.send(notice(text))
-        peer.send(notice(f"{'//text':<17} say a line that starts with /"))
+            self.tell(peer, notice(text))
+        self.tell(peer, notice(f"{'//text':<17} say a line that starts with /"))

@@ -18,7 +18,7 @@ class FakePeer:
         self.service = service
 
     def send(self, data: bytes) -> None:
-        assert data.endswith(b"\r\n") and data.count(b"\n") == 1
+        assert data.endswith(b"\r\n") and all(x.endswith(b"\r") for x in data.split(b"\n")[:-1])
         self.got.append(data)
 
     def quit(self, reason: str) -> None:
@@ -159,3 +159,34 @@ def test_configure_applies_to_new_arrivals(service):
     service.arrive(b)
     assert b.take()[1:] == [b"*** new motd\r\n", b"*** #games: nobody else here\r\n"]
     assert a.room == "#lobby"
+
+
+def test_lines_of_one_read_reach_each_member_in_one_write_and_in_order(service):
+    """cork/uncork around one read: three lines are one send per member; a reply to the
+    sender, or a private message, first sends what is held, so nobody sees events reordered."""
+    a, b, c = join(service, 3)
+    service.cork()
+    for text in ("one", "two", "three"):
+        service.on_line(a, text)
+    assert b.got == [] and c.got == []              # held
+    service.uncork()
+    assert b.take() == c.take() == [b"<guest1> one\r\n<guest1> two\r\n<guest1> three\r\n"]
+    assert a.take() == []
+    service.cork()
+    service.on_line(a, "before")
+    service.on_line(a, "/msg guest2 private")
+    service.on_line(a, "after")
+    service.uncork()
+    assert b.take() == [b"<guest1> before\r\n", b"*guest1* private\r\n", b"<guest1> after\r\n"]
+    assert a.take() == [b"-> *guest2* private\r\n"]
+    assert c.take() == [b"<guest1> before\r\n", b"<guest1> after\r\n"]
+
+
+def test_a_joiner_never_gets_its_own_join_notice_even_when_held(service):
+    a, b = join(service, 2)
+    service.cork()
+    service.on_line(b, "/join #x")
+    service.on_line(a, "/join #x")
+    service.uncork()
+    assert a.take() == [b"*** guest2 left #lobby (joined #x)\r\n", b"*** #x: guest2\r\n"]
+    assert b.take() == [b"*** #x: nobody else here\r\n", b"*** guest1 joined #x\r\n"]
