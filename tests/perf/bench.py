@@ -1,0 +1,421 @@
+#!/usr/bin/env python3
+"""chatd's side-by-side benchmark: chatd and the reference servers, interleaved, in one run.
+
+    python tests/perf/bench.py                  # the full matrix, 5 repetitions (~40 min)
+    python tests/perf/bench.py --reps 3 -d 3    # quicker, noisier
+    python tests/perf/bench.py --short          # CI: chatd only, a few seconds per workload;
+                                                #     fails on lost or garbled lines, not on speed
+
+It builds ../shared/bench's load generator (a verifying epoll client) and C reference server in
+a temporary directory, then, for each repetition, runs every workload against every server in
+turn (the order rotated each repetition), each server started fresh and pinned to CPU 0, the
+load generator pinned to CPU 1, all on 127.0.0.1. It prints a markdown table per workload
+(median and min-max over the repetitions, ratios to the references, p50/p99 latency, server CPU
+per line, RSS, errors, the load generator's CPU: near 100 % it, not the server, is the limit),
+then the targets of chatd's speed issue, each PASS or FAIL from the medians of this one run.
+Exit status: 1 if any run lost or garbled a line, or a server failed; else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PORT = 7300
+
+# workload id -> (mode, loadgen arguments, title)
+WORKLOADS = {
+    "e1": ("echo", ["echo", "-c", "1", "-P", "1", "-s", "64"], "echo, 1 connection, 1 line in flight"),
+    "e100": ("echo", ["echo", "-c", "100", "-P", "1", "-s", "64"], "echo, 100 connections, 1 line in flight"),
+    "e1000": ("echo", ["echo", "-c", "1000", "-P", "1", "-s", "64"],
+              "echo, 1000 connections, 1 line in flight"),
+    "e100p16": ("echo", ["echo", "-c", "100", "-P", "16", "-s", "64"],
+                "echo, 100 connections, 16 lines in flight"),
+    "c10": ("chat", ["chat", "-c", "10", "-S", "1", "-W", "16", "-s", "64"],
+            "chat, 1 sender to 10 receivers, 16 lines outstanding"),
+    "c100": ("chat", ["chat", "-c", "100", "-S", "1", "-W", "16", "-s", "64"],
+             "chat, 1 sender to 100 receivers, 16 lines outstanding"),
+    "c100r2k": ("chat", ["chat", "-c", "100", "-S", "4", "-R", "2000", "-s", "64"],
+                "chat, 4 open-loop senders at 2,000 lines/s in all to 100 receivers"),
+    "h10k": ("hold", ["hold", "-c", "10000", "--probe", "--pss"],
+             "10,000 idle connections, each probed with one echoed line"),
+    "h1k": ("hold", ["hold", "-c", "1000", "--probe", "--pss"],
+            "1,000 idle connections, each probed with one echoed line"),
+}
+FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100r2k", "h10k"]
+SHORT = ["e100", "e100p16", "c100", "c100r2k", "h1k"]
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]          # "{port}" is replaced by the port
+    modes: tuple[str, ...]   # the workload modes it serves
+
+
+@dataclass
+class Run:
+    workload: str
+    server: str
+    rep: int
+    result: dict[str, str] = field(default_factory=dict)
+    failure: str = ""
+
+    def num(self, key: str) -> float | None:
+        try:
+            return float(self.result[key])
+        except (KeyError, ValueError):
+            return None
+
+
+def chatd_binary() -> str:
+    here = Path(sys.executable).parent / "chatd"
+    return str(here) if here.exists() else (shutil.which("chatd") or "chatd")
+
+
+def servers(bench: Path, build: Path, work: Path, short: bool) -> list[Server]:
+    """chatd as installed (uvloop when present), chatd on asyncio's loop, and the references."""
+    conf = work / "bench.conf"
+    conf.write_text('[server]\nhost = "127.0.0.1"\n'
+                    "[limits]\nmax_clients = 0\nmax_clients_per_ip = 0\nrate = 0\n")
+    chatd = [chatd_binary(), "run", "-c", str(conf), "-p", "{port}", "--pidfile",
+             str(work / "chatd-{port}.pid"), "--log", str(work / "chatd-{port}.log")]
+    py = sys.executable
+    found = [
+        Server("chatd", chatd + ["--mode", "echo"], ("echo", "hold")),
+        Server("chatd-asyncio", chatd + ["--mode", "echo", "--loop", "asyncio"], ("echo",)),
+        Server("chatd-chat", chatd + ["--mode", "chat"], ("chat",)),
+        Server("chatd-chat-asyncio", chatd + ["--mode", "chat", "--loop", "asyncio"], ("chat",)),
+    ]
+    if short:
+        return found
+    found += [
+        Server("C-epoll", [str(build / "ref_epoll_echo"), "-p", "{port}"], ("echo", "hold")),
+        Server("proto-uvloop", [py, str(bench / "py_asyncio_protocol_echo.py"), "--uvloop", "--port", "{port}"],
+               ("echo", "hold")),
+        Server("proto-asyncio", [py, str(bench / "py_asyncio_protocol_echo.py"), "--port", "{port}"], ("echo",)),
+        Server("C-epoll-chat", [str(build / "ref_epoll_echo"), "-m", "chat", "-x", "-p", "{port}"], ("chat",)),
+        Server("broadcast-uvloop", [py, str(bench / "py_asyncio_chat.py"), "--uvloop", "--port", "{port}"],
+               ("chat",)),
+    ]
+    if shutil.which("ncat"):
+        found.append(Server("ncat-chat", ["ncat", "-m", "1000", "-l", "-k", "--chat", "127.0.0.1", "{port}"],
+                            ("chat",)))
+    return found
+
+
+# SPEC section 5 ends every chat line with CRLF; the kit's chat verifier counts a line's bytes up
+# to LF, so it would call every chatd line garbled. The copy built here lets a CR stand where the
+# LF was (the payload is still checked byte for byte); echo lines are verified as sent.
+CHAT_CRLF = ("int r = parse_token(p, L, &id, &seq);",
+             "int r = parse_token(p, (L >= 2 && p[L - 2] == '\\r') ? L - 1 : L, &id, &seq);")
+
+
+def build_kit(bench: Path, build: Path) -> None:
+    source = (bench / "loadgen.c").read_text()
+    if CHAT_CRLF[0] not in source:
+        raise SystemExit("bench.py: loadgen.c changed; cannot teach its chat verifier CRLF")
+    (build / "loadgen.c").write_text(source.replace(*CHAT_CRLF))
+    shutil.copy(bench / "ref_epoll_echo.c", build / "ref_epoll_echo.c")
+    for src, out in (("loadgen.c", "loadgen"), ("ref_epoll_echo.c", "ref_epoll_echo")):
+        subprocess.run(["gcc", "-O2", "-o", str(build / out), str(build / src)], check=True)
+
+
+def listening(port: int) -> bool:
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+def start_server(server: Server, port: int, log: Path, pin: bool) -> subprocess.Popen:
+    argv = [a.replace("{port}", str(port)) for a in server.argv]
+    if pin:
+        argv = ["taskset", "-c", "0"] + argv
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"{server.name} did not start listening on {port}")
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """TERM, wait, KILL: the server's own process group, which it was started in."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def wait_port_free(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while listening(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, build: Path,
+            work: Path) -> Run:
+    mode, lg_args, _ = WORKLOADS[workload]
+    run = Run(workload, server.name, rep)
+    wait_port_free(args.port)
+    try:
+        proc = start_server(server, args.port, work / f"{server.name}.out", args.pin)
+    except RuntimeError as e:
+        run.failure = str(e)
+        return run
+    try:
+        argv = [str(build / "loadgen"), *lg_args, "-p", str(args.port), "--server-pid", str(proc.pid),
+                "--conc", "8", "--label", f"{server.name}/{workload}"]
+        if mode != "hold":
+            argv += ["-d", str(args.duration), "-w", str(args.warmup)]
+        else:
+            argv += ["-d", str(min(args.duration, 3))]
+        if args.pin:
+            argv = ["taskset", "-c", "1"] + argv
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 180)
+        except subprocess.TimeoutExpired:
+            run.failure = "loadgen timed out"
+            return run
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            run.failure = f"no RESULT (loadgen rc {out.returncode}): {out.stderr.strip()[-200:]}"
+            return run
+        run.result = dict(tok.split("=", 1) for tok in lines[-1].split()[1:] if "=" in tok)
+    finally:
+        stop_server(proc)
+    return run
+
+
+# ------------------------------------------------------------------ reporting
+
+def errors(run: Run) -> int:
+    """Lost, garbled or refused: what makes a run wrong rather than slow."""
+    if run.failure:
+        return 1
+    r = run.result
+    if WORKLOADS[run.workload][0] == "hold":
+        bad = sum(int(float(r.get(k, 0))) for k in ("connect_fail", "closed"))
+        if r.get("probe") == "1" and r.get("probe_ok") not in (None, r.get("conns")):
+            bad += 1
+        return bad
+    return int(float(r.get("errors", 0)))
+
+
+def median(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def spread(values: list[float | None], digits: int = 0) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    fmt = (lambda v: f"{v:,.{digits}f}")
+    m = statistics.median(vals)
+    return fmt(m) if len(vals) == 1 else f"{fmt(m)} [{fmt(min(vals))}-{fmt(max(vals))}]"
+
+
+def cpu_per_line(run: Run) -> float | None:
+    rate, cpu = run.num("lines_per_s"), run.num("srv_cpu")
+    return cpu / 100 * 1e6 / rate if rate and cpu is not None else None
+
+
+def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> list[str]:
+    mode, _, title = WORKLOADS[workload]
+    out = [f"### {workload}: {title}", ""]
+    mine = [r for r in runs if r.workload == workload]
+    by_server = {name: [r for r in mine if r.server == name] for name in names}
+    if mode == "hold":
+        out += ["| server | runs | open at end / asked | failed or closed | probes answered | server RSS MiB before -> after | RSS B per connection | errors |",
+                "|---|---|---|---|---|---|---|---|"]
+        for name, group in by_server.items():
+            ok = [r for r in group if r.result]
+            if not group:
+                continue
+            if not ok:
+                out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} ||||||")
+                continue
+            rss0 = median([r.num("srv_rss0_kb") for r in ok])
+            rss1 = median([r.num("srv_rss1_kb") for r in ok])
+            out.append(f"| {name} | {len(ok)} | {spread([r.num('open_end') for r in ok])} / {ok[0].result.get('conns')} "
+                       f"| {spread([(r.num('connect_fail') or 0) + (r.num('closed') or 0) for r in ok])} "
+                       f"| {spread([r.num('probe_ok') for r in ok])} "
+                       f"| {(rss0 or 0) / 1024:.1f} -> {(rss1 or 0) / 1024:.1f} "
+                       f"| {spread([r.num('rss_per_conn_b') for r in ok])} | {sum(errors(r) for r in group)} |")
+        return out + [""]
+    unit = "lines/s" if mode == "echo" else "deliveries/s"
+    ref_cols = "".join(f" x {ref} |" for ref in refs)
+    out += [f"| server | runs | {unit} median [min-max] |{ref_cols} p50 us | p99 us | server CPU us per line | "
+            f"server RSS MiB | errors | loadgen CPU % |",
+            "|---|---|---|" + "---|" * len(refs) + "---|---|---|---|---|---|"]
+    for name, group in by_server.items():
+        if not group:
+            continue
+        ok = [r for r in group if r.result]
+        if not ok:
+            out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} |" + "|" * (len(refs) + 6))
+            continue
+        rate = median([r.num("lines_per_s") for r in ok])
+        ratios = ""
+        for ref in refs:
+            ref_rate = median([r.num("lines_per_s") for r in by_server.get(ref, []) if r.result])
+            ratios += f" {rate / ref_rate:.2f} |" if rate and ref_rate else " - |"
+        lg = median([r.num("lg_cpu") for r in ok])
+        lg_note = f"{lg:.0f}" + (" (the limit)" if lg is not None and lg >= 90 else "") if lg is not None else "-"
+        rss = median([r.num("srv_rss_kb") for r in ok])
+        out.append(f"| {name} | {len(ok)} | {spread([r.num('lines_per_s') for r in ok])} |{ratios} "
+                   f"{spread([r.num('p50_us') for r in ok], 1)} | {spread([r.num('p99_us') for r in ok], 1)} "
+                   f"| {spread([cpu_per_line(r) for r in ok], 2)} | {(rss or 0) / 1024:.1f} "
+                   f"| {sum(errors(r) for r in group)} | {lg_note} |")
+    return out + [""]
+
+
+def targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
+    """The speed issue's targets, from the medians of this run (None: not measured here)."""
+    def med(workload: str, server: str, key: str = "lines_per_s") -> float | None:
+        return median([r.num(key) if key != "cpu" else cpu_per_line(r)
+                       for r in runs if r.workload == workload and r.server == server and r.result])
+
+    def ratio_check(label: str, workload: str, a: str, b: str, floor: float) -> tuple[str, bool | None, str]:
+        x, y = med(workload, a), med(workload, b)
+        if x is None or y is None:
+            return label, None, "not measured"
+        return label, x / y >= floor, f"{x:,.0f} / {y:,.0f} = {x / y:.2f} (at least {floor})"
+
+    checks = [
+        ratio_check("echo, 100 connections: chatd vs minimal uvloop Protocol", "e100", "chatd", "proto-uvloop", 0.9),
+        ratio_check("echo, 1000 connections: chatd vs minimal uvloop Protocol", "e1000", "chatd", "proto-uvloop", 0.9),
+        ratio_check("echo, 16 in flight: chatd vs the C server", "e100p16", "chatd", "C-epoll", 0.8),
+    ]
+    for wl in ("e100", "e1000", "e100p16"):
+        checks.append(ratio_check(f"{wl}, asyncio's loop: chatd vs minimal asyncio Protocol", wl,
+                                  "chatd-asyncio", "proto-asyncio", 1.2))
+    cpu, ncat_cpu = med("c100", "chatd-chat", "cpu"), med("c100", "ncat-chat", "cpu")
+    if cpu is None or ncat_cpu is None:
+        checks.append(("chat to 100: CPU per delivery vs ncat --chat", None, "not measured"))
+    else:
+        checks.append(("chat to 100: CPU per delivery vs ncat --chat", cpu <= 0.8 * ncat_cpu,
+                       f"{cpu:.3f} us vs {ncat_cpu:.3f} us = {cpu / ncat_cpu:.2f} (at most 0.8)"))
+    rate, ncat_rate = med("c100", "chatd-chat"), med("c100", "ncat-chat")
+    if rate is None or ncat_rate is None:
+        checks.append(("chat to 100: deliveries/s vs ncat --chat", None, "not measured"))
+    else:
+        checks.append(("chat to 100: deliveries/s vs ncat --chat", rate >= ncat_rate,
+                       f"{rate:,.0f} vs {ncat_rate:,.0f} = {rate / ncat_rate:.2f} (at least 1)"))
+    open_runs = [r for r in runs if r.workload == "c100r2k" and r.server == "chatd-chat"]
+    p99, ref_p99 = med("c100r2k", "chatd-chat", "p99_us"), med("c100r2k", "broadcast-uvloop", "p99_us")
+    lost = sum(errors(r) for r in open_runs)
+    if not open_runs or p99 is None or ref_p99 is None:
+        checks.append(("open loop 2,000 lines/s: all delivered, p99 vs minimal uvloop broadcast", None,
+                       "not measured"))
+    else:
+        checks.append(("open loop 2,000 lines/s: all delivered, p99 vs minimal uvloop broadcast",
+                       lost == 0 and p99 <= 1.5 * ref_p99,
+                       f"{lost} lost; p99 {p99:,.0f} us vs {ref_p99:,.0f} us = {p99 / ref_p99:.2f} (at most 1.5)"))
+    hold = [r for r in runs if r.workload == "h10k" and r.server == "chatd" and r.result]
+    if not hold:
+        checks.append(("10,000 idle connections: all answer, at most 2 KiB RSS each", None, "not measured"))
+    else:
+        per = median([r.num("rss_per_conn_b") for r in hold])
+        answered = all(r.result.get("probe_ok") == r.result.get("conns") for r in hold)
+        checks.append(("10,000 idle connections: all answer, at most 2 KiB RSS each",
+                       answered and per is not None and per <= 2048,
+                       f"probes all answered: {answered}; {per:,.0f} B per connection (at most 2,048)"))
+    return checks
+
+
+REFS = {"echo": ["proto-uvloop", "C-epoll", "proto-asyncio"],
+        "chat": ["ncat-chat", "broadcast-uvloop", "C-epoll-chat"], "hold": []}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--short", action="store_true", help="CI mode: chatd only, short runs, fail on errors")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5; 1 with --short)")
+    ap.add_argument("-d", "--duration", type=float, default=None, help="measured seconds per run (default 5)")
+    ap.add_argument("-w", "--warmup", type=float, default=1.0, help="warm-up seconds per run")
+    ap.add_argument("--workloads", default=None, help="comma-separated workload ids: " + ",".join(WORKLOADS))
+    ap.add_argument("--bench", default=str(REPO.parent / "shared" / "bench"), help="the benchmark kit")
+    ap.add_argument("--port", type=int, default=PORT)
+    ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin to CPUs 0 and 1")
+    ap.add_argument("--out", help="also append every RESULT line here")
+    args = ap.parse_args()
+    args.reps = args.reps or (1 if args.short else 5)
+    args.duration = args.duration or (1.5 if args.short else 5.0)
+    if args.short:
+        args.warmup = min(args.warmup, 0.5)
+    workloads = args.workloads.split(",") if args.workloads else (SHORT if args.short else FULL)
+    bench = Path(args.bench)
+    if not (bench / "loadgen.c").exists():
+        print(f"bench.py: no benchmark kit at {bench} (use --bench DIR)", file=sys.stderr)
+        return 2
+    if args.pin and (os.cpu_count() or 1) < 2:
+        args.pin = False
+    with tempfile.TemporaryDirectory(prefix="chatd-bench-") as tmp:
+        build = Path(tmp) / "build"
+        work = Path(tmp) / "work"
+        build.mkdir()
+        work.mkdir()
+        build_kit(bench, build)
+        all_servers = servers(bench, build, work, args.short)
+        runs: list[Run] = []
+        started = time.monotonic()
+        for rep in range(1, args.reps + 1):
+            for wl in workloads:
+                mode = WORKLOADS[wl][0]
+                group = [s for s in all_servers if mode in s.modes]
+                k = (rep - 1) % len(group)
+                for server in group[k:] + group[:k]:
+                    run = run_one(server, wl, rep, args, build, work)
+                    runs.append(run)
+                    status = run.failure or run.result.get("lines_per_s") or run.result.get("rss_per_conn_b")
+                    print(f"rep {rep} {wl:8} {server.name:20} {status}", file=sys.stderr, flush=True)
+                    if args.out and run.result:
+                        with open(args.out, "a") as f:
+                            f.write("RESULT " + " ".join(f"{k}={v}" for k, v in run.result.items())
+                                    + f" server={server.name} workload={wl} rep={rep}\n")
+        elapsed = time.monotonic() - started
+    names = [s.name for s in all_servers]
+    print(f"## chatd benchmark, {time.strftime('%Y-%m-%d')}, {args.reps} repetition(s) of "
+          f"{args.duration:g} s, {'pinned: server CPU 0, load generator CPU 1' if args.pin else 'not pinned'}, "
+          f"{elapsed / 60:.1f} min\n")
+    for wl in workloads:
+        mode = WORKLOADS[wl][0]
+        refs = [r for r in REFS[mode] if r in names]
+        print("\n".join(table(wl, runs, [n for n in names if any(r.server == n and r.workload == wl for r in runs)],
+                              refs)))
+    if not args.short:
+        print("### Targets (medians of this run)\n\n| target | met | figures |\n|---|---|---|")
+        for label, ok, text in targets(runs):
+            print(f"| {label} | {'-' if ok is None else 'yes' if ok else 'NO'} | {text} |")
+    bad = [r for r in runs if errors(r)]
+    for r in bad:
+        print(f"bench.py: {r.server} on {r.workload} (rep {r.rep}) lost, garbled or failed: "
+              f"{r.failure or r.result}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
