@@ -13,6 +13,7 @@ Tests: tests/process/test_chat.py
 from __future__ import annotations
 
 import collections
+import re
 import socket
 import struct
 from typing import Any
@@ -22,6 +23,7 @@ from .protocol import LINE_TOO_LONG, TelnetReply, clean_text
 from .rooms import error, notice
 
 FLOOD_WINDOW_S = 10.0      # `burst` dropped lines within this window disconnect a client
+PLAIN_LINE = re.compile(rb"[\x20-\x7e\t]*")   # printable ASCII and TAB: nothing to sanitize
 
 
 class ChatConnection(Connection):
@@ -98,10 +100,19 @@ class ChatConnection(Connection):
             elif item is LINE_TOO_LONG:
                 self.state.chat.tell(self, error(f"line too long (max {self.max_line} bytes), dropped"))
             else:
+                chat = self.state.chat
                 for raw in item.split(b"\n"):
+                    if raw[-1:] == b"\r":
+                        raw = raw[:-1]
+                    if PLAIN_LINE.fullmatch(raw) and raw[:1] != b"/":
+                        # Printable ASCII that is no command: clean_text would change nothing,
+                        # so the bytes go out as they came, prefixed (the common case, fast).
+                        if raw.strip() and self._take_token() and not self.closing:
+                            chat.say_plain(self, raw)
+                        continue
                     text = clean_text(raw)
                     if text.strip() and self._take_token() and not self.closing:
-                        self.state.chat.on_line(self, text)
+                        chat.on_line(self, text)
 
     def _take_token(self) -> bool:
         """The token bucket: `burst` lines at once, `rate` a second after that."""

@@ -189,6 +189,10 @@ class ChatService:
     def say(self, peer: Peer, text: str) -> None:
         self.broadcast(peer.room, line(f"<{peer.nick}> {text}"), skip=peer)
 
+    def say_plain(self, peer: Peer, text: bytes) -> None:
+        """`say` for a line that is printable ASCII and no command, kept as bytes (the hot path)."""
+        self.broadcast(peer.room, b"<%s> %s\r\n" % (peer.nick.encode(), text), skip=peer)
+
     # ------------------------------------------------------------ commands
 
     @command("/nick NAME", "change your nick")
