@@ -24,6 +24,7 @@ from .rooms import error, notice
 
 FLOOD_WINDOW_S = 10.0      # `burst` dropped lines within this window disconnect a client
 PLAIN_LINE = re.compile(rb"[\x20-\x7e\t]*")   # printable ASCII and TAB: nothing to sanitize
+PLAIN_BLOCK = re.compile(rb"(?:[\x20\t]*[\x21-\x7e][\x20-\x7e\t]*\n)+")   # such lines, none blank
 
 
 class ChatConnection(Connection):
@@ -99,7 +100,7 @@ class ChatConnection(Connection):
                 self.state.chat.tell(self, item)
             elif item is LINE_TOO_LONG:
                 self.state.chat.tell(self, error(f"line too long (max {self.max_line} bytes), dropped"))
-            else:
+            elif not self._say_block(item):
                 chat = self.state.chat
                 for raw in item.split(b"\n"):
                     if raw[-1:] == b"\r":
@@ -113,6 +114,31 @@ class ChatConnection(Connection):
                     text = clean_text(raw)
                     if text.strip() and self._take_token() and not self.closing:
                         chat.on_line(self, text)
+
+    def _say_block(self, block: bytes) -> bool:
+        """All the lines of one read at once, when each is printable ASCII with a visible
+        character and none is a command, and the bucket has a token for each: one prefixed
+        block, built by one replace. False: take the lines one by one."""
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n")   # a bare CR left over fails the match
+        if block[:1] == b"/" or b"\n/" in block or not PLAIN_BLOCK.fullmatch(block):
+            return False
+        if self.state.limits.rate and not self._take_tokens(block.count(b"\n")):
+            return False
+        prefix = b"<%s> " % self.nick.encode()
+        self.state.chat.say_block(self, prefix + block[:-1].replace(b"\n", b"\r\n" + prefix) + b"\r\n")
+        return True
+
+    def _take_tokens(self, n: int) -> bool:
+        """Take `n` tokens at once if the bucket holds them (see `_take_token`)."""
+        limits = self.state.limits
+        now = self.state.loop.time()
+        self.tokens = min(float(limits.burst), self.tokens + (now - self.refilled) * limits.rate)
+        self.refilled = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
 
     def _take_token(self) -> bool:
         """The token bucket: `burst` lines at once, `rate` a second after that."""

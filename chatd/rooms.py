@@ -193,6 +193,10 @@ class ChatService:
         """`say` for a line that is printable ASCII and no command, kept as bytes (the hot path)."""
         self.broadcast(peer.room, b"<%s> %s\r\n" % (peer.nick.encode(), text), skip=peer)
 
+    def say_block(self, peer: Peer, lines: bytes) -> None:
+        """Lines `peer` said, already prefixed and CRLF-terminated (the hottest path)."""
+        self.broadcast(peer.room, lines, skip=peer)
+
     # ------------------------------------------------------------ commands
 
     @command("/nick NAME", "change your nick")
