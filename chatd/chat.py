@@ -130,7 +130,8 @@ class ChatConnection(Connection):
         return True
 
     def _take_tokens(self, n: int) -> bool:
-        """Take `n` tokens at once if the bucket holds them (see `_take_token`)."""
+        """The token bucket: it holds `burst` tokens (full at connect) and refills at `rate`
+        a second; take `n` at once if it holds them."""
         limits = self.state.limits
         now = self.state.loop.time()
         self.tokens = min(float(limits.burst), self.tokens + (now - self.refilled) * limits.rate)
@@ -141,16 +142,12 @@ class ChatConnection(Connection):
         return True
 
     def _take_token(self) -> bool:
-        """The token bucket: `burst` lines at once, `rate` a second after that."""
+        """One line's token; without one the line is dropped with a warning, and `burst`
+        dropped lines within FLOOD_WINDOW_S disconnect the client (`flooding`)."""
         limits = self.state.limits
-        if not limits.rate:
+        if not limits.rate or self._take_tokens(1):
             return True
-        now = self.state.loop.time()
-        self.tokens = min(float(limits.burst), self.tokens + (now - self.refilled) * limits.rate)
-        self.refilled = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
+        now = self.refilled
         dropped = self.dropped
         dropped.append(now)
         while dropped[0] < now - FLOOD_WINDOW_S:
