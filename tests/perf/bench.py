@@ -414,6 +414,8 @@ def main() -> int:
     for r in bad:
         print(f"bench.py: {r.server} on {r.workload} (rep {r.rep}) lost, garbled or failed: "
               f"{r.failure or r.result}", file=sys.stderr)
+    # One closing line: a run passes when nothing was lost, garbled or refused.
+    print(f"bench: {len(runs) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
 
 
