@@ -2,12 +2,14 @@
 
 The path of a line: `data_received` -> `LineDecoder.feed` (LF, CRLF or CR NUL;
 telnet; the length bound) -> `clean_text` -> the token bucket -> the
-`ChatService` of rooms.py, which sends to each recipient with `send`. `send`
-never waits: the transport's buffer is this client's output queue, and when it
-passes `output_buffer` the transport calls `pause_writing`, which drops the
-client as too slow, so nobody else ever waits for it.
+`ChatService` of rooms.py, which sends to each recipient with `send`. Two fast
+paths give the same bytes: a read whose lines are all printable ASCII and no
+command is prefixed as one block, and such a single line skips `clean_text`.
+`send` never waits: the transport's buffer is this client's output queue, and
+when it passes `output_buffer` the transport calls `pause_writing`, which drops
+the client as too slow, so nobody else ever waits for it.
 
-Tests: tests/process/test_chat.py
+Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/unit/test_chat_paths.py
 """
 
 from __future__ import annotations
