@@ -29,7 +29,7 @@ from .protocol import clean_text
 from .rooms import ChatService
 from .log import Logging, resolve_target
 from .notify import Notifier
-from .signals import CAUGHT, STOP_SIGNALS, SignalRecorder, signal_name
+from .signals import STOP_SIGNALS, SignalQueue, SignalRecorder, signal_name
 from .state import StateFile
 
 log = logging.getLogger("chatd")
@@ -94,7 +94,7 @@ class Server:
         self.generation = 0
         self.last_restart: dict[str, Any] | None = None
         self.started = time.time()
-        self.signals: asyncio.Queue[int] = asyncio.Queue()
+        self.signals: SignalQueue
         self.state: ServerState
         self.connection_class: type[Connection] = EchoConnection
         self._tasks: list[asyncio.Task[None]] = []
@@ -113,9 +113,8 @@ class Server:
         """Take the signals over, serve every listener, then report ready."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._on_loop_error)
-        for sig in CAUGHT:
-            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
-        self.runtime.recorder.take_over(self.signals.put_nowait)
+        self.signals = SignalQueue(loop)
+        self.runtime.recorder.take_over(self.signals.put)
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
         self.state.chat = ChatService()
         self._configure_chat(self.cfg)
@@ -441,14 +440,9 @@ class Server:
 
     def _abort_if_stopped_early(self) -> None:
         """A stop signal before ready aborts the start (SPEC section 2); a SIGHUP waits."""
-        early: list[int] = []
-        while not self.signals.empty():
-            early.append(self.signals.get_nowait())
-        stop = next((s for s in early if s in STOP_SIGNALS), None)
+        stop = self.signals.stop_pending()
         if stop is not None:
             raise StartError(f"start aborted by {signal_name(stop)}")
-        for sig in early:
-            self.signals.put_nowait(sig)
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """One log line for whatever the loop could not handle; never a traceback."""

@@ -2,15 +2,16 @@
 
 Every signal's final disposition is set at once, before chatd forks, so no
 signal that arrives while it starts can kill it by default action. Until the
-event loop runs, the caught signals are only recorded; `Server` then takes them
-over with `loop.add_signal_handler` and replays what was recorded. Handlers
-never do work: they record, and the main loop acts.
+event loop runs, the caught signals are only recorded; `Server` then points the
+recorder at a `SignalQueue` and replays what was recorded. Handlers never do
+work: they record, and the main loop acts.
 
 Tests: tests/process/test_signals.py, tests/process/test_detach.py
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from typing import Callable
 
@@ -34,7 +35,7 @@ class SignalRecorder:
     def _record(self, signum: int, frame: object) -> None:
         if self._sink is not None:
             self._sink(signum)
-        else:
+        elif signum not in self.pending:   # as the kernel does: one pending instance each
             self.pending.append(signum)
 
     def install(self, detached: bool) -> None:
@@ -70,6 +71,54 @@ class SignalRecorder:
     def stop_requested(self) -> int | None:
         """The first recorded stop signal, if any (checked during start-up)."""
         return next((s for s in self.pending if s in STOP_SIGNALS), None)
+
+
+class SignalQueue:
+    """The signals waiting for the main loop: each at most once, stop signals first.
+
+    Standard signals are not queued by the kernel either: a second SIGHUP that
+    arrives before the first is handled is the same request. Keeping one entry
+    per signal bounds the queue under a storm, and taking stop signals first
+    means a SIGTERM never waits behind a backlog of restarts. `put` runs in the
+    Python-level signal handler, between any two bytecodes of the loop, so it
+    touches nothing but a dict and wakes the loop the thread-safe way; it works
+    the same on asyncio's loop (PEP 475 runs the handler when epoll is
+    interrupted) and on uvloop (its wakeup fd runs it).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pending: dict[int, None] = {}
+        self._loop = loop
+        self._arrived = asyncio.Event()
+
+    def put(self, signum: int) -> None:
+        if signum not in self._pending:
+            self._pending[signum] = None
+            try:
+                self._loop.call_soon_threadsafe(self._arrived.set)
+            except RuntimeError:
+                pass   # the loop has closed: chatd is on its way out already
+
+    def get_nowait(self) -> int | None:
+        """The next signal to act on, or None."""
+        pending = list(self._pending)   # one C-level copy: a handler may add to the dict any time
+        if not pending:
+            return None
+        signum = next((s for s in pending if s in STOP_SIGNALS), pending[0])
+        del self._pending[signum]
+        return signum
+
+    async def get(self) -> int:
+        while True:
+            self._arrived.clear()
+            signum = self.get_nowait()
+            if signum is not None:
+                return signum
+            await self._arrived.wait()
+
+    def stop_pending(self) -> int | None:
+        """A stop signal waiting to be handled, left in place (checked during start-up)."""
+        return next((s for s in list(self._pending) if s in STOP_SIGNALS), None)
 
 
 def signal_name(signum: int) -> str:
