@@ -1,9 +1,10 @@
 """The state file: a small JSON object beside the pid file, through which control commands
 learn what the daemon is doing (`status`) and how a restart ended (`restart`, `reload`).
 
-It is replaced atomically (temp file, rename). A daemon that dropped privileges
-and may not create files in a root-owned directory rewrites it in place
-instead, under an exclusive flock that readers share.
+It is replaced atomically (temp file, rename). When that fails (a daemon that
+dropped privileges may not create files in a root-owned directory; a full
+disk has no room for the temp file), it is rewritten in place instead, under
+an exclusive flock that readers share.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class StateFile:
         self.path = path
         self.data: dict[str, Any] = {}
         self._fd: int | None = None   # kept open for in-place rewrites after a privilege drop
+        self.stale = False            # the last update could not be written anywhere
 
     def open(self, **initial: Any) -> None:
         """Create the file (before dropping privileges) with its first contents."""
@@ -32,15 +34,21 @@ class StateFile:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
 
     def update(self, **changes: Any) -> None:
+        """Record `changes`; on a full disk the file is rewritten in place instead, and if
+        even that fails, `stale` is set and `retry` (called every second) tries again."""
         if not self.data:
             return   # not opened yet, or already removed at exit
         self.data.update(changes)
         try:
             self._replace()
-        except PermissionError:
-            self._rewrite_in_place()
         except OSError:
-            pass   # a full disk must not stop the daemon; the next update retries
+            self.stale = not self._rewrite_in_place()
+        else:
+            self.stale = False
+
+    def retry(self) -> None:
+        if self.stale:
+            self.update()
 
     def _payload(self) -> bytes:
         return (json.dumps(self.data, sort_keys=True) + "\n").encode()
@@ -49,25 +57,41 @@ class StateFile:
         tmp = f"{self.path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
-            os.write(fd, self._payload())
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
+            try:
+                os.write(fd, self._payload())
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         if self._fd is not None:
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
 
-    def _rewrite_in_place(self) -> None:
+    def _rewrite_in_place(self) -> bool:
+        """Overwrite the file through the descriptor kept open; True if it worked.
+
+        The new bytes are written over the old before the file is cut to length:
+        truncating first would free its blocks, and on a full disk the write
+        could then find none and leave the file empty.
+        """
         if self._fd is None:
-            return
+            return False
+        payload = self._payload()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, self._payload(), 0)
+            try:
+                os.pwrite(self._fd, payload, 0)
+                os.ftruncate(self._fd, len(payload))
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError:
-            pass
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            return False
+        return True
 
     def remove(self) -> None:
         """Remove the file at exit; only the process that created it may."""
