@@ -5,9 +5,9 @@ telnet; the length bound) -> `clean_text` -> the token bucket -> the
 `ChatService` of rooms.py, which sends to each recipient with `send`. Two fast
 paths give the same bytes: a read whose lines are all printable ASCII and no
 command is prefixed as one block, and such a single line skips `clean_text`.
-`send` never waits: the transport's buffer is this client's output queue, and
-when it passes `output_buffer` the transport calls `pause_writing`, which drops
-the client as too slow, so nobody else ever waits for it.
+`send` never waits: what the kernel does not take queues in the transport and
+the connection's outbox (connection.py), and when that passes the client's
+budget, `over_budget` drops it as too slow, so nobody else ever waits for it.
 
 Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/unit/test_chat_paths.py
 """
@@ -36,8 +36,8 @@ class ChatConnection(Connection):
     FULL_LINE = b"*** server full\r\n"
     CR_NUL_ENDS_LINE = True
 
-    def __init__(self, state: Any) -> None:
-        super().__init__(state)
+    def __init__(self, state: Any, ip: str = "?", peer: str = "?") -> None:
+        super().__init__(state, ip, peer)
         self.nick = ""
         self.room = ""
         self.tokens = float(state.limits.burst)   # the bucket is full at connect
@@ -46,17 +46,16 @@ class ChatConnection(Connection):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        if self.admitted:
-            self._bound_output()
-            self.refilled = self.state.loop.time()
-            self.state.chat.arrive(self)
+        self._bound_output()
+        self.refilled = self.state.loop.time()
+        self.state.chat.arrive(self)
 
     def _bound_output(self) -> None:
         """Make `output_buffer` bound all the unread output, the kernel's share included.
 
         Linux grows a socket's send buffer to megabytes for a peer that does not
         read, so the loop's buffer alone would let ~3 MB queue up before "too
-        slow". The kernel's share is capped, and the loop's gets the rest.
+        slow". The kernel's share is capped, and the process's gets the rest.
         """
         limit = self.state.limits.output_buffer
         kernel = min(65536, limit // 4)
@@ -67,8 +66,7 @@ class ChatConnection(Connection):
                 socket.SOL_SOCKET, socket.SO_SNDBUF, max(1, kernel))
         except (OSError, AttributeError):
             kernel = 0
-        high = max(limit - kernel, self.max_line + 2)
-        self.transport.set_write_buffer_limits(high=high, low=high // 2)
+        self.budget = max(limit - kernel, self.max_line + 2)
 
     # ------------------------------------------------------------ input
 
@@ -91,7 +89,7 @@ class ChatConnection(Connection):
             chat.uncork()
         self._leave("connection closed")
         self.reason = self.reason or "client closed"
-        self.closing = True
+        self.flush()
         return False
 
     def _lines(self, items: list) -> None:
@@ -165,11 +163,15 @@ class ChatConnection(Connection):
 
     def send(self, data: bytes) -> None:
         """Queue `data` for this client; never waits (see the module docstring)."""
-        if not self.closing:
+        if self.outbox is not None:
+            self.hold(data)
+        elif not self.closing and not self.transport.is_closing():
+            # is_closing: the loop may have found the peer gone (reset) and not yet told us;
+            # asyncio logs every write after the fifth to such a transport.
             self.transport.write(data)
 
-    def pause_writing(self) -> None:
-        """Unread output passed `output_buffer`: drop the client, whoever else is waiting.
+    def over_budget(self) -> None:
+        """Unread output passed the budget: drop the client, whoever else is waiting.
 
         This runs inside a send, often in the middle of a broadcast: the room is
         told when the loop delivers `connection_lost`, after the line at hand.
@@ -181,9 +183,6 @@ class ChatConnection(Connection):
             except (OSError, AttributeError):
                 pass
             self.abort("too slow")
-
-    def resume_writing(self) -> None:
-        pass
 
     def quit(self, reason: str) -> None:
         """/quit: leave with `reason`, flush what is queued, close."""
@@ -204,7 +203,6 @@ class ChatConnection(Connection):
         super().close(reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.admitted:
-            self._leave(self.reason if self.reason in ("idle", "too slow", "flooding")
-                        else "connection closed")
+        self._leave(self.reason if self.reason in ("idle", "too slow", "flooding")
+                    else "connection closed")
         super().connection_lost(exc)

@@ -1,9 +1,14 @@
 """One client connection: admission, limits, flow control, idle check, and a clean close.
 
 `Connection` is the part every mode shares; `echo.EchoConnection` adds what
-is done with the bytes. Output is bounded by the transport's write-buffer
-limits: past `output_buffer` the transport calls `pause_writing`, and we stop
-reading that client until its output has drained to half of that.
+is done with the bytes. Output goes straight to the transport while the kernel
+takes it. Once the transport has to queue some (`pause_writing`, at a high-water
+mark of 0), further output is gathered in the connection's own `outbox`, one
+bytearray, until the transport has drained (`resume_writing`), and is then
+handed over in one write. uvloop keeps ~800 bytes of bookkeeping per queued
+write, so a client that does not read, sent many small lines, would otherwise
+cost far more memory than `output_buffer` says. Past that budget, echo stops
+reading the client and chat drops it (`over_budget`).
 
 Tests: tests/unit/test_connection.py, tests/process/test_echo.py
 """
@@ -22,8 +27,6 @@ from .protocol import LineDecoder
 
 log = logging.getLogger("chatd")
 LINGER_S = 1.0        # how long a graceful close reads and discards after its FIN
-MAX_LINGERING = 96    # refused clients closed gracefully at a time (within daemon.FD_RESERVE);
-                      # past that, under a flood of connections, they are closed at once
 
 
 def format_peer(peer: Any) -> str:
@@ -33,13 +36,25 @@ def format_peer(peer: Any) -> str:
     return str(peer)
 
 
+KEEPALIVE_PROBES = 6
+
+
 def set_keepalive(sock: Any, idle_s: int) -> None:
-    """TCP keepalive: probes after `idle_s` of silence find peers that vanished."""
+    """Find peers that vanished without a FIN within about `idle_s` + 6 probe intervals.
+
+    Keepalive probes only go out on an idle connection. A peer that vanished
+    while output was waiting for it is a retransmitting connection, which
+    keepalive never probes and Linux gives up on only after ~15 minutes; the
+    same deadline as TCP_USER_TIMEOUT (unacknowledged data) covers that case.
+    """
+    interval = max(1, min(idle_s, 10))
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, min(idle_s, 10)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        (idle_s + KEEPALIVE_PROBES * interval) * 1000)
     except (OSError, AttributeError):
         pass
 
@@ -64,34 +79,45 @@ class ServerState:
         self.max_clients = max_clients
         self.loop = loop
         self.connections: set[Connection] = set()
+        self.count = 0        # admitted clients, counting those not yet connected
         self.per_ip: dict[str, int] = {}
         self.all_closed = asyncio.Event()
         self.all_closed.set()
-        self.lingering = 0    # refused clients still being closed gracefully
         self.stopping = False  # the server is stopping: leaving clients are not announced
         self.chat: Any = None  # the ChatService of rooms.py, shared by chat connections
 
-    def admit(self, conn: Connection) -> str:
-        """Count `conn` in, or say why it is refused ("" when admitted)."""
+    def admit(self, ip: str) -> str:
+        """Count a newcomer from `ip` in, or say why it is refused ("" when admitted).
+
+        Admission happens at accept time, before the connection exists, so a
+        batch of accepts cannot overshoot the limits."""
         limits = self.limits
-        if self.max_clients and len(self.connections) >= self.max_clients:
+        if self.max_clients and self.count >= self.max_clients:
             return "server full"
-        if limits.max_clients_per_ip and self.per_ip.get(conn.ip, 0) >= limits.max_clients_per_ip:
+        if limits.max_clients_per_ip and self.per_ip.get(ip, 0) >= limits.max_clients_per_ip:
             return "server full (too many connections from one address)"
-        self.connections.add(conn)
-        self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
-        self.all_closed.clear()
+        self.count += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return ""
+
+    def release(self, ip: str) -> None:
+        """Give back what `admit(ip)` counted."""
+        self.count -= 1
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]
+
+    def enter(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.all_closed.clear()
 
     def forget(self, conn: Connection) -> None:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
-        left = self.per_ip[conn.ip] - 1
-        if left:
-            self.per_ip[conn.ip] = left
-        else:
-            del self.per_ip[conn.ip]
+        self.release(conn.ip)
         if not self.connections:
             self.all_closed.set()
 
@@ -104,75 +130,82 @@ class Connection(LineDecoder, asyncio.Protocol):
     quarter of the echo throughput (measured on uvloop, 64-byte lines).
     """
 
-    __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "admitted",
-                 "closing")
-    FULL_LINE = b"ERR server full\r\n"
+    __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "closing",
+                 "outbox", "budget")
+    FULL_LINE = b"ERR server full\r\n"   # what accept.Gate tells a newcomer it refuses
     CR_NUL_ENDS_LINE = False
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, ip: str = "?", peer: str = "?") -> None:
+        """A client already admitted (`ServerState.admit(ip)`) by accept.Gate."""
         super().__init__(state.limits.max_line, self.CR_NUL_ENDS_LINE)
         self.state = state
         self.transport: Any = None
-        self.ip = ""
-        self.peer = "?"
+        self.ip = ip
+        self.peer = peer
         self.active = True        # set on every read; the idle sweep clears it
         self.idle_since = 0.0     # when the idle sweep last found it inactive
         self.reason = ""
-        self.admitted = False
         self.closing = False      # nothing more may be written: closed, or half-closed by us
+        self.outbox: bytearray | None = None   # output held while the transport has a queue
+        self.budget = state.limits.output_buffer   # unsent output allowed: transport + outbox
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.ip = peer[0] if isinstance(peer, tuple) else str(peer)
-        self.peer = format_peer(peer)
-        refusal = self.state.admit(self)
-        if refusal:
-            self.reason = refusal
-            log.warning("refused %s: %s", self.peer, refusal)
-            transport.write(self.FULL_LINE)
-            if self.state.lingering < MAX_LINGERING:
-                # Close like a graceful stop: a close over unread input would send RST,
-                # and the client would lose the line just written to it.
-                self.state.lingering += 1
-                drainer = _Drainer(self, 0)
-                transport.set_protocol(drainer)
-                drainer.finish()
-            else:
-                transport.close()
-            return
-        self.admitted = True
+        self.state.enter(self)
         limits = self.state.limits
-        transport.set_write_buffer_limits(high=limits.output_buffer, low=limits.output_buffer // 2)
+        transport.set_write_buffer_limits(high=0, low=0)
         if limits.keepalive:
             set_keepalive(transport.get_extra_info("socket"), limits.keepalive)
         log.info("connect %s (%d clients)", self.peer, len(self.state.connections))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.admitted:
-            if self.transport.get_protocol() is not self:
-                self.state.lingering -= 1   # a refused client that was lingering
-            return
         self.state.forget(self)
         reason = self.reason or (f"reset ({exc})" if exc else "closed")
         log.info("disconnect %s: %s (%d clients)", self.peer, reason, len(self.state.connections))
 
     def pause_writing(self) -> None:
-        self.transport.pause_reading()
+        """The transport queued output: gather what follows in the outbox."""
+        if self.outbox is None and not self.closing:
+            self.outbox = bytearray()
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        """The transport's queue is empty: hand it the outbox, and read the client again."""
+        outbox, self.outbox = self.outbox, None
+        if outbox:
+            self.transport.write(outbox)
+        if not self.closing:
+            self.transport.resume_reading()
+
+    def hold(self, data: bytes) -> None:
+        """Queue `data` behind what the transport holds (call only while `outbox` is set)."""
+        outbox = self.outbox
+        outbox += data
+        if len(outbox) + self.transport.get_write_buffer_size() > self.budget:
+            self.over_budget()
+
+    def over_budget(self) -> None:
+        """More output is waiting than `budget`: stop reading until it has drained."""
+        self.transport.pause_reading()
+
+    def flush(self) -> None:
+        """Last words: no more output is gathered, and the outbox goes to the transport, which
+        sends it before it closes or half-closes."""
+        self.closing = True
+        outbox, self.outbox = self.outbox, None
+        if outbox:
+            self.transport.write(outbox)
 
     def close(self, reason: str) -> None:
         """Close after flushing what is queued."""
         self.reason = self.reason or reason
-        self.closing = True
+        self.flush()
         self.transport.close()
 
     def abort(self, reason: str) -> None:
         """Close now, dropping what is queued."""
         self.reason = self.reason or reason
         self.closing = True
+        self.outbox = None
         self.transport.abort()
 
     def drain(self) -> _Drainer:
@@ -220,9 +253,8 @@ class _Drainer(asyncio.Protocol):
         transport = conn.transport
         if transport.is_closing() or conn.closing:
             return
-        if conn.admitted:
-            conn.farewell()
-        conn.closing = True
+        conn.farewell()
+        conn.flush()
         transport.resume_reading()
         if transport.can_write_eof():
             try:

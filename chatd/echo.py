@@ -3,7 +3,8 @@
 The path of a line: `data_received` -> `LineDecoder.plain` (a read holding
 only whole lines and no IAC byte is written back as it came) or else
 `LineDecoder.feed` (framing, telnet, length bound) -> one `transport.write`
-per read. The connection is itself the decoder (see `connection.Connection`).
+per read (while the transport has a queue, into the outbox: see connection.py).
+The connection is itself the decoder (see `connection.Connection`).
 
 Tests: tests/unit/test_echo.py, tests/process/test_echo.py
 """
@@ -27,7 +28,10 @@ class EchoConnection(Connection):
         self.active = True
         block = self.plain(data)
         if block:
-            self.transport.write(block)
+            if self.outbox is None:
+                self.transport.write(block)
+            else:
+                self.hold(block)
         elif block is None:
             out = self.feed(data)
             if out:
@@ -37,7 +41,10 @@ class EchoConnection(Connection):
         """Over-long lines become ERR lines, a literal 0xFF goes out as IAC IAC, replies as they are."""
         parts = [self.too_long_line() if item is LINE_TOO_LONG
                  else item if item.__class__ is TelnetReply else escape_iac(item) for item in out]
-        self.transport.write(b"".join(parts))
+        if self.outbox is None:
+            self.transport.write(b"".join(parts))
+        else:
+            self.hold(b"".join(parts))
 
     def too_long_line(self) -> bytes:
         return b"ERR line too long (max %d bytes)\r\n" % self.max_line
@@ -48,6 +55,7 @@ class EchoConnection(Connection):
         if tail:
             self._write_slow(tail)
         self.reason = "client closed"
+        self.flush()
         return False
 
 

@@ -25,6 +25,10 @@ LOGGER_NAME = "chatd"
 RETRY_S = 10.0
 FILE_MODE = 0o640
 log = logging.getLogger(LOGGER_NAME)
+# asyncio's own warnings go where chatd's lines go, never to a stderr that may be /dev/null
+# or, under systemd, the journal without chatd's prefixes; its debug chatter does not.
+loop_log = logging.getLogger("asyncio")
+loop_log.setLevel(logging.WARNING)
 
 
 def _raise(self: logging.Handler, record: logging.LogRecord) -> None:
@@ -226,12 +230,14 @@ class Logging:
             raise ChatdError(f"cannot open log target {target or self.fallback_path}: {e.strerror}") from None
         new = FailoverHandler(handler, self.fallback_path, self._changed)
         old, self.handler = self.handler, new
-        log.addHandler(new)
+        for logger in (log, loop_log):
+            logger.addHandler(new)
+            if old is not None:
+                logger.removeHandler(old)
+            logger.propagate = False
         if old is not None:
-            log.removeHandler(old)
             old.close()
         log.setLevel(cfg.log.level.upper())
-        log.propagate = False
         self.description = description
 
     def _changed(self, failure: str) -> None:
@@ -249,7 +255,8 @@ class Logging:
 
     def close(self) -> None:
         if self.handler is not None:
-            log.removeHandler(self.handler)
+            for logger in (log, loop_log):
+                logger.removeHandler(self.handler)
             self.handler.close()
             self.handler = None
 

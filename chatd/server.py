@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from . import config as config_mod
 from . import listen
+from .accept import Acceptor, Gate
 from .config import Config
 from .connection import Connection, ServerState
 from .daemon import raise_fd_limit
@@ -57,7 +58,7 @@ def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
 class Listener:
     address: listen.Address
     sock: socket.socket
-    server: Any = None        # the asyncio Server serving a duplicate of `sock`
+    acceptor: Acceptor | None = None
     name: str = ""            # LISTEN_FDNAMES's name, for a socket handed over by systemd
 
 
@@ -96,7 +97,7 @@ class Server:
         self.started = time.time()
         self.signals: SignalQueue
         self.state: ServerState
-        self.connection_class: type[Connection] = EchoConnection
+        self.gate: Gate
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,9 +119,11 @@ class Server:
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
         self.state.chat = ChatService()
         self._configure_chat(self.cfg)
-        self.connection_class = self._connection_class()
+        self.gate = Gate(self.state, loop)
+        self.gate.connection_class = self._connection_class()
         for listener in self.listeners:
-            await self._serve_on(listener)
+            self._serve_on(listener)
+        self.gate.measure()
         self._abort_if_stopped_early()
         self.runtime.state.update(**self._state_fields(), generation=0, last_restart=None,
                                   started=self.started)
@@ -154,9 +157,11 @@ class Server:
         for listener in self.listeners:
             self._close_listener(listener)
         self.listeners = []
+        await self.gate.settle()
         if graceful:
             await self._drain_clients()
         await self._close_clients()
+        self.gate.close()
         for task in self._tasks:
             task.cancel()
         self.runtime.state.remove()
@@ -244,7 +249,8 @@ class Server:
         self.state.limits = new.limits
         self.state.max_clients = self.max_clients
         self._configure_chat(new)
-        self.connection_class = self._connection_class()
+        self.gate.connection_class = self._connection_class()
+        self.gate.measure()
         if not changed:
             return "applied", "config re-read; nothing changed"
         parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
@@ -263,17 +269,17 @@ class Server:
         socks = listen.bind_all(add, new.server.backlog)
         for address, sock in zip(add, socks):
             listener = Listener(address, sock)
-            await self._serve_on(listener)
+            self._serve_on(listener)
             self.listeners.append(listener)
         for listener in retire:
-            await self._retire(listener)
+            self._retire(listener)
         return ""
 
     async def _rebind_overlapping(self, retire: list[Listener], add: list[listen.Address],
                                   backlog: int) -> str:
         """0.0.0.0 -> 127.0.0.1 on one port: the kernel allows only close, then bind."""
         for listener in retire:
-            await self._retire(listener)
+            self._retire(listener)
         try:
             socks = listen.bind_all(add, backlog)
         except ChatdError as e:
@@ -283,47 +289,33 @@ class Server:
                 raise ChatdError(f"{e}; and the old address could not be bound again: {e2}") from None
             for listener, sock in zip(retire, socks):
                 restored = Listener(listener.address, sock)
-                await self._serve_on(restored)
+                self._serve_on(restored)
                 self.listeners.append(restored)
             raise
         for address, sock in zip(add, socks):
             listener = Listener(address, sock)
-            await self._serve_on(listener)
+            self._serve_on(listener)
             self.listeners.append(listener)
         return ("(the addresses overlap, so the old listener was closed before the new one "
                 "was bound; connections attempted in between were refused)")
 
     # ------------------------------------------------------------------ listeners
 
-    async def _serve_on(self, listener: Listener) -> None:
-        loop = asyncio.get_running_loop()
-        listener.server = await loop.create_server(
-            self._new_connection, sock=listener.sock.dup(), backlog=self.cfg.server.backlog)
-
-    def _new_connection(self) -> Connection:
-        return self.connection_class(self.state)
+    def _serve_on(self, listener: Listener) -> None:
+        listener.acceptor = Acceptor(listener.sock, self.gate)
+        listener.acceptor.start()
 
     def _close_listener(self, listener: Listener) -> None:
-        if listener.server is not None:
-            listener.server.close()
+        if listener.acceptor is not None:
+            listener.acceptor.stop()
         listener.sock.close()
 
-    async def _retire(self, listener: Listener) -> None:
+    def _retire(self, listener: Listener) -> None:
         """Stop serving an old address, but first accept what waits in its backlog."""
         self.listeners.remove(listener)
-        if listener.server is not None:
-            listener.server.close()
-        loop = asyncio.get_running_loop()
-        for _ in range(100000):
-            try:
-                conn, _ = listener.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                log.warning("accepting from the old listener %s: %s", listener.address, e.strerror)
-                break
-            conn.setblocking(False)
-            await loop.connect_accepted_socket(self._new_connection, conn)
+        acceptor = listener.acceptor or Acceptor(listener.sock, self.gate)
+        acceptor.stop()
+        acceptor.accept_waiting(batch=100000)
         listener.sock.close()
 
     # ------------------------------------------------------------------ clients
@@ -389,10 +381,12 @@ class Server:
                     conn.close("idle")
 
     async def _refresh_state(self) -> None:
-        """Bring the client count in the state file and systemd's STATUS= up to date."""
+        """Bring the client count in the state file and systemd's STATUS= up to date; retry a
+        state file that could not be written."""
         clients = len(self.state.connections)
         while True:
             await asyncio.sleep(STATE_REFRESH_S)
+            self.runtime.state.retry()
             if len(self.state.connections) != clients:
                 clients = len(self.state.connections)
                 self.runtime.state.update(clients=clients)

@@ -58,6 +58,7 @@ def room(rate: float):
     state.chat = ChatService()
     peers = []
     for _ in range(3):
+        assert state.admit("?") == ""
         conn = ChatConnection(state)
         conn.connection_made(Transport())
         peers.append(conn)

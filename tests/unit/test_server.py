@@ -7,6 +7,7 @@ import logging
 import socket
 
 from chatd import config, listen
+from chatd.accept import Gate
 from chatd.connection import ServerState
 from chatd.echo import EchoConnection
 from chatd.server import Listener, Server
@@ -27,10 +28,11 @@ def test_retiring_a_listener_accepts_what_waits_in_its_backlog():
     async def scenario() -> bytes:
         server = Server(cfg, [], runtime=None, max_clients=0, loop_name="asyncio")
         server.state = ServerState(cfg.limits, 0, asyncio.get_running_loop())
-        server.connection_class = EchoConnection
+        server.gate = Gate(server.state, asyncio.get_running_loop())
+        server.gate.connection_class = EchoConnection
         listener = Listener(listen.Address(socket.AF_INET, "127.0.0.1", port), sock)
         server.listeners.append(listener)
-        await server._retire(listener)
+        server._retire(listener)
         assert server.listeners == [] and sock.fileno() == -1
         loop = asyncio.get_running_loop()
         client.setblocking(False)
