@@ -777,6 +777,44 @@ def test_signal_storm_while_serving(chatd):
     assert "Traceback" not in inst.log_text()
 
 
+def test_signal_storm_during_start_up_is_one_restart_after_ready(chatd):
+    """1,000 mixed SIGHUP/SIGUSR2/SIGCONT while a slow start (1.5 s) waits for ready.
+    Result: `start` exits 0; the SIGHUPs, recorded before ready, become one restart after it
+    (as the kernel keeps one pending instance of a signal); USR2 and CONT change nothing."""
+    inst = chatd
+    starter = subprocess.Popen(chatd_command() + ["start", "-c", str(inst.config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=os.environ | fault_env("slow-start", CHATD_TEST_DELAY="1.5"))
+    counts: Counter = Counter()
+    try:
+        pid = int(wait_for(lambda: inst.pidfile.exists() and inst.pidfile.read_text().strip(),
+                           what="the pid file"))
+        signaller = Signaller(pid)
+        rng = random.Random(11)
+        t0 = time.monotonic()
+        for _ in range(1000):
+            s = rng.choice([signal.SIGHUP, signal.SIGUSR2, signal.SIGCONT])
+            if signaller.send(s):
+                counts[signal.Signals(s).name] += 1
+        storm_s = time.monotonic() - t0
+        signaller.close()
+        out, err = starter.communicate(timeout=30)
+    finally:
+        kill_and_wait(starter.pid)
+    wait_for(lambda: generation(inst) >= 1, what="the recorded SIGHUPs to be applied")
+    time.sleep(0.5)
+    gen = generation(inst)
+    figures("test_signal_storm_during_start_up", storm_s=f"{storm_s:.2f}",
+            **{k.lower(): v for k, v in sorted(counts.items())}, start_exit=starter.returncode,
+            generation=gen, last=outcome(inst))
+    assert starter.returncode == 0, err
+    assert sum(counts.values()) == 1000 and alive(pid)
+    assert gen == 1, f"{counts['SIGHUP']} SIGHUPs before ready became {gen} restarts"
+    assert outcome(inst) == "applied"
+    echo_once(inst.port, b"after the start-up storm")
+    assert "Traceback" not in inst.log_text()
+
+
 def test_sigterm_during_a_restart_storm_is_prompt(chatd):
     inst = chatd
     pid = inst.start()
