@@ -320,3 +320,38 @@ def processes_mentioning(text: str) -> list[int]:
             if text in _cmdline_or_env(pid) and alive(pid):
                 found.append(pid)
     return found
+
+
+# ------------------------------------------------------------------ figures and /proc
+
+def figures(name: str, **values: object) -> None:
+    """One line of a test's measured figures; `.ci/run` shows it (pytest -rP)."""
+    print(f"FIGURES {name}: " + " ".join(f"{k}={v}" for k, v in values.items()))
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def stuck_client(port: int) -> LineClient:
+    """A client that sends until every buffer between it and chatd is full, and reads nothing."""
+    c = LineClient(port, rcvbuf=4096)
+    c.sock.setblocking(False)
+    deadline = time.monotonic() + 5
+    stalled = 0
+    while time.monotonic() < deadline and stalled < 5:
+        try:
+            c.sock.send(b"z" * 1000 + b"\n")
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+            time.sleep(0.02)
+    return c

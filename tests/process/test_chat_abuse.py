@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 
-from support import LineClient
+from support import LineClient, rss_kib
 
 TIMEOUT = 5.0
 WELCOME = re.compile(rb"\*\*\* Welcome to chatd, (guest[0-9]+)\. Type /help for commands\.\r\n")
@@ -74,14 +74,6 @@ def said(nick: str, text: bytes | str) -> bytes:
     if isinstance(text, str):
         text = text.encode()
     return b"<" + nick.encode() + b"> " + text + b"\r\n"
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 # Characters no client may ever receive from chatd (besides the CR LF ending each line).

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from support import LineClient, alive, wait_for
+from support import LineClient, alive, rss_kib, wait_for
 import struct
 
 
@@ -68,13 +68,6 @@ def test_over_long_line_gets_one_err_line_and_the_connection_stays(make_chatd):
         assert c.recv_line() == b"y" * 32 + b"\n"
         assert c.recv_line() == b"z" * 32 + b"\r\n"
         assert c.recv_line() == b"ERR line too long (max 32 bytes)\r\n"
-
-
-def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_memory_stays_bounded_while_10_mib_without_a_newline_arrive(loop_chatd):

@@ -25,19 +25,11 @@ from collections import Counter
 
 import pytest
 
-from support import (LineClient, alive, chatd_command, fault_env, kill_and_wait, proc_stat,
-                     processes_mentioning, wait_for)
+from support import (LineClient, alive, chatd_command, fault_env, fd_count, figures, kill_and_wait,
+                     proc_stat, processes_mentioning, stuck_client, wait_for)
 
 
 # ------------------------------------------------------------------ helpers
-
-def figures(name: str, **values: object) -> None:
-    print(f"FIGURES {name}: " + " ".join(f"{k}={v}" for k, v in values.items()))
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
 
 def read_state(inst) -> dict:
     try:
@@ -135,22 +127,6 @@ def echo_once(port: int, text: bytes = b"ping") -> None:
     with LineClient(port, timeout=5) as c:
         c.send(text + b"\n")
         assert c.recv_line() == text + b"\n"
-
-
-def stuck_client(port: int) -> LineClient:
-    """A client that sends until every buffer between it and chatd is full, and reads nothing."""
-    c = LineClient(port, rcvbuf=4096)
-    c.sock.setblocking(False)
-    deadline = time.monotonic() + 5
-    stalled = 0
-    while time.monotonic() < deadline and stalled < 5:
-        try:
-            c.sock.send(b"z" * 1000 + b"\n")
-            stalled = 0
-        except BlockingIOError:
-            stalled += 1
-            time.sleep(0.02)
-    return c
 
 
 # ------------------------------------------------------------------ load generators

@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import require_real
-from support import LineClient, alive, kill_and_wait, wait_for
+from support import LineClient, alive, fd_count, figures, kill_and_wait, rss_kib, wait_for
 
 TIMEOUT = 10.0
 WELCOME = re.compile(rb"\*\*\* Welcome to chatd, (guest[0-9]+)\. Type /help for commands\.\r\n")
@@ -50,10 +50,6 @@ WELCOME = re.compile(rb"\*\*\* Welcome to chatd, (guest[0-9]+)\. Type /help for 
 PLAIN_BYTES = bytes(b for b in range(255) if b != 0x0A)
 CHAT_WORDS = ["alpha", "beta", "gamma", "delta", "caf\u00e9", "\u4e2d\u6587", "x_y", "1234", "~!@#$%^&*()"]
 LINGER_RST = struct.pack("ii", 1, 0)
-
-
-def figures(name: str, **values) -> None:
-    print(f"FIGURES {name}: " + " ".join(f"{k}={v}" for k, v in values.items()))
 
 
 def chatd_on(make_chatd, loop: str):
@@ -81,18 +77,6 @@ def status_clients(inst) -> int | None:
     out = inst.cmd("status", check=0).stdout.decode()
     m = re.search(r"^clients: (\d+)$", out, re.M)
     return int(m.group(1)) if m else None
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def assert_daemon_fine(inst, pid: int) -> None:
@@ -925,6 +909,11 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
 KEEPALIVE = 1
 KEEPCNT = 6          # connection.set_keepalive
 DETECT_BOUND = KEEPALIVE + KEEPCNT * max(1, min(KEEPALIVE, 10)) + 3
+# With output in flight, keepalive sends no probes; TCP_USER_TIMEOUT (the same deadline) takes
+# over. The kernel counts it from its first retransmission, not from the peer's last ACK, and
+# checks it when its backed-off retransmission timer fires: the bound allows 3 s more for that
+# (measured on Linux 6.18: 9.2-9.5 s, where the peer is otherwise never found for ~15 minutes).
+BUSY_DETECT_BOUND = DETECT_BOUND + 3
 
 
 @pytest.mark.parametrize("loop,mode,room", [
@@ -980,8 +969,9 @@ def test_keepalive_finds_a_peer_that_vanished_without_a_fin(make_chatd, loop, mo
         os.kill(client.pid, signal.SIGKILL)
         client.wait(timeout=TIMEOUT)
         disconnect = re.compile(rf"disconnect {re.escape(peer)}: (.*) \(\d+ clients\)")
+        bound = BUSY_DETECT_BOUND if room == "#lobby" else DETECT_BOUND
         try:
-            wait_for(lambda: disconnect.search(inst.log_text()), timeout=DETECT_BOUND + 3, interval=0.05,
+            wait_for(lambda: disconnect.search(inst.log_text()), timeout=bound + 3, interval=0.05,
                      what=f"the disconnect of {peer} in the log")
             found = time.monotonic() - t0
         except AssertionError:
@@ -992,13 +982,13 @@ def test_keepalive_finds_a_peer_that_vanished_without_a_fin(make_chatd, loop, mo
         if found is None and shutil.which("ss"):
             out = subprocess.run(["ss", "-tnoi", "dst", peer_ip], capture_output=True, timeout=10).stdout.decode()
             queued = " ".join(out.split())[:300]
-        figures(f"keepalive[{loop}-{mode}-{room}]", keepalive=KEEPALIVE, keepcnt=KEEPCNT, bound_s=DETECT_BOUND,
+        figures(f"keepalive[{loop}-{mode}-{room}]", keepalive=KEEPALIVE, keepcnt=KEEPCNT, bound_s=bound,
                 detected_s=None if found is None else round(found, 2),
                 reason=repr(reason.group(1)) if reason else None, witness_lines=witness.count,
                 witness_max_ms=witness.max_ms())
-        assert found is not None, (f"chatd never noticed the vanished peer {peer} within {DETECT_BOUND + 3} s "
-                                   f"(bound {DETECT_BOUND} s); its socket: {queued}")
-        assert found <= DETECT_BOUND, f"found after {found:.1f} s, bound {DETECT_BOUND} s"
+        assert found is not None, (f"chatd never noticed the vanished peer {peer} within {bound + 3} s "
+                                   f"(bound {bound} s); its socket: {queued}")
+        assert found <= bound, f"found after {found:.1f} s, bound {bound} s"
         assert re.search(r"timed out|reset", reason.group(1)), reason.group(1)
         wait_for(lambda: status_clients(inst) == witness_clients(mode), what="chatd status clients to drop")
         if mode == "chat" and room == "#lobby":

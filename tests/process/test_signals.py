@@ -11,23 +11,7 @@ import time
 
 import pytest
 
-from support import LineClient, alive, free_port, listening, wait_for
-
-
-def stuck_client(port: int) -> LineClient:
-    """A client that sends until every buffer between it and chatd is full, and reads nothing."""
-    c = LineClient(port, rcvbuf=4096)
-    c.sock.setblocking(False)
-    deadline = time.monotonic() + 5
-    stalled = 0
-    while time.monotonic() < deadline and stalled < 5:
-        try:
-            c.sock.send(b"z" * 1000 + b"\n")
-            stalled = 0
-        except BlockingIOError:
-            stalled += 1
-            time.sleep(0.02)
-    return c
+from support import LineClient, alive, free_port, listening, stuck_client, wait_for
 
 
 def state(inst) -> dict:
