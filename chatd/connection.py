@@ -1,4 +1,4 @@
-"""One client connection: admission, limits, flow control, idle check, and a clean close.
+"""One client connection: limits, flow control, idle check, and a clean close.
 
 `Connection` is the part every mode shares; `echo.EchoConnection` adds what
 is done with the bytes. Output goes straight to the transport while the kernel

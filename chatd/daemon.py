@@ -23,7 +23,7 @@ from .errors import ChatdError, PrivilegeError, StartError
 
 UMASK = 0o022
 FD_RESERVE = 128     # descriptors kept for listeners, logs, the loop, the pid file and
-                     # refused clients being told "server full" (connection.MAX_LINGERING)
+                     # refused clients being told "server full" (accept.MAX_LINGERING)
 
 
 class ReadinessPipe:
@@ -168,6 +168,9 @@ def raise_fd_limit(max_clients: int) -> tuple[int, str]:
     if soft == resource.RLIM_INFINITY:
         return max_clients, ""
     room = max(1, soft - FD_RESERVE)
+    if soft <= FD_RESERVE:
+        return 1, (f"RLIMIT_NOFILE {soft} is within the {FD_RESERVE} descriptors kept in reserve; "
+                   f"serving 1 client (raise the limit, e.g. LimitNOFILE= in the unit)")
     if max_clients > room:
         return room, (f"max_clients {max_clients} does not fit RLIMIT_NOFILE {soft}; "
                       f"using {room}")

@@ -472,6 +472,8 @@ def test_limit_tighter_than_the_reserve(make_chatd, loop):
         first.close()
         close_all(socks)
     log = inst.log_text()
+    if f"RLIMIT_NOFILE {TIGHT_LIMIT} is within the {FD_RESERVE} descriptors kept in reserve" not in log:
+        problems.append("no warning at start that the descriptor limit is below the reserve")
     shortage = log.count(EMFILE_LINE)
     if shortage > MAX_SHORTAGE_LINES:
         problems.append(f"{shortage} log lines about the descriptor shortage of one burst")
