@@ -130,16 +130,20 @@ class FailoverHandler(logging.Handler):
         except Exception:   # noqa: BLE001 - nowhere left to write; drop the line
             pass
 
-    def reopen(self) -> None:
+    def reopen(self) -> list[str]:
         """Reopen file targets (logrotate moved them). A file we may no longer open
-        (privileges dropped since) keeps its old descriptor, which still works."""
+        (privileges dropped since) keeps its old descriptor, which still works.
+        Returns what could not be reopened, for the restart's outcome."""
+        failures = []
         for h in (self.target, self.fallback):
             if isinstance(h, FileTarget):
                 try:
                     h.reopen()
                 except OSError as e:
-                    log.warning("cannot reopen log file %s (%s); still writing to the old one",
-                                h.path, e.strerror)
+                    failure = f"cannot reopen log file {h.path} ({e.strerror}); still writing to the old one"
+                    log.warning("%s", failure)
+                    failures.append(failure)
+        return failures
 
     def close(self) -> None:
         for h in (self.target, self.fallback):
@@ -249,9 +253,8 @@ class Logging:
             return f"{self.description} (failing: {self.handler.failure}; writing to {self.fallback_path})"
         return self.description
 
-    def reopen(self) -> None:
-        if self.handler is not None:
-            self.handler.reopen()
+    def reopen(self) -> list[str]:
+        return self.handler.reopen() if self.handler is not None else []
 
     def close(self) -> None:
         if self.handler is not None:

@@ -197,8 +197,9 @@ class Server:
           mode and limits for new connections; connected clients stay.
         """
         self.runtime.notifier.reloading()
-        self.runtime.logs.reopen()
+        reopen_failures = self.runtime.logs.reopen()
         outcome, message = await self.restart()
+        message = "; ".join([message, *reopen_failures])
         self.generation += 1
         level = logging.INFO if outcome == "applied" else logging.WARNING
         log.log(level, "restart %s: %s", outcome, message)

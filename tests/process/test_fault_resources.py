@@ -653,7 +653,8 @@ def test_log_file_over_its_size_limit_falls_back_and_says_so_once(make_chatd):
 def test_log_file_made_unwritable_or_removed_then_sighup(make_chatd):
     """chatd as nobody, its log file nobody's own in a directory nobody cannot write:
     1. chmod 000 on the log file, SIGHUP (chatd reload) twice: the reopen fails each time, and
-       each says so in one line; chatd keeps writing to the old descriptor and keeps serving.
+       each says so in one line, and `chatd reload` says so too; chatd keeps writing to the old
+       descriptor and keeps serving.
     2. chmod 644, SIGHUP: reopened, no new warning.
     3. the log's directory deleted, SIGHUP: one warning; serving; lines still reach the old
        (deleted) file, read through /proc/PID/fd. 4. directory back, SIGHUP: new lines there."""
@@ -672,18 +673,22 @@ def test_log_file_made_unwritable_or_removed_then_sighup(make_chatd):
     uid = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]
     if uid != "65534":
         problems.append(f"the daemon runs as uid {uid}, not nobody")
-    warn = "cannot reopen log file"
+    said = "cannot reopen log file"   # in `chatd reload`'s answer, and in the log:
+    warn = "WARNING: " + said         # the warning line itself (the restart's line repeats it)
 
-    def reload_and_serve(tag: str) -> None:
+    def reload_and_serve(tag: str, reopened: bool = True) -> None:
         proc = inst.cmd("reload", check=0)
         if b"applied" not in proc.stdout and b"restarted" not in proc.stdout:
             problems.append(f"reload ({tag}): {proc.stdout!r}")
+        if (said.encode() in proc.stdout) == reopened:
+            problems.append(f"reload ({tag}) does not say whether the log file was reopened: "
+                            f"{proc.stdout!r}")
         churn(inst.port, 2)
 
     connected = "connect 127.0.0.1"   # no message text is logged: count connects
     target.chmod(0)
-    reload_and_serve("chmod 000")
-    reload_and_serve("chmod 000, again")
+    reload_and_serve("chmod 000", reopened=False)
+    reload_and_serve("chmod 000, again", reopened=False)
     try:
         wait_for(lambda: target.read_text().count(warn) >= 2, timeout=5, what="two reopen warnings")
     except AssertionError as e:
@@ -699,7 +704,7 @@ def test_log_file_made_unwritable_or_removed_then_sighup(make_chatd):
     if target.read_text().count(warn) != 2:
         problems.append("a warning after the file became writable again")
     shutil.rmtree(logdir)
-    reload_and_serve("directory deleted")
+    reload_and_serve("directory deleted", reopened=False)
     time.sleep(0.2)
     old = [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")
            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"{target} (deleted)"]
