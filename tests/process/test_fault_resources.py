@@ -861,6 +861,19 @@ def test_disk_full_under_the_log_keeps_serving_says_so_once_and_recovers(tmp_pat
 
 # ------------------------------------------------------------------ 3. memory bounds
 
+def still_well(port: int, problems: list[str]) -> None:
+    """A well-behaved client is served after the abuse."""
+    with LineClient(port, timeout=5) as c:
+        c.send(b"well-behaved\n")
+        if c.recv_line() != b"well-behaved\n":
+            problems.append("a well-behaved client was not served at the end")
+
+
+def unharmed(inst, pid: int, problems: list[str]) -> None:
+    if "Traceback" in inst.log_text() or not alive(pid):
+        problems.append("a traceback in the log, or the daemon died")
+
+
 TEN_MIB = 10 * 1024 * 1024
 
 
@@ -915,14 +928,10 @@ def test_ten_clients_send_a_10_mib_line_at_once(make_chatd, loop):
         peak = max(status_field(pid, "VmHWM") if exact_peak else 0, sampled, rss(pid))
         if peak > bound:
             problems.append(f"peak RSS {mib(peak)} over the bound {mib(bound)}")
-        with LineClient(inst.port, timeout=5) as c:
-            c.send(b"well-behaved\n")
-            if c.recv_line() != b"well-behaved\n":
-                problems.append("a well-behaved client was not served at the end")
+        still_well(inst.port, problems)
     finally:
         close_all(socks)
-    if "Traceback" in inst.log_text() or not alive(pid):
-        problems.append("a traceback in the log, or the daemon died")
+    unharmed(inst, pid, problems)
     figures(name, formula="base+10*(max_line+per_conn)+slack", base=mib(base), max_line=max_line,
             per_conn=PER_CONN, slack=mib(SLACK), bound=mib(bound), peak=mib(peak),
             growth_kib=(peak - base) // 1024, peak_exact=exact_peak, bytes_sent=10 * TEN_MIB)
@@ -1035,8 +1044,7 @@ def test_a_thousand_chat_readers_that_never_read(make_chatd, loop):
         for c in (sender, watcher):
             if c is not None:
                 c.close()
-    if "Traceback" in inst.log_text() or not alive(pid):
-        problems.append("a traceback in the log, or the daemon died")
+    unharmed(inst, pid, problems)
     figures(name, formula="base+N*(loop_buffer+per_conn)+slack",
             loop_buffer=f"{OUTPUT_BUFFER}-min(65536,{OUTPUT_BUFFER}//4)={loop_buffer(OUTPUT_BUFFER)}",
             base=mib(base), readers=SLOW_READERS, per_conn=PER_CONN, slack=mib(SLACK), bound=mib(bound),
@@ -1092,14 +1100,10 @@ def test_ten_thousand_idle_connections_each_answer_a_probe(make_chatd, loop):
         after = rss(pid)
         if after > bound:
             problems.append(f"RSS {mib(after)} over the bound {mib(bound)}")
-        with LineClient(inst.port, timeout=5) as c:
-            c.send(b"well-behaved\n")
-            if c.recv_line() != b"well-behaved\n":
-                problems.append("a well-behaved client was not served at the end")
+        still_well(inst.port, problems)
     finally:
         close_all(socks)
-    if "Traceback" in inst.log_text() or not alive(pid):
-        problems.append("a traceback in the log, or the daemon died")
+    unharmed(inst, pid, problems)
     figures(name, formula="base+N*per_conn+slack", base=mib(base), n=IDLE, per_conn=PER_CONN,
             slack=mib(SLACK), bound=mib(bound), after=mib(after),
             bytes_per_conn=(after - base) // IDLE, answered=answered,
