@@ -37,6 +37,7 @@ log = logging.getLogger("chatd")
 
 TIDY_GRACE_S = 0.5        # SIGTERM: how long queued output may still flush
 STATE_REFRESH_S = 1.0     # how often the state file's client count is brought up to date
+LOOP_ERROR_S = 10.0       # the same event-loop error is logged at most this often
 # Keys a running daemon cannot change: they need a stop and a start.
 FIXED_KEYS = ("daemon.user", "daemon.group", "daemon.pidfile", "server.loop")
 
@@ -99,6 +100,7 @@ class Server:
         self.state: ServerState
         self.gate: Gate
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop_errors: dict[str, tuple[float, int]] = {}   # message -> (logged at, since)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -440,8 +442,18 @@ class Server:
             raise StartError(f"start aborted by {signal_name(stop)}")
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """One log line for whatever the loop could not handle; never a traceback."""
+        """One log line for whatever the loop could not handle; never a traceback, and the
+        same error at most once per LOOP_ERROR_S, with a count of those not logged."""
         exc = context.get("exception")
         detail = f": {type(exc).__name__}: {exc}" if exc else ""
-        log.error("event loop: %s%s", context.get("message", "error"), detail)
+        text = f"event loop: {context.get('message', 'error')}{detail}"
+        now = time.monotonic()
+        last, unsaid = self._loop_errors.get(text, (-LOOP_ERROR_S, 0))
+        if now - last < LOOP_ERROR_S:
+            self._loop_errors[text] = (last, unsaid + 1)
+            return
+        if len(self._loop_errors) > 100:
+            self._loop_errors.clear()
+        self._loop_errors[text] = (now, 0)
+        log.error("%s%s", text, f" (and {unsaid} more times since it was last logged)" if unsaid else "")
 

@@ -46,3 +46,23 @@ def test_retiring_a_listener_accepts_what_waits_in_its_backlog():
     finally:
         client.close()
         logging.getLogger("chatd").disabled = False
+
+
+def test_a_repeated_loop_error_is_logged_once_per_interval_with_a_count(caplog):
+    """1. the loop reports the same error 1,000 times, then another one.
+    Result: two lines, not 1,001; the repeats are counted when that error is next logged."""
+    logging.getLogger("chatd").disabled = False
+    server = Server(config.load(), [], runtime=None, max_clients=0, loop_name="asyncio")
+    context = {"message": "accept failed", "exception": OSError(24, "Too many open files")}
+    with caplog.at_level(logging.ERROR, logger="chatd"):
+        for _ in range(1000):
+            server._on_loop_error(None, context)
+        server._on_loop_error(None, {"message": "something else"})
+        text, (logged_at, unsaid) = next(iter(server._loop_errors.items()))
+        server._loop_errors[text] = (logged_at - 60, unsaid)   # the interval has passed
+        server._on_loop_error(None, context)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["event loop: accept failed: OSError: [Errno 24] Too many open files",
+                     "event loop: something else",
+                     "event loop: accept failed: OSError: [Errno 24] Too many open files "
+                     "(and 999 more times since it was last logged)"]
