@@ -58,13 +58,16 @@ def _drop_input(sock: socket.socket) -> bool:
     return False
 
 
-def _tell(sock: socket.socket, line: bytes) -> None:
-    """The refusal line and a FIN; a peer already gone is simply closed after."""
+def _tell(sock: socket.socket, line: bytes) -> bool:
+    """The refusal line and a FIN, then what the client sent is dropped; True once the peer
+    has closed or failed (a peer already gone is simply closed after)."""
+    sock.setblocking(False)
     try:
         sock.send(line)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
+    return _drop_input(sock)
 
 
 class Spare:
@@ -151,10 +154,8 @@ class Gate:
 
     def refuse(self, sock: socket.socket) -> None:
         """Tell `sock` "server full"; linger over its input if descriptors allow."""
-        sock.setblocking(False)
-        _tell(sock, self.connection_class.FULL_LINE)
-        if len(self.lingering) >= MAX_LINGERING or self._room() <= FD_MARGIN or _drop_input(sock):
-            _drop_input(sock)
+        peer_gone = _tell(sock, self.connection_class.FULL_LINE)
+        if peer_gone or len(self.lingering) >= MAX_LINGERING or self._room() <= FD_MARGIN:
             sock.close()
             return
         self.loop.add_reader(sock.fileno(), self._on_lingering_input, sock)
@@ -203,9 +204,7 @@ class Gate:
             except OSError:
                 sock = None
             if sock is not None:
-                sock.setblocking(False)
                 _tell(sock, self.connection_class.FULL_LINE)
-                _drop_input(sock)
                 sock.close()
                 self.turned_away += 1
             if not self.spare.take() or sock is None:

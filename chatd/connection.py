@@ -170,11 +170,24 @@ class Connection(LineDecoder, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         """The transport's queue is empty: hand it the outbox, and read the client again."""
+        self._hand_over()
+        if not self.closing:
+            self.transport.resume_reading()
+
+    def _hand_over(self) -> None:
+        """The outbox to the transport in one write; output is gathered again only if the
+        transport then has to queue some of it (`pause_writing`)."""
         outbox, self.outbox = self.outbox, None
         if outbox:
             self.transport.write(outbox)
-        if not self.closing:
-            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        """Send `data`, behind whatever is still queued (echo and chat inline this on their
+        fast paths)."""
+        if self.outbox is None:
+            self.transport.write(data)
+        else:
+            self.hold(data)
 
     def hold(self, data: bytes) -> None:
         """Queue `data` behind what the transport holds (call only while `outbox` is set)."""
@@ -191,9 +204,7 @@ class Connection(LineDecoder, asyncio.Protocol):
         """Last words: no more output is gathered, and the outbox goes to the transport, which
         sends it before it closes or half-closes."""
         self.closing = True
-        outbox, self.outbox = self.outbox, None
-        if outbox:
-            self.transport.write(outbox)
+        self._hand_over()
 
     def close(self, reason: str) -> None:
         """Close after flushing what is queued."""

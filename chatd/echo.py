@@ -28,7 +28,7 @@ class EchoConnection(Connection):
         self.active = True
         block = self.plain(data)
         if block:
-            if self.outbox is None:
+            if self.outbox is None:   # Connection.write, inlined: the hot path
                 self.transport.write(block)
             else:
                 self.hold(block)
@@ -41,10 +41,7 @@ class EchoConnection(Connection):
         """Over-long lines become ERR lines, a literal 0xFF goes out as IAC IAC, replies as they are."""
         parts = [self.too_long_line() if item is LINE_TOO_LONG
                  else item if item.__class__ is TelnetReply else escape_iac(item) for item in out]
-        if self.outbox is None:
-            self.transport.write(b"".join(parts))
-        else:
-            self.hold(b"".join(parts))
+        self.write(b"".join(parts))
 
     def too_long_line(self) -> bytes:
         return b"ERR line too long (max %d bytes)\r\n" % self.max_line

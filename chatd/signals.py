@@ -25,6 +25,11 @@ JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 KEPT_IGNORED = (signal.SIGXFSZ,)
 
 
+def first_stop(signals: list[int]) -> int | None:
+    """The first stop signal among `signals`, if any."""
+    return next((s for s in signals if s in STOP_SIGNALS), None)
+
+
 class SignalRecorder:
     """Records caught signals until a loop takes them over."""
 
@@ -70,7 +75,7 @@ class SignalRecorder:
 
     def stop_requested(self) -> int | None:
         """The first recorded stop signal, if any (checked during start-up)."""
-        return next((s for s in self.pending if s in STOP_SIGNALS), None)
+        return first_stop(self.pending)
 
 
 class SignalQueue:
@@ -104,7 +109,7 @@ class SignalQueue:
         pending = list(self._pending)   # one C-level copy: a handler may add to the dict any time
         if not pending:
             return None
-        signum = next((s for s in pending if s in STOP_SIGNALS), pending[0])
+        signum = first_stop(pending) or pending[0]
         del self._pending[signum]
         return signum
 
@@ -118,7 +123,7 @@ class SignalQueue:
 
     def stop_pending(self) -> int | None:
         """A stop signal waiting to be handled, left in place (checked during start-up)."""
-        return next((s for s in list(self._pending) if s in STOP_SIGNALS), None)
+        return first_stop(list(self._pending))
 
 
 def signal_name(signum: int) -> str:
