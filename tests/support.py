@@ -355,3 +355,13 @@ def stuck_client(port: int) -> LineClient:
             stalled += 1
             time.sleep(0.02)
     return c
+
+
+def dup_onto_3(*fds: int):
+    """A preexec_fn putting `fds` on 3, 4, ... in the child (dup2 clears FD_CLOEXEC there),
+    as systemd hands over activated sockets."""
+    def preexec() -> None:
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
+        for i, fd in enumerate(high):
+            os.dup2(fd, 3 + i)
+    return preexec

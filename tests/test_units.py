@@ -81,46 +81,39 @@ def service() -> dict[str, list[str]]:
 
 # ------------------------------------------------------------------ systemd-analyze verify
 
-def test_units_as_shipped_pass_systemd_analyze_verify_without_a_word(tmp_path, service):
+def verify_units(tmp_path, service_text: str) -> subprocess.CompletedProcess:
+    """`systemd-analyze verify` of the service (as `service_text`) and the socket, installed in
+    a root of their own, with stubs where the service looks for its programs."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         require_real("systemd-analyze")
     root = tmp_path / "R"
     units = root / "etc" / "systemd" / "system"
     units.mkdir(parents=True)
-    shutil.copy(SERVICE, units / SERVICE.name)
+    (units / SERVICE.name).write_text(service_text)
     shutil.copy(SOCKET, units / SOCKET.name)
-    for key in ("ExecStart", "ExecReload"):   # stubs where the unit looks for its programs
+    service = parse_unit(units / SERVICE.name)["Service"]
+    for key in ("ExecStart", "ExecReload"):
         program = exec_argv(service, key)[0]
         assert program.startswith("/"), f"{key}: {program}"
         stub = root / program.lstrip("/")
         stub.parent.mkdir(parents=True, exist_ok=True)
         stub.write_text("#!/bin/sh\nexit 0\n")
         stub.chmod(0o755)
-    proc = subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--recursive-errors=no",
+    return subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--recursive-errors=no",
                            f"/etc/systemd/system/{SERVICE.name}", f"/etc/systemd/system/{SOCKET.name}"],
                           capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def test_units_as_shipped_pass_systemd_analyze_verify_without_a_word(tmp_path):
+    proc = verify_units(tmp_path, SERVICE.read_text())
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, b""), proc
 
 
 def test_verify_would_catch_an_rc0_warning(tmp_path):
     """The check above is not vacuous: a typo in a key's value is reported (as a warning that
     alone would leave rc 0, REAL-COMPONENTS.md section 3), and the output check sees it."""
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        require_real("systemd-analyze")
-    root = tmp_path / "R"
-    units = root / "etc" / "systemd" / "system"
-    units.mkdir(parents=True)
-    (units / SERVICE.name).write_text(SERVICE.read_text().replace("Type=notify", "Type=notfy"))
-    shutil.copy(SOCKET, units / SOCKET.name)
-    stub = root / exec_argv(parse_unit(SERVICE)["Service"], "ExecStart")[0].lstrip("/")
-    stub.parent.mkdir(parents=True, exist_ok=True)
-    stub.write_text("#!/bin/sh\n")
-    stub.chmod(0o755)
-    proc = subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--recursive-errors=no",
-                           f"/etc/systemd/system/{SERVICE.name}", f"/etc/systemd/system/{SOCKET.name}"],
-                          capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+    proc = verify_units(tmp_path, SERVICE.read_text().replace("Type=notify", "Type=notfy"))
     assert b"Failed to parse service type, ignoring: notfy" in proc.stderr, proc
 
 

@@ -301,7 +301,31 @@ def log_count(inst, needle: str, start: int = 0) -> int:
     return inst.log_text()[start:].count(needle)
 
 
+def still_well(port: int, problems: list[str], line: bytes = b"well-behaved\n",
+               problem: str = "a well-behaved client was not served at the end") -> None:
+    """A new client is echoed `line`; `problem` is noted if not."""
+    with LineClient(port, timeout=5) as c:
+        c.send(line)
+        if c.recv_line() != line:
+            problems.append(problem)
+
+
+def unharmed(inst, pid: int, problems: list[str]) -> None:
+    if "Traceback" in inst.log_text() or not alive(pid):
+        problems.append("a traceback in the log, or the daemon died")
+
+
 # ------------------------------------------------------------------ 1. descriptors
+
+def start_short_of_fds(make_chatd, loop: str, limit: int, mode: str = "echo"):
+    """A daemon started with RLIMIT_NOFILE `limit` and no client limits of its own
+    (max_clients 0: as many as the descriptors fit); the instance and its pid."""
+    check_loop(loop)
+    inst = make_chatd(loop=loop)
+    inst.write_config(mode=mode, extra=NO_LIMITS)
+    inst.cmd("start", check=0, preexec_fn=nofile(limit))
+    return inst, inst.pid()
+
 
 LIMIT = 300
 BURST = 400
@@ -317,12 +341,8 @@ def test_descriptors_run_out_newcomers_are_told_and_service_resumes(make_chatd, 
        knock is told "server full"; the daemon's CPU stays under 10 % of wall time both times.
     3. the admitted are still served; half of them leave. Result: as many newcomers are served
        again, the next one is told "server full"; no traceback, the daemon never died."""
-    check_loop(loop)
     name = f"test_descriptors_run_out_newcomers_are_told_and_service_resumes[{loop}-{mode}]"
-    inst = make_chatd(loop=loop)
-    inst.write_config(mode=mode, extra=NO_LIMITS)
-    inst.cmd("start", check=0, preexec_fn=nofile(LIMIT))
-    pid = inst.pid()
+    inst, pid = start_short_of_fds(make_chatd, loop, LIMIT, mode)
     full = FULL[mode]
     fit = LIMIT - FD_RESERVE
     problems: list[str] = []
@@ -422,12 +442,8 @@ def test_limit_tighter_than_the_reserve(make_chatd, loop):
     within MAX_WAIT_S (none reset without a word, none left hanging); no CPU spin; a few log
     lines about the shortage at most; no traceback; after the admitted client leaves, a new one
     is served."""
-    check_loop(loop)
     name = f"test_limit_tighter_than_the_reserve[{loop}]"
-    inst = make_chatd(loop=loop)
-    inst.write_config(extra=NO_LIMITS)
-    inst.cmd("start", check=0, preexec_fn=nofile(TIGHT_LIMIT))
-    pid = inst.pid()
+    inst, pid = start_short_of_fds(make_chatd, loop, TIGHT_LIMIT)
     full = FULL["echo"]
     problems: list[str] = []
     fds_at_start = fd_count(pid)
@@ -462,10 +478,7 @@ def test_limit_tighter_than_the_reserve(make_chatd, loop):
             problems.append("the admitted client was not echoed after the burst")
         first.close()
         wait_for(lambda: status_clients(inst) == 0, timeout=10, what="the admitted client to leave")
-        with LineClient(inst.port, timeout=5) as c:
-            c.send(b"next\n")
-            if c.recv_line() != b"next\n":
-                problems.append("a new client was not served after the first left")
+        still_well(inst.port, problems, b"next\n", "a new client was not served after the first left")
         if not alive(pid):
             problems.append("the daemon died")
     finally:
@@ -496,12 +509,8 @@ def test_descriptor_limit_lowered_under_a_running_daemon(make_chatd, loop):
        every newcomer is told "server full" within MAX_WAIT_S, none is left hanging or reset
        without a word (SPEC 5: chatd keeps one descriptor in reserve to tell it).
     2. the limit is restored and 10 clients leave. Result: new clients are served; no traceback."""
-    check_loop(loop)
     name = f"test_descriptor_limit_lowered_under_a_running_daemon[{loop}]"
-    inst = make_chatd(loop=loop)
-    inst.write_config(extra=NO_LIMITS)
-    inst.cmd("start", check=0, preexec_fn=nofile(LIMIT))
-    pid = inst.pid()
+    inst, pid = start_short_of_fds(make_chatd, loop, LIMIT)
     full = FULL["echo"]
     problems: list[str] = []
     held: list[socket.socket] = []
@@ -626,10 +635,7 @@ def test_log_file_over_its_size_limit_falls_back_and_says_so_once(make_chatd):
                               and "failing" in out and out, timeout=3, what="status to say failing")
         except AssertionError as e:
             problems.append(str(e))
-        with LineClient(inst.port, timeout=5) as c:
-            c.send(b"still\n")
-            if c.recv_line() != b"still\n":
-                problems.append("not served while the log failed")
+        still_well(inst.port, problems, b"still\n", "not served while the log failed")
         if not alive(pid):
             problems.append("the daemon died (SIGXFSZ?)")
     finally:
@@ -860,19 +866,6 @@ def test_disk_full_under_the_log_keeps_serving_says_so_once_and_recovers(tmp_pat
 
 
 # ------------------------------------------------------------------ 3. memory bounds
-
-def still_well(port: int, problems: list[str]) -> None:
-    """A well-behaved client is served after the abuse."""
-    with LineClient(port, timeout=5) as c:
-        c.send(b"well-behaved\n")
-        if c.recv_line() != b"well-behaved\n":
-            problems.append("a well-behaved client was not served at the end")
-
-
-def unharmed(inst, pid: int, problems: list[str]) -> None:
-    if "Traceback" in inst.log_text() or not alive(pid):
-        problems.append("a traceback in the log, or the daemon died")
-
 
 TEN_MIB = 10 * 1024 * 1024
 

@@ -12,7 +12,6 @@ Every process is started with Popen in its own session and stopped by its pid in
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import shutil
@@ -28,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require_real
-from support import (LineClient, alive, chatd_command, free_port, kill_and_wait, listening, proc_stat,
-                     wait_for)
+from support import (LineClient, alive, chatd_command, dup_onto_3, free_port, kill_and_wait, listening,
+                     proc_stat, wait_for)
 
 INIT_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS",
                   "LISTEN_FDNAMES", "UPSTART_JOB")
@@ -488,15 +487,6 @@ def test_systemd_socket_activate_accept_is_refused(chatd):
             assert c.recv_until_eof() == b""      # the child refused it and exited
         wait_for(lambda: "not listening" in output_of(inst), what="chatd's refusal")
         assert "Accept=no" in output_of(inst)
-
-
-def dup_onto_3(*fds: int):
-    """A preexec_fn putting `fds` on 3, 4, ... in the child (dup2 clears FD_CLOEXEC there)."""
-    def preexec() -> None:
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
-        for i, fd in enumerate(high):
-            os.dup2(fd, 3 + i)
-    return preexec
 
 
 def tcp_listener() -> socket.socket:

@@ -7,7 +7,6 @@ descriptors of socket activation are handed to a child Python (dup2 onto fds
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ import pytest
 
 from chatd.errors import StartError
 from chatd.notify import Notifier, listen_fds
+from support import dup_onto_3
 
 ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS",
             "LISTEN_FDNAMES", "UPSTART_JOB")
@@ -265,15 +265,6 @@ print(json.dumps({
     "env": {k: os.environ.get(k) for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")},
 }))
 """
-
-
-def dup_onto_3(*fds: int):
-    """A preexec_fn that puts `fds` on 3, 4, ... in the child (dup2 clears FD_CLOEXEC there)."""
-    def preexec() -> None:
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
-        for i, fd in enumerate(high):
-            os.dup2(fd, 3 + i)
-    return preexec
 
 
 def activate_in_child(socks: list[socket.socket], names: str | None, count: str | None = None) -> dict:
