@@ -13,16 +13,14 @@ import sys
 from typing import NoReturn
 
 from . import __version__, control
+from .config import SCHEMA
 from .errors import EXIT_FAILED, EXIT_USAGE, ChatdError, UsageError
 
 COMMANDS = ("start", "run", "stop", "restart", "reload", "status", "check-config")
 
-# Options that set a config key: flag -> dotted key (SPEC section 1 and 3).
-SETTING_FLAGS = {
-    "--host": "server.host", "--port": "server.port", "--mode": "server.mode",
-    "--loop": "server.loop", "--pidfile": "daemon.pidfile", "--user": "daemon.user",
-    "--group": "daemon.group", "--log": "log.target", "--log-level": "log.level",
-}
+# Options that set a config key: flag -> dotted key, from the schema (`Key.flag`).
+SETTING_FLAGS = {key.flag: key.dotted for key in SCHEMA if key.flag}
+SHORT_FLAGS = {"--port": "-p"}
 
 HELP = f"""\
 NAME
@@ -32,7 +30,8 @@ SYNOPSIS
     chatd [start] [OPTIONS]
     chatd run [OPTIONS]                  (also: chatd -f, chatd --foreground)
     chatd stop [--timeout S] [OPTIONS]
-    chatd restart | reload | status | check-config [OPTIONS]
+    chatd restart | reload | check-config [OPTIONS]
+    chatd status [--json] [OPTIONS]
     chatd --help | --version
 
 COMMANDS
@@ -45,11 +44,14 @@ COMMANDS
                    start chatd if it is not running
     reload         as restart, but never start a stopped chatd (LSB reload)
     status         is it running? pid, address, mode, clients, uptime, ...
+                   (--json: one JSON object)
     check-config   validate the config without touching the running daemon
 
 OPTIONS
-    Every command accepts every option and ignores those it has no use for.
-    Each setting is also a config key; the command line wins over the file.
+    Every command accepts every option. Each setting is also a config key; the
+    command line wins over the file. An instance is its pid file, chosen by -c and
+    --pidfile; the other settings describe the server you mean, and a control
+    command whose settings differ from the running instance's refuses to act on it.
     -c, --config PATH        TOML config file; without it every setting has its default
         --host ADDR          address to listen on [server] host (default 0.0.0.0)
     -p, --port N             TCP port, 1-65535 [server] port (default 7777)
@@ -64,6 +66,7 @@ OPTIONS
         --loop auto|uvloop|asyncio
                              event loop [server] loop (default auto: uvloop if installed)
         --timeout S          stop: seconds to wait before SIGTERM (default drain_timeout + 5)
+        --json               status: print one JSON object
     -f, --foreground         the same as the run command
     -h, --help               this text
         --version            print the version
@@ -103,24 +106,18 @@ def _parser() -> _Parser:
     p = _Parser(prog="chatd", add_help=False, allow_abbrev=False)
     p.add_argument("command", nargs="?", default=None)
     p.add_argument("-c", "--config", default=None)
-    p.add_argument("--host", default=None)
-    p.add_argument("-p", "--port", default=None)
-    p.add_argument("--mode", default=None)
-    p.add_argument("--pidfile", default=None)
-    p.add_argument("--log", default=None)
-    p.add_argument("--log-level", default=None)
-    p.add_argument("--user", default=None)
-    p.add_argument("--group", default=None)
-    p.add_argument("--loop", default=None)
+    for flag, dotted in SETTING_FLAGS.items():
+        p.add_argument(*filter(None, (SHORT_FLAGS.get(flag), flag)), dest=dotted, default=None)
     p.add_argument("--timeout", default=None)
+    p.add_argument("--json", action="store_true")
     p.add_argument("-f", "--foreground", action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("--version", action="store_true")
     return p
 
 
-def parse(argv: list[str]) -> tuple[control.Options, list[str]] | str:
-    """The options and the flags that were given, or "help"/"version"."""
+def parse(argv: list[str]) -> control.Options | str:
+    """The options, or "help"/"version"."""
     args = _parser().parse_args(argv)
     if args.help:
         return "help"
@@ -131,13 +128,11 @@ def parse(argv: list[str]) -> tuple[control.Options, list[str]] | str:
         raise UsageError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
     if args.foreground and command == "start":
         command = "run"
-    opts = control.Options(command=command, config=args.config)
-    given: list[str] = ["--config"] if args.config is not None else []
+    opts = control.Options(command=command, config=args.config, json=args.json)
     for flag, key in SETTING_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+        value = getattr(args, key)
         if value is not None:
             opts.overrides[key] = (value, flag)
-            given.append(flag)
     if args.timeout is not None:
         try:
             opts.timeout = float(args.timeout)
@@ -145,17 +140,22 @@ def parse(argv: list[str]) -> tuple[control.Options, list[str]] | str:
             raise UsageError(f"--timeout: expected seconds, got {args.timeout!r}") from None
         if not opts.timeout > 0 or opts.timeout == float("inf"):
             raise UsageError(f"--timeout: must be a positive number of seconds, got {args.timeout!r}")
-        given.append("--timeout")
-    return opts, given
+    return opts
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _fail(message: str, status: int) -> NoReturn:
+    """`chatd: ` and each line of `message` (a config file's errors are one a line), then exit."""
     try:
-        print(f"chatd: {message}", file=sys.stderr, flush=True)
+        for line in message.splitlines() or [""]:
+            print(f"chatd: {line}", file=sys.stderr, flush=True)
         if status == EXIT_USAGE:
             print("Try 'chatd --help'.", file=sys.stderr, flush=True)
     except OSError:
@@ -171,15 +171,16 @@ def run_command(argv: list[str]) -> int:
     if parsed == "version":
         _say(f"chatd {__version__}")
         return 0
-    opts, given = parsed
+    opts = parsed
+    out = control.Console(say=_say, warn=_warn)
     verbs = {
-        "start": lambda: control.start(opts, _say),
-        "run": lambda: control.run(opts, _say),
-        "stop": lambda: control.stop(opts, _say),
-        "restart": lambda: control.restart(opts, _say, given),
-        "reload": lambda: control.restart(opts, _say, given, reload=True),
-        "status": lambda: control.status(opts, _say),
-        "check-config": lambda: control.check_config(opts, _say),
+        "start": lambda: control.start(opts, out),
+        "run": lambda: control.run(opts, out),
+        "stop": lambda: control.stop(opts, out),
+        "restart": lambda: control.restart(opts, out),
+        "reload": lambda: control.restart(opts, out, reload=True),
+        "status": lambda: control.status(opts, out),
+        "check-config": lambda: control.check_config(opts, out),
     }
     return verbs[opts.command]()
 

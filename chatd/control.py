@@ -3,12 +3,15 @@
 They follow libucw's daemon-control protocol: every command holds the guard
 lock while it looks at the pid file and acts, so concurrent commands never
 leave two daemons or none; "running" means "the pid-file lock is held".
-Messages for the user go through `say`; failures are raised as ChatdError.
+A command's result goes to `Console.say` (stdout), notes and warnings to
+`Console.warn` (stderr); failures are raised as ChatdError, and `cli` prints
+each once. Which instance a command acts on, and when it refuses to: `instance`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import re
@@ -16,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import __version__, config as config_mod, daemon, listen
+from . import __version__, config as config_mod, daemon, instance, listen
 from .config import Config
 from .daemon import ReadinessPipe
 from .errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK,
@@ -31,6 +34,17 @@ from .state import StateFile, read_state
 
 Say = Callable[[str], None]
 
+
+@dataclass(frozen=True)
+class Console:
+    """Where a command's words go: its result to stdout, notes and warnings to stderr.
+
+    Failures are not said here: they are raised, and `cli` prints each once.
+    """
+
+    say: Say
+    warn: Say
+
 START_TIMEOUT_S = 60.0     # how long the invoker waits for the daemon's word
 RESTART_TIMEOUT_S = 15.0   # how long restart/reload wait for the outcome
 KILL_WAIT_S = 5.0          # after SIGTERM, then after SIGKILL
@@ -44,6 +58,7 @@ class Options:
     config: str | None = None
     overrides: dict[str, tuple[str, str]] = field(default_factory=dict)   # key -> (value, flag)
     timeout: float | None = None
+    json: bool = False
     cwd: str = field(default_factory=os.getcwd)
 
 
@@ -51,50 +66,28 @@ def load_config(opts: Options) -> Config:
     return config_mod.load(opts.config, opts.overrides, cwd=opts.cwd)
 
 
-def _find_instance(opts: Options, say: Say) -> tuple[Config | None, InstancePaths]:
-    """The config and file names for a control command, even when the config is broken.
-
-    `stop` and `status` must still find a running daemon whose config file has
-    since been broken: then the pid file comes from `--pidfile`, a readable
-    `[daemon] pidfile`, or the default name.
-    """
-    try:
-        cfg = load_config(opts)
-        return cfg, instance_paths(cfg)
-    except ChatdError as e:
-        say(f"warning: {e}")
-    overrides = {k: v for k, v in opts.overrides.items() if k == "daemon.pidfile"}
-    if "daemon.pidfile" not in overrides and opts.config:
-        path = os.path.join(opts.cwd, opts.config)
-        value = _pidfile_in_broken_config(path)
-        if value:
-            overrides["daemon.pidfile"] = (os.path.join(os.path.dirname(path), value), "--pidfile")
-    cfg = config_mod.load(None, overrides, cwd=opts.cwd)
-    if opts.config:
-        cfg = Config(path=os.path.abspath(os.path.join(opts.cwd, opts.config)),
-                     daemon=cfg.daemon, origins=cfg.origins)
-    return None, instance_paths(cfg)
+def _find_instance(opts: Options, out: Console | None) -> tuple[Config | None, InstancePaths]:
+    """The config and the instance's file names; a broken config is a warning (to `out`)."""
+    cfg, paths, problem = instance.find(opts.config, opts.overrides, opts.cwd)
+    if problem and out is not None:
+        out.warn(f"warning: {problem}; using pid file {paths.pidfile}")
+    return cfg, paths
 
 
-_PIDFILE_LINE = re.compile(r"""^\s*pidfile\s*=\s*(?:"([^"]*)"|'([^']*)')\s*(?:#.*)?$""", re.M)
+def _refuse_mismatch(opts: Options, paths: InstancePaths, found: Probe, what: str, status: int) -> None:
+    """Fail if the options describe another server than the one running (see `instance`)."""
+    wanted = instance.requested(opts.overrides, opts.cwd)
+    state = read_state(paths.state)
+    differ = instance.mismatches(wanted, state)
+    if differ:
+        raise instance.mismatch_error(paths, found.pid, state, differ, what, opts.command, status)
 
 
-def _pidfile_in_broken_config(path: str) -> str:
-    """Best effort: the `pidfile = "..."` setting of a config file tomllib rejects."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return ""
-    m = _PIDFILE_LINE.search(text)
-    return (m.group(1) or m.group(2)) if m else ""
-
-
-def _check_not_running(found: Probe, say: Say) -> Probe:
+def _check_not_running(found: Probe, out: Console) -> Probe:
     """A locked pid file that does not name its lock holder was not written by chatd:
     someone holds a lock on it to keep chatd from starting. Replace it (under the guard)."""
     if found.running and found.problem:
-        say(f"warning: pid file {found.path} is locked, but {found.problem}; replacing it")
+        out.warn(f"warning: pid file {found.path} is locked, but {found.problem}; replacing it")
         try:
             os.unlink(found.path)
         except OSError as e:
@@ -131,25 +124,28 @@ def _prepare(opts: Options, foreground: bool, notifier: Notifier | None = None) 
                   activated=listen_fds(), upstart=foreground and take_upstart_job())
 
 
-def start(opts: Options, say: Say) -> int:
+def start(opts: Options, out: Console) -> int:
     """Detach and serve; return 0 only once the daemon serves (or was already running).
 
     Under a supervisor (NOTIFY_SOCKET or UPSTART_JOB set) chatd never detaches:
     the supervisor tracks the pid it started, so `start` serves as `run` does.
+    Options that describe another server than the running one fail (`instance`).
     """
     if supervised():
-        return run(opts, say)
+        return run(opts, out)
     launch = _prepare(opts, foreground=False)
     with guard(launch.paths.guard):
-        found = _check_not_running(probe(launch.paths.pidfile), say)
+        found = _check_not_running(probe(launch.paths.pidfile), out)
         if found.running:
-            say(f"chatd is already running (pid {found.pid})")
+            _refuse_mismatch(opts, launch.paths, found, "not starting anything", EXIT_FAILED)
+            out.say(f"chatd is already running (pid {found.pid}): "
+                    f"{instance.describe(read_state(launch.paths.state))}")
             return EXIT_OK
         launch.recorder.install(detached=True)
         pipe = ReadinessPipe()
         child = daemon.fork_invoker()
         if child:
-            return _wait_for_daemon(pipe, child, launch.paths, launch.recorder, say)
+            return _wait_for_daemon(pipe, child, launch.paths, launch.recorder, out)
         _become_daemon(launch, pipe)   # never returns
 
 
@@ -175,7 +171,7 @@ def _become_daemon(launch: Launch, pipe: ReadinessPipe) -> None:
 
 
 def _wait_for_daemon(pipe: ReadinessPipe, child: int, paths: InstancePaths,
-                     recorder: SignalRecorder, say: Say) -> int:
+                     recorder: SignalRecorder, out: Console) -> int:
     """The invoker's side: reap the middle child, then wait for the daemon's word."""
     os.waitpid(child, 0)
     forwarded: set[int] = set()
@@ -192,7 +188,7 @@ def _wait_for_daemon(pipe: ReadinessPipe, child: int, paths: InstancePaths,
     event = message.get("event")
     if event == "ready":
         log_note = message.get("log", "")
-        say(f"chatd started (pid {message['pid']}): {message.get('mode')} mode on "
+        out.say(f"chatd started (pid {message['pid']}): {message.get('mode')} mode on "
             f"{message.get('address')}, event loop {message.get('loop')}, log: {log_note}")
         return EXIT_OK
     pid = message.get("pid")
@@ -209,7 +205,7 @@ def _wait_for_daemon(pipe: ReadinessPipe, child: int, paths: InstancePaths,
     raise StartError("the daemon exited during start-up without saying why")
 
 
-def run(opts: Options, say: Say) -> int:
+def run(opts: Options, out: Console) -> int:
     """Serve in the foreground (systemd, supervisors, containers, a terminal).
 
     Under systemd a failed start is also reported on the notify socket (ERRNO=).
@@ -219,9 +215,11 @@ def run(opts: Options, say: Say) -> int:
         launch = _prepare(opts, foreground=True, notifier=notifier)
         with contextlib.ExitStack() as held:
             held.enter_context(guard(launch.paths.guard))
-            found = _check_not_running(probe(launch.paths.pidfile), say)
+            found = _check_not_running(probe(launch.paths.pidfile), out)
             if found.running:
-                raise AlreadyRunning(launch.paths.pidfile, found.pid)
+                _refuse_mismatch(opts, launch.paths, found, "not starting anything", EXIT_FAILED)
+                raise AlreadyRunning(launch.paths.pidfile, found.pid,
+                                     instance.describe(read_state(launch.paths.state)))
             launch.recorder.install(detached=False)
 
             def ready(**info: Any) -> None:
@@ -254,7 +252,8 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
     logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
     try:
         pidfile.acquire(os.getpid())
-        state.open(pid=os.getpid(), started=time.time(), config=cfg.path, pidfile=paths.pidfile,
+        state.open(pid=os.getpid(), version=__version__, started=time.time(), config=cfg.path,
+                   pidfile=paths.pidfile,
                    mode=cfg.server.mode, address=describe_listeners(listeners), clients=0, generation=0)
         logs.configure(cfg, launch.target)
         state.update(log=logs.status())
@@ -351,9 +350,9 @@ def _running_pid(found: Probe) -> int:
     return found.pid
 
 
-def stop(opts: Options, say: Say) -> int:
+def stop(opts: Options, out: Console) -> int:
     """Graceful stop: SIGUSR1 (and SIGCONT), wait for the exit; SIGTERM, then SIGKILL, if it hangs."""
-    cfg, paths = _find_instance(opts, say)
+    cfg, paths = _find_instance(opts, out)
     drain = cfg.daemon.drain_timeout if cfg else config_mod.KEYS["daemon.drain_timeout"].default
     timeout = opts.timeout if opts.timeout is not None else drain + 5
     with guard(paths.guard):
@@ -361,58 +360,58 @@ def stop(opts: Options, say: Say) -> int:
         if not found.running:
             if found.content.strip():
                 clear_stale(paths.pidfile)
-                say(f"chatd is not running (removed a stale pid file naming {found.content.strip().decode(errors='replace')[:20]})")
+                out.say(f"chatd is not running (removed a stale pid file naming "
+                        f"{found.content.strip().decode(errors='replace')[:20]})")
             else:
-                say("chatd is not running")
+                out.say("chatd is not running")
             return EXIT_OK
+        _refuse_mismatch(opts, paths, found, "not stopping it", EXIT_FAILED)
         pid = _running_pid(found)
         started = _process_start_time(pid)
         _signal(pid, signal.SIGUSR1, started)
         _signal(pid, signal.SIGCONT, started)
         if _gone(paths, pid, started, timeout):
-            say(f"chatd stopped (pid {pid})")
+            out.say(f"chatd stopped (pid {pid})")
             return EXIT_OK
-        say(f"chatd (pid {pid}) has not stopped after {timeout:g} s; sending SIGTERM")
+        out.warn(f"chatd (pid {pid}) has not stopped after {timeout:g} s; sending SIGTERM")
         _signal(pid, signal.SIGTERM, started)
         if _gone(paths, pid, started, KILL_WAIT_S):
-            say(f"chatd stopped by SIGTERM (pid {pid})")
+            out.say(f"chatd stopped by SIGTERM (pid {pid})")
             return EXIT_OK
-        say(f"chatd (pid {pid}) ignored SIGTERM for {KILL_WAIT_S:g} s; sending SIGKILL")
+        out.warn(f"chatd (pid {pid}) ignored SIGTERM for {KILL_WAIT_S:g} s; sending SIGKILL")
         _signal(pid, signal.SIGKILL, started)
         if _gone(paths, pid, started, KILL_WAIT_S):
             clear_stale(paths.pidfile)
-            say(f"chatd killed with SIGKILL (pid {pid})")
-            return EXIT_FAILED
+            raise ChatdError(f"chatd (pid {pid}) had to be killed with SIGKILL", EXIT_FAILED)
         raise ChatdError(f"chatd (pid {pid}) survived SIGKILL")
 
 
 # ---------------------------------------------------------------------- restart and reload
 
-OUTCOME_STATUS = {"applied": EXIT_OK, "rejected": EXIT_CONFIG, "failed": EXIT_FAILED}
-
-
-def restart(opts: Options, say: Say, flags: list[str], reload: bool = False) -> int:
+def restart(opts: Options, out: Console, reload: bool = False) -> int:
     """SIGHUP: the daemon re-reads its config and applies it in place; print the outcome.
 
-    `restart` starts a stopped chatd; `reload` (LSB) does not, and exits 7.
+    `restart` starts a stopped chatd; `reload` (LSB) does not, and exits 7. A running
+    chatd keeps the options it was started with and re-reads only its config file, so
+    options that differ from the running ones fail rather than being ignored. A broken
+    config file is not warned about here: the daemon's verdict says why, once.
     """
-    _, paths = _find_instance(opts, say)
+    _, paths = _find_instance(opts, None)
     with guard(paths.guard):
         found = probe(paths.pidfile)
         if found.running:
-            return _restart_running(found, paths, say, flags)
+            _refuse_mismatch(opts, paths, found,
+                             "a running chatd keeps the options it was started with and re-reads "
+                             "only its config file (set the value there, or stop it and start it "
+                             "with the new options)", EXIT_FAILED)
+            return _restart_running(found, paths, out)
     if reload:
-        say("chatd is not running")
-        return EXIT_NOT_RUNNING_RELOAD
-    say("chatd is not running; starting it")
-    return start(opts, say)
+        raise ChatdError("chatd is not running", EXIT_NOT_RUNNING_RELOAD)
+    out.warn("chatd is not running; starting it")
+    return start(opts, out)
 
 
-def _restart_running(found: Probe, paths: InstancePaths, say: Say, flags: list[str]) -> int:
-    ignored = [f for f in flags if f not in ("-c", "--config", "--pidfile")]
-    if ignored:
-        say(f"note: {', '.join(ignored)} ignored: a running chatd keeps the options it was "
-            f"started with, and re-reads only its config file")
+def _restart_running(found: Probe, paths: InstancePaths, out: Console) -> int:
     pid = _running_pid(found)
     before = read_state(paths.state) or {}
     generation = before.get("generation")
@@ -426,7 +425,7 @@ def _restart_running(found: Probe, paths: InstancePaths, say: Say, flags: list[s
             outcome = now["last_restart"].get("outcome")
             message = now["last_restart"].get("message", "")
             if outcome == "applied":
-                say(f"chatd restarted in place (pid {pid}): {message}")
+                out.say(f"chatd restarted in place (pid {pid}): {message}")
                 return EXIT_OK
             if outcome == "rejected":
                 raise ChatdError(f"config rejected; still serving with the old one: {message}", EXIT_CONFIG)
@@ -437,9 +436,14 @@ def _restart_running(found: Probe, paths: InstancePaths, say: Say, flags: list[s
 
 # ---------------------------------------------------------------------- status
 
-def status(opts: Options, say: Say) -> int:
-    """Is it running? 0 yes, 1 dead with a pid file, 3 not running, 4 cannot tell."""
-    cfg, paths = _find_instance(opts, say)
+def status(opts: Options, out: Console) -> int:
+    """Is it running? 0 yes, 1 dead with a pid file, 3 not running, 4 cannot tell.
+
+    With `--json` the answer is one JSON object on stdout (`STATUS_KEYS`), whatever the
+    exit status. A running instance that is not the server the options describe is not
+    what was asked about: 3, with the reason.
+    """
+    cfg, paths = _find_instance(opts, out)
     candidates = [paths]
     explicit = opts.config or "daemon.pidfile" in opts.overrides or (cfg and cfg.daemon.pidfile)
     if not explicit and paths.default_dir and os.path.dirname(paths.pidfile) != SYSTEM_DIR:
@@ -452,37 +456,78 @@ def status(opts: Options, say: Say) -> int:
         except ChatdError as e:
             raise ChatdError(f"cannot tell: {e}", EXIT_PRIVILEGE) from None
         if found.running:
-            _print_status(found, where, say)
+            try:
+                _refuse_mismatch(opts, where, found, "so no chatd here is the one those options "
+                                 "describe", EXIT_NOT_RUNNING)
+            except ChatdError as e:
+                if not opts.json:
+                    raise
+                _print_json(_report(None, where) | {"mismatch": e.message}, out)
+                return e.status
+            report = _report(found, where)
+            _print_json(report, out) if opts.json else _print_status(report, out)
             return EXIT_OK
         first = first or found
         if found.exists:
             break
     assert first is not None
-    if first.content.strip():
-        say(f"chatd is not running, but its pid file {first.path} still names "
-            f"{first.content.strip().decode(errors='replace')[:20]} (it crashed or was killed)")
-        return EXIT_FAILED
-    say("chatd is not running")
-    return EXIT_NOT_RUNNING
+    stale = first.content.strip().decode(errors="replace")[:20]
+    if opts.json:
+        _print_json(_report(None, paths) | {"pidfile": first.path, "stale_pid": stale or None}, out)
+    elif stale:
+        out.say(f"chatd is not running, but its pid file {first.path} still names "
+                f"{stale} (it crashed or was killed)")
+    else:
+        out.say("chatd is not running")
+    return EXIT_FAILED if stale else EXIT_NOT_RUNNING
 
 
-def _print_status(found: Probe, paths: InstancePaths, say: Say) -> None:
-    say(f"chatd is running (pid {found.pid or 'unknown: ' + found.problem})")
+# `status --json`: these keys, always all of them (null where unknown or not running).
+STATUS_KEYS = ("running", "pid", "version", "address", "mode", "clients", "uptime_s", "started",
+               "event_loop", "log", "last_restart", "pidfile", "config", "stale_pid", "pid_problem")
+
+
+def _report(found: Probe | None, paths: InstancePaths) -> dict[str, Any]:
+    """The status of an instance as one dict: the text form and `--json` both show it."""
+    report: dict[str, Any] = dict.fromkeys(STATUS_KEYS)
+    report |= {"running": found is not None, "pidfile": paths.pidfile}
+    if found is None:
+        return report
     st = read_state(paths.state) or {}
     started = st.get("started")
-    uptime = _duration(time.time() - started) if isinstance(started, (int, float)) else "unknown"
     last = st.get("last_restart")
-    if isinstance(last, dict):
+    report |= {"pid": found.pid, "version": st.get("version"), "address": st.get("address"),
+               "mode": st.get("mode"), "clients": st.get("clients"), "event_loop": st.get("loop"),
+               "log": st.get("log"), "config": st.get("config"),
+               "last_restart": last if isinstance(last, dict) else None}
+    if isinstance(started, (int, float)):
+        report |= {"started": started, "uptime_s": round(max(0.0, time.time() - started), 3)}
+    if found.pid is None:
+        report["pid_problem"] = found.problem
+    return report
+
+
+def _print_json(report: dict[str, Any], out: Console) -> None:
+    out.say(json.dumps(report, sort_keys=False))
+
+
+def _print_status(report: dict[str, Any], out: Console) -> None:
+    out.say(f"chatd is running (pid {report['pid'] or 'unknown: ' + report['pid_problem']})")
+    uptime = report["uptime_s"]
+    last = report["last_restart"]
+    if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0)))
         last_text = f"{when} {last.get('outcome')}: {last.get('message')}"
     else:
         last_text = "never"
-    for key, value in (("address", st.get("address")), ("mode", st.get("mode")),
-                       ("clients", st.get("clients")), ("uptime", uptime),
-                       ("event loop", st.get("loop")), ("log", st.get("log")),
-                       ("last restart", last_text), ("pid file", paths.pidfile),
-                       ("config", st.get("config") or "none (defaults)")):
-        say(f"{key}: {'unknown' if value is None else value}")
+    for key, value in (("address", report["address"]), ("mode", report["mode"]),
+                       ("clients", report["clients"]),
+                       ("uptime", None if uptime is None else _duration(uptime)),
+                       ("event loop", report["event_loop"]), ("log", report["log"]),
+                       ("last restart", last_text), ("pid file", report["pidfile"]),
+                       ("config", report["config"] or "none (defaults)"),
+                       ("version", report["version"])):
+        out.say(f"{key}: {'unknown' if value is None else value}")
 
 
 def _duration(seconds: float) -> str:
@@ -495,10 +540,10 @@ def _duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------------- check-config
 
-def check_config(opts: Options, say: Say) -> int:
+def check_config(opts: Options, out: Console) -> int:
     cfg = load_config(opts)
     if cfg.path:
-        say(f"{cfg.path}: OK")
+        out.say(f"{cfg.path}: OK")
     else:
-        say("no config file given (-c): the defaults and the command-line options are valid")
+        out.say("no config file given (-c): the defaults and the command-line options are valid")
     return EXIT_OK

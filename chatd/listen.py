@@ -29,6 +29,15 @@ class Address:
     def wildcard(self) -> bool:
         return ipaddress.ip_address(self.host).is_unspecified
 
+    def serves(self, wanted: Address) -> bool:
+        """Does a listener on `self` accept connections to `wanted`? (A wildcard covers its
+        family; "::" is bound dual-stack, so it covers IPv4 too.)"""
+        if self.port != wanted.port:
+            return False
+        if self == wanted:
+            return True
+        return self.wildcard and (self.family == wanted.family or self.family == socket.AF_INET6)
+
     def overlaps(self, other: Address) -> bool:
         """Would binding `other` clash with a listener on `self` (same port, covering hosts)?"""
         if self.port != other.port or self == other:
@@ -100,6 +109,11 @@ def _bind_error(address: Address, e: OSError) -> ChatdError:
         return StartError(f"cannot listen on {address}: no such address on this machine",
                           errno_value=e.errno)
     return StartError(f"cannot listen on {address}: {e.strerror}", errno_value=e.errno)
+
+
+def family_of(host: str) -> int:
+    """The address family of a numeric host address."""
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
 def address_of(sock: socket.socket) -> Address:

@@ -29,9 +29,10 @@ _OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 class AlreadyRunning(StartError):
     """Another daemon holds the pid-file lock."""
 
-    def __init__(self, path: str, pid: int | None) -> None:
+    def __init__(self, path: str, pid: int | None, serving: str = "") -> None:
         who = f"pid {pid}" if pid else "pid unknown"
-        super().__init__(f"chatd is already running ({who}, pid file {path})")
+        super().__init__(f"chatd is already running ({who}, pid file {path})"
+                         + (f": {serving}" if serving else ""))
         self.pid = pid
 
 

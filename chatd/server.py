@@ -218,7 +218,7 @@ class Server:
             new = config_mod.load(old.path, self.runtime.overrides)
             target = resolve_target(new, self.runtime.foreground)
         except ChatdError as e:
-            return "rejected", str(e)
+            return "rejected", "; ".join(getattr(e, "errors", [str(e)]))   # one line for log and state
         for key in FIXED_KEYS:
             if new.get(key) != old.get(key):
                 return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
@@ -416,8 +416,12 @@ class Server:
         return text
 
     def _state_fields(self) -> dict[str, Any]:
+        """What control commands learn from the state file: `status` shows it, and every
+        command compares the options it was given with `settings` and `listeners`."""
         return {"address": self.address, "mode": self.cfg.server.mode, "loop": self.loop_name,
-                "log": self.runtime.logs.status(), "clients": len(self.state.connections)}
+                "log": self.runtime.logs.status(), "clients": len(self.state.connections),
+                "listeners": [[li.address.host, li.address.port] for li in self.listeners],
+                "settings": {key.dotted: self.cfg.get(key.dotted) for key in config_mod.SCHEMA}}
 
     def _connection_class(self) -> type[Connection]:
         """The class for new connections: the mode's, and for echo the loop's.

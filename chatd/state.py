@@ -14,8 +14,8 @@ import json
 import os
 from typing import Any
 
-STATE_KEYS = ("pid", "started", "address", "mode", "loop", "log", "clients",
-              "generation", "last_restart")
+STATE_KEYS = ("pid", "version", "started", "address", "mode", "loop", "log", "clients",
+              "generation", "last_restart", "listeners", "settings")
 
 
 class StateFile:

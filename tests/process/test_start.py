@@ -38,7 +38,7 @@ def test_start_prints_what_it_started(chatd):
     assert out.startswith(f"chatd started (pid {pid}): echo mode on 127.0.0.1:{chatd.port}")
     assert "event loop" in out and f"log: file {chatd.logfile}" in out
     again = chatd.cmd("start", check=0).stdout.decode()
-    assert again.strip() == f"chatd is already running (pid {pid})"
+    assert again.strip() == f"chatd is already running (pid {pid}): echo on 127.0.0.1:{chatd.port}"
 
 
 def test_port_in_use_fails_with_the_reason_and_leaves_nothing(chatd):
@@ -235,8 +235,10 @@ def test_stop_escalates_to_sigkill_and_says_so(chatd):
     chatd.cmd("start", env=fault_env("ignore-stop"), check=0)
     pid = chatd.pid()
     proc = chatd.cmd("stop", "--timeout", "0.5", check=1)
-    out = proc.stdout.decode()
-    assert "sending SIGTERM" in out and "sending SIGKILL" in out and "killed with SIGKILL" in out
+    err = proc.stderr.decode()
+    assert proc.stdout == b""                                  # no result: it failed
+    assert "sending SIGTERM" in err and "sending SIGKILL" in err
+    assert err.count("killed with SIGKILL") == 1 and f"chatd: chatd (pid {pid}) had to be killed" in err
     assert not alive(pid)
     assert not chatd.pidfile.exists() or chatd.pidfile.read_text() == ""
     assert chatd.cmd("status").returncode == 3
@@ -343,8 +345,9 @@ def test_every_command_accepts_every_option(chatd):
     assert chatd.cmd("start", *opts).returncode == 0
     assert chatd.cmd("status", *opts).returncode == 0
     assert b"asyncio" in chatd.cmd("status").stdout
-    restart = chatd.cmd("restart", *opts)
-    assert restart.returncode == 0 and b"ignored" in restart.stdout
+    restart = chatd.cmd("restart", *opts)          # the options match the running instance
+    assert restart.returncode == 0 and restart.stdout.startswith(b"chatd restarted in place")
+    assert restart.stderr == b""
     assert chatd.cmd("reload", *opts).returncode == 0
     assert chatd.cmd("stop", *opts).returncode == 0
 
@@ -367,7 +370,7 @@ def test_a_stranger_holding_a_lock_on_a_stale_pid_file_cannot_block_start(chatd,
         proc = chatd.cmd("start", check=0)
         assert b"chatd started" in proc.stdout
         if lock == "LOCK_EX":   # it looks running until /proc/locks shows who holds it
-            assert f"it names pid {pid} but the lock is held by pid {squatter.pid}".encode() in proc.stdout
+            assert f"it names pid {pid} but the lock is held by pid {squatter.pid}".encode() in proc.stderr
         assert chatd.pid() != pid
         with LineClient(chatd.port) as c:
             c.send(b"mine\n")
@@ -382,5 +385,5 @@ def test_control_commands_on_a_pid_directory_that_does_not_exist_yet(chatd):
     pidfile = str(chatd.dir / "not-yet" / "chatd.pid")
     assert chatd.cmd("stop", "--pidfile", pidfile, check=0).stdout == b"chatd is not running\n"
     assert chatd.cmd("status", "--pidfile", pidfile, check=3).stdout == b"chatd is not running\n"
-    assert chatd.cmd("reload", "--pidfile", pidfile, check=7).stdout == b"chatd is not running\n"
+    assert chatd.cmd("reload", "--pidfile", pidfile, check=7).stderr == b"chatd: chatd is not running\n"
     assert not (chatd.dir / "not-yet").exists()
