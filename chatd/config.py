@@ -3,7 +3,15 @@
 The config file is TOML, read with `tomllib`. Every key has a default, so no
 file is needed. Command-line values win over the file. tomllib reports lines
 only for syntax errors, so `_locate_keys` finds each key's line itself.
-This module reads the file and nothing else.
+
+`load()` reports every error in the file at once, each as FILE:LINE, in file
+order (see `load` and `_parse`); a bad command-line value is reported alone.
+
+Checking a value may ask the system, read-only: `[daemon] user` and `group`
+are looked up in the user and group databases (pwd, grp), `[server] host` is
+resolved (getaddrinfo, so DNS or /etc/hosts), and `[server] loop = "uvloop"`
+looks whether uvloop is importable (without importing it). Nothing is
+written, bound, or changed here.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import ConfigError, setting_error
+from .rooms import ROOM_RE   # "#name"; a config value may leave out the '#'
 
 FACILITIES = (
     "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp",
@@ -28,7 +37,6 @@ FACILITIES = (
     "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
-ROOM_RE = re.compile(r"#?[A-Za-z0-9_-]{1,32}")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
@@ -135,7 +143,7 @@ def _group(value: Any) -> str:
 
 def _room(value: Any) -> str:
     value = _str(value)
-    if not ROOM_RE.fullmatch(value):
+    if not ROOM_RE.fullmatch(value if value.startswith("#") else "#" + value):
         raise Invalid("a room is 1 to 32 letters, digits, '_' or '-' (a leading '#' is optional)")
     return value.lstrip("#").lower()
 
@@ -338,21 +346,56 @@ def _read(path: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not valid UTF-8") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        # tomllib's message ends with "(at line N, column M)"; restate it as file:line.
-        msg = str(e)
-        m = re.search(r"\(at line (\d+), column \d+\)$", msg)
-        end = re.search(r"\(at end of document\)$", msg)
-        if m:
-            where, msg = f"{path}:{m.group(1)}", msg[: m.start()].strip()
-        elif end:
-            where, msg = f"{path}:{len(text.splitlines()) or 1}", msg[: end.start()].strip() + " at the end"
+    return _parse(text, path), _locate_keys(text)
+
+
+SYNTAX_ROUNDS = 20   # at most this many TOML syntax errors are looked for
+
+
+def _parse(text: str, path: str) -> dict[str, Any]:
+    """tomllib's data for `text`, or one ConfigError listing every syntax error found.
+
+    tomllib stops at the first syntax error. To find the later ones, the line
+    it names is blanked (made empty, so every line keeps its number) and the
+    text parsed again, up to SYNTAX_ROUNDS times. The search stops at an error
+    "at end of document", and when blanking would change nothing (the line is
+    already empty, or the same error comes back). Blanking a line can cause an
+    error of its own (say, the keys under a broken table header then land in
+    the table before it), so the errors after the first are best effort.
+
+    If there is any syntax error, only syntax errors are reported: the keys of
+    a half-parsed file would give misleading errors about their values.
+    """
+    lines = text.split("\n")              # tomllib counts lines by "\n" too
+    last_line = len(text.splitlines()) or 1
+    found: dict[tuple[int, str], str] = {}   # (line or 0, message) -> the error as reported
+    for _ in range(SYNTAX_ROUNDS):
+        try:
+            data = tomllib.loads("\n".join(lines))
+        except tomllib.TOMLDecodeError as e:
+            # tomllib's message ends with "(at line N, column M)"; restate it as file:line.
+            msg = str(e)
+            m = re.search(r"\(at line (\d+), column \d+\)$", msg)
+            end = re.search(r"\(at end of document\)$", msg)
+            if m:
+                line, msg = int(m.group(1)), msg[: m.start()].strip()
+            elif end:
+                line, msg = last_line, msg[: end.start()].strip() + " at the end"
+            else:
+                line = 0
+            if (line, msg) in found:
+                break
+            found[line, msg] = f"{path}:{line}: TOML syntax error: {msg}" if line \
+                else f"{path}: TOML syntax error: {msg}"
+            if m is None or not 1 <= line <= len(lines) or lines[line - 1] == "":
+                break
+            lines[line - 1] = ""
         else:
-            where = path
-        raise ConfigError(f"{where}: TOML syntax error: {msg}") from None
-    return data, _locate_keys(text)
+            if not found:
+                return data
+            break
+    errors = [found[k] for k in sorted(found, key=lambda k: k[0] or float("inf"))]
+    raise ConfigError("\n".join(errors), errors=errors)
 
 
 def load(path: str | None = None, overrides: dict[str, tuple[Any, str]] | None = None,
@@ -363,34 +406,52 @@ def load(path: str | None = None, overrides: dict[str, tuple[Any, str]] | None =
     ("--port"); its relative paths resolve against `cwd`. Raises ConfigError
     (file, exit 6) or UsageError (command line, exit 2) naming where the bad
     value came from.
+
+    Every error in the file is reported, not just the first: one ConfigError
+    whose `errors` are the file's unknown sections and keys, bad values, and
+    broken rules between two keys (`_check_across`, for keys whose own values
+    are good), in file order, each "FILE:LINE: ...". A TOML syntax error hides
+    the rest (see `_parse`). The command line is checked after the file, and
+    reports its first bad value only; the file's errors win over it.
     """
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
+    errors: list[tuple[float, str]] = []    # (line, error) in the file
+    invalid: set[str] = set()               # keys whose value in the file was rejected
     abspath = None
     if path is not None:
         abspath = os.path.abspath(os.path.join(cwd or os.getcwd(), path))
         data, lines = _read(abspath)
         base = os.path.dirname(abspath)
         for section, table in data.items():
-            where = f"{abspath}:{lines.get((section,), '?')}"
+            line = lines.get((section,), "?")
+            where = f"{abspath}:{line}"
             if section not in SECTIONS:
-                raise ConfigError(f"{where}: unknown section [{section}] "
-                                  f"(known: {', '.join(SECTIONS)})")
+                errors.append((_line_order(line), f"{where}: unknown section [{_shown(section)}] "
+                                                  f"(known: {', '.join(SECTIONS)})"))
+                continue
             if not isinstance(table, dict):
-                raise ConfigError(f"{where}: {section} must be a table, got {_type_name(table)}")
+                errors.append((_line_order(line),
+                               f"{where}: {_shown(section)} must be a table, got {_type_name(table)}"))
+                continue
             for name, value in table.items():
-                where = f"{abspath}:{lines.get((section, name), lines.get((section,), '?'))}"
+                line = lines.get((section, name), lines.get((section,), "?"))
+                where = f"{abspath}:{line}"
                 key = KEYS.get(f"{section}.{name}")
                 if key is None:
                     known = ", ".join(k.name for k in SCHEMA if k.section == section)
-                    raise ConfigError(f"{where}: unknown key '{name}' in [{section}] (known: {known})")
+                    errors.append((_line_order(line),
+                                   f"{where}: unknown key '{_shown(name)}' in [{section}] (known: {known})"))
+                    continue
                 try:
                     if isinstance(value, str) and not isinstance(key.default, str):
                         # Strings are parsed only from the command line; in TOML a number is a number.
                         raise Invalid(f"expected {_type_name(key.default)}, got a string")
                     value = key.check(value)
                 except Invalid as e:
-                    raise ConfigError(f"{where}: [{section}] {name}: {e}") from None
+                    errors.append((_line_order(line), f"{where}: [{section}] {name}: {e}"))
+                    invalid.add(key.dotted)
+                    continue
                 if key.is_path and value and value not in ("syslog", "stderr"):
                     value = os.path.normpath(os.path.join(base, value))
                 values[key.dotted] = value
@@ -400,12 +461,42 @@ def load(path: str | None = None, overrides: dict[str, tuple[Any, str]] | None =
         try:
             value = key.check(value)
         except Invalid as e:
+            if errors:
+                raise _file_errors(errors) from None
             raise setting_error(origin, str(e)) from None
         if key.is_path and value and value not in ("syslog", "stderr"):
             value = os.path.normpath(os.path.join(cwd or os.getcwd(), value))
         values[dotted] = value
         origins[dotted] = origin
-    return _build(values, origins, abspath)
+        invalid.discard(dotted)
+    cfg = _build(values, origins, abspath)
+    on_command_line = []
+    for origin, message in _check_across(cfg, invalid):
+        if origin.startswith("-"):
+            on_command_line.append(setting_error(origin, message))
+        else:
+            errors.append((_line_order(origin.rpartition(":")[2]), f"{origin}: {message}"))
+    if errors:
+        raise _file_errors(errors)
+    if on_command_line:
+        raise on_command_line[0]
+    return cfg
+
+
+def _shown(name: str) -> str:
+    """A name from the file as an error shows it: escaped if it would break the line."""
+    return name if name.isprintable() else repr(name)[1:-1]
+
+
+def _line_order(line: int | str) -> float:
+    """Where an error sorts: by its line; one without a line ("?") after the rest."""
+    return float(line) if str(line).isdigit() else float("inf")
+
+
+def _file_errors(errors: list[tuple[float, str]]) -> ConfigError:
+    """One ConfigError listing the file's errors in file order (the sort is stable)."""
+    listed = [text for _, text in sorted(errors, key=lambda e: e[0])]
+    return ConfigError("\n".join(listed), errors=listed)
 
 
 def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) -> Config:
@@ -418,19 +509,26 @@ def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) ->
                 v = values[key.dotted]
                 kwargs[key.name] = float(v) if isinstance(key.default, float) else v
         sections[section] = cls(**kwargs)
-    cfg = Config(path=path, origins=origins, **sections)
-    _check_across(cfg)
-    return cfg
+    return Config(path=path, origins=origins, **sections)
 
 
-def _check_across(cfg: Config) -> None:
-    """Rules that tie two keys together."""
-    if cfg.limits.output_buffer < cfg.limits.max_line:
-        raise setting_error(cfg.origin("limits.output_buffer") if "limits.output_buffer" in cfg.origins
-                            else cfg.origin("limits.max_line"),
-                            f"[limits] output_buffer ({cfg.limits.output_buffer}) must be at least "
-                            f"max_line ({cfg.limits.max_line})")
-    if cfg.daemon.user.startswith("#") and not cfg.daemon.group:
+def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Rules that tie two keys together: (origin, message) for each broken rule.
+
+    A rule is checked only when neither of its keys is in `invalid` (a value
+    the file gave and the check rejected): the default standing in for it
+    would make the rule's error a misleading one.
+    """
+    found: list[tuple[str, str]] = []
+    if not invalid & {"limits.output_buffer", "limits.max_line"} \
+            and cfg.limits.output_buffer < cfg.limits.max_line:
+        found.append((cfg.origin("limits.output_buffer") if "limits.output_buffer" in cfg.origins
+                      else cfg.origin("limits.max_line"),
+                      f"[limits] output_buffer ({cfg.limits.output_buffer}) must be at least "
+                      f"max_line ({cfg.limits.max_line})"))
+    if not invalid & {"daemon.user", "daemon.group"} \
+            and cfg.daemon.user.startswith("#") and not cfg.daemon.group:
         if isinstance(lookup_user(cfg.daemon.user), int):
-            raise setting_error(cfg.origin("daemon.user"),
-                                f"user {cfg.daemon.user} has no passwd entry; set a group too")
+            found.append((cfg.origin("daemon.user"),
+                          f"user {cfg.daemon.user} has no passwd entry; set a group too"))
+    return found

@@ -1,4 +1,5 @@
-"""The ChatdError tree: each error carries its LSB exit status and a one-line message.
+"""The ChatdError tree: each error carries its LSB exit status and a one-line message
+(a ConfigError may carry several, one a line).
 
 Code below `cli` raises these instead of printing or exiting, so one place
 (`cli.main`) turns every failure into `chatd: <message>` and an exit status.
@@ -47,10 +48,20 @@ class UsageError(ChatdError):
 
 
 class ConfigError(ChatdError):
-    """Bad or missing config file; the message names file:line where it can."""
+    """Bad or missing config file; the message names file:line where it can.
+
+    A file with several errors gives one ConfigError: `errors` lists them in
+    file order, and the message is that list joined with newlines, one error
+    a line.
+    """
 
     status = EXIT_CONFIG
     errno_value = errno.EINVAL
+
+    def __init__(self, message: str, status: int | None = None, errno_value: int | None = None,
+                 errors: list[str] | None = None) -> None:
+        super().__init__(message, status, errno_value)
+        self.errors: list[str] = list(errors) if errors else [message]
 
 
 class PrivilegeError(ChatdError):

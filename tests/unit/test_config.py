@@ -7,7 +7,10 @@ import pwd
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from chatd import config, rooms
 from chatd.config import SCHEMA, Config, load
 from chatd.errors import EXIT_CONFIG, EXIT_USAGE, ConfigError, UsageError
 
@@ -570,3 +573,167 @@ def test_good_command_line_does_not_hide_a_bad_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(str(path), {"server.port": ("8000", "--port")})
     assert f"{path}:2:" in str(info.value)
+
+
+# ------------------------------------------------------------------ every error in the file, each with its line
+
+def error_lines(err: ConfigError, path) -> list[int]:
+    """The line of each of `err.errors`, checking each starts with "PATH:LINE: "."""
+    found = []
+    for text in err.errors:
+        m = re.match(re.escape(str(path)) + r":(\d+): ", text)
+        assert m, f"{text!r} does not start with {path}:LINE:"
+        found.append(int(m.group(1)))
+    return found
+
+
+def test_three_semantic_errors_on_three_lines_are_all_reported_in_file_order(tmp_path):
+    text = """\
+[server]
+port = 0
+mode = "chat"
+
+[limits]
+burst = 2
+max_lines = 100
+
+[sever]
+host = "x"
+"""
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == [2, 7, 9]
+    assert "[server] port: must be between 1 and 65535, got 0" in err.errors[0]
+    assert "unknown key 'max_lines' in [limits]" in err.errors[1]
+    assert "unknown section [sever]" in err.errors[2]
+    assert str(err) == err.message == "\n".join(err.errors)
+
+
+def test_errors_come_in_file_order_not_in_table_order(tmp_path):
+    # tomllib groups [server] (from [server.sub] on line 1) before [limits], but
+    # [server]'s port is on line 6: the errors still follow the lines.
+    text = "[server.sub]\nx = 1\n[limits]\nburst = 0\n[server]\nport = 0\n"
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == [1, 4, 6]
+    assert "'sub'" in err.errors[0] and "burst" in err.errors[1] and "port" in err.errors[2]
+
+
+def test_a_rule_between_two_keys_is_reported_with_the_other_errors(tmp_path):
+    text = "[server]\nport = 70000\n[limits]\nmax_line = 5000\noutput_buffer = 4999\nburst = 0\n"
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == [2, 5, 6]
+    assert err.errors[1].endswith("[limits] output_buffer (4999) must be at least max_line (5000)")
+
+
+@pytest.mark.parametrize("text", [
+    "[limits]\nmax_line = 300000\noutput_buffer = \"big\"\n",   # max_line would be over the default buffer
+    "[limits]\nmax_line = 5\noutput_buffer = 100\n",              # the buffer would be under the default line
+])
+def test_a_rule_between_two_keys_is_not_checked_against_a_rejected_value(tmp_path, text):
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert len(err.errors) == 1, err.errors
+    assert "must be at least max_line" not in str(err)
+
+
+def test_uid_without_a_group_is_not_blamed_when_the_group_is_bad(tmp_path):
+    used = {entry.pw_uid for entry in pwd.getpwall()}
+    uid = next(u for u in range(54321, 70000) if u not in used)
+    text = f'[daemon]\nuser = "#{uid}"\ngroup = "chatd_no_such_group_q7"\n'
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == [3] and "no such group" in str(err)
+
+
+def test_one_error_gives_a_list_of_one(tmp_path):
+    text = f"[server]\nport = 0  {HERE}\n"
+    err = config_error(write(tmp_path, text), text)
+    assert err.errors == [err.message]
+    assert ConfigError("just this").errors == ["just this"]
+
+
+def test_file_errors_win_over_a_bad_command_line_value(tmp_path):
+    path = write(tmp_path, "[server]\nport = 0\nmode = \"x\"\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path), {"server.loop": ("gevent", "--loop")})
+    assert error_lines(info.value, path) == [2, 3]
+
+
+def test_a_name_with_a_newline_does_not_split_its_error(tmp_path):
+    path = write(tmp_path, '[server]\n"prot\\nx" = 1\nport = 0\n')
+    err = config_error(path)
+    assert len(err.errors) == 2 and len(str(err).splitlines()) == 2
+
+
+# Each is one bad line that leaves the lines after it alone once blanked.
+SYNTAX_ERRORS = ["k{i} = = 1", 'k{i} = "unterminated', "k{i} = [1,,2]", "k{i} = 1 2",
+                 "[t{i}", "k{i}", "k{i} = 0x", "k{i} = {{ a = 1,, }}"]
+
+
+def test_two_syntax_errors_on_two_lines_are_both_reported(tmp_path):
+    text = '[server]\nport = = 8000\nmode = "echo"\n\n[log]\nlevel = "info\n'
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == [2, 6]
+    assert all(": TOML syntax error: " in e for e in err.errors)
+    assert "(at line" not in str(err)
+
+
+def test_a_syntax_error_hides_the_semantic_errors(tmp_path):
+    text = "[server]\nport = 0\nmode = = 1\n[sever]\n"
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == [3]
+    assert "TOML syntax error" in err.errors[0]
+
+
+def test_a_syntax_error_and_one_at_the_end_of_the_document(tmp_path):
+    text = '[server]\nport = = 1\n[chat]\nmotd = """\nhello\n'
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == [2, 5]
+    assert err.errors[1].endswith("at the end")
+
+
+def test_a_duplicate_key_and_a_bad_line_later(tmp_path):
+    text = "[server]\nport = 1\nport = 2\nmode = = 1\n"
+    path = write(tmp_path, text)
+    assert error_lines(config_error(path), path) == [3, 4]
+
+
+def test_syntax_errors_with_crlf_line_ends(tmp_path):
+    path = tmp_path / "chatd.conf"
+    path.write_bytes(b"[server]\r\nport = = 1\r\nmode = \"echo\"\r\nloop = = 2\r\n")
+    assert error_lines(config_error(path), path) == [2, 4]
+
+
+def test_the_search_for_syntax_errors_is_bounded(tmp_path):
+    text = "".join(f"k{i} = = 1\n" for i in range(3 * config.SYNTAX_ROUNDS))
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == list(range(1, config.SYNTAX_ROUNDS + 1))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.none(), st.sampled_from(SYNTAX_ERRORS)), min_size=1, max_size=12)
+       .filter(lambda lines: any(lines)))
+def test_every_independent_syntax_error_is_reported_once_with_its_line(tmp_path, lines):
+    """Lines are good (`kN = N`) or one of SYNTAX_ERRORS: the errors are exactly the bad lines."""
+    text = "".join((bad or "k{i} = {i}").format(i=i) + "\n" for i, bad in enumerate(lines))
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert error_lines(err, path) == [n for n, bad in enumerate(lines, 1) if bad], text
+
+
+# ------------------------------------------------------------------ room names
+
+def test_one_room_pattern_serves_config_and_rooms(tmp_path):
+    assert config.ROOM_RE is rooms.ROOM_RE
+    for given_room, room in [("lobby", "lobby"), ("#Lobby", "lobby"), ("a" * 32, "a" * 32), ("#x-_1", "x-_1")]:
+        path = write(tmp_path, f'[chat]\ndefault_room = "{given_room}"\n')
+        assert load(str(path)).chat.default_room == room
+    for bad in ["", "#", "##lobby", "a" * 33, "#" + "a" * 33, "lob by", "lobby#"]:
+        text = f'[chat]\ndefault_room = "{bad}"  {HERE}\n'
+        config_error(write(tmp_path, text), text)
