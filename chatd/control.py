@@ -29,7 +29,7 @@ from .paths import SYSTEM_DIR, InstancePaths, instance_paths, prepare_directory
 from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, probe
 from .notify import Activated, Notifier, listen_fds, supervised, take_upstart_job
 from .server import Listener, Runtime, Server, describe_listeners, new_event_loop
-from .signals import STOP_SIGNALS, SignalRecorder
+from .signals import SignalRecorder, ignore_late_signals
 from .state import StateFile, read_state
 
 Say = Callable[[str], None]
@@ -167,7 +167,7 @@ def _become_daemon(launch: Launch, pipe: ReadinessPipe) -> None:
     except BaseException as e:   # noqa: BLE001 - the invoker must hear of any failure
         pipe.fail(ChatdError(f"internal error: {type(e).__name__}: {e}"))
         log.error("internal error: %s: %s", type(e).__name__, e)
-    os._exit(code)
+    daemon.end(code)
 
 
 def _wait_for_daemon(pipe: ReadinessPipe, child: int, paths: InstancePaths,
@@ -276,8 +276,7 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
             return loop.run_until_complete(server.serve())
         finally:
             loop.close()
-            for sig in STOP_SIGNALS | {signal.SIGHUP}:
-                signal.signal(sig, signal.SIG_IGN)   # exiting: late signals change nothing
+            ignore_late_signals()
     finally:
         for s in socks:
             s.close()

@@ -1,10 +1,15 @@
-"""Becoming a daemon, one named step each, in the order of daemon(7) and APUE section 13.3.
+"""Becoming a daemon: one named function per step of daemon(7)'s SysV list and APUE 13.3.
+
+Each step's docstring gives its number in daemon(7). They are not called in that
+numeric order: `control` calls them in the order the README's table "The daemon,
+step by step" lists (signals before the first fork, descriptors closed after the
+second; tests/test_readme.py checks the order against the code).
 
 The invoker forks and then waits on a readiness pipe; the daemon writes one
 JSON line to it: "ready" once it serves, or "fail" with the reason and the
 exit status. EOF without either (the daemon died without a word) is a
 failure too, so `chatd start` exits 0 only when chatd really serves. Only this
-module forks.
+module forks, and only it ends a forked process (`end`, `fork_again`).
 
 Tests: tests/process/test_detach.py, tests/process/test_start.py
 """
@@ -105,6 +110,12 @@ class ReadinessPipe:
 def fork_invoker() -> int:
     """daemon(7) step 5: fork; the parent stays behind as the invoker and waits on the pipe."""
     return os.fork()
+
+
+def end(code: int) -> None:
+    """End a forked daemon process with `code` at once: it must not unwind into the
+    invoker's frames, nor run the invoker's atexit handlers a second time."""
+    os._exit(code)
 
 
 def detach_session() -> None:

@@ -4,9 +4,10 @@ The daemon holds an `flock` on its pid file for its whole life: that lock, not
 the file's existence, means "running", so a pid file left by a killed daemon
 is harmless. Control commands serialise on a second lock, the guard file. A pid
 is signalled only when the lock is held and /proc/locks shows that the holder
-is the very pid the file names. Only this module locks.
+is the very pid the file names. Only this module takes these two locks; the
+state file's content lock is `state`'s own (see there), and no other module locks.
 
-Tests: tests/unit/test_pidfile.py, tests/process/test_control.py
+Tests: tests/unit/test_pidfile.py, tests/process/test_start.py
 """
 
 from __future__ import annotations

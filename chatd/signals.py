@@ -126,5 +126,11 @@ class SignalQueue:
         return first_stop(list(self._pending))
 
 
+def ignore_late_signals() -> None:
+    """The daemon is exiting: a stop signal or SIGHUP that arrives now changes nothing."""
+    for sig in STOP_SIGNALS | {signal.SIGHUP}:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name

@@ -5,6 +5,10 @@ It is replaced atomically (temp file, rename). When that fails (a daemon that
 dropped privileges may not create files in a root-owned directory; a full
 disk has no room for the temp file), it is rewritten in place instead, under
 an exclusive flock that readers share.
+
+That flock is a third lock, and this module owns it: it guards only the state
+file's bytes during an in-place rewrite (the writer takes it exclusively,
+`read_state` shares it). The pid-file lock and the guard lock are `pidfile`'s.
 """
 
 from __future__ import annotations
