@@ -178,9 +178,21 @@ def lookup_group(spec: str) -> int:
 
 # ---------------------------------------------------------------- the schema
 
+# What a restart in place (SIGHUP) does with a changed key: the README's reference table says it.
+AT_ONCE = "at once"
+NEW_CONNECTIONS = "new connections"
+ALL_CONNECTIONS = "every connection"
+NEEDS_RESTART = "needs stop and start"
+
+
 @dataclass(frozen=True)
 class Key:
-    """One config key: where it lives, its default, its check, its command-line flag."""
+    """One config key: where it lives, its default, its check, its command-line flag, what it
+    means (`help`) and what a restart in place does with a new value (`on_restart`).
+
+    The command line's setting options (`cli`) and the README's reference table are made
+    from these, so neither can drift from the schema.
+    """
 
     section: str
     name: str
@@ -189,6 +201,7 @@ class Key:
     flag: str = ""           # the command-line option that sets it, if any
     is_path: bool = False    # relative paths resolve against the file's directory
     help: str = ""
+    on_restart: str = AT_ONCE
 
     @property
     def dotted(self) -> str:
@@ -197,37 +210,50 @@ class Key:
 
 SCHEMA: tuple[Key, ...] = (
     Key("server", "host", "0.0.0.0", _host, "--host",
-        help='address to bind ("::" for IPv6 and IPv4); the seed binds every interface'),
-    Key("server", "port", 7777, _int(1, 65535), "--port", help="1-65535"),
-    Key("server", "mode", "echo", _choice("echo", "chat"), "--mode", help='"echo" or "chat"'),
+        help='address to listen on ("::" for IPv6 and IPv4); the default listens on every IPv4 '
+             'interface; a restart binds a new one before closing the old'),
+    Key("server", "port", 7777, _int(1, 65535), "--port", help="TCP port, 1-65535"),
+    Key("server", "mode", "echo", _choice("echo", "chat"), "--mode", help='"echo" or "chat"',
+        on_restart=NEW_CONNECTIONS),
     Key("server", "backlog", 1024, _int(1, 65535), help="listen(2) backlog"),
     Key("server", "loop", "auto", _loop, "--loop",
-        help='"auto" (uvloop when importable), "uvloop", or "asyncio"'),
-    Key("daemon", "pidfile", "", _path, "--pidfile", is_path=True,
-        help="empty: $RUNTIME_DIRECTORY, /run/chatd, $XDG_RUNTIME_DIR/chatd or /tmp/chatd-$UID"),
-    Key("daemon", "user", "", _user, "--user", help='name or "#uid"; empty: stay who you are'),
-    Key("daemon", "group", "", _group, "--group", help='name or "#gid"; empty: the user\'s group'),
+        help='"auto" (uvloop when importable), "uvloop", or "asyncio"', on_restart=NEEDS_RESTART),
+    Key("daemon", "pidfile", "", _path, "--pidfile", is_path=True, on_restart=NEEDS_RESTART,
+        help="the pid file, which names the instance; empty: DIR/NAME.pid (see Files)"),
+    Key("daemon", "user", "", _user, "--user", on_restart=NEEDS_RESTART,
+        help='drop privileges to this user (name or "#uid") after binding; empty: stay who you are'),
+    Key("daemon", "group", "", _group, "--group", on_restart=NEEDS_RESTART,
+        help='... and this group (name or "#gid"); empty: the user\'s group'),
     Key("daemon", "drain_timeout", 10.0, _float(0.0, strictly_above=True),
         help="seconds a graceful stop may wait for slow clients (> 0)"),
     Key("log", "target", "", _path, "--log", is_path=True,
-        help='empty: stderr for "run", else syslog or X.log; "syslog", "stderr", or a file path'),
-    Key("log", "level", "info", _choice(*LOG_LEVELS), "--log-level", help="debug, info, warning, error"),
+        help='"syslog", "stderr", or a file path; empty: stderr for run, else syslog if its '
+             'socket exists, else X.log beside the pid file'),
+    Key("log", "level", "info", _choice(*LOG_LEVELS), "--log-level",
+        help="debug, info, warning or error; debug adds per-connection detail"),
     Key("log", "syslog_socket", "/dev/log", _path, is_path=True, help="the syslog daemon's socket"),
     Key("log", "facility", "daemon", _choice(*FACILITIES),
         help="a syslog facility name: daemon, user, local0 ... local7"),
-    Key("limits", "max_line", 4096, _int(16, 1 << 24), help="bytes in one line, terminator excluded (>= 16)"),
-    Key("limits", "max_clients", 10000, _int(0), help="0: no limit"),
-    Key("limits", "max_clients_per_ip", 100, _int(0), help="0: no limit"),
-    Key("limits", "idle_timeout", 0.0, _float(0.0),
+    Key("limits", "max_line", 4096, _int(16, 1 << 24), on_restart=NEW_CONNECTIONS,
+        help="bytes in one line, terminator excluded (>= 16)"),
+    Key("limits", "max_clients", 10000, _int(0), on_restart=NEW_CONNECTIONS,
+        help="clients at once; past it a newcomer is told it is full; 0: no limit"),
+    Key("limits", "max_clients_per_ip", 100, _int(0), on_restart=NEW_CONNECTIONS,
+        help="clients at once from one address; 0: no limit"),
+    Key("limits", "idle_timeout", 0.0, _float(0.0), on_restart=ALL_CONNECTIONS,
         help="seconds since the last byte received before a client is closed; 0: never"),
-    Key("limits", "output_buffer", 262144, _int(16, 1 << 30),
-        help="bytes queued for one client (>= max_line); echo stops reading a client past it"),
-    Key("limits", "rate", 10.0, _float(0.0), help="chat lines per second per client, sustained; 0: no limit"),
-    Key("limits", "burst", 20, _int(1), help="chat lines a client may send at once (>= 1)"),
-    Key("limits", "keepalive", 60, _int(0, 32767),
-        help="seconds of silence before TCP keepalive probes find dead peers; 0 = off"),
-    Key("chat", "motd", "", _str, help='text sent to each new chat client; one line per "\\n"'),
-    Key("chat", "default_room", "lobby", _room, help="the room everyone joins first"),
+    Key("limits", "output_buffer", 262144, _int(16, 1 << 30), on_restart=NEW_CONNECTIONS,
+        help="bytes queued for one client (>= max_line): echo stops reading it, chat drops it"),
+    Key("limits", "rate", 10.0, _float(0.0), on_restart=ALL_CONNECTIONS,
+        help="chat lines per second per client, sustained; 0: no limit"),
+    Key("limits", "burst", 20, _int(1), on_restart=ALL_CONNECTIONS,
+        help="chat lines a client may send at once (>= 1)"),
+    Key("limits", "keepalive", 60, _int(0, 32767), on_restart=NEW_CONNECTIONS,
+        help="seconds of silence before TCP keepalive probes find dead peers; 0: off"),
+    Key("chat", "motd", "", _str, on_restart=NEW_CONNECTIONS,
+        help='text sent to each new chat client; one line per "\\n"'),
+    Key("chat", "default_room", "lobby", _room, on_restart=NEW_CONNECTIONS,
+        help="the room everyone joins first"),
 )
 KEYS: dict[str, Key] = {k.dotted: k for k in SCHEMA}
 SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
@@ -532,3 +558,24 @@ def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset())
             found.append((cfg.origin("daemon.user"),
                           f"user {cfg.daemon.user} has no passwd entry; set a group too"))
     return found
+
+
+def reference_table() -> str:
+    """The README's table of every key (section "Configuration"): made from the schema, and a
+    test keeps the README's copy equal to it."""
+    rows = ["| key | default | flag | what it sets | a restart applies it |", "|---|---|---|---|---|"]
+    for key in SCHEMA:
+        default = tomllib_literal(key.default)
+        flag = f"`{key.flag}`" if key.flag else ""
+        rows.append(f"| `[{key.section}] {key.name}` | `{default}` | {flag} | {key.help.replace('|', '/')} "
+                    f"| {key.on_restart} |")
+    return "\n".join(rows)
+
+
+def tomllib_literal(value: Any) -> str:
+    """A default as it is written in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

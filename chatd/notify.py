@@ -74,6 +74,8 @@ class Notifier:
         changes nothing."""
         if self.sock is None:
             return
+        # A newline separates fields: a multi-line value (a config file's errors) becomes one.
+        fields = tuple(f.replace("\n", "; ") for f in fields)
         try:
             self.sock.sendto("\n".join(fields).encode() + b"\n", self.address)
         except OSError:

@@ -38,8 +38,8 @@ log = logging.getLogger("chatd")
 TIDY_GRACE_S = 0.5        # SIGTERM: how long queued output may still flush
 STATE_REFRESH_S = 1.0     # how often the state file's client count is brought up to date
 LOOP_ERROR_S = 10.0       # the same event-loop error is logged at most this often
-# Keys a running daemon cannot change: they need a stop and a start.
-FIXED_KEYS = ("daemon.user", "daemon.group", "daemon.pidfile", "server.loop")
+# Keys a running daemon cannot change: they need a stop and a start (the schema says which).
+FIXED_KEYS = tuple(key.dotted for key in config_mod.SCHEMA if key.on_restart == config_mod.NEEDS_RESTART)
 
 
 def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:

@@ -613,3 +613,25 @@ def test_max_clients_per_ip_refuses_only_that_address(chatd):
     expect(a, said(no, "hello"))
     for c in (a, other):
         c.close()
+
+
+def test_a_restart_applies_rate_and_burst_to_clients_already_connected(chatd):
+    """The README's configuration table says a restart applies `rate` and `burst` to every
+    connection, `max_line` only to new ones: a client connected under rate = 0 is limited
+    as soon as the restart has applied a rate."""
+    start_chat(chatd, rate=0)
+    with LineClient(chatd.port) as old:
+        assert b"#lobby" in old.recv_line() + old.recv_line()     # the welcome and the roster
+        chatd.write_config(mode="chat", extra="[limits]\nrate = 0.1\nburst = 3\nmax_line = 16\n")
+        assert chatd.cmd("restart", check=0).stdout.startswith(b"chatd restarted in place")
+        old.send(b"one\ntwo\nthree\nfour\n")
+        answer = old.recv_line()
+        assert answer == b"*** error: slow down, line dropped\r\n", answer
+        old.send(b"x" * 40 + b"\n")          # over the new max_line, but this client keeps 4096
+        assert old.recv_line() == b"*** error: slow down, line dropped\r\n"
+        new = LineClient(chatd.port)
+        with new:
+            new.recv_line()
+            new.recv_line()
+            new.send(b"y" * 40 + b"\n")
+            assert new.recv_line() == b"*** error: line too long (max 16 bytes), dropped\r\n"

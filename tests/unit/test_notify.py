@@ -141,6 +141,8 @@ def test_one_datagram_per_call_with_the_exact_lines(receiver, monkeypatch):
             (lambda: n.watchdog(), b"WATCHDOG=1\n"),
             (lambda: n.failed(98, "address already in use"),
              b"ERRNO=98\nSTATUS=address already in use\n"),
+            # a config file's errors, one a line: still one STATUS= field
+            (lambda: n.failed(22, "f:1: bad\nf:3: worse"), b"ERRNO=22\nSTATUS=f:1: bad; f:3: worse\n"),
         ]
         for call, wanted in cases:
             call()
