@@ -1,6 +1,6 @@
 """Logging: one target (syslog, stderr or a file), a fallback file, `reopen()` for logrotate.
 
-Defaults (SPEC section 2): `chatd run` logs to stderr; a detached daemon logs
+Defaults (README "Signals"): `chatd run` logs to stderr; a detached daemon logs
 to syslog when the syslog socket exists, else to X.log beside its pid file.
 A target that fails (syslog gone, disk full) never stops the daemon: the
 message goes to the fallback X.log, the failure is reported once, and the

@@ -268,7 +268,7 @@ _UNSAFE = dict.fromkeys([*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x
 
 
 def clean_text(line: bytes) -> str:
-    """A chat line as text that can fool no terminal: SPEC section 5's sanitizing.
+    """A chat line as text that can fool no terminal: the README's "Chat mode" sanitizing.
 
     The terminator goes; invalid UTF-8 becomes U+FFFD; escape sequences and
     controls (bare CR included) are removed.

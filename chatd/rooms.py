@@ -1,4 +1,4 @@
-"""Chat mode's rooms, nicks and commands (SPEC section 5), as bytes on the wire.
+"""Chat mode's rooms, nicks and commands (README "Chat mode"), as bytes on the wire.
 
 The service never waits for anyone: every `peer.send` is a synchronous write
 into that peer's own bounded output queue, and a peer that cannot keep up is

@@ -15,7 +15,7 @@ import asyncio
 import signal
 from typing import Callable
 
-# What each signal means is documented in SPEC section 2 and the README.
+# What each signal means is documented in the README.
 CAUGHT = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGTERM)
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGTERM})
 IGNORED = (signal.SIGPIPE, signal.SIGUSR2, signal.SIGALRM)

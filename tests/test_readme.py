@@ -1,4 +1,6 @@
-"""The README's table of daemon steps stays true: functions exist, tests exist, order matches the code."""
+"""The README stays true: the daemon steps (functions and tests exist, order matches the code),
+the module map (every module, and nothing else), the configuration table (made from the schema),
+and the links it gives to documents in the repository."""
 
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def test_the_table_has_every_classic_step():
     rows = step_rows()
     assert len(rows) >= 18
     sources = {r["source"] for r in rows}
-    assert {"daemon(7)", "libucw", "SPEC"} <= sources
+    assert {"daemon(7)", "libucw", "chatd"} <= sources
 
 
 def test_every_function_in_the_table_exists():
@@ -88,3 +90,43 @@ def test_the_daemon_steps_are_listed_in_the_order_the_code_takes_them():
             positions.append((order.index(name), row["function"]))
     assert len(positions) >= 11, positions
     assert positions == sorted(positions), positions
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_module_map_lists_every_module_once():
+    section = readme_section("Reading the code")
+    listed = re.findall(r"^\| `(\w+)` \|", section, re.M)
+    modules = {p.stem for p in (REPO / "chatd").glob("*.py")} - {"__init__", "__main__"}
+    assert sorted(listed) == sorted(modules), set(listed) ^ modules
+
+
+def test_the_module_map_comes_early():
+    """For the learner: the map comes before the command reference."""
+    text = (REPO / "README.md").read_text()
+    assert text.index("\n## Reading the code\n") < text.index("\n## Commands and exit codes\n")
+
+
+def test_the_path_of_a_line_names_real_functions():
+    section = readme_section("Reading the code").split("| module | job |")[0]
+    modules = {p.stem for p in (REPO / "chatd").glob("*.py")}
+    names = {n for n in re.findall(r"`((?:[a-z]+\.)[A-Za-z_.]+)`", section) if n.split(".")[0] in modules}
+    assert len(names) >= 8, names
+    for dotted in names:
+        assert resolve(dotted) is not None, dotted
+
+
+def test_the_config_table_is_the_schemas():
+    from chatd.config import reference_table
+    assert reference_table() in readme_section("Configuration")
+
+
+def test_the_documents_the_readme_links_exist():
+    text = (REPO / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    assert "tests/perf/README.md" in links and "tests/README.md" in links
+    for link in links:
+        assert (REPO / link).is_file(), link

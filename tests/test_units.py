@@ -1,7 +1,7 @@
 """The shipped systemd units and the rsyslog snippet, checked by the real tools.
 
-`systemd-analyze verify` runs on the units as shipped, in a fake root (REAL-COMPONENTS.md
-section 3): only rc 0 with empty output passes, since several defects are rc-0 warnings.
+`systemd-analyze verify` runs on the units as shipped, in a fake root: only rc 0 with empty
+output passes, since several defects (an unknown key, a bad value) are rc-0 warnings.
 """
 
 from __future__ import annotations
@@ -112,12 +112,12 @@ def test_units_as_shipped_pass_systemd_analyze_verify_without_a_word(tmp_path):
 
 def test_verify_would_catch_an_rc0_warning(tmp_path):
     """The check above is not vacuous: a typo in a key's value is reported (as a warning that
-    alone would leave rc 0, REAL-COMPONENTS.md section 3), and the output check sees it."""
+    alone would leave rc 0), and the output check sees it."""
     proc = verify_units(tmp_path, SERVICE.read_text().replace("Type=notify", "Type=notfy"))
     assert b"Failed to parse service type, ignoring: notfy" in proc.stderr, proc
 
 
-# ------------------------------------------------------------------ what SPEC asks of the units
+# ------------------------------------------------------------------ what the README promises of the units
 
 def test_service_is_notify_with_run_and_reload(service):
     assert one(service, "Type") == "notify"   # systemd 252 has no notify-reload

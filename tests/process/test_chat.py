@@ -1,4 +1,4 @@
-"""Chat mode through the real daemon (SPEC section 5): what a user sees, byte for byte.
+"""Chat mode through the real daemon (README "Chat mode"): what a user sees, byte for byte.
 
 Every test drives a real `chatd start` in chat mode over real sockets on 127.0.0.1 and
 spells out the exact bytes each client receives. "Nothing arrives" is checked by ordering:

@@ -1,4 +1,4 @@
-"""Chat mode against abusive and careless clients (SPEC sections 3 and 5), through the real daemon.
+"""Chat mode against abusive and careless clients (README "Configuration" and "Chat mode"), through the real daemon.
 
 The reference to beat is `ncat --chat`, and each test here fails on one of its faults:
   1. one client that does not read stalls (or bloats) the whole server;
@@ -230,7 +230,7 @@ def test_a_reader_that_never_reads_is_dropped_and_delays_nobody(loop_chatd, reco
 
 
 def test_a_reader_that_never_reads_is_dropped_once_output_buffer_is_unread(loop_chatd):
-    """SPEC 5: "a client whose unread output exceeds `output_buffer` is disconnected"; section 3:
+    """README "Chat mode": "a client whose unread output exceeds `output_buffer` is disconnected"; section 3:
     output_buffer is the bytes queued for one client (262144 by default).
     What was relayed before the drop was all queued for the reader that never reads (beyond the
     ~8 KiB its own receive buffer holds), and so was what it can still read after the drop.

@@ -1,4 +1,4 @@
-"""Real clients in chat mode (SPEC section 5): telnet through a pty and netcat-openbsd, together.
+"""Real clients in chat mode (README "Chat mode"): telnet through a pty and netcat-openbsd, together.
 
 What inetutils telnet 2.4 sends to chatd (seen through the logging relay below): a typed line
 as `line\\r\\n`; Ctrl-C, with the pty as its controlling terminal, `IAC IP IAC DO TIMING-MARK`,
@@ -337,7 +337,7 @@ def test_what_telnet_sends_to_chatd_and_what_chatd_answers(loop_chatd):
 def test_telnet_character_mode_sends_cr_nul_and_chatd_ends_the_line_there(loop_chatd):
     """When nobody answers `mode character` (a relay swallows chatd's WONT SGA / WONT ECHO),
     telnet goes to character mode: every key is sent as typed, Enter as CR NUL. chatd ends the
-    line at CR NUL (SPEC 5) and drops the raw ^C byte telnet sends there; nc gets clean lines."""
+    line at CR NUL (README "Chat mode") and drops the raw ^C byte telnet sends there; nc gets clean lines."""
     need(TELNET, "telnet")
     need(NC, "nc")
     start_chat(loop_chatd)

@@ -1,4 +1,4 @@
-"""Real clients against a started chatd (SPEC section 4): nc, telnet through a pty, raw telnet bytes.
+"""Real clients against a started chatd (README "Echo mode"): nc, telnet through a pty, raw telnet bytes.
 
 What inetutils telnet (the /usr/bin/telnet here) sends, seen against a logging server: on a
 non-telnet port it starts no negotiation and sends a typed line as `line\\r\\n`; Ctrl-C, with the
@@ -144,7 +144,7 @@ def test_nc_never_receives_an_iac_byte_it_did_not_send(make_chatd):
 def test_nc_refused_when_full_reads_err_server_full_even_if_it_sent_data(make_chatd, loop):
     """1. one client holds the only place (max_clients = 1), 2. with chatd stopped (SIGSTOP), an
     nc client connects and sends a line (the kernel queues both), 3. SIGCONT. Result: nc prints
-    `ERR server full` (SPEC 4: "a new client gets `ERR server full` and is closed").
+    `ERR server full` (README "Echo mode": "a new client gets `ERR server full` and is closed").
 
     Closing a socket whose receive queue holds unread bytes makes the kernel send RST instead of
     FIN, and the client then loses the line already sent to it. The SIGSTOP makes the race that a

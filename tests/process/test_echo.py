@@ -1,4 +1,4 @@
-"""Echo mode through the real daemon (SPEC section 4), on both event loops."""
+"""Echo mode through the real daemon (README "Echo mode"), on both event loops."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Faults around the control protocol and the signals, under load (SPEC section 2).
+"""Faults around the control protocol and the signals, under load (README "Signals").
 
 1. a restart storm (SIGHUPs and `chatd restart`) while echo and chat clients talk and a
    client connects in a tight loop: nothing refused, nothing lost, same pid, no fd leak;

@@ -1,4 +1,4 @@
-"""Hostile and broken input from the network side, through the real daemon (SPEC sections 3-5).
+"""Hostile and broken input from the network side, through the real daemon (README "Echo mode" and "Chat mode").
 
   1. slowloris: hundreds of clients trickling a byte at a time and never ending the line;
   2. fuzzed bytes and telnet sequences (a seeded fuzzer and a hypothesis test);
@@ -535,7 +535,7 @@ def cut(rng: random.Random, data: bytes) -> list[bytes]:
 
 
 def echo_model(stream: bytes, max_line: int) -> bytes:
-    """What echo mode sends back for an IAC-free stream ending in a half-close (SPEC section 4)."""
+    """What echo mode sends back for an IAC-free stream ending in a half-close (README "Echo mode")."""
     out = []
     *lines, tail = stream.split(b"\n")
     for line in lines:

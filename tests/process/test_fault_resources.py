@@ -1,4 +1,4 @@
-"""Resource faults through the real daemon (SPEC sections 2-5, README "Measured").
+"""Resource faults through the real daemon (README, README "Measured").
 
 1. File descriptors run out: a low RLIMIT_NOFILE with `max_clients = 0` (as many as fit: the
    limit minus daemon.FD_RESERVE), a burst of far more clients than fit, a limit tighter than
@@ -507,7 +507,7 @@ def test_descriptor_limit_lowered_under_a_running_daemon(make_chatd, loop):
        Result: the daemon does not spin (CPU under 10 % over the 2 s), logs the shortage once
        or a few times, not once per attempt; the 40 are still served; every knock is told;
        every newcomer is told "server full" within MAX_WAIT_S, none is left hanging or reset
-       without a word (SPEC 5: chatd keeps one descriptor in reserve to tell it).
+       without a word (README "Chat mode": chatd keeps one descriptor in reserve to tell it).
     2. the limit is restored and 10 clients leave. Result: new clients are served; no traceback."""
     name = f"test_descriptor_limit_lowered_under_a_running_daemon[{loop}]"
     inst, pid = start_short_of_fds(make_chatd, loop, LIMIT)

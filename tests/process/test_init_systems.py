@@ -1,4 +1,4 @@
-"""Init systems through the real daemon (SPEC section 2, "Init systems"; REAL-COMPONENTS 4 and 5).
+"""Init systems through the real daemon (README "Running under systemd").
 
 - systemd's notify protocol, on a NOTIFY_SOCKET the test binds (abstract and path),
   with SO_PASSCRED so every datagram's sender pid is checked;

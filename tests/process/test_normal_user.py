@@ -1,4 +1,4 @@
-"""chatd as a normal user (SPEC sections 1-2), run for real as `nobody` (uid/gid 65534).
+"""chatd as a normal user (README "Commands" and "Files"), run for real as `nobody` (uid/gid 65534).
 
 Every command runs under `setpriv --reuid=65534 --regid=65534 --clear-groups` with Debian's
 /usr/bin/python3 and PYTHONPATH pointing at this checkout, in a clean environment (HOME=/nonexistent,

@@ -1,4 +1,4 @@
-"""chatd logging through a REAL rsyslogd on a private socket (REAL-COMPONENTS.md section 7).
+"""chatd logging through a REAL rsyslogd on a private socket.
 
 Never the system rsyslog and never /dev/log: each test runs its own `rsyslogd -n -iNONE`
 with a config in tmp_path, listening on tmp_path/log, and stops it by pid.

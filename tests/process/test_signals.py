@@ -1,4 +1,4 @@
-"""Signals and restart in place, through the real daemon (SPEC section 2's table)."""
+"""Signals and restart in place, through the real daemon (README "Signals")."""
 
 from __future__ import annotations
 

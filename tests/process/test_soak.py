@@ -1,4 +1,4 @@
-"""Soak (SPEC sections 2, 4, 5): minutes of mixed echo and chat traffic, churn and restarts.
+"""Soak (README): minutes of mixed echo and chat traffic, churn and restarts.
 
 Two daemons, one in echo mode and one in chat mode (rate = 0), serve for CHATD_SOAK_SECONDS
 (default 300) while:

@@ -1,6 +1,6 @@
-"""chatd under a real systemd 252, booted in `systemd-nspawn` (SPEC section 2, "Init systems").
+"""chatd under a real systemd 252, booted in `systemd-nspawn` (README "Running under systemd").
 
-One container for the whole module (docs: /work/shared/REAL-COMPONENTS.md, section 6):
+One container for the whole module :
 `systemd-nspawn -b -D / --volatile=yes` boots the host's own /usr on a fresh tmpfs root, in a
 private network namespace, inside cgroups this module creates before exec and removes after
 nspawn has exited. The SHIPPED unit files are bound read-only to /etc/systemd/system; one

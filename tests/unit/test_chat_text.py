@@ -1,4 +1,4 @@
-"""Chat text (SPEC section 5): `clean_text`'s sanitizing, and chat framing with `cr_nul=True`.
+"""Chat text (README "Chat mode"): `clean_text`'s sanitizing, and chat framing with `cr_nul=True`.
 
 `ncat --chat` relays whatever bytes arrive, per read: these are the rules it breaks.
 """

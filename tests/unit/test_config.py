@@ -1,4 +1,4 @@
-"""chatd.config.load: defaults, file, command line, and file:line errors (SPEC section 3)."""
+"""chatd.config.load: defaults, file, command line, and file:line errors (README "Configuration")."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from chatd import config, rooms
 from chatd.config import SCHEMA, Config, load
 from chatd.errors import EXIT_CONFIG, EXIT_USAGE, ConfigError, UsageError
 
-# SPEC section 3, copied from the contract (not from the code).
+# README "Configuration", copied from the contract (not from the code).
 SPEC_DEFAULTS = {
     "server.host": "0.0.0.0",
     "server.port": 7777,

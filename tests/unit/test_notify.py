@@ -1,4 +1,4 @@
-"""chatd.notify in-process: sd_notify's datagrams and socket activation's descriptors (SPEC section 2).
+"""chatd.notify in-process: sd_notify's datagrams and socket activation's descriptors (README "Signals").
 
 The datagrams go to a real AF_UNIX datagram socket the test binds; the
 descriptors of socket activation are handed to a child Python (dup2 onto fds

@@ -1,4 +1,4 @@
-"""The pid file and guard lock (SPEC section 2), with real files, real flock and real processes.
+"""The pid file and guard lock (README "Signals"), with real files, real flock and real processes.
 
 Other lock holders are real child processes (python running a small script); each is stopped by
 its pid in a `finally` (TERM, wait, KILL). Every wait has a deadline.
