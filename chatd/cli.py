@@ -1,8 +1,10 @@
 """The command line: parse argv, run one command, print its messages, exit with its LSB status.
 
-This is the only module that writes to the terminal or exits. No user
-mistake and no run-time fault ends in a Python traceback here: every failure
-is one line, `chatd: <reason>`, and an exit status.
+This is the only module that writes to the terminal or exits. A command's
+result goes to stdout, notes and warnings to stderr. No user mistake and no
+run-time fault ends in a Python traceback here: every failure is said once,
+as `chatd: <reason>` on stderr (a config file's errors one a line), with an
+exit status.
 """
 
 from __future__ import annotations
