@@ -15,15 +15,17 @@ Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/unit/
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import socket
 import struct
 from typing import Any
 
-from .connection import Connection
+from .connection import DEBUG_SLOTS, Connection, DebugConnection
 from .protocol import LINE_TOO_LONG, TelnetReply, clean_text
 from .rooms import error, notice
 
+log = logging.getLogger("chatd")
 FLOOD_WINDOW_S = 10.0      # `burst` dropped lines within this window disconnect a client
 PLAIN_LINE = re.compile(rb"[\x20-\x7e\t]*")   # printable ASCII and TAB: nothing to sanitize
 PLAIN_BLOCK = re.compile(rb"(?:[\x20\t]*[\x21-\x7e][\x20-\x7e\t]*\n)+")   # such lines, none blank
@@ -206,3 +208,36 @@ class ChatConnection(Connection):
         self._leave(self.reason if self.reason in ("idle", "too slow", "flooding")
                     else "connection closed")
         super().connection_lost(exc)
+
+
+class DebugChatConnection(DebugConnection, ChatConnection):
+    """ChatConnection at log level debug (connection.DebugConnection), which also says what
+    it drops: a line over max_line or over the rate, a client too slow or flooding."""
+
+    __slots__ = DEBUG_SLOTS
+
+    def _lines(self, items: list) -> None:
+        for item in items:
+            if item is LINE_TOO_LONG:
+                log.debug("dropped a line from %s (too long): max_line %d", self.peer, self.max_line)
+        super()._lines(items)
+
+    def _take_token(self) -> bool:
+        if self.closing:
+            return super()._take_token()
+        if super()._take_token():
+            return True
+        limits = self.state.limits
+        if self.closing:   # that drop made `burst` within FLOOD_WINDOW_S
+            log.debug("dropped %s (flooding): %d lines over the rate within %g s",
+                      self.peer, len(self.dropped), FLOOD_WINDOW_S)
+        else:
+            log.debug("dropped a line from %s (rate limit): rate %g, burst %d",
+                      self.peer, limits.rate, limits.burst)
+        return False
+
+    def over_budget(self) -> None:
+        if not self.closing:
+            log.debug("dropped %s (too slow): %d bytes unsent, budget %d", self.peer,
+                      len(self.outbox or b"") + self.transport.get_write_buffer_size(), self.budget)
+        super().over_budget()

@@ -71,6 +71,18 @@ def unread_bytes(transport: asyncio.BaseTransport) -> int:
     return struct.unpack("i", raw)[0]
 
 
+def unsent_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel still holds to send on this connection (SIOCOUTQ), 0 if unknown."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except Exception:   # noqa: BLE001 - closed or not a socket: nothing known
+        return 0
+    return struct.unpack("i", raw)[0]
+
+
 class ServerState:
     """What all connections share: current limits, the connection set, per-address counts."""
 
@@ -160,8 +172,12 @@ class Connection(LineDecoder, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.forget(self)
-        reason = self.reason or (f"reset ({exc})" if exc else "closed")
-        log.info("disconnect %s: %s (%d clients)", self.peer, reason, len(self.state.connections))
+        log.info("disconnect %s: %s (%d clients)", self.peer, self.end_reason(exc),
+                 len(self.state.connections))
+
+    def end_reason(self, exc: Exception | None) -> str:
+        """Why the connection ended, as the disconnect line says it."""
+        return self.reason or (f"reset ({exc})" if exc else "closed")
 
     def pause_writing(self) -> None:
         """The transport queued output: gather what follows in the outbox."""
@@ -225,9 +241,12 @@ class Connection(LineDecoder, asyncio.Protocol):
         The server calls `finish()` on the result once every client's input is read.
         """
         self.reason = self.reason or "server shutting down"
-        drainer = _Drainer(self, unread_bytes(self.transport))
+        drainer = self.new_drainer(unread_bytes(self.transport))
         self.transport.set_protocol(drainer)
         return drainer
+
+    def new_drainer(self, budget: int) -> _Drainer:
+        return _Drainer(self, budget)
 
     def farewell(self) -> None:
         """What a client is told just before a graceful stop half-closes it (nothing, in echo)."""
@@ -287,3 +306,127 @@ class _Drainer(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.conn.connection_lost(exc)
+
+
+# ---------------------------------------------------------------- log level debug
+
+# The slots of a debug connection. `DebugConnection` itself has none (a second base with slots
+# of its own could not be combined with ChatConnection's), so each concrete debug class
+# declares these.
+DEBUG_SLOTS = ("bytes_in", "bytes_out", "discarded", "opened", "paused_since")
+
+
+class DebugConnection(Connection):
+    """What a connection logs at level debug, mixed in before a mode's connection class.
+
+    Only at level debug are new connections made from such a class (the server picks it,
+    `Server._connection_class`), so at any other level the hot paths are the mode's own,
+    untouched. It logs one line per event, never what the client sent: accepted (peer and
+    local address), closed (reason, bytes received and sent, how long it was open), and
+    reading paused and resumed; the mode's debug class adds what it drops. Bytes received
+    are counted in `data_received` (which a BufferedProtocol's `buffer_updated` and the
+    graceful stop's drainer call too), bytes sent by a `CountingTransport` standing in for
+    the transport: what was handed to the transport, less what an abort then discarded.
+    """
+
+    __slots__ = ()
+    bytes_in: int
+    bytes_out: int
+    discarded: int | None
+    opened: float
+    paused_since: float | None
+
+    def __init__(self, state: ServerState, ip: str = "?", peer: str = "?") -> None:
+        super().__init__(state, ip, peer)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.discarded = None       # output handed over, then dropped by an abort
+        self.opened = 0.0
+        self.paused_since = None    # when over_budget stopped reading the client
+
+    def connection_made(self, transport: Any) -> None:
+        self.opened = self.state.loop.time()
+        log.debug("accepted %s on %s", self.peer, format_peer(transport.get_extra_info("sockname")))
+        super().connection_made(CountingTransport(transport, self))
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        super().data_received(data)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.paused_since is not None and not self.closing:
+            log.debug("resumed reading %s after %.3f s", self.peer,
+                      self.state.loop.time() - self.paused_since)
+            self.paused_since = None
+
+    def abort(self, reason: str) -> None:
+        if self.discarded is None:   # the first abort drops what the transport and kernel hold
+            try:
+                self.discarded = self.transport.get_write_buffer_size() + unsent_bytes(self.transport)
+            except Exception:   # noqa: BLE001 - a count is not worth failing the abort
+                self.discarded = 0
+        super().abort(reason)
+
+    def new_drainer(self, budget: int) -> _Drainer:
+        return _CountingDrainer(self, budget)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        discarded = min(self.discarded or 0, self.bytes_out)
+        log.debug("closed %s (%s): received %d bytes, sent %d bytes%s, open %.3f s",
+                  self.peer, self.end_reason(exc), self.bytes_in, self.bytes_out - discarded,
+                  f" ({discarded} more discarded unsent)" if discarded else "",
+                  self.state.loop.time() - self.opened)
+
+
+class CountingTransport:
+    """A transport that counts the bytes written to it into its connection's `bytes_out`.
+
+    Everything else is the transport's own (`__getattr__`). It never raises where the
+    transport itself would not: the write goes first, the count after.
+    """
+
+    __slots__ = ("transport", "conn")
+
+    def __init__(self, transport: Any, conn: DebugConnection) -> None:
+        self.transport = transport
+        self.conn = conn
+
+    def write(self, data: Any) -> None:
+        self.transport.write(data)
+        self.conn.bytes_out += _size(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def is_closing(self) -> bool:   # chat asks before every send
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in CountingTransport.__slots__:   # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.transport, name)
+
+    def __repr__(self) -> str:
+        return f"<CountingTransport {self.transport!r}>"
+
+
+def _size(data: Any) -> int:
+    """The bytes in `data`, anything a transport's write accepts; never raises."""
+    if data.__class__ is bytes or data.__class__ is bytearray:
+        return len(data)
+    try:
+        with memoryview(data) as view:
+            return view.nbytes
+    except Exception:   # noqa: BLE001 - a count is not worth an exception
+        return 0
+
+
+class _CountingDrainer(_Drainer):
+    """A debug connection's drainer: the bytes it drops count as received too."""
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.bytes_in += len(data) - min(len(data), max(self.budget, 0))
+        super().data_received(data)

@@ -12,10 +12,12 @@ Tests: tests/unit/test_echo.py, tests/process/test_echo.py
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from .connection import Connection
+from .connection import DEBUG_SLOTS, Connection, DebugConnection
 from .protocol import LINE_TOO_LONG, TelnetReply, escape_iac
 
+log = logging.getLogger("chatd")
 READ_BUFFER_BYTES = 256 * 1024
 
 
@@ -73,3 +75,24 @@ class BufferedEchoConnection(EchoConnection, asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(bytes(self._buffer[:nbytes]))
+
+
+class DebugEchoConnection(DebugConnection, EchoConnection):
+    """EchoConnection at log level debug (connection.DebugConnection), which also says when
+    reading the client is paused (`over_budget`); `resume_writing` says when it resumes."""
+
+    __slots__ = DEBUG_SLOTS
+
+    def over_budget(self) -> None:
+        if self.paused_since is None:
+            self.paused_since = self.state.loop.time()
+            log.debug("paused reading %s: %d bytes unsent, budget %d", self.peer,
+                      len(self.outbox or b"") + self.transport.get_write_buffer_size(), self.budget)
+        super().over_budget()
+
+
+class DebugBufferedEchoConnection(DebugEchoConnection, BufferedEchoConnection):
+    """BufferedEchoConnection at log level debug: `buffer_updated` calls the counting
+    `data_received`."""
+
+    __slots__ = ()

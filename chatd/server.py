@@ -23,8 +23,9 @@ from .accept import Acceptor, Gate
 from .config import Config
 from .connection import Connection, ServerState
 from .daemon import raise_fd_limit
-from .chat import ChatConnection
-from .echo import BufferedEchoConnection, EchoConnection
+from .chat import ChatConnection, DebugChatConnection
+from .echo import (BufferedEchoConnection, DebugBufferedEchoConnection, DebugEchoConnection,
+                   EchoConnection)
 from .errors import ChatdError, StartError
 from .protocol import clean_text
 from .rooms import ChatService
@@ -38,6 +39,21 @@ log = logging.getLogger("chatd")
 TIDY_GRACE_S = 0.5        # SIGTERM: how long queued output may still flush
 STATE_REFRESH_S = 1.0     # how often the state file's client count is brought up to date
 LOOP_ERROR_S = 10.0       # the same event-loop error is logged at most this often
+# At log level debug, new connections are made from these classes, which log per-connection
+# detail; at any other level from the mode's own, so the hot paths pay nothing for it.
+DEBUG_CLASSES: dict[type[Connection], type[Connection]] = {
+    EchoConnection: DebugEchoConnection,
+    BufferedEchoConnection: DebugBufferedEchoConnection,
+    ChatConnection: DebugChatConnection,
+}
+# What each signal the main loop dispatches asks for (logged at debug).
+SIGNAL_MEANINGS = {
+    signal.SIGHUP: "restart requested",
+    signal.SIGUSR1: "graceful stop requested",
+    signal.SIGTERM: "stop requested",
+    signal.SIGINT: "stop requested",
+    signal.SIGQUIT: "stop requested",
+}
 # Keys a running daemon cannot change: they need a stop and a start (the schema says which).
 FIXED_KEYS = tuple(key.dotted for key in config_mod.SCHEMA if key.on_restart == config_mod.NEEDS_RESTART)
 
@@ -145,7 +161,9 @@ class Server:
             await self.dispatch(sig)
 
     async def dispatch(self, sig: int) -> None:
-        handler = getattr(self, "handle_" + signal_name(sig)[3:].lower())
+        name = signal_name(sig)
+        log.debug("signal %s: %s", name, SIGNAL_MEANINGS.get(sig, "seen"))
+        handler = getattr(self, "handle_" + name[3:].lower())
         await handler()
 
     async def shutdown(self) -> None:
@@ -255,7 +273,10 @@ class Server:
         self.gate.connection_class = self._connection_class()
         self.gate.measure()
         if not changed:
+            log.debug("restart: nothing changed")
             return "applied", "config re-read; nothing changed"
+        for key in changed:
+            log.debug("restart: %s %r -> %r (from %s)", key, old.get(key), new.get(key), new.origin(key))
         parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
         return "applied", "changed " + ", ".join(parts) + (f" {note}" if note else "")
 
@@ -424,15 +445,21 @@ class Server:
                 "settings": {key.dotted: self.cfg.get(key.dotted) for key in config_mod.SCHEMA}}
 
     def _connection_class(self) -> type[Connection]:
-        """The class for new connections: the mode's, and for echo the loop's.
+        """The class for new connections: the mode's, and for echo the loop's; at log level
+        debug its subclass that logs per-connection detail (DEBUG_CLASSES).
 
         uvloop reads into buffers of its own; asyncio's loop is faster with a
         BufferedProtocol (measured: 1.8-3.4 times the plain Protocol there, and
-        no different on uvloop).
+        no different on uvloop). Runs at start and on each restart, so a restart
+        that changes the level changes it for new connections.
         """
         if self.cfg.server.mode == "chat":
-            return ChatConnection
-        return EchoConnection if self.loop_name.startswith("uvloop") else BufferedEchoConnection
+            cls: type[Connection] = ChatConnection
+        elif self.loop_name.startswith("uvloop"):
+            cls = EchoConnection
+        else:
+            cls = BufferedEchoConnection
+        return DEBUG_CLASSES[cls] if self.cfg.log.level == "debug" else cls
 
     def _configure_chat(self, cfg: Config) -> None:
         """MOTD and default room for new chat clients; the MOTD is sanitized like user text."""

@@ -1,4 +1,5 @@
-"""Server pieces in-process: the old listener's backlog is accepted before it closes."""
+"""Server pieces in-process: the old listener's backlog is accepted before it closes; the class
+new connections are made from, by mode, loop and log level."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import asyncio
 import logging
 import socket
 
+import pytest
+
 from chatd import config, listen
 from chatd.accept import Gate
-from chatd.connection import ServerState
-from chatd.echo import EchoConnection
+from chatd.chat import ChatConnection
+from chatd.connection import DebugConnection, ServerState
+from chatd.echo import BufferedEchoConnection, EchoConnection
 from chatd.server import Listener, Server
 
 
@@ -66,3 +70,29 @@ def test_a_repeated_loop_error_is_logged_once_per_interval_with_a_count(caplog):
                      "event loop: something else",
                      "event loop: accept failed: OSError: [Errno 24] Too many open files "
                      "(and 999 more times since it was last logged)"]
+
+
+@pytest.mark.parametrize("level", ["info", "warning", "error", "debug"])
+@pytest.mark.parametrize("mode, loop_name, base", [
+    ("echo", "uvloop 0.19.0", EchoConnection),
+    ("echo", "asyncio", BufferedEchoConnection),
+    ("chat", "uvloop 0.19.0", ChatConnection),
+    ("chat", "asyncio", ChatConnection),
+])
+def test_connection_class_is_the_modes_own_unless_the_level_is_debug(level, mode, loop_name, base):
+    """At any level but debug, new connections are made from exactly the mode's class, so its
+    hot paths pay nothing for debug logging; at debug, from a subclass of it that logs
+    (connection.DebugConnection), with __slots__ and no __dict__ all the same."""
+    cfg = config.load(overrides={"log.level": (level, "--log-level"), "server.mode": (mode, "--mode")})
+    server = Server(cfg, [], runtime=None, max_clients=0, loop_name=loop_name)
+    cls = server._connection_class()
+    if level == "debug":
+        assert cls is not base and issubclass(cls, base) and issubclass(cls, DebugConnection)
+        assert cls.data_received is not base.data_received
+    else:
+        assert cls is base
+    state = ServerState(cfg.limits, 0, None)
+    conn = cls(state, "127.0.0.1", "127.0.0.1:40000")
+    assert not hasattr(conn, "__dict__"), cls
+    with pytest.raises(AttributeError):
+        conn.not_a_slot = 1
