@@ -1,4 +1,4 @@
-"""Chat mode's connection (SPEC section 5): lines in, limits, and a bounded output queue.
+"""Chat mode's connection (README "Chat mode"): lines in, limits, and a bounded output queue.
 
 The path of a line: `data_received` -> `LineDecoder.feed` (LF, CRLF or CR NUL;
 telnet; the length bound) -> `clean_text` -> the token bucket -> the

@@ -10,7 +10,7 @@ write, so a client that does not read, sent many small lines, would otherwise
 cost far more memory than `output_buffer` says. Past that budget, echo stops
 reading the client and chat drops it (`over_budget`).
 
-Tests: tests/unit/test_connection.py, tests/process/test_echo.py
+Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ class Connection(LineDecoder, asyncio.Protocol):
 
 
 class _Drainer(asyncio.Protocol):
-    """Stands in for a connection during a graceful stop (SPEC section 2, SIGUSR1).
+    """Stands in for a connection during a graceful stop (README "Signals", SIGUSR1).
 
     The bytes that had arrived when the stop began (`budget`) are still
     answered, and nothing after them. Then `finish()`: the farewell, our side

@@ -1,4 +1,4 @@
-"""Echo mode (SPEC section 4): every complete line comes back byte for byte, at once.
+"""Echo mode (README "Echo mode"): every complete line comes back byte for byte, at once.
 
 The path of a line: `data_received` -> `LineDecoder.plain` (a read holding
 only whole lines and no IAC byte is written back as it came) or else
@@ -6,7 +6,7 @@ only whole lines and no IAC byte is written back as it came) or else
 per read (while the transport has a queue, into the outbox: see connection.py).
 The connection is itself the decoder (see `connection.Connection`).
 
-Tests: tests/unit/test_echo.py, tests/process/test_echo.py
+Tests: tests/process/test_echo.py, tests/process/test_clients.py
 """
 
 from __future__ import annotations

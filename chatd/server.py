@@ -467,7 +467,7 @@ class Server:
         self.state.chat.configure(motd if cfg.chat.motd else "", cfg.chat.default_room)
 
     def _abort_if_stopped_early(self) -> None:
-        """A stop signal before ready aborts the start (SPEC section 2); a SIGHUP waits."""
+        """A stop signal before ready aborts the start (README "Signals"); a SIGHUP waits."""
         stop = self.signals.stop_pending()
         if stop is not None:
             raise StartError(f"start aborted by {signal_name(stop)}")
