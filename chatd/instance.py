@@ -98,7 +98,10 @@ def mismatches(wanted: dict[str, Any], state: dict[str, Any] | None) -> list[str
 def _listens_on(listeners: list[Any], host: str | None, port: int | None) -> bool:
     """Is every address `host` stands for at `port` served by one of `listeners`? With only
     a port: is anything listening on it? With only a host: on some port of the instance's."""
-    have = [listen.Address(listen.family_of(h), h, p) for h, p in listeners]
+    try:
+        have = [listen.Address(listen.family_of(h), h, int(p)) for h, p in listeners]
+    except (TypeError, ValueError):
+        return False   # a state file chatd did not write: it proves nothing
     if host is None:
         return any(a.port == port for a in have)
     ports = {port} if port is not None else {a.port for a in have}

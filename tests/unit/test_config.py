@@ -737,3 +737,4 @@ def test_one_room_pattern_serves_config_and_rooms(tmp_path):
     for bad in ["", "#", "##lobby", "a" * 33, "#" + "a" * 33, "lob by", "lobby#"]:
         text = f'[chat]\ndefault_room = "{bad}"  {HERE}\n'
         config_error(write(tmp_path, text), text)
+
