@@ -8,6 +8,8 @@ A command whose options do not match the running instance never acts on it:
 it fails, names the instance that runs, and says how to run a second one.
 The running daemon publishes its settings and listening addresses in its
 state file, which is what the options are compared with.
+
+Tests: tests/process/test_instance_rule.py, tests/unit/test_instance.py
 """
 
 from __future__ import annotations
