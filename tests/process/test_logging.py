@@ -158,7 +158,8 @@ def test_syslog_is_retried_and_used_again_once_it_is_back(chatd, tmp_path):
     syslog = FakeSyslog(tmp_path / "log")
     try:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not syslog.messages:
+        # at level debug an "accepted" line comes first: wait for the info line itself
+        while time.monotonic() < deadline and not any(b"connect 127.0.0.1" in m for m in syslog.messages):
             with LineClient(chatd.port) as c:
                 c.send(b"y\n")
                 c.recv_line()
