@@ -59,28 +59,26 @@ def set_keepalive(sock: Any, idle_s: int) -> None:
         pass
 
 
-def unread_bytes(transport: asyncio.BaseTransport) -> int:
-    """Bytes waiting in the kernel's receive queue for this connection (FIONREAD)."""
+def _queued(transport: asyncio.BaseTransport, request: int) -> int:
+    """A socket queue's length by ioctl `request`; 0 when it cannot be known (closed, no socket)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return 0
     try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except OSError:
+        raw = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    except (OSError, ValueError):
         return 0
     return struct.unpack("i", raw)[0]
+
+
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes waiting in the kernel's receive queue for this connection (FIONREAD)."""
+    return _queued(transport, termios.FIONREAD)
 
 
 def unsent_bytes(transport: asyncio.BaseTransport) -> int:
-    """Bytes the kernel still holds to send on this connection (SIOCOUTQ), 0 if unknown."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except Exception:   # noqa: BLE001 - closed or not a socket: nothing known
-        return 0
-    return struct.unpack("i", raw)[0]
+    """Bytes the kernel still holds to send on this connection (SIOCOUTQ, as TIOCOUTQ)."""
+    return _queued(transport, termios.TIOCOUTQ)
 
 
 class ServerState:
