@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -74,13 +73,16 @@ def _find_instance(opts: Options, out: Console | None) -> tuple[Config | None, I
     return cfg, paths
 
 
-def _refuse_mismatch(opts: Options, paths: InstancePaths, found: Probe, what: str, status: int) -> None:
-    """Fail if the options describe another server than the one running (see `instance`)."""
+def _refuse_mismatch(opts: Options, paths: InstancePaths, found: Probe, what: str,
+                     status: int) -> dict[str, Any] | None:
+    """Fail if the options describe another server than the one running (see `instance`);
+    else the running one's state, as read for the comparison."""
     wanted = instance.requested(opts.overrides, opts.cwd)
     state = read_state(paths.state)
     differ = instance.mismatches(wanted, state)
     if differ:
         raise instance.mismatch_error(paths, found.pid, state, differ, what, opts.command, status)
+    return state
 
 
 def _check_not_running(found: Probe, out: Console) -> Probe:
@@ -137,9 +139,8 @@ def start(opts: Options, out: Console) -> int:
     with guard(launch.paths.guard):
         found = _check_not_running(probe(launch.paths.pidfile), out)
         if found.running:
-            _refuse_mismatch(opts, launch.paths, found, "not starting anything", EXIT_FAILED)
-            out.say(f"chatd is already running (pid {found.pid}): "
-                    f"{instance.describe(read_state(launch.paths.state))}")
+            state = _refuse_mismatch(opts, launch.paths, found, "not starting anything", EXIT_FAILED)
+            out.say(f"chatd is already running (pid {found.pid}): {instance.describe(state)}")
             return EXIT_OK
         launch.recorder.install(detached=True)
         pipe = ReadinessPipe()
@@ -217,9 +218,8 @@ def run(opts: Options, out: Console) -> int:
             held.enter_context(guard(launch.paths.guard))
             found = _check_not_running(probe(launch.paths.pidfile), out)
             if found.running:
-                _refuse_mismatch(opts, launch.paths, found, "not starting anything", EXIT_FAILED)
-                raise AlreadyRunning(launch.paths.pidfile, found.pid,
-                                     instance.describe(read_state(launch.paths.state)))
+                state = _refuse_mismatch(opts, launch.paths, found, "not starting anything", EXIT_FAILED)
+                raise AlreadyRunning(launch.paths.pidfile, found.pid, instance.describe(state))
             launch.recorder.install(detached=False)
 
             def ready(**info: Any) -> None:
@@ -399,20 +399,20 @@ def restart(opts: Options, out: Console, reload: bool = False) -> int:
     with guard(paths.guard):
         found = probe(paths.pidfile)
         if found.running:
-            _refuse_mismatch(opts, paths, found,
-                             "a running chatd keeps the options it was started with and re-reads "
-                             "only its config file (set the value there, or stop it and start it "
-                             "with the new options)", EXIT_FAILED)
-            return _restart_running(found, paths, out)
+            before = _refuse_mismatch(opts, paths, found,
+                                      "a running chatd keeps the options it was started with and "
+                                      "re-reads only its config file (set the value there, or stop "
+                                      "it and start it with the new options)", EXIT_FAILED)
+            return _restart_running(found, paths, out, before or {})
     if reload:
         raise ChatdError("chatd is not running", EXIT_NOT_RUNNING_RELOAD)
     out.warn("chatd is not running; starting it")
     return start(opts, out)
 
 
-def _restart_running(found: Probe, paths: InstancePaths, out: Console) -> int:
+def _restart_running(found: Probe, paths: InstancePaths, out: Console, before: dict[str, Any]) -> int:
+    """SIGHUP, then wait until the state file's generation grows past `before`'s."""
     pid = _running_pid(found)
-    before = read_state(paths.state) or {}
     generation = before.get("generation")
     generation = generation if isinstance(generation, int) else -1
     _signal(pid, signal.SIGHUP, _process_start_time(pid))
@@ -456,14 +456,14 @@ def status(opts: Options, out: Console) -> int:
             raise ChatdError(f"cannot tell: {e}", EXIT_PRIVILEGE) from None
         if found.running:
             try:
-                _refuse_mismatch(opts, where, found, "so no chatd here is the one those options "
-                                 "describe", EXIT_NOT_RUNNING)
+                state = _refuse_mismatch(opts, where, found, "so no chatd here is the one those "
+                                         "options describe", EXIT_NOT_RUNNING)
             except ChatdError as e:
                 if not opts.json:
                     raise
                 _print_json(_report(None, where) | {"mismatch": e.message}, out)
                 return e.status
-            report = _report(found, where)
+            report = _report(found, where, state)
             _print_json(report, out) if opts.json else _print_status(report, out)
             return EXIT_OK
         first = first or found
@@ -486,13 +486,14 @@ STATUS_KEYS = ("running", "pid", "version", "address", "mode", "clients", "uptim
                "event_loop", "log", "last_restart", "pidfile", "config", "stale_pid", "pid_problem")
 
 
-def _report(found: Probe | None, paths: InstancePaths) -> dict[str, Any]:
-    """The status of an instance as one dict: the text form and `--json` both show it."""
+def _report(found: Probe | None, paths: InstancePaths, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status of an instance (its state file's `state`, when running) as one dict: the
+    text form and `--json` both show it."""
     report: dict[str, Any] = dict.fromkeys(STATUS_KEYS)
     report |= {"running": found is not None, "pidfile": paths.pidfile}
     if found is None:
         return report
-    st = read_state(paths.state) or {}
+    st = state or {}
     started = st.get("started")
     last = st.get("last_restart")
     report |= {"pid": found.pid, "version": st.get("version"), "address": st.get("address"),

@@ -236,7 +236,7 @@ class Server:
             new = config_mod.load(old.path, self.runtime.overrides)
             target = resolve_target(new, self.runtime.foreground)
         except ChatdError as e:
-            return "rejected", "; ".join(getattr(e, "errors", [str(e)]))   # one line for log and state
+            return "rejected", str(e).replace("\n", "; ")   # a file's errors: one line for log and state
         for key in FIXED_KEYS:
             if new.get(key) != old.get(key):
                 return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
