@@ -239,5 +239,5 @@ class DebugChatConnection(DebugConnection, ChatConnection):
     def over_budget(self) -> None:
         if not self.closing:
             log.debug("dropped %s (too slow): %d bytes unsent, budget %d", self.peer,
-                      len(self.outbox or b"") + self.transport.get_write_buffer_size(), self.budget)
+                      self.unsent(), self.budget)
         super().over_budget()

@@ -369,6 +369,10 @@ class DebugConnection(Connection):
     def new_drainer(self, budget: int) -> _Drainer:
         return _CountingDrainer(self, budget)
 
+    def unsent(self) -> int:
+        """Output not yet handed to the kernel: the outbox and the transport's queue."""
+        return len(self.outbox or b"") + self.transport.get_write_buffer_size()
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         discarded = min(self.discarded or 0, self.bytes_out)

@@ -87,7 +87,7 @@ class DebugEchoConnection(DebugConnection, EchoConnection):
         if self.paused_since is None:
             self.paused_since = self.state.loop.time()
             log.debug("paused reading %s: %d bytes unsent, budget %d", self.peer,
-                      len(self.outbox or b"") + self.transport.get_write_buffer_size(), self.budget)
+                      self.unsent(), self.budget)
         super().over_budget()
 
 
