@@ -10,11 +10,13 @@ a traceback.
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import logging.handlers
 import os
+import socket
 import stat
-import sys
 import time
 from typing import Callable, TextIO
 
@@ -71,16 +73,81 @@ class FileTarget(_StrictMixin, logging.StreamHandler):
         super().close()
 
 
-class StderrTarget(_StrictMixin, logging.StreamHandler):
-    pass
+def _refuse_partial(sent: int, data: bytes, what: str) -> None:
+    """A reader that took only part of a line has no room: a failure, as EAGAIN is."""
+    if sent < len(data):
+        raise BlockingIOError(errno.EAGAIN, f"{what} took {sent} of {len(data)} bytes")
 
 
-class SyslogTarget(_StrictMixin, logging.handlers.SysLogHandler):
-    """RFC 3164 datagrams to the syslog socket, tagged chatd[PID]."""
+@functools.cache
+def _stderr_writer() -> Callable[[bytes], int]:
+    """A write to stderr that never waits for its reader.
+
+    Under `chatd run`, stderr may be a pipe or a terminal nobody reads (or one stopped with
+    Ctrl-S), or the journal's socket: one blocking write there would stop the event loop and
+    every client with it. A socket is sent to with MSG_DONTWAIT; a pipe, FIFO or terminal is
+    written through a description of chatd's own, opened non-blocking through /proc/self/fd/2
+    (O_NONBLOCK on the inherited description would reach the shell and whoever else shares it);
+    a regular file, which never makes a writer wait, as it is. Opened once, before privileges
+    are dropped, and kept for the process's life, as fd 2 itself is.
+    """
+    mode = os.fstat(2).st_mode
+    if stat.S_ISSOCK(mode):
+        sock = socket.socket(fileno=os.dup(2))
+        return lambda data: sock.send(data, socket.MSG_DONTWAIT)
+    if stat.S_ISREG(mode):
+        return lambda data: os.write(2, data)
+    fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    return lambda data: os.write(fd, data)
+
+
+class StderrTarget(logging.Handler):
+    """Lines to stderr, never waiting for its reader (`_stderr_writer`); a reader with no
+    room for a line (EAGAIN) fails like any target, so FailoverHandler writes to X.log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write = _stderr_writer()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+        _refuse_partial(self.write(data), data, "stderr")
+
+
+class SyslogTarget(logging.handlers.SysLogHandler):
+    """RFC 3164 datagrams to the syslog socket, tagged chatd[PID], never waiting for syslog.
+
+    A syslog that stops reading fills its socket's queue (net.unix.max_dgram_qlen datagrams,
+    10 by default), and a blocking send then stopped the event loop: echo stopped answering
+    at the sixth connection. Every send is MSG_DONTWAIT, so a full queue (EAGAIN) is a failure
+    like any other: FailoverHandler writes to X.log and tries syslog again every RETRY_S.
+    """
 
     def __init__(self, address: str, facility: str) -> None:
         super().__init__(address=address, facility=facility)
         self.ident = f"chatd[{os.getpid()}]: "
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """As SysLogHandler's, but no send waits, and every failure raises (for FailoverHandler)."""
+        priority = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+        data = f"<{priority}>{self.ident}{self.format(record)}\0".encode("utf-8", "backslashreplace")
+        try:
+            self._send(data)
+        except BlockingIOError:
+            raise
+        except OSError:   # syslog restarted (its socket is a new one), or none when we began
+            if self.socket is not None:
+                self.socket.close()
+            self._connect_unixsocket(self.address)
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        try:
+            _refuse_partial(self.socket.send(data, socket.MSG_DONTWAIT), data, "syslog")
+        except BlockingIOError:
+            if self.socktype == socket.SOCK_STREAM:   # part of a line may be in: start afresh
+                self.socket.close()
+            raise
 
 
 class FailoverHandler(logging.Handler):
@@ -218,7 +285,7 @@ class Logging:
                 handler.setFormatter(logging.Formatter("%(message)s"))
                 description = f"syslog {cfg.log.syslog_socket} (facility {cfg.log.facility})"
             elif target == "stderr":
-                handler = StderrTarget(sys.stderr)
+                handler = StderrTarget()
                 journal = _journal_prefix()
                 handler.setFormatter(_JournalFormatter() if journal
                                      else logging.Formatter(STDERR_FORMAT))
