@@ -17,7 +17,7 @@ chatd accepts on its listening sockets itself instead of through
   logging every one, and uvloop stops accepting for a second. The shortage is
   logged when it begins and when it ends, with a count.
 
-Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py
+Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import socket
 import time
 from typing import Any
 
-from .connection import Connection, ServerState, format_peer
+from .connection import ChurnLog, Connection, ServerState, format_peer
 
 log = logging.getLogger("chatd")
 
@@ -122,9 +122,13 @@ class Gate:
         if self.short_since is not None:
             self._shortage_over()
         ip = addr[0] if isinstance(addr, tuple) else "?"
+        quiet = self.state.churn.quiet(ip, self.state.limits.logged_per_ip)
         refusal = self.state.admit(ip)
         if refusal:
-            log.warning("refused %s: %s", format_peer(addr), refusal)
+            if quiet:
+                self.state.churn.count(ip, ChurnLog.REFUSED)
+            else:
+                log.warning("refused %s: %s", format_peer(addr), refusal)
             self.refuse(sock)
             return
         sock.setblocking(False)
@@ -132,12 +136,13 @@ class Gate:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        task = self.loop.create_task(self._connect(sock, ip, format_peer(addr)))
+        task = self.loop.create_task(self._connect(sock, ip, format_peer(addr), quiet))
         self.connecting.add(task)
         task.add_done_callback(self.connecting.discard)
 
-    async def _connect(self, sock: socket.socket, ip: str, peer: str) -> None:
+    async def _connect(self, sock: socket.socket, ip: str, peer: str, quiet: bool) -> None:
         conn = self.connection_class(self.state, ip, peer)
+        conn.quiet = quiet
         try:
             await self.loop.connect_accepted_socket(lambda: conn, sock)
         except OSError as e:

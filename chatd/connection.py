@@ -8,9 +8,10 @@ bytearray, until the transport has drained (`resume_writing`), and is then
 handed over in one write. uvloop keeps ~800 bytes of bookkeeping per queued
 write, so a client that does not read, sent many small lines, would otherwise
 cost far more memory than `output_buffer` says. Past that budget, echo stops
-reading the client and chat drops it (`over_budget`).
+reading the client and chat drops it (`over_budget`). Connect and disconnect
+lines past a rate per address are counted and summarised (`ChurnLog`).
 
-Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py
+Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/unit/test_churn_log.py, tests/process/test_log_abuse.py
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .protocol import LineDecoder
 
 log = logging.getLogger("chatd")
 LINGER_S = 1.0        # how long a graceful close reads and discards after its FIN
+CHURN_INTERVAL_S = 10.0   # README "Logging": per address and interval, the first `logged_per_ip`
+CHURN_SOURCES = 1024      # newcomers are logged one by one; past CHURN_SOURCES addresses, one count
 
 
 def format_peer(peer: Any) -> str:
@@ -81,6 +84,54 @@ def unsent_bytes(transport: asyncio.BaseTransport) -> int:
     return _queued(transport, termios.TIOCOUTQ)
 
 
+class ChurnLog:
+    """Connect, disconnect and refusal lines: one by one up to a rate per address, then counted.
+
+    One client churning connections wrote 1.4 MB of log in 3 s. In each CHURN_INTERVAL_S,
+    the first `limit` newcomers from an address (admitted or refused) are logged as ever,
+    each connection's disconnect with it whenever it comes; the address's further newcomers
+    are only counted, as are their disconnects, and `flush` (at the interval's end, and at
+    a stop) logs one line per address with the counts. The table is bounded: past
+    CHURN_SOURCES addresses in one interval, newcomers from the others share one count.
+    """
+
+    OTHERS = "other addresses"
+    CONNECTS, DISCONNECTS, REFUSED = 1, 2, 3   # indexes in an address's counts; 0: lines logged
+
+    def __init__(self) -> None:
+        self.sources: dict[str, list[int]] = {}
+
+    def _counts(self, ip: str) -> list[int]:
+        counts = self.sources.get(ip)
+        if counts is None:
+            key = ip if len(self.sources) < CHURN_SOURCES else self.OTHERS
+            counts = self.sources.setdefault(key, [0, 0, 0, 0])
+        return counts
+
+    def quiet(self, ip: str, limit: int) -> bool:
+        """Is a newcomer from `ip` past the `limit` of this interval (counted, not logged)?
+        A limit of 0 logs every one."""
+        if not limit:
+            return False
+        counts = self._counts(ip)
+        if counts[0] < limit:
+            counts[0] += 1
+            return False
+        return True
+
+    def count(self, ip: str, what: int) -> None:
+        self._counts(ip)[what] += 1
+
+    def flush(self) -> None:
+        """Log what this interval counted, one line per address; a new interval begins."""
+        for ip, (_, connects, disconnects, refused) in self.sources.items():
+            if connects or disconnects or refused:
+                log.log(logging.WARNING if refused else logging.INFO,
+                        "churn from %s in %g s: %d connects, %d disconnects, %d refused, not "
+                        "logged one by one", ip, CHURN_INTERVAL_S, connects, disconnects, refused)
+        self.sources.clear()
+
+
 class ServerState:
     """What all connections share: current limits, the connection set, per-address counts."""
 
@@ -95,6 +146,7 @@ class ServerState:
         self.all_closed.set()
         self.stopping = False  # the server is stopping: leaving clients are not announced
         self.chat: Any = None  # the ChatService of rooms.py, shared by chat connections
+        self.churn = ChurnLog()
 
     def admit(self, ip: str) -> str:
         """Count a newcomer from `ip` in, or say why it is refused ("" when admitted).
@@ -141,7 +193,7 @@ class Connection(LineDecoder, asyncio.Protocol):
     """
 
     __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "closing",
-                 "outbox", "budget")
+                 "outbox", "budget", "quiet")
     FULL_LINE = b"ERR server full\r\n"   # what accept.Gate tells a newcomer it refuses
     CR_NUL_ENDS_LINE = False
 
@@ -158,6 +210,7 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.closing = False      # nothing more may be written: closed, or half-closed by us
         self.outbox: bytearray | None = None   # output held while the transport has a queue
         self.budget = state.limits.output_buffer   # unsent output allowed: transport + outbox
+        self.quiet = False        # counted by the ChurnLog, not logged (set by accept.Gate)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -166,12 +219,18 @@ class Connection(LineDecoder, asyncio.Protocol):
         transport.set_write_buffer_limits(high=0, low=0)
         if limits.keepalive:
             set_keepalive(transport.get_extra_info("socket"), limits.keepalive)
-        log.info("connect %s (%d clients)", self.peer, len(self.state.connections))
+        if self.quiet:
+            self.state.churn.count(self.ip, ChurnLog.CONNECTS)
+        else:
+            log.info("connect %s (%d clients)", self.peer, len(self.state.connections))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.forget(self)
-        log.info("disconnect %s: %s (%d clients)", self.peer, self.end_reason(exc),
-                 len(self.state.connections))
+        if self.quiet:
+            self.state.churn.count(self.ip, ChurnLog.DISCONNECTS)
+        else:
+            log.info("disconnect %s: %s (%d clients)", self.peer, self.end_reason(exc),
+                     len(self.state.connections))
 
     def end_reason(self, exc: Exception | None) -> str:
         """Why the connection ended, as the disconnect line says it."""
@@ -344,7 +403,8 @@ class DebugConnection(Connection):
 
     def connection_made(self, transport: Any) -> None:
         self.opened = self.state.loop.time()
-        log.debug("accepted %s on %s", self.peer, format_peer(transport.get_extra_info("sockname")))
+        if not self.quiet:
+            log.debug("accepted %s on %s", self.peer, format_peer(transport.get_extra_info("sockname")))
         super().connection_made(CountingTransport(transport, self))
 
     def data_received(self, data: bytes) -> None:
@@ -375,6 +435,8 @@ class DebugConnection(Connection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.quiet:
+            return
         discarded = min(self.discarded or 0, self.bytes_out)
         log.debug("closed %s (%s): received %d bytes, sent %d bytes%s, open %.3f s",
                   self.peer, self.end_reason(exc), self.bytes_in, self.bytes_out - discarded,

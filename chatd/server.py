@@ -21,7 +21,7 @@ from . import config as config_mod
 from . import listen
 from .accept import Acceptor, Gate
 from .config import Config
-from .connection import Connection, ServerState
+from .connection import CHURN_INTERVAL_S, Connection, ServerState
 from .daemon import raise_fd_limit
 from .chat import ChatConnection, DebugChatConnection
 from .echo import (BufferedEchoConnection, DebugBufferedEchoConnection, DebugEchoConnection,
@@ -152,6 +152,7 @@ class Server:
         self.runtime.ready(info)
         self._tasks.append(asyncio.create_task(self._refresh_state()))
         self._tasks.append(asyncio.create_task(self._sweep_idle()))
+        self._tasks.append(asyncio.create_task(self._flush_churn()))
         if self.runtime.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog(self.runtime.notifier.watchdog_interval)))
 
@@ -184,6 +185,7 @@ class Server:
         self.gate.close()
         for task in self._tasks:
             task.cancel()
+        self.state.churn.flush()
         self.runtime.state.remove()
         log.info("stopped")
         self.runtime.release()
@@ -403,6 +405,12 @@ class Server:
                     conn.idle_since = now
                 elif now - conn.idle_since >= idle:
                     conn.close("idle")
+
+    async def _flush_churn(self) -> None:
+        """Each CHURN_INTERVAL_S, the summary lines of the connections not logged one by one."""
+        while True:
+            await asyncio.sleep(CHURN_INTERVAL_S)
+            self.state.churn.flush()
 
     async def _refresh_state(self) -> None:
         """Bring the client count in the state file and systemd's STATUS= up to date; retry a

@@ -955,7 +955,8 @@ def test_a_thousand_chat_readers_that_never_read(make_chatd, loop):
     name = f"test_a_thousand_chat_readers_that_never_read[{loop}]"
     inst = make_chatd(loop=loop)
     inst.write_config(mode="chat", extra=f"[limits]\nmax_clients = 0\nmax_clients_per_ip = 0\n"
-                                         f"rate = 0\noutput_buffer = {OUTPUT_BUFFER}\n")
+                                         f"rate = 0\noutput_buffer = {OUTPUT_BUFFER}\n"
+                                         f"logged_per_ip = 0\n")   # each drop is counted in the log
     pid = inst.start()
     base = rss(pid)
     exact_peak = reset_peak(pid)

@@ -1,5 +1,10 @@
 """Attacks through the log, on the real daemon (README "Logging").
 
+1. A log flood: one client churns connections as fast as it can for CHURN_S seconds, half of
+   them refused (`max_clients_per_ip`). Past `logged_per_ip` newcomers an interval from one address,
+   connects, disconnects and refusals are counted, not logged, and one summary line per address
+   and interval gives the counts: the log grows by a bounded amount, and what was logged one by
+   one plus what the summaries count is exactly what the client did.
 2. A log target that stops reading: a private "syslog" (a Unix datagram socket bound in the
    test's directory that nobody ever reads, so its queue fills), and stderr under `chatd run`
    as a pipe nobody reads (shrunk to one page with F_SETPIPE_SZ). Echo keeps answering every
@@ -13,15 +18,80 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 import subprocess
 import time
 
+import pytest
+
+from chatd.config import KEYS
+from chatd.connection import CHURN_INTERVAL_S
 from support import LineClient, alive, chatd_command, figures, wait_for
 
+CHURN_S = 3.0
+LOGGED_PER_IP = KEYS["limits.logged_per_ip"].default
+NEWCOMER_BYTES = 512    # the log lines of one newcomer, at most: accepted, connect, disconnect, closed
+SUMMARY = re.compile(r"churn from 127\.0\.0\.1 in \d+ s: (\d+) connects, (\d+) disconnects, (\d+) refused")
+FULL = b"ERR server full\r\n"
 ECHOES = 50             # clients echoed one after the other while the log target stops reading
 ECHO_TIMEOUT_S = 2.0
 F_SETPIPE_SZ = 1031
+
+
+def set_level(inst, level: str) -> None:
+    inst.config.write_text(inst.config.read_text().replace('level = "debug"', f'level = "{level}"'))
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_client_churning_connections_cannot_flood_the_log(make_chatd, level):
+    """1. a witness stays connected, with max_clients_per_ip = 2; 2. for CHURN_S seconds a client
+    opens two connections at a time (the first echoed, the second told "server full" while the
+    previous one is still being let go), sends a line on each, reads the answer and closes;
+    3. `chatd stop`.
+    Result: the log grew by at most `logged_per_ip` newcomers' lines a started interval; the connects,
+    disconnects and refusals logged one by one plus those the summary lines count equal the
+    client's own counts."""
+    inst = make_chatd(extra_config="[limits]\nmax_clients_per_ip = 2\n")
+    set_level(inst, level)
+    pid = inst.start()
+    witness = LineClient(inst.port)
+    witness.send(b"witness\n")
+    assert witness.recv_line() == b"witness\n"
+    before = inst.logfile.stat().st_size
+    admitted = refused = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < CHURN_S:
+        pair = [LineClient(inst.port, timeout=5), LineClient(inst.port, timeout=5)]
+        for c in pair:
+            c.send(b"x\n")
+        for c in pair:
+            answer = c.recv_line()
+            assert answer in (b"x\n", FULL), answer
+            admitted += answer == b"x\n"
+            refused += answer == FULL
+            c.close()
+    churn_s = time.monotonic() - t0
+    witness.close()
+    inst.cmd("stop", check=0)
+    text = inst.log_text()
+    grown = len(text.encode()) - before
+    summaries = [tuple(map(int, m)) for m in SUMMARY.findall(text)]
+    counted = [sum(s[i] for s in summaries) for i in range(3)]
+    logged = [len(re.findall(r"INFO: connect 127\.0\.0\.1:", text)),
+              len(re.findall(r"INFO: disconnect 127\.0\.0\.1:", text)),
+              len(re.findall(r"WARNING: refused 127\.0\.0\.1:", text))]
+    intervals = int(churn_s // CHURN_INTERVAL_S) + 2   # the churn may straddle a boundary
+    bound = intervals * LOGGED_PER_IP * NEWCOMER_BYTES + 4096
+    figures(f"log_flood[{level}]", churn_s=round(churn_s, 2), admitted=admitted, refused=refused,
+            log_bytes=grown, log_bytes_per_s=round(grown / churn_s), bound=bound,
+            summary_lines=len(summaries), logged=logged, counted=counted)
+    assert grown <= bound, f"{grown} bytes of log for {churn_s:.1f} s of churn (bound {bound})"
+    assert [l + c for l, c in zip(logged, counted)] == [admitted + 1, admitted + 1, refused], (
+        f"logged {logged} + counted {counted} != the client's {admitted + 1} connects and "
+        f"disconnects (the witness too) and {refused} refusals")
+    assert admitted > LOGGED_PER_IP and refused, "the churn was too slow to test anything"
+    assert not alive(pid)
 
 
 def echo_one_by_one(port: int) -> tuple[int, list[float]]:

@@ -32,6 +32,7 @@ SPEC_DEFAULTS = {
     "limits.max_line": 4096,
     "limits.max_clients": 10000,
     "limits.max_clients_per_ip": 100,
+    "limits.logged_per_ip": 100,
     "limits.idle_timeout": 0,
     "limits.output_buffer": 262144,
     "limits.rate": 10.0,
