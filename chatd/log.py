@@ -4,8 +4,11 @@ Defaults (README "Signals"): `chatd run` logs to stderr; a detached daemon logs
 to syslog when the syslog socket exists, else to X.log beside its pid file.
 A target that fails (syslog gone, disk full) never stops the daemon: the
 message goes to the fallback X.log, the failure is reported once, and the
-target is tried again every RETRY_S seconds. Logging's own errors never print
-a traceback.
+target is tried again every RETRY_S seconds. No write waits for a reader: a
+syslog or stderr that stops reading (a full queue, a pipe nobody reads) is a
+failing target like any other. Logging's own errors never print a traceback.
+
+Tests: tests/process/test_logging.py, tests/process/test_rsyslog.py, tests/process/test_log_abuse.py, tests/process/test_fault_resources.py
 """
 
 from __future__ import annotations
@@ -73,10 +76,16 @@ class FileTarget(_StrictMixin, logging.StreamHandler):
         super().close()
 
 
-def _refuse_partial(sent: int, data: bytes, what: str) -> None:
-    """A reader that took only part of a line has no room: a failure, as EAGAIN is."""
+def _send_whole(send: Callable[[bytes], int], data: bytes, what: str) -> None:
+    """`data` whole, or a failure: a reader with no room for it (EAGAIN, or only part of it
+    taken) fails as an unwritable file does, in words `status` can show."""
+    try:
+        sent = send(data)
+    except BlockingIOError:
+        sent = 0
     if sent < len(data):
-        raise BlockingIOError(errno.EAGAIN, f"{what} took {sent} of {len(data)} bytes")
+        raise BlockingIOError(errno.EAGAIN, f"{what} is not reading: no room for a line"
+                              + (f" ({sent} of {len(data)} bytes taken)" if sent else ""))
 
 
 @functools.cache
@@ -111,7 +120,7 @@ class StderrTarget(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
-        _refuse_partial(self.write(data), data, "stderr")
+        _send_whole(self.write, data, "stderr")
 
 
 class SyslogTarget(logging.handlers.SysLogHandler):
@@ -143,7 +152,7 @@ class SyslogTarget(logging.handlers.SysLogHandler):
 
     def _send(self, data: bytes) -> None:
         try:
-            _refuse_partial(self.socket.send(data, socket.MSG_DONTWAIT), data, "syslog")
+            _send_whole(lambda d: self.socket.send(d, socket.MSG_DONTWAIT), data, "syslog")
         except BlockingIOError:
             if self.socktype == socket.SOCK_STREAM:   # part of a line may be in: start afresh
                 self.socket.close()
