@@ -7,8 +7,9 @@
    one plus what the summaries count is exactly what the client did.
 2. A log target that stops reading: a private "syslog" (a Unix datagram socket bound in the
    test's directory that nobody ever reads, so its queue fills), and stderr under `chatd run`
-   as a pipe nobody reads (shrunk to one page with F_SETPIPE_SZ). Echo keeps answering every
-   client, the lines go to X.log, the failure is said once, and `status` says "failing".
+   as a pipe or a stream socket (the journal's kind) that nobody reads, each holding about a
+   page. Echo keeps answering every client, the lines go to X.log, the failure is said once,
+   and `status` says "failing".
 
 Each test prints one `FIGURES` line. Traffic goes to 127.0.0.1 only; every process is stopped by
 its pid; every wait has a deadline.
@@ -112,7 +113,7 @@ def echo_one_by_one(port: int) -> tuple[int, list[float]]:
 
 
 def check_failed_over(inst, problems: list[str]) -> str:
-    """The lines reached X.log, the failure was said once, and status says "failing"."""
+    """The lines reached X.log, the failure was said once, and status says why it is failing."""
     fallback = inst.pidfile.with_suffix(".log")
     text = fallback.read_text(errors="replace") if fallback.exists() else ""
     if text.count("log target failed") != 1:
@@ -120,8 +121,8 @@ def check_failed_over(inst, problems: list[str]) -> str:
     if "disconnect 127.0.0.1" not in text:
         problems.append("no disconnect line in X.log")
     status = inst.cmd("status", check=0).stdout.decode()
-    if "failing" not in status:
-        problems.append(f"status does not say failing: {status!r}")
+    if "(failing: BlockingIOError: [Errno 11] " not in status or "is not reading" not in status:
+        problems.append(f"status does not say that the target is not reading: {status!r}")
     return status
 
 
@@ -153,18 +154,32 @@ def test_a_syslog_that_stops_reading_never_freezes_the_daemon(chatd, tmp_path):
         sink.close()
 
 
-def test_stderr_that_nobody_reads_never_freezes_chatd_run(chatd):
-    """1. `chatd run` (level debug) with stderr a one-page pipe the test holds and never reads;
-    2. ECHOES clients connect one after the other and send a line.
-    Result: every one is echoed within ECHO_TIMEOUT_S; the lines go to X.log; the failure is
-    said once; status says failing; and the test's own end of stderr (the same open file
-    description as the daemon's fd 2) was not made non-blocking."""
-    chatd.config.write_text(chatd.config.read_text().replace(f'target = "{chatd.logfile}"', ""))
-    r, w = os.pipe()
-    try:
+def stalled_stderr(kind: str) -> tuple[int, int]:
+    """(the daemon's end, the test's end) of a stderr that holds about one page and is never
+    read: a pipe shrunk with F_SETPIPE_SZ, or a stream socket (as the journal's) with a small
+    send buffer."""
+    if kind == "pipe":
+        r, w = os.pipe()
         fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+        return w, r
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return ours.detach(), theirs.detach()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_stderr_that_nobody_reads_never_freezes_chatd_run(chatd, kind):
+    """1. `chatd run` (level debug) with stderr a pipe or a stream socket the test holds and
+    never reads (`stalled_stderr`); 2. ECHOES clients connect one after the other and send a line.
+    Result: every one is echoed within ECHO_TIMEOUT_S; the lines go to X.log; the failure is
+    said once; status says failing; and the daemon's stderr (the test holds the same open file
+    description) was not made non-blocking."""
+    chatd.config.write_text(chatd.config.read_text().replace(f'target = "{chatd.logfile}"', ""))
+    daemons_end, tests_end = stalled_stderr(kind)
+    try:
         proc = subprocess.Popen(chatd_command() + ["run", "-c", str(chatd.config)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=daemons_end,
                                 start_new_session=True)
         chatd.popens.append(proc)
         chatd.pids.add(proc.pid)
@@ -174,12 +189,12 @@ def test_stderr_that_nobody_reads_never_freezes_chatd_run(chatd):
         problems = [] if answered == ECHOES else [f"echo stopped answering at client {answered + 1}"]
         if answered == ECHOES:
             check_failed_over(chatd, problems)
-        if fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK:
+        if fcntl.fcntl(daemons_end, fcntl.F_GETFL) & os.O_NONBLOCK:
             problems.append("the daemon made the shared stderr description non-blocking")
-        figures_of_echo("stderr_nobody_reads", answered, latencies, alive=proc.poll() is None)
+        figures_of_echo(f"stderr_nobody_reads[{kind}]", answered, latencies, alive=proc.poll() is None)
         assert not problems, "\n".join(problems)
         chatd.cmd("stop", check=0)
         assert proc.wait(timeout=10) == 0
     finally:
-        os.close(r)
-        os.close(w)
+        os.close(daemons_end)
+        os.close(tests_end)
