@@ -12,9 +12,13 @@ UnsafeFile, which says why. Temporary files get an unpredictable name and
 O_EXCL, so nothing planted can stand in for them. The directories these files
 live in pass an owner and mode check too (`directory_problem`).
 
-Trusted owners are root, the user chatd runs as, and the user a root daemon will
-drop to (`trust`): a daemon that dropped privileges reopens its log as that user,
-and its files may have been made by it.
+Trusted owners are root, the user chatd runs as, the user a root daemon will drop
+to (`trust`: a daemon that dropped privileges reopens its log as that user, and
+its files may have been made by it), and the owner of the file's directory when
+no one else may write that directory: that user can replace any file in it
+anyway, so refusing its files would protect nothing, and it is how systemd's
+DynamicUser owns /run/chatd, where root's `chatd status` and `stop` must work.
+(`start` refuses such a directory itself unless its owner is trusted already.)
 
 Tests: tests/unit/test_files.py, tests/process/test_local_attacks.py
 """
@@ -57,11 +61,27 @@ def open_file(path: str, flags: int, mode: int = 0o600) -> int:
         if e.errno in _OPEN_REFUSALS:
             raise UnsafeFile(path, _OPEN_REFUSALS[e.errno]) from None
         raise
-    reason = file_problem(os.fstat(fd))
+    reason = file_problem(os.fstat(fd), _directory_owner(path))
     if reason:
         os.close(fd)
         raise UnsafeFile(path, reason)
     return fd
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of a file that is read, not written, such as a config (links are followed,
+    any owner will do): only a FIFO's open or read could hang, so only a regular file is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(path, file_problem(st) or "it is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def create_temp(path: str, mode: int = 0o644) -> tuple[int, str]:
@@ -75,8 +95,17 @@ def create_temp(path: str, mode: int = 0o644) -> tuple[int, str]:
     raise UnsafeFile(path, "ten random temporary names beside it were all taken")
 
 
-def file_problem(st: os.stat_result) -> str:
-    """Why a file with this stat may not be used ("" if it may)."""
+def _directory_owner(path: str) -> set[int]:
+    """The owner of `path`'s directory, if no one else may write it; else nobody."""
+    try:
+        st = os.stat(os.path.dirname(path) or ".")
+    except OSError:
+        return set()
+    return set() if st.st_mode & 0o022 else {st.st_uid}
+
+
+def file_problem(st: os.stat_result, also: set[int] = frozenset()) -> str:
+    """Why a file with this stat may not be used ("" if it may); `also`: more trusted owners."""
     if stat.S_ISDIR(st.st_mode):
         return "it is a directory"
     if stat.S_ISFIFO(st.st_mode):
@@ -85,7 +114,7 @@ def file_problem(st: os.stat_result) -> str:
         return "it is not a regular file"
     if st.st_nlink != 1:
         return f"it has {st.st_nlink} hard links"
-    return _owner_problem(st)
+    return _owner_problem(st, trusted() | also)
 
 
 def directory_problem(directory: str, owners: set[int] | None = None) -> str:

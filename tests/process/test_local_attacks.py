@@ -139,7 +139,8 @@ def test_fifo_or_directory_at_an_instance_path_blocks_and_crashes_nothing(make_c
         assert status.stderr.startswith(b"chatd: cannot tell: "), status.stderr
         assert b"refusing it" in start.stderr and b"refusing it" in stop.stderr, (start, stop)
     elif name == "log" or what == "dir":
-        assert start.returncode == 4 and b"refusing it" in start.stderr, start
+        assert start.returncode == 4, start
+        assert b"refusing it" in start.stderr or b"state file" in start.stderr and b"directory" in start.stderr, start
         assert status.returncode == 3 and stop.returncode == 0, (status, stop)
     else:
         assert (start.returncode, stop.returncode) == (0, 0), (start, stop)
@@ -173,6 +174,33 @@ def test_fifos_at_state_paths_never_freeze_the_running_daemon(make_chatd):
     assert not alive(pid)
 
 
+def test_a_fifo_config_hangs_neither_a_command_nor_the_daemons_restart(make_chatd):
+    """1. root's chatd runs with -c FILE; 2. FILE is replaced by a FIFO; 3. `chatd check-config`,
+    `chatd reload`. Result: check-config exits 6 and reload 6 (rejected, "FIFO"), each within
+    its timeout; the daemon keeps serving. (Before: both hung, and so did the daemon's loop.)"""
+    inst = make_chatd()
+    pid = inst.start()
+    text = inst.config.read_text()
+    inst.config.unlink()
+    os.mkfifo(inst.config)
+    try:
+        check = subprocess.run(chatd_command() + ["check-config", "-c", str(inst.config)],
+                               capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+        reload = subprocess.run(chatd_command() + ["reload", "--pidfile", str(inst.pidfile)],
+                                capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert check.returncode == 6 and b"FIFO" in check.stderr, check
+        assert reload.returncode == 6 and b"FIFO" in reload.stderr, reload
+        assert_clean(check, reload)
+        with LineClient(inst.port) as c:
+            c.send(b"alive\n")
+            assert c.recv_line() == b"alive\n"
+    finally:
+        inst.config.unlink()
+        inst.config.write_text(text)
+    inst.cmd("stop", check=0)
+    assert not alive(pid)
+
+
 def stage_pid_reuse(directory: Path, attacker: list[str], start_args: list[str],
                     start_before: bool, start_after: bool) -> dict:
     """Run pidns_stage.py in a private pid namespace; return what it printed."""
@@ -202,7 +230,9 @@ def test_pid_reuse_by_a_user_in_a_directory_it_can_write(nobody, kind):
     flock, forks a child that keeps the descriptor, exits (pid P). 2. root: `chatd start`
     with that --pidfile. 3. P is recycled by a root process that catches SIGUSR1, SIGTERM and
     SIGHUP. 4. root: `chatd reload`, `chatd stop --timeout 1`.
-    Result: start exits 4 (before: "already running", 0); reload and stop exit 4 with the reason;
+    Result: start exits 4, the directory refused (before: "already running", 0); reload and stop
+    refuse: in the sticky directory, nobody's pid file itself (4); in nobody's own directory,
+    whose owner could replace any file there anyway, the lock the file names nobody holds (1);
     the recycled process caught no signal and is alive (before: SIGHUP, SIGUSR1, SIGTERM, then
     SIGKILL)."""
     owner, mode = DIRS[kind]
@@ -212,9 +242,11 @@ def test_pid_reuse_by_a_user_in_a_directory_it_can_write(nobody, kind):
     assert r["victim_pid"] == r["attacker_pid"]
     assert r["victim_signals"] == [] and r["victim_alive"], r
     assert r["start_before"][0] == 4 and "already running" not in r["start_before"][1], r["start_before"]
+    assert "refusing it" in r["start_before"][2], r["start_before"]
+    wanted = (4, "refusing it") if kind == "sticky" else (1, "not signalling anything")
     for what in ("reload", "stop"):
         code, out, err = r[what]
-        assert code == 4 and "refusing it" in err, (what, r[what])
+        assert code == wanted[0] and wanted[1] in err, (what, r[what])
         assert "Traceback" not in err
 
 

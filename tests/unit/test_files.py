@@ -89,6 +89,7 @@ def test_a_directory_is_refused(tmp_path, flags):
 
 
 def test_another_users_file_is_refused_unless_trusted(tmp_path):
+    tmp_path.chmod(0o777)   # a directory others may write: its owner (root) adds no trust
     path = tmp_path / "x.log"
     path.write_bytes(b"")
     os.chown(path, NOBODY, NOBODY)
@@ -264,3 +265,20 @@ def test_log_reopen_refuses_a_planted_symlink_and_keeps_writing(tmp_path, secret
         assert (tmp_path / "x.log.1").read_text() == "still the old file\n"
     finally:
         target.close()
+
+
+def test_the_owner_of_a_directory_only_it_may_write_is_trusted_there(tmp_path):
+    """systemd's DynamicUser owns /run/chatd and the daemon's files in it: root's control
+    commands must open them. A third user's file there is still refused."""
+    d = tmp_path / "run"
+    d.mkdir(mode=0o755)
+    os.chown(d, NOBODY, NOBODY)
+    mine = d / "chatd.lock"
+    mine.write_bytes(b"")
+    os.chown(mine, NOBODY, NOBODY)
+    os.close(files.open_file(str(mine), os.O_RDWR))
+    other = d / "chatd.pid"
+    other.write_bytes(b"")
+    os.chown(other, NOBODY + 1, NOBODY + 1)
+    with pytest.raises(files.UnsafeFile, match=f"belongs to uid {NOBODY + 1}"):
+        files.open_file(str(other), os.O_RDONLY)
