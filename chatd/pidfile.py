@@ -148,8 +148,7 @@ def probe(path: str) -> Probe:
             if held is None:
                 problem = f"pid {pid} belongs to another user, so chatd cannot prove that it holds the lock"
             elif not held:
-                problem = (f"it names pid {pid}, which does not hold the lock (handed on to another "
-                           f"process, or the pid was reused)")
+                problem = _not_holding(pid)
                 pid = None
         return Probe(path, exists=True, running=True, pid=pid, content=content, problem=problem,
                      inode=inode)
@@ -320,5 +319,8 @@ def open_holder(found: Probe) -> int:
     os.close(pidfd)
     if held is None:
         raise PrivilegeError(f"not allowed to signal chatd (pid {found.pid}): it belongs to another user")
-    raise ChatdError(f"pid file {found.path} is locked, but pid {found.pid} does not hold the lock "
-                     f"(handed on to another process, or the pid was reused); not signalling anything")
+    raise ChatdError(f"pid file {found.path} is locked, but {_not_holding(found.pid)}; not signalling anything")
+
+
+def _not_holding(pid: int) -> str:
+    return f"it names pid {pid}, which does not hold the lock (handed on to another process, or the pid was reused)"
