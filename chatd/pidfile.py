@@ -319,8 +319,10 @@ def open_holder(found: Probe) -> int:
     os.close(pidfd)
     if held is None:
         raise PrivilegeError(f"not allowed to signal chatd (pid {found.pid}): it belongs to another user")
-    raise ChatdError(f"pid file {found.path} is locked, but {_not_holding(found.pid)}; not signalling anything")
+    raise ChatdError(f"pid file {found.path} is locked, but {_not_holding(found.pid)}; "
+                     f"not signalling anything")
 
 
 def _not_holding(pid: int) -> str:
-    return f"it names pid {pid}, which does not hold the lock (handed on to another process, or the pid was reused)"
+    return (f"it names pid {pid}, which does not hold the lock (handed on to another process, "
+            f"or the pid was reused)")

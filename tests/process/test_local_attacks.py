@@ -23,7 +23,8 @@ import pytest
 
 from conftest import require_real
 from support import LineClient, alive, chatd_command, free_port, listening, wait_for
-from test_normal_user import AS_NOBODY, CLEAN_ENV, NOBODY, SYSTEM_PYTHON, nobody, nobody_can_run_chatd  # noqa: F401
+from test_normal_user import (AS_NOBODY, CLEAN_ENV, NOBODY, SYSTEM_PYTHON,  # noqa: F401 - fixtures
+                              nobody, nobody_can_run_chatd)
 
 UNSHARE = "/usr/bin/unshare"
 STAGE = Path(__file__).with_name("pidns_stage.py")
@@ -140,7 +141,8 @@ def test_fifo_or_directory_at_an_instance_path_blocks_and_crashes_nothing(make_c
         assert b"refusing it" in start.stderr and b"refusing it" in stop.stderr, (start, stop)
     elif name == "log" or what == "dir":
         assert start.returncode == 4, start
-        assert b"refusing it" in start.stderr or b"state file" in start.stderr and b"directory" in start.stderr, start
+        refused = b"refusing it" in start.stderr
+        assert refused or b"state file" in start.stderr and b"directory" in start.stderr, start
         assert status.returncode == 3 and stop.returncode == 0, (status, stop)
     else:
         assert (start.returncode, stop.returncode) == (0, 0), (start, stop)

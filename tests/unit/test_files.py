@@ -238,7 +238,8 @@ def test_read_state_never_hangs(tmp_path):
     fd = os.open(path, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        assert in_child(f"from chatd.state import read_state\nprint(read_state({str(path)!r}))") == "{'pid': 5}"
+        said = in_child(f"from chatd.state import read_state\nprint(read_state({str(path)!r}))")
+        assert said == "{'pid': 5}", said
     finally:
         os.close(fd)
 
