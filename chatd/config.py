@@ -28,6 +28,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import files
 from .errors import ConfigError, setting_error
 from .rooms import ROOM_RE   # "#name"; a config value may leave out the '#'
 
@@ -366,8 +367,7 @@ def _opens_multiline(value: str) -> str | None:
 
 def _read(path: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = files.read_regular(path)   # a FIFO must not hang a command, or the daemon's restart
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
     try:

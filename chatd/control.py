@@ -13,19 +13,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import __version__, config as config_mod, daemon, instance, listen
+from . import __version__, config as config_mod, daemon, files, instance, listen
 from .config import Config
 from .daemon import ReadinessPipe
 from .errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK,
                      EXIT_PRIVILEGE, ChatdError, PrivilegeError, StartError)
 from .log import Logging, log, resolve_target
-from .paths import SYSTEM_DIR, InstancePaths, instance_paths, prepare_directory
-from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, probe
+from .paths import SYSTEM_DIR, InstancePaths, check_directory, instance_paths, prepare_directory
+from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, open_holder, probe
 from .notify import Activated, Notifier, listen_fds, supervised, take_upstart_job
 from .server import Listener, Runtime, Server, describe_listeners, new_event_loop
 from .signals import SignalRecorder, ignore_late_signals
@@ -86,9 +87,13 @@ def _refuse_mismatch(opts: Options, paths: InstancePaths, found: Probe, what: st
 
 
 def _check_not_running(found: Probe, out: Console) -> Probe:
-    """A locked pid file that does not name its lock holder was not written by chatd:
-    someone holds a lock on it to keep chatd from starting. Replace it (under the guard)."""
+    """A locked pid file that does not name a process holding the lock itself was not written
+    by chatd: someone holds a lock on it to keep chatd from starting. Replace it (under the
+    guard). One naming another user's process, which we cannot check, is refused."""
     if found.running and found.problem:
+        if found.pid is not None:
+            raise PrivilegeError(f"pid file {found.path} is locked, but {found.problem}; "
+                                 f"not starting anything")
         out.warn(f"warning: pid file {found.path} is locked, but {found.problem}; replacing it")
         try:
             os.unlink(found.path)
@@ -116,14 +121,27 @@ class Launch:
 
 def _prepare(opts: Options, foreground: bool, notifier: Notifier | None = None) -> Launch:
     """Everything that can be checked before forking: config, log target, privileges, pid
-    directory; and the sockets socket activation handed to this very process."""
+    directory and log file; and the sockets socket activation handed to this very process."""
     cfg = load_config(opts)
     target = resolve_target(cfg, foreground=foreground)
-    daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group)
+    files.trust(daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group))
     paths = instance_paths(cfg)
     prepare_directory(cfg, paths)
+    if target not in ("syslog", "stderr"):
+        _check_log_file(target or paths.fallback_log)
     return Launch(cfg, target, paths, detached=not foreground, notifier=notifier or Notifier(),
                   activated=listen_fds(), upstart=foreground and take_upstart_job())
+
+
+def _check_log_file(path: str) -> None:
+    """Refuse (exit 4), before forking, a log directory or file that the daemon would refuse."""
+    check_directory(os.path.dirname(path), "log directory")
+    try:
+        os.close(files.open_file(path, os.O_WRONLY | os.O_APPEND))
+    except files.UnsafeFile as e:
+        raise PrivilegeError(f"cannot open log file {path}: {e.strerror}") from None
+    except OSError:
+        pass   # missing, or not ours to open: the daemon creates it, or says why it cannot
 
 
 def start(opts: Options, out: Console) -> int:
@@ -317,36 +335,27 @@ def _wait_exited(pid: int, timeout: float) -> bool:
     return True
 
 
-def _signal(pid: int, sig: int, started: str | None) -> None:
-    """Send `sig` to our daemon, unless the process at `pid` is no longer the one we probed."""
-    if _process_start_time(pid) != started:
-        return
+def _signal(pidfd: int, pid: int, sig: int) -> None:
+    """Send `sig` through the daemon's pidfd (`pidfile.open_holder`): it reaches that process or none."""
     try:
-        os.kill(pid, sig)
+        signal.pidfd_send_signal(pidfd, sig)
     except ProcessLookupError:
         pass
     except PermissionError:
         raise PrivilegeError(f"not allowed to signal chatd (pid {pid}): it belongs to another user") from None
 
 
-def _gone(paths: InstancePaths, pid: int, started: str | None, timeout: float) -> bool:
-    """Wait until the pid-file lock is free and the process has exited (or is a zombie)."""
+def _gone(paths: InstancePaths, pidfd: int, timeout: float) -> bool:
+    """Wait until the pid-file lock is free and the process has exited (its pidfd is readable)."""
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
-        if _process_start_time(pid) != started and not probe(paths.pidfile).running:
+        if select.select([pidfd], [], [], 0)[0] and not probe(paths.pidfile).running:
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
-
-
-def _running_pid(found: Probe) -> int:
-    if found.pid is None:
-        raise ChatdError(f"pid file {found.path} is locked, but {found.problem}; "
-                         f"not signalling anything")
-    return found.pid
 
 
 def stop(opts: Options, out: Console) -> int:
@@ -365,24 +374,31 @@ def stop(opts: Options, out: Console) -> int:
                 out.say("chatd is not running")
             return EXIT_OK
         _refuse_mismatch(opts, paths, found, "not stopping it", EXIT_FAILED)
-        pid = _running_pid(found)
-        started = _process_start_time(pid)
-        _signal(pid, signal.SIGUSR1, started)
-        _signal(pid, signal.SIGCONT, started)
-        if _gone(paths, pid, started, timeout):
-            out.say(f"chatd stopped (pid {pid})")
-            return EXIT_OK
-        out.warn(f"chatd (pid {pid}) has not stopped after {timeout:g} s; sending SIGTERM")
-        _signal(pid, signal.SIGTERM, started)
-        if _gone(paths, pid, started, KILL_WAIT_S):
-            out.say(f"chatd stopped by SIGTERM (pid {pid})")
-            return EXIT_OK
-        out.warn(f"chatd (pid {pid}) ignored SIGTERM for {KILL_WAIT_S:g} s; sending SIGKILL")
-        _signal(pid, signal.SIGKILL, started)
-        if _gone(paths, pid, started, KILL_WAIT_S):
-            clear_stale(paths.pidfile)
-            raise ChatdError(f"chatd (pid {pid}) had to be killed with SIGKILL", EXIT_FAILED)
-        raise ChatdError(f"chatd (pid {pid}) survived SIGKILL")
+        pidfd = open_holder(found)
+        try:
+            return _stop(paths, pidfd, found.pid or 0, timeout, out)
+        finally:
+            os.close(pidfd)
+
+
+def _stop(paths: InstancePaths, pidfd: int, pid: int, timeout: float, out: Console) -> int:
+    """SIGUSR1 and SIGCONT; after `timeout` SIGTERM, then SIGKILL: all through the pidfd."""
+    _signal(pidfd, pid, signal.SIGUSR1)
+    _signal(pidfd, pid, signal.SIGCONT)
+    if _gone(paths, pidfd, timeout):
+        out.say(f"chatd stopped (pid {pid})")
+        return EXIT_OK
+    out.warn(f"chatd (pid {pid}) has not stopped after {timeout:g} s; sending SIGTERM")
+    _signal(pidfd, pid, signal.SIGTERM)
+    if _gone(paths, pidfd, KILL_WAIT_S):
+        out.say(f"chatd stopped by SIGTERM (pid {pid})")
+        return EXIT_OK
+    out.warn(f"chatd (pid {pid}) ignored SIGTERM for {KILL_WAIT_S:g} s; sending SIGKILL")
+    _signal(pidfd, pid, signal.SIGKILL)
+    if _gone(paths, pidfd, KILL_WAIT_S):
+        clear_stale(paths.pidfile)
+        raise ChatdError(f"chatd (pid {pid}) had to be killed with SIGKILL", EXIT_FAILED)
+    raise ChatdError(f"chatd (pid {pid}) survived SIGKILL")
 
 
 # ---------------------------------------------------------------------- restart and reload
@@ -412,10 +428,14 @@ def restart(opts: Options, out: Console, reload: bool = False) -> int:
 
 def _restart_running(found: Probe, paths: InstancePaths, out: Console, before: dict[str, Any]) -> int:
     """SIGHUP, then wait until the state file's generation grows past `before`'s."""
-    pid = _running_pid(found)
+    pid = found.pid or 0
     generation = before.get("generation")
     generation = generation if isinstance(generation, int) else -1
-    _signal(pid, signal.SIGHUP, _process_start_time(pid))
+    pidfd = open_holder(found)
+    try:
+        _signal(pidfd, pid, signal.SIGHUP)
+    finally:
+        os.close(pidfd)
     deadline = time.monotonic() + RESTART_TIMEOUT_S
     while time.monotonic() < deadline:
         now = read_state(paths.state) or {}

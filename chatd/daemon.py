@@ -190,14 +190,16 @@ def raise_fd_limit(max_clients: int) -> tuple[int, str]:
     return max_clients or room, ""
 
 
-def check_privilege_drop(user: str, group: str) -> None:
-    """Before detaching: only root may switch user or group (exit 4)."""
-    if not (user or group) or os.geteuid() == 0:
-        return
+def check_privilege_drop(user: str, group: str) -> int:
+    """Before detaching: only root may switch user or group (exit 4). Returns the uid the
+    daemon will run as."""
+    if not (user or group):
+        return os.geteuid()
     uid, gid = _target_ids(user, group)
-    if uid != os.geteuid() or gid != os.getegid():
+    if os.geteuid() != 0 and (uid != os.geteuid() or gid != os.getegid()):
         raise PrivilegeError("only root can switch to another user or group "
                              f"(--user {user or '-'} --group {group or '-'})")
+    return uid
 
 
 def _target_ids(user: str, group: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any
 
-from . import config as config_mod, listen
+from . import config as config_mod, files, listen
 from .config import Config
 from .errors import ChatdError, UsageError
 from .paths import InstancePaths, instance_paths
@@ -59,8 +59,7 @@ _PIDFILE_LINE = re.compile(r"""^\s*pidfile\s*=\s*(?:"([^"]*)"|'([^']*)')\s*(?:#.
 def _pidfile_in_broken_config(path: str) -> str:
     """Best effort: the `pidfile = "..."` setting of a config file tomllib rejects."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = files.read_regular(path).decode("utf-8", errors="replace")
     except OSError:
         return ""
     m = _PIDFILE_LINE.search(text)

@@ -23,6 +23,7 @@ import stat
 import time
 from typing import Callable, TextIO
 
+from . import files
 from .config import Config
 from .errors import ChatdError, setting_error
 
@@ -54,7 +55,9 @@ class FileTarget(_StrictMixin, logging.StreamHandler):
         super().__init__(self._open())
 
     def _open(self) -> TextIO:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        # Through `files`: never a planted link, FIFO or another user's file (UnsafeFile is
+        # an OSError, so a refused reopen keeps the old descriptor like any failed one).
+        fd = files.open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
 
     def reopen(self) -> None:

@@ -4,6 +4,8 @@ The pid file is `--pidfile`, else `[daemon] pidfile`, else DIR/NAME.pid, NAME
 being "chatd" or the stem of the `-c` file, so instances with different
 configs get different files. Its siblings share the stem: X.pid has the guard
 X.lock, the state file X.state and the fallback log X.log.
+
+Tests: tests/unit/test_files.py, tests/process/test_local_attacks.py, tests/process/test_normal_user.py
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from . import files
 from .config import Config
 from .errors import ChatdError, PrivilegeError, setting_error
 
@@ -59,8 +62,9 @@ def instance_paths(cfg: Config, directory: str | None = None) -> InstancePaths:
 def prepare_directory(cfg: Config, paths: InstancePaths) -> None:
     """Make sure the pid file's directory exists, is ours and is safe; create a default one.
 
-    A default directory that another user owns, or that others may write, is
-    refused: whoever controls it controls which pid our `stop` signals.
+    A directory that another user owns, or that others may write, is refused,
+    default or not: whoever controls it controls which pid our `stop` signals,
+    and where root's writes land. A default directory must be our own.
     """
     directory = os.path.dirname(paths.pidfile)
     if paths.default_dir:
@@ -78,24 +82,31 @@ def prepare_directory(cfg: Config, paths: InstancePaths) -> None:
             raise _dir_error(directory, e) from None
         if not stat.S_ISDIR(st.st_mode):
             raise PrivilegeError(f"pid directory {directory} is not a directory; refusing it")
-        if st.st_uid != os.geteuid():
-            raise PrivilegeError(f"pid directory {directory} belongs to uid {st.st_uid}, not to us "
-                                 f"(uid {os.geteuid()}); refusing it (remove it, or use --pidfile)")
-        if st.st_mode & 0o022:
-            raise PrivilegeError(f"pid directory {directory} may be written by others "
-                                 f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing it")
+        problem = files.directory_problem(directory, owners={os.geteuid()})
+        if problem:
+            raise PrivilegeError(f"pid directory {directory}: {problem}; refusing it "
+                                 f"(remove it, or use --pidfile)")
     elif not os.path.isdir(directory):
         raise setting_error(cfg.origin("daemon.pidfile"),
                             f"the pid file's directory {directory} does not exist")
+    else:
+        check_directory(directory, "pid directory")
     _check_writable(directory)
+
+
+def check_directory(directory: str, what: str) -> None:
+    """Refuse (exit 4) a directory another user owns or others may write."""
+    problem = files.directory_problem(directory)
+    if problem:
+        raise PrivilegeError(f"{what} {directory}: {problem}; refusing it")
 
 
 def _check_writable(directory: str) -> None:
     """Create and remove a file: access(2) says yes to root even on /proc or a read-only mount."""
-    probe = os.path.join(directory, f".chatd-probe-{os.getpid()}")
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        os.unlink(probe)
+        fd, name = files.create_temp(os.path.join(directory, ".chatd-probe"), 0o600)
+        os.close(fd)
+        os.unlink(name)
     except OSError as e:
         raise PrivilegeError(f"pid directory {directory} is not writable by uid {os.geteuid()}: "
                              f"{e.strerror}") from None

@@ -3,11 +3,16 @@
 The daemon holds an `flock` on its pid file for its whole life: that lock, not
 the file's existence, means "running", so a pid file left by a killed daemon
 is harmless. Control commands serialise on a second lock, the guard file. A pid
-is signalled only when the lock is held and /proc/locks shows that the holder
-is the very pid the file names. Only this module takes these two locks; the
-state file's content lock is `state`'s own (see there), and no other module locks.
+is signalled only when the lock is held and the process the file names holds it
+now, through a descriptor of its own (/proc/PID/fd and fdinfo): /proc/locks keeps
+naming the pid that took a lock after that process has exited and left the
+descriptor to a child, and that pid may since belong to anyone. Both files are
+opened through `files`, so a link, a FIFO, a directory or a file another user
+owns or may write is refused, never followed or waited on. Only this module
+takes these two locks; the state file's content lock is `state`'s own (see
+there), and no other module locks.
 
-Tests: tests/unit/test_pidfile.py, tests/process/test_start.py
+Tests: tests/unit/test_pidfile.py, tests/process/test_start.py, tests/process/test_local_attacks.py
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import files
 from .errors import ChatdError, PrivilegeError, StartError
 
 GUARD_TIMEOUT_S = 30.0
 PID_MAX = 4194304          # the kernel's upper bound for pid_max (PID_MAX_LIMIT)
-_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class AlreadyRunning(StartError):
@@ -67,6 +72,30 @@ def lock_holders(fd: int) -> set[int]:
     return holders
 
 
+def holds(pid: int, inode: tuple[int, int]) -> bool | None:
+    """Does process `pid` hold an exclusive flock on the file (st_dev, st_ino) `inode` through
+    a descriptor of its own? None when its descriptors may not be read (another user's)."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except PermissionError:
+        return None
+    except OSError:
+        return False
+    for name in names:
+        try:
+            st = os.stat(f"{fd_dir}/{name}")
+            if (st.st_dev, st.st_ino) != inode:
+                continue
+            # fdinfo lists the locks this very open file description holds.
+            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii", errors="replace") as f:
+                if any(line.startswith("lock:") and "FLOCK" in line and "WRITE" in line for line in f):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 @dataclass(frozen=True)
 class Probe:
     """What the pid file says: `running` is true only while its lock is held."""
@@ -76,16 +105,19 @@ class Probe:
     running: bool
     pid: int | None          # a pid proven to be the daemon (running) or the stale content
     content: bytes = b""
-    problem: str = ""        # why a locked pid file's pid cannot be trusted
+    problem: str = ""        # why a locked pid file's pid cannot be trusted (or proven)
+    inode: tuple[int, int] | None = None   # the pid file's (st_dev, st_ino)
 
 
 def probe(path: str) -> Probe:
     """Look at the pid file without changing anything (libucw: "try to lock the PID file").
 
-    Raises PrivilegeError when the file exists but cannot be opened.
+    Raises PrivilegeError when the file exists but cannot be opened or is refused (`files`).
+    `pid` is set for a running daemon only if it holds the lock itself, or if it is another
+    user's process whose descriptors we may not read (then `problem` says so).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        fd = files.open_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return Probe(path, exists=False, running=False, pid=None)
     except OSError as e:
@@ -102,14 +134,24 @@ def probe(path: str) -> Probe:
             return Probe(path, exists=True, running=False, pid=parse_pid(content), content=content)
         content = os.pread(fd, 64, 0)   # re-read: the holder may have just written it
         pid = parse_pid(content)
-        holders = lock_holders(fd)
+        holders = lock_holders(fd)   # a hint only: the pid that took the lock, alive or not
+        st = os.fstat(fd)
+        inode = (st.st_dev, st.st_ino)
         problem = ""
         if pid is None:
             problem = f"its content {content[:20]!r} is not a pid"
         elif holders and pid not in holders:
             problem = f"it names pid {pid} but the lock is held by pid {min(holders)}"
             pid = None
-        return Probe(path, exists=True, running=True, pid=pid, content=content, problem=problem)
+        else:
+            held = holds(pid, inode)
+            if held is None:
+                problem = f"pid {pid} belongs to another user, so chatd cannot prove that it holds the lock"
+            elif not held:
+                problem = _not_holding(pid)
+                pid = None
+        return Probe(path, exists=True, running=True, pid=pid, content=content, problem=problem,
+                     inode=inode)
     finally:
         os.close(fd)
 
@@ -130,7 +172,7 @@ class PidFile:
         """
         for _ in range(50):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
+                fd = files.open_file(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 cls = PrivilegeError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else StartError
                 raise cls(f"cannot open pid file {self.path}: {e.strerror}") from None
@@ -200,7 +242,7 @@ def _unlink_if_same(path: str, fd: int) -> None:
 def clear_stale(path: str) -> None:
     """Remove a pid file whose lock is free (call only while holding the guard)."""
     try:
-        fd = os.open(path, os.O_RDWR | _OPEN_FLAGS)
+        fd = files.open_file(path, os.O_RDWR)
     except OSError:
         return
     try:
@@ -226,17 +268,19 @@ def guard(path: str, timeout: float = GUARD_TIMEOUT_S, read_only: bool = False) 
     try:
         # 0600: flock needs only a read-only descriptor, so a lock file others may
         # read is one any user could hold forever, locking root out of `chatd stop`.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
+        fd = files.open_file(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.fchmod(fd, 0o600)
     except OSError as e:
         if e.errno == errno.ENOENT:
             yield   # no directory: no instance there to guard (systemd makes it at start)
             return
-        if not read_only:
+        if not read_only or isinstance(e, files.UnsafeFile):
             cls = PrivilegeError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ChatdError
             raise cls(f"cannot open guard lock {path}: {e.strerror}") from None
         try:
-            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+            fd = files.open_file(path, os.O_RDONLY)
+        except files.UnsafeFile as e2:
+            raise PrivilegeError(f"cannot open guard lock {path}: {e2.strerror}") from None
         except OSError:
             yield
             return
@@ -257,3 +301,28 @@ def guard(path: str, timeout: float = GUARD_TIMEOUT_S, read_only: bool = False) 
     finally:
         os.close(fd)
 
+
+
+def open_holder(found: Probe) -> int:
+    """A pidfd for the daemon that holds the pid file now, for signals that cannot reach
+    another process: the pidfd is opened first, then the process it names is checked (a
+    pid recycled in between fails the check, or leaves the pidfd naming a dead process)."""
+    if found.pid is None or found.inode is None:
+        raise ChatdError(f"pid file {found.path} is locked, but {found.problem}; not signalling anything")
+    try:
+        pidfd = os.pidfd_open(found.pid)
+    except ProcessLookupError:
+        raise ChatdError(f"chatd (pid {found.pid}) exited meanwhile; not signalling anything") from None
+    held = holds(found.pid, found.inode)
+    if held:
+        return pidfd
+    os.close(pidfd)
+    if held is None:
+        raise PrivilegeError(f"not allowed to signal chatd (pid {found.pid}): it belongs to another user")
+    raise ChatdError(f"pid file {found.path} is locked, but {_not_holding(found.pid)}; "
+                     f"not signalling anything")
+
+
+def _not_holding(pid: int) -> str:
+    return (f"it names pid {pid}, which does not hold the lock (handed on to another process, "
+            f"or the pid was reused)")

@@ -1,14 +1,22 @@
 """The state file: a small JSON object beside the pid file, through which control commands
 learn what the daemon is doing (`status`) and how a restart ended (`restart`, `reload`).
 
-It is replaced atomically (temp file, rename). When that fails (a daemon that
+It is replaced atomically: a temporary file under an unpredictable name, made with
+O_EXCL (nothing planted can stand in for it), then renamed over the file, which
+also replaces whatever was planted at the name. The temporary file's descriptor
+is kept for in-place rewrites, so no descriptor is ever reopened (a failed
+reopen once left a closed number that a later write or close hit). When that fails (a daemon that
 dropped privileges may not create files in a root-owned directory; a full
 disk has no room for the temp file), it is rewritten in place instead, under
 an exclusive flock that readers share.
 
 That flock is a third lock, and this module owns it: it guards only the state
 file's bytes during an in-place rewrite (the writer takes it exclusively,
-`read_state` shares it). The pid-file lock and the guard lock are `pidfile`'s.
+`read_state` shares it). Neither side waits for it: a lock held by someone else
+(any user who may read the file can take one) never freezes the daemon or hangs
+`status`. The pid-file lock and the guard lock are `pidfile`'s.
+
+Tests: tests/unit/test_files.py, tests/process/test_local_attacks.py
 """
 
 from __future__ import annotations
@@ -16,8 +24,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from typing import Any
 
+from . import files
+from .errors import PrivilegeError
+
+READ_LOCK_TRIES = 50   # then read anyway: a torn read is invalid JSON, hence None
 STATE_KEYS = ("pid", "version", "started", "address", "mode", "loop", "log", "clients",
               "generation", "last_restart", "listeners", "settings")
 
@@ -32,10 +45,13 @@ class StateFile:
         self.stale = False            # the last update could not be written anywhere
 
     def open(self, **initial: Any) -> None:
-        """Create the file (before dropping privileges) with its first contents."""
+        """Create the file (before dropping privileges) with its first contents; failing
+        that (a directory at its name, say), the start ends with the reason (exit 4)."""
         self.data = {k: None for k in STATE_KEYS} | initial
-        self._replace()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            self._replace()
+        except OSError as e:
+            raise PrivilegeError(f"cannot write state file {self.path}: {e.strerror}") from None
 
     def update(self, **changes: Any) -> None:
         """Record `changes`; on a full disk the file is rewritten in place instead, and if
@@ -58,23 +74,21 @@ class StateFile:
         return (json.dumps(self.data, sort_keys=True) + "\n").encode()
 
     def _replace(self) -> None:
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        """Write a new file and rename it over the old; its descriptor becomes the kept one."""
+        fd, tmp = files.create_temp(self.path)
         try:
-            try:
-                os.write(fd, self._payload())
-            finally:
-                os.close(fd)
+            os.write(fd, self._payload())
             os.rename(tmp, self.path)
         except OSError:
+            os.close(fd)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             raise
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
 
     def _rewrite_in_place(self) -> bool:
         """Overwrite the file through the descriptor kept open; True if it worked.
@@ -87,7 +101,7 @@ class StateFile:
             return False
         payload = self._payload()
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # busy: stale, retried in a second
             try:
                 os.pwrite(self._fd, payload, 0)
                 os.ftruncate(self._fd, len(payload))
@@ -116,16 +130,20 @@ class StateFile:
 
 
 def read_state(path: str) -> dict[str, Any] | None:
-    """The daemon's state, or None if there is none (or it cannot be read)."""
+    """The daemon's state, or None if there is none (or it cannot be read, or is refused)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = files.open_file(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError:
-            pass
+        for _ in range(READ_LOCK_TRIES):   # a rewrite holds it for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
         raw = b""
         while chunk := os.read(fd, 65536):
             raw += chunk

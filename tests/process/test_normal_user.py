@@ -363,23 +363,22 @@ def test_user_switch_as_normal_user_exits_4_before_detaching(nobody, user):
 @pytest.mark.parametrize("guard_owner", [0, NOBODY], ids=["guard-root", "guard-nobody"])
 def test_stop_of_a_root_daemon_as_normal_user_exits_4(nobody, guard_owner):
     """1. as root, start chatd with --pidfile and --log in a world-traversable directory (with
-    guard-nobody, its guard lock file was created beforehand and given to nobody, so that the
-    normal user's stop gets as far as signalling). 2. as nobody, `chatd status` with that --pidfile:
-    0, it sees the daemon. 3. as nobody, `chatd stop` with that --pidfile.
+    guard-nobody, its guard lock file is then given to nobody, so that the normal user's stop
+    gets as far as signalling; root's own commands refuse a guard another user owns).
+    2. as nobody, `chatd status` with that --pidfile: 0, it sees the daemon. 3. as nobody,
+    `chatd stop` with that --pidfile.
     Result: exit 4; the root daemon keeps running and serving."""
     d = nobody.mkdtemp(owner=0, mode=0o755)
     pidfile = d / "root.pid"
     log = d / "root.log"
     nobody.logs.append(log)
-    if guard_owner != 0:
-        guard = d / "root.lock"
-        guard.touch(mode=0o644)
-        os.chown(guard, guard_owner, guard_owner)
     port = free_port()
     opts = ["-p", str(port), "--host", "127.0.0.1", "--pidfile", str(pidfile), "--log", str(log)]
 
     nobody.run_as_root("start", *opts, check=0)
     pid = nobody.track(pidfile, marker=str(d))
+    if guard_owner != 0:
+        os.chown(d / "root.lock", guard_owner, guard_owner)
     assert proc_status(pid)["Uid"].split() == ["0"] * 4
 
     proc = nobody.run("status", *opts, check=0)

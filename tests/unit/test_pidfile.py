@@ -18,8 +18,8 @@ import time
 import pytest
 
 from chatd.errors import EXIT_FAILED, EXIT_PRIVILEGE, ChatdError, PrivilegeError, StartError
-from chatd.pidfile import PID_MAX, AlreadyRunning, PidFile, clear_stale, guard, parse_pid, probe
-from support import flock_held
+from chatd.pidfile import PID_MAX, AlreadyRunning, PidFile, clear_stale, guard, open_holder, parse_pid, probe
+from support import flock_held, kill_and_wait
 
 DEADLINE = 10.0
 
@@ -437,3 +437,71 @@ def test_clear_stale_never_removes_our_own_pid_file(tmp_path):
 
 def test_clear_stale_missing_file_is_fine(tmp_path):
     clear_stale(str(tmp_path / "chatd.pid"))
+
+
+# ------------------------------------------------------------------ a lock handed on
+
+# argv: PATH. Takes an exclusive flock on PATH, writes its own pid, forks a child that keeps the
+# descriptor (and so the lock) for 60 s, prints the child's pid and exits: /proc/locks keeps
+# naming the exited pid.
+HANDER = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+child = os.fork()
+if child == 0:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1)   # let the parent's reader see EOF
+    os.dup2(null, 2)
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+"""
+
+
+def test_probe_a_lock_handed_on_by_a_process_that_exited_proves_no_pid(tmp_path):
+    """/proc/locks names the exited pid; only /proc/PID/fd can tell that it holds nothing."""
+    path = tmp_path / "chatd.pid"
+    done = subprocess.run([sys.executable, "-c", HANDER, str(path)], capture_output=True, text=True,
+                          timeout=DEADLINE)
+    child = int(done.stdout)
+    try:
+        p = probe(str(path))
+        assert p.running and p.pid is None, p
+        assert "does not hold the lock" in p.problem, p.problem
+        with pytest.raises(ChatdError, match="not signalling anything"):
+            open_holder(p)
+    finally:
+        kill_and_wait(child)
+
+
+def test_open_holder_gives_a_pidfd_for_the_real_holder(tmp_path):
+    path = tmp_path / "chatd.pid"
+    with holder(path) as proc:
+        pidfd = open_holder(probe(str(path)))
+        try:
+            assert os.readlink(f"/proc/self/fd/{pidfd}") == "anon_inode:[pidfd]"
+            assert f"Pid:\t{proc.pid}" in open(f"/proc/self/fdinfo/{pidfd}").read()
+        finally:
+            os.close(pidfd)
+
+
+@pytest.mark.parametrize("what", ["fifo", "dir", "symlink", "others-writable"])
+def test_probe_and_guard_refuse_what_is_not_a_plain_file_of_ours(tmp_path, what):
+    for name in ("chatd.pid", "chatd.lock"):
+        path = tmp_path / name
+        if what == "fifo":
+            os.mkfifo(path)
+        elif what == "dir":
+            path.mkdir()
+        elif what == "symlink":
+            path.symlink_to(tmp_path / "elsewhere")
+        else:
+            path.write_bytes(b"")
+            path.chmod(0o666)
+    with pytest.raises(PrivilegeError, match="refusing it"):
+        probe(str(tmp_path / "chatd.pid"))
+    with pytest.raises(PrivilegeError, match="refusing it"):
+        with guard(str(tmp_path / "chatd.lock"), timeout=0.3):
+            pass

@@ -1,0 +1,142 @@
+"""Opening the instance's files with privilege: never through a link, never blocking, never a
+file another user controls.
+
+A root chatd writes its pid, guard, state and log files where someone else may
+have been first: a symlink or a hardlink planted there would make root write to
+a file of the planter's choosing, a FIFO would hang open(2) (and with it the
+event loop), a directory would crash the command. So every such open is
+O_NOFOLLOW (no symlink as the last component), O_NONBLOCK (a FIFO cannot hang
+the open) and O_CLOEXEC, and then `fstat` must show a regular file with one link,
+owned by a trusted user and writable by no one else; anything else raises
+UnsafeFile, which says why. Temporary files get an unpredictable name and
+O_EXCL, so nothing planted can stand in for them. The directories these files
+live in pass an owner and mode check too (`directory_problem`).
+
+Trusted owners are root, the user chatd runs as, the user a root daemon will drop
+to (`trust`: a daemon that dropped privileges reopens its log as that user, and
+its files may have been made by it), and the owner of the file's directory when
+no one else may write that directory: that user can replace any file in it
+anyway, so refusing its files would protect nothing, and it is how systemd's
+DynamicUser owns /run/chatd, where root's `chatd status` and `stop` must work.
+(`start` refuses such a directory itself unless its owner is trusted already.)
+
+Tests: tests/unit/test_files.py, tests/process/test_local_attacks.py
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+
+FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_REFUSALS = {errno.ELOOP: "it is a symbolic link", errno.EISDIR: "it is a directory",
+                  errno.ENXIO: "it is a FIFO or a socket"}
+_trusted: set[int] = set()
+
+
+class UnsafeFile(OSError):
+    """A path chatd refuses to use. errno is EPERM, so callers class it as a privilege
+    error (exit 4); strerror says why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(errno.EPERM, f"{reason}; refusing it", path)
+
+
+def trust(uid: int) -> None:
+    """Also accept files and directories of `uid`: the user a root daemon drops to."""
+    _trusted.add(uid)
+
+
+def trusted() -> set[int]:
+    return {0, os.geteuid()} | _trusted
+
+
+def open_file(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open with FLAGS, then refuse anything but a plain file of a trusted user."""
+    try:
+        fd = os.open(path, flags | FLAGS, mode)
+    except OSError as e:
+        if e.errno in _OPEN_REFUSALS:
+            raise UnsafeFile(path, _OPEN_REFUSALS[e.errno]) from None
+        raise
+    reason = file_problem(os.fstat(fd), _directory_owner(path))
+    if reason:
+        os.close(fd)
+        raise UnsafeFile(path, reason)
+    return fd
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of a file that is read, not written, such as a config (links are followed,
+    any owner will do): only a FIFO's open or read could hang, so only a regular file is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(path, file_problem(st) or "it is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def create_temp(path: str, mode: int = 0o644) -> tuple[int, str]:
+    """A new file beside `path`, named `path`.<random>.tmp, made with O_EXCL: (fd, name)."""
+    for _ in range(10):
+        name = f"{path}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FLAGS, mode), name
+        except FileExistsError:
+            continue
+    raise UnsafeFile(path, "ten random temporary names beside it were all taken")
+
+
+def _directory_owner(path: str) -> set[int]:
+    """The owner of `path`'s directory, if no one else may write it; else nobody."""
+    try:
+        st = os.stat(os.path.dirname(path) or ".")
+    except OSError:
+        return set()
+    return set() if st.st_mode & 0o022 else {st.st_uid}
+
+
+def file_problem(st: os.stat_result, also: set[int] = frozenset()) -> str:
+    """Why a file with this stat may not be used ("" if it may); `also`: more trusted owners."""
+    if stat.S_ISDIR(st.st_mode):
+        return "it is a directory"
+    if stat.S_ISFIFO(st.st_mode):
+        return "it is a FIFO"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_nlink != 1:
+        return f"it has {st.st_nlink} hard links"
+    return _owner_problem(st, trusted() | also)
+
+
+def directory_problem(directory: str, owners: set[int] | None = None) -> str:
+    """Why this directory may not hold chatd's files ("" if it may): whoever may write it
+    can replace them. A symlink to it is followed only if a trusted user owns the link."""
+    owners = trusted() if owners is None else owners
+    try:
+        link = os.lstat(directory)
+        st = os.stat(directory)
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in owners:
+        return f"it is a symbolic link of uid {link.st_uid}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    return _owner_problem(st, owners)
+
+
+def _owner_problem(st: os.stat_result, owners: set[int] | None = None) -> str:
+    owners = trusted() if owners is None else owners
+    if st.st_uid not in owners:
+        return f"it belongs to uid {st.st_uid}, not to us (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"it may be written by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
