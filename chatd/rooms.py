@@ -31,7 +31,11 @@ class Peer(Protocol):
     nick: str
     room: str
 
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes, by: Peer | None = None) -> None:
+        """Queue `data`: what `by` said (a line, an action, a private message), which may
+        queue past this peer's budget at `by`'s charge; or, with no `by`, a notice or reply
+        of the server's, which never does."""
+        ...
 
     def quit(self, reason: str) -> None: ...
 
@@ -76,7 +80,7 @@ class ChatService:
         self._guests = itertools.count(1)              # guest numbers are never reused
         self.motd: list[str] = []
         self.default_room = "#lobby"
-        self._held: list[tuple[str, bytes, Peer | None]] = []   # (room, data, who not to send to)
+        self._held: list[tuple[str, bytes, Peer | None, Peer | None]] = []   # room, data, skip, by
         self._corked = False
         self.configure(motd, default_room)
 
@@ -140,35 +144,37 @@ class ChatService:
             self.flush()
 
     def flush(self) -> None:
-        """Send what is held: runs for one room and the same skipped peer become one write."""
+        """Send what is held: runs for one room, skipped peer and sayer become one write."""
         held, self._held = self._held, []
         i, n = 0, len(held)
         while i < n:
-            room, data, skip = held[i]
+            room, data, skip, by = held[i]
             j = i + 1
-            while j < n and held[j][0] == room and held[j][2] is skip:
+            while j < n and held[j][0] == room and held[j][2] is skip and held[j][3] is by:
                 j += 1
-            self._deliver(room, data if j == i + 1 else b"".join(h[1] for h in held[i:j]), skip)
+            self._deliver(room, data if j == i + 1 else b"".join(h[1] for h in held[i:j]), skip, by)
             i = j
 
-    def broadcast(self, room: str, data: bytes, skip: Peer | None = None) -> None:
-        """`data` to everyone in `room` but `skip`."""
+    def broadcast(self, room: str, data: bytes, by: Peer | None = None,
+                  skip: Peer | None = None) -> None:
+        """`data` (said by `by`, or a notice) to everyone in `room` but `skip`."""
         if self._corked:
-            self._held.append((room, data, skip))
+            self._held.append((room, data, skip, by))
         else:
-            self._deliver(room, data, skip)
+            self._deliver(room, data, skip, by)
 
-    def _deliver(self, room: str, data: bytes, skip: Peer | None) -> None:
+    def _deliver(self, room: str, data: bytes, skip: Peer | None, by: Peer | None) -> None:
         # A tuple: a send may drop a member that cannot keep up.
         for member in tuple(self.rooms.get(room, ())):
             if member is not skip:
-                member.send(data)
+                member.send(data, by)
 
-    def tell(self, peer: Peer, data: bytes) -> None:
-        """`data` to one peer, after what is held, so that the order of events holds."""
+    def tell(self, peer: Peer, data: bytes, by: Peer | None = None) -> None:
+        """`data` (said by `by`, or a notice) to one peer, after what is held, so that the
+        order of events holds."""
         if self._held:
             self.flush()
-        peer.send(data)
+        peer.send(data, by)
 
     # ------------------------------------------------------------ lines
 
@@ -187,15 +193,15 @@ class ChatService:
             self.say(peer, text)
 
     def say(self, peer: Peer, text: str) -> None:
-        self.broadcast(peer.room, line(f"<{peer.nick}> {text}"), skip=peer)
+        self.broadcast(peer.room, line(f"<{peer.nick}> {text}"), peer, skip=peer)
 
     def say_plain(self, peer: Peer, text: bytes) -> None:
         """`say` for a line that is printable ASCII and no command, kept as bytes (the hot path)."""
-        self.broadcast(peer.room, b"<%s> %s\r\n" % (peer.nick.encode(), text), skip=peer)
+        self.broadcast(peer.room, b"<%s> %s\r\n" % (peer.nick.encode(), text), peer, skip=peer)
 
     def say_block(self, peer: Peer, lines: bytes) -> None:
         """Lines `peer` said, already prefixed and CRLF-terminated (the hottest path)."""
-        self.broadcast(peer.room, lines, skip=peer)
+        self.broadcast(peer.room, lines, peer, skip=peer)
 
     # ------------------------------------------------------------ commands
 
@@ -245,7 +251,7 @@ class ChatService:
     def cmd_me(self, peer: Peer, args: str) -> None:
         if not args:
             return self.tell(peer, error("usage: /me ACTION"))
-        self.broadcast(peer.room, line(f"* {peer.nick} {args}"), skip=peer)
+        self.broadcast(peer.room, line(f"* {peer.nick} {args}"), peer, skip=peer)
 
     @command("/msg NICK TEXT", "a private message, whatever room NICK is in")
     def cmd_msg(self, peer: Peer, args: str) -> None:
@@ -256,7 +262,7 @@ class ChatService:
         target = self.nicks.get(nick.casefold())
         if target is None:
             return self.tell(peer, error(f"no such nick: {nick}"))
-        self.tell(target, line(f"*{peer.nick}* {text}"))
+        self.tell(target, line(f"*{peer.nick}* {text}"), peer)
         self.tell(peer, line(f"-> *{target.nick}* {text}"))
 
     @command("/quit [REASON]", "leave")

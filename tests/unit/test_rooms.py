@@ -17,7 +17,8 @@ class FakePeer:
         self.quit_reason = ""
         self.service = service
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, by: "FakePeer | None" = None) -> None:
+        assert by is None or isinstance(by, FakePeer)
         assert data.endswith(b"\r\n") and all(x.endswith(b"\r") for x in data.split(b"\n")[:-1])
         self.got.append(data)
 
@@ -143,7 +144,7 @@ def test_a_peer_dropped_during_a_broadcast_does_not_stop_it(service):
     departure of a too-slow peer, so the others see the line first.)"""
     a, b, c, d = join(service, 4)
 
-    def drop_b(data: bytes) -> None:
+    def drop_b(data: bytes, by: FakePeer | None = None) -> None:
         service.depart(b, "too slow")
     b.send = drop_b
     service.on_line(a, "to everyone")
