@@ -174,7 +174,7 @@ def mount(inst, room: bool) -> dict:
     warned = sum(WARNING in readers.text(s) for s in senders)
     result = {"loop": inst.loop, "stuck_dropped_after_s": round(time.monotonic() - started, 2),
               "victim_lines": reached[victim], "senders_warned": warned,
-              "rss_growth_kib": peak[0] - base, "waited": waited}
+              "rss_growth_kib": peak[0] - base, "waited": round(waited, 2)}
     for c in (victim, stuck, *senders):
         c.close()
     return result
