@@ -6,10 +6,17 @@ telnet; the length bound) -> `clean_text` -> the token bucket -> the
 paths give the same bytes: a read whose lines are all printable ASCII and no
 command is prefixed as one block, and such a single line skips `clean_text`.
 `send` never waits: what the kernel does not take queues in the transport and
-the connection's outbox (connection.py), and when that passes the client's
-budget, `over_budget` drops it as too slow, so nobody else ever waits for it.
+the connection's outbox (connection.py). Up to the client's budget, that queue
+is the client's own affair. Past it, only what someone said is queued, at the
+sayer's charge: a client may have at most its own budget (its ledger entries
+included) queued past others' budgets; what would take more is not queued
+there, and the sayer is warned, at most once a second. The server's notices and
+replies are never queued past a budget. So twenty clients bursting at one reader
+cannot get it dropped, and chatd holds at most two budgets per client. "Too slow"
+is judged over time: a client whose output went past its budget and that takes
+less than a line in SLOW_S seconds is dropped (`too_slow`), and nobody waits.
 
-Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/unit/test_chat_paths.py
+Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/process/test_chat_targeted.py, tests/unit/test_chat_paths.py, tests/unit/test_debug_connection.py
 """
 
 from __future__ import annotations
@@ -21,12 +28,16 @@ import socket
 import struct
 from typing import Any
 
-from .connection import DEBUG_SLOTS, Connection, DebugConnection
+from .connection import DEBUG_SLOTS, Connection, DebugConnection, unsent_bytes
 from .protocol import LINE_TOO_LONG, TelnetReply, clean_text
 from .rooms import error, notice
 
 log = logging.getLogger("chatd")
 FLOOD_WINDOW_S = 10.0      # `burst` dropped lines within this window disconnect a client
+SLOW_S = 1.0               # past its budget, a client must take a line's worth in this time
+WARN_S = 1.0               # at most one warning a second to a sender whose lines were dropped
+LEDGER_ENTRY = 128         # what one entry of a recipient's `charges` costs, charged as bytes
+UNREAD = error("others are not reading your lines fast enough, some were dropped")
 PLAIN_LINE = re.compile(rb"[\x20-\x7e\t]*")   # printable ASCII and TAB: nothing to sanitize
 PLAIN_BLOCK = re.compile(rb"(?:[\x20\t]*[\x21-\x7e][\x20-\x7e\t]*\n)+")   # such lines, none blank
 
@@ -34,7 +45,8 @@ PLAIN_BLOCK = re.compile(rb"(?:[\x20\t]*[\x21-\x7e][\x20-\x7e\t]*\n)+")   # such
 class ChatConnection(Connection):
     """A client of chat mode."""
 
-    __slots__ = ("nick", "room", "tokens", "refilled", "dropped")
+    __slots__ = ("nick", "room", "tokens", "refilled", "dropped", "owed", "warned", "charges",
+                 "watch", "mark", "handed")
     FULL_LINE = b"*** server full\r\n"
     CR_NUL_ENDS_LINE = True
 
@@ -45,6 +57,12 @@ class ChatConnection(Connection):
         self.tokens = float(state.limits.burst)   # the bucket is full at connect
         self.refilled = 0.0
         self.dropped: collections.deque[float] = collections.deque()
+        self.owed = 0             # bytes of ours queued past others' budgets (see `send`)
+        self.warned = -WARN_S     # when we were last told that some of our lines were dropped
+        self.charges: dict[ChatConnection, int] | None = None   # whose lines pass our budget
+        self.watch: Any = None    # the timer judging "too slow" while we are past our budget
+        self.mark = 0             # unsent bytes (transport and kernel) when `watch` was set
+        self.handed = 0           # bytes handed to the transport since then
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -163,20 +181,103 @@ class ChatConnection(Connection):
 
     # ------------------------------------------------------------ output
 
-    def send(self, data: bytes) -> None:
-        """Queue `data` for this client; never waits (see the module docstring)."""
-        if self.outbox is not None:
-            self.hold(data)
+    def send(self, data: bytes, by: ChatConnection | None = None) -> None:
+        """Queue `data` (said by `by`, or a notice) for this client; never waits (module
+        docstring)."""
+        outbox = self.outbox
+        if outbox is not None:
+            over = len(outbox) + len(data) + self.transport.get_write_buffer_size() - self.budget
+            if over > 0:
+                if self.watch is None:
+                    self._watch()
+                if by is None or not self._charge(by, min(over, len(data))):
+                    return
+            outbox += data
         elif not self.closing and not self.transport.is_closing():
-            # is_closing: the loop may have found the peer gone (reset) and not yet told us;
-            # asyncio logs every write after the fifth to such a transport.
+            # Nothing is queued (the client took everything): the write goes whole, as the
+            # kernel takes much of it at once. is_closing: the loop may have found the peer
+            # gone (reset) and not yet told us; asyncio logs every write after the fifth.
             self.transport.write(data)
 
-    def over_budget(self) -> None:
-        """Unread output passed the budget: drop the client, whoever else is waiting.
+    def _charge(self, by: ChatConnection, n: int) -> bool:
+        """Charge `by` for `n` bytes queued past our budget (and LEDGER_ENTRY for a new
+        entry), if its own budget allows; else the data is not queued here, and `by` is
+        warned (at most once in WARN_S)."""
+        charges = self.charges
+        if charges is None:
+            charges = self.charges = {}
+        held = charges.get(by, 0)
+        cost = n if held else n + LEDGER_ENTRY
+        if by.owed + cost > by.budget:
+            now = self.state.loop.time()
+            if now - by.warned >= WARN_S:
+                by.warned = now
+                self._refused(by)
+            return False
+        by.owed += cost
+        charges[by] = held + n
+        return True
 
-        This runs inside a send, often in the middle of a broadcast: the room is
-        told when the loop delivers `connection_lost`, after the line at hand.
+    def _refused(self, by: ChatConnection) -> None:
+        """`by`'s lines are not all queued here: tell it, even past its own budget (a line
+        a second at most), since that is where a sender busy bursting may well be."""
+        if by.outbox is not None:
+            by.outbox += UNREAD
+        else:
+            by.send(UNREAD)
+
+    def _settle(self) -> None:
+        """Give back to the senders what no longer waits past our budget, oldest charge first."""
+        charges = self.charges
+        if not charges:
+            return
+        surplus = sum(charges.values()) - max(0, self.unsent() - self.budget)
+        for sender in list(charges):
+            if surplus <= 0:
+                break
+            n = charges[sender]
+            take = min(n, surplus)
+            surplus -= take
+            if take == n:
+                del charges[sender]
+                sender.owed -= n + LEDGER_ENTRY
+            else:
+                charges[sender] = n - take
+                sender.owed -= take
+
+    def resume_writing(self) -> None:
+        """The transport drained: the outbox follows, and what drained is given back."""
+        self.handed += len(self.outbox or b"")
+        super().resume_writing()
+        self._settle()
+
+    def _watch(self) -> None:
+        """Judge in SLOW_S how much the client took (`_judge`): its output went past its
+        budget (whether the excess was queued or refused)."""
+        self.mark = self.transport.get_write_buffer_size() + unsent_bytes(self.transport)
+        self.handed = 0
+        self.watch = self.state.loop.call_later(SLOW_S, self._judge)
+
+    def _judge(self) -> None:
+        """Output went past the budget SLOW_S ago: if the client took less than a line since
+        and output still waits for it, it is too slow; if it is still past its budget, it
+        is judged again in SLOW_S. (What it took: what was unsent then in the transport and
+        the kernel, plus what was handed to the transport since, less what is unsent now.)"""
+        self.watch = None
+        if self.closing:
+            return
+        self._settle()
+        left = self.transport.get_write_buffer_size() + unsent_bytes(self.transport)
+        taken = self.mark + self.handed - left
+        if taken < self.max_line and left + len(self.outbox or b""):
+            self.too_slow(taken)
+        elif self.unsent() > self.budget:
+            self._watch()
+
+    def too_slow(self, taken: int) -> None:
+        """Past its budget for SLOW_S and took only `taken` bytes: drop the client.
+
+        The room is told when the loop delivers `connection_lost`.
         """
         if not self.closing:
             try:   # reset rather than FIN: the kernel drops what it still holds for the client
@@ -207,6 +308,12 @@ class ChatConnection(Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave(self.reason if self.reason in ("idle", "too slow", "flooding")
                     else "connection closed")
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
+        for sender, n in (self.charges or {}).items():   # what we held for them is gone
+            sender.owed -= n + LEDGER_ENTRY
+        self.charges = None
         super().connection_lost(exc)
 
 
@@ -236,8 +343,13 @@ class DebugChatConnection(DebugConnection, ChatConnection):
                       self.peer, limits.rate, limits.burst)
         return False
 
-    def over_budget(self) -> None:
+    def _refused(self, by: ChatConnection) -> None:
+        log.debug("dropped lines from %s to %s (sender's budget): %d bytes queued past "
+                  "others' budgets, budget %d", by.peer, self.peer, by.owed, by.budget)
+        super()._refused(by)
+
+    def too_slow(self, taken: int) -> None:
         if not self.closing:
-            log.debug("dropped %s (too slow): %d bytes unsent, budget %d", self.peer,
-                      self.unsent(), self.budget)
-        super().over_budget()
+            log.debug("dropped %s (too slow): took %d bytes in %g s, %d bytes unsent, budget %d",
+                      self.peer, taken, SLOW_S, self.unsent(), self.budget)
+        super().too_slow(taken)

@@ -247,7 +247,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits", "idle_timeout", 0.0, _float(0.0), on_restart=ALL_CONNECTIONS,
         help="seconds since the last byte received before a client is closed; 0: never"),
     Key("limits", "output_buffer", 262144, _int(16, 1 << 30), on_restart=NEW_CONNECTIONS,
-        help="bytes queued for one client (>= max_line): echo stops reading it, chat drops it"),
+        help="bytes queued for one client (>= max_line): echo stops reading it; chat charges "
+             "what passes it to the senders, and drops a client that stops taking it"),
     Key("limits", "rate", 10.0, _float(0.0), on_restart=ALL_CONNECTIONS,
         help="chat lines per second per client, sustained; 0: no limit"),
     Key("limits", "burst", 20, _int(1), on_restart=ALL_CONNECTIONS,

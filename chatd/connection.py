@@ -269,6 +269,10 @@ class Connection(LineDecoder, asyncio.Protocol):
         if len(outbox) + self.transport.get_write_buffer_size() > self.budget:
             self.over_budget()
 
+    def unsent(self) -> int:
+        """Output not yet handed to the kernel: the outbox and the transport's queue."""
+        return len(self.outbox or b"") + self.transport.get_write_buffer_size()
+
     def over_budget(self) -> None:
         """More output is waiting than `budget`: stop reading until it has drained."""
         self.transport.pause_reading()
@@ -428,10 +432,6 @@ class DebugConnection(Connection):
 
     def new_drainer(self, budget: int) -> _Drainer:
         return _CountingDrainer(self, budget)
-
-    def unsent(self) -> int:
-        """Output not yet handed to the kernel: the outbox and the transport's queue."""
-        return len(self.outbox or b"") + self.transport.get_write_buffer_size()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -7,12 +7,14 @@ TIMING-MARK (RFC 860) so telnet's Ctrl-C does not freeze its screen, and
 subnegotiations are consumed whole. Memory per decoder stays below
 `max_line` + 2 bytes whatever arrives.
 
-Tests: tests/unit/test_protocol.py
+Tests: tests/unit/test_protocol.py, tests/unit/test_chat_text.py, tests/process/test_chat_hidden_text.py
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
 
 IAC = 255
 DONT, DO, WONT, WILL, SB = 254, 253, 252, 251, 250
@@ -262,20 +264,57 @@ class LineDecoder:
 # sequence (up to BEL or ST); an unterminated one ends at the end of the line.
 _ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
                               r"|\](?:[^\x07\x1b]|\x1b(?!\\))*(?:\x07|\x1b\\)?)")
-# Every other C0 control but TAB, DEL, every C1 control, the bidi overrides and isolates.
-_UNSAFE = dict.fromkeys([*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0),
-                         *range(0x202a, 0x202f), *range(0x2066, 0x206a)])
+# Every C0 control but TAB, DEL, every C1 control: the rest of what is removed comes from
+# the Unicode database (`_rules`).
+_CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
+MAX_MARKS = 4   # combining marks kept on one base character: Zalgo text stacks dozens
+# Where every format character (Cf, the tags among them), line and paragraph separator and
+# combining mark is: planes 0, 1 and 14 (tests/unit/test_chat_text.py checks all planes).
+_PLANES = (range(0x20000), range(0xE0000, 0xF0000))
+
+
+@functools.cache
+def _rules() -> tuple[dict[int, None], re.Pattern[str]]:
+    """The characters removed (C0 but TAB, DEL, C1, format characters, line and paragraph
+    separators, noncharacters), and the pattern of the marks past MAX_MARKS on one base.
+
+    Built once, from this Python's Unicode database (the scan takes ~40 ms; the daemon
+    makes it at start-up, when it sanitizes the MOTD, not at a client's first line)."""
+    removed = dict.fromkeys(_CONTROLS)
+    marks = []
+    for plane in _PLANES:
+        for code in plane:
+            category = unicodedata.category(chr(code))
+            if category in ("Cf", "Zl", "Zp"):
+                removed[code] = None
+            elif category[0] == "M":
+                marks.append(code)
+    removed.update(dict.fromkeys(range(0xFDD0, 0xFDF0)))    # the noncharacters: these, and
+    for plane in range(17):                                  # the last two of every plane
+        removed.update(dict.fromkeys((plane << 16 | 0xFFFE, plane << 16 | 0xFFFF)))
+    runs: list[list[int]] = []
+    for code in marks:
+        if runs and runs[-1][1] == code - 1:
+            runs[-1][1] = code
+        else:
+            runs.append([code, code])
+    mark = "[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in runs) + "]"
+    return removed, re.compile(f"({mark}{{{MAX_MARKS}}}){mark}+")
 
 
 def clean_text(line: bytes) -> str:
     """A chat line as text that can fool no terminal: the README's "Chat mode" sanitizing.
 
-    The terminator goes; invalid UTF-8 becomes U+FFFD; escape sequences and
-    controls (bare CR included) are removed.
+    The terminator goes; invalid UTF-8 becomes U+FFFD; escape sequences, controls
+    (bare CR included), format characters (zero-width and direction marks, tags),
+    line and paragraph separators and noncharacters are removed; no base character
+    keeps more than MAX_MARKS combining marks.
     """
     if line.endswith(b"\n"):
         line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
     text = line.decode("utf-8", "replace")
     if "\x1b" in text:
         text = _ESCAPE_SEQUENCE.sub("", text)
-    return text.translate(_UNSAFE)
+    removed, too_many_marks = _rules()
+    text = text.translate(removed)
+    return text if text.isascii() else too_many_marks.sub(r"\1", text)

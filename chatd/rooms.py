@@ -8,10 +8,13 @@ member in one write: sixteen lines in one read are one write per receiver, not
 sixteen. Anything sent to one peer first sends what is held, so every client
 still sees lines in the order they happened. Text reaching `on_line` is already
 sanitized (`protocol.clean_text`); every line sent here ends with CRLF, and
-every user line gets a server prefix, so no user can forge a `*** ` line.
+every user line gets a server prefix, so no user can forge a `*** ` line, and
+text a user typed inside a `*** ` line is `quoted`. Nicks are unique by look
+(`skeleton`). What a peer said goes out with `by` set to it, so that its
+connection can charge it for what passes a recipient's budget (chat.py).
 Imports nothing else from chatd.
 
-Tests: tests/unit/test_rooms.py, tests/process/test_chat.py
+Tests: tests/unit/test_rooms.py, tests/process/test_chat.py, tests/process/test_chat_hidden_text.py, tests/process/test_chat_targeted.py
 """
 
 from __future__ import annotations
@@ -21,8 +24,28 @@ import re
 from typing import Callable, Protocol
 
 NICK_RE = re.compile(r"[A-Za-z0-9_.-]{1,16}")
-GUEST_RE = re.compile(r"guest[0-9]+", re.IGNORECASE)
 ROOM_RE = re.compile(r"#[A-Za-z0-9_-]{1,32}")
+# What a nick looks like: case-folded, and I/l/1 (i, being I's lower case, with them) as l,
+# O/0 as o. "rn" and "m" stay apart: a terminal's fixed-width font shows rn in two cells.
+LOOKALIKE = str.maketrans("i10", "llo")
+GUEST_RE = re.compile(r"guest[2-9lo]+")     # a guest name's skeleton: guest and digits
+QUOTE_MAX = 32                              # characters of user text inside a `*** ` line
+
+
+def skeleton(nick: str) -> str:
+    """The key under which a nick is unique: nicks that look alike (`aIice`, `alice`,
+    `ALICE`; `b0b`, `bob`) have one skeleton, so only one of them can be in use."""
+    return nick.casefold().translate(LOOKALIKE)
+
+
+def quoted(text: str) -> str:
+    """User text as it appears inside a `*** ` line: runs of blanks (TABs too) made one
+    space, at most QUOTE_MAX characters (longer is cut, ending "..."), in double quotes:
+    short, on one screen line, and visibly the user's, so it cannot pass for a notice."""
+    text = " ".join(text.split())
+    if len(text) > QUOTE_MAX:
+        text = text[:QUOTE_MAX - 3].rstrip() + "..."
+    return f'"{text}"'
 
 
 class Peer(Protocol):
@@ -31,7 +54,11 @@ class Peer(Protocol):
     nick: str
     room: str
 
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes, by: Peer | None = None) -> None:
+        """Queue `data`: what `by` said (a line, an action, a private message), which may
+        queue past this peer's budget at `by`'s charge; or, with no `by`, a notice or reply
+        of the server's, which never does."""
+        ...
 
     def quit(self, reason: str) -> None: ...
 
@@ -72,11 +99,11 @@ class ChatService:
 
     def __init__(self, motd: str = "", default_room: str = "lobby") -> None:
         self.rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
-        self.nicks: dict[str, Peer] = {}               # case-folded nick -> peer
+        self.nicks: dict[str, Peer] = {}               # skeleton(nick) -> peer
         self._guests = itertools.count(1)              # guest numbers are never reused
         self.motd: list[str] = []
         self.default_room = "#lobby"
-        self._held: list[tuple[str, bytes, Peer | None]] = []   # (room, data, who not to send to)
+        self._held: list[tuple[str, bytes, Peer | None, Peer | None]] = []   # room, data, skip, by
         self._corked = False
         self.configure(motd, default_room)
 
@@ -91,10 +118,10 @@ class ChatService:
     def arrive(self, peer: Peer) -> None:
         """A new client: a guest nick, the welcome, the MOTD, then the default room."""
         nick = f"guest{next(self._guests)}"
-        while nick.casefold() in self.nicks:   # cannot happen (guest names are reserved); be sure
+        while skeleton(nick) in self.nicks:   # cannot happen (guest names are reserved); be sure
             nick = f"guest{next(self._guests)}"
         peer.nick = nick
-        self.nicks[nick.casefold()] = peer
+        self.nicks[skeleton(nick)] = peer
         self.tell(peer, notice(f"Welcome to chatd, {nick}. Type /help for commands."))
         for text in self.motd:
             self.tell(peer, notice(text))
@@ -102,10 +129,10 @@ class ChatService:
 
     def depart(self, peer: Peer, reason: str, tell_others: bool = True) -> None:
         """`peer` leaves the server; the others in its room are told why (unless we stop)."""
-        if self.nicks.get(peer.nick.casefold()) is not peer:
+        if self.nicks.get(skeleton(peer.nick)) is not peer:
             return   # already gone
         self._leave_room(peer, reason if tell_others else None)
-        del self.nicks[peer.nick.casefold()]
+        del self.nicks[skeleton(peer.nick)]
 
     def _enter(self, peer: Peer, room: str) -> None:
         members = self.rooms.setdefault(room, {})
@@ -140,35 +167,37 @@ class ChatService:
             self.flush()
 
     def flush(self) -> None:
-        """Send what is held: runs for one room and the same skipped peer become one write."""
+        """Send what is held: runs for one room, skipped peer and sayer become one write."""
         held, self._held = self._held, []
         i, n = 0, len(held)
         while i < n:
-            room, data, skip = held[i]
+            room, data, skip, by = held[i]
             j = i + 1
-            while j < n and held[j][0] == room and held[j][2] is skip:
+            while j < n and held[j][0] == room and held[j][2] is skip and held[j][3] is by:
                 j += 1
-            self._deliver(room, data if j == i + 1 else b"".join(h[1] for h in held[i:j]), skip)
+            self._deliver(room, data if j == i + 1 else b"".join(h[1] for h in held[i:j]), skip, by)
             i = j
 
-    def broadcast(self, room: str, data: bytes, skip: Peer | None = None) -> None:
-        """`data` to everyone in `room` but `skip`."""
+    def broadcast(self, room: str, data: bytes, by: Peer | None = None,
+                  skip: Peer | None = None) -> None:
+        """`data` (said by `by`, or a notice) to everyone in `room` but `skip`."""
         if self._corked:
-            self._held.append((room, data, skip))
+            self._held.append((room, data, skip, by))
         else:
-            self._deliver(room, data, skip)
+            self._deliver(room, data, skip, by)
 
-    def _deliver(self, room: str, data: bytes, skip: Peer | None) -> None:
+    def _deliver(self, room: str, data: bytes, skip: Peer | None, by: Peer | None) -> None:
         # A tuple: a send may drop a member that cannot keep up.
         for member in tuple(self.rooms.get(room, ())):
             if member is not skip:
-                member.send(data)
+                member.send(data, by)
 
-    def tell(self, peer: Peer, data: bytes) -> None:
-        """`data` to one peer, after what is held, so that the order of events holds."""
+    def tell(self, peer: Peer, data: bytes, by: Peer | None = None) -> None:
+        """`data` (said by `by`, or a notice) to one peer, after what is held, so that the
+        order of events holds."""
         if self._held:
             self.flush()
-        peer.send(data)
+        peer.send(data, by)
 
     # ------------------------------------------------------------ lines
 
@@ -180,22 +209,22 @@ class ChatService:
             name, _, args = text[1:].partition(" ")
             handler = COMMANDS.get(name.lower())
             if handler is None:
-                self.tell(peer, error(f"unknown command /{name} (try /help)"))
+                self.tell(peer, error(f"unknown command {quoted('/' + name)} (try /help)"))
             else:
                 handler(self, peer, args.strip())
         else:
             self.say(peer, text)
 
     def say(self, peer: Peer, text: str) -> None:
-        self.broadcast(peer.room, line(f"<{peer.nick}> {text}"), skip=peer)
+        self.broadcast(peer.room, line(f"<{peer.nick}> {text}"), peer, skip=peer)
 
     def say_plain(self, peer: Peer, text: bytes) -> None:
         """`say` for a line that is printable ASCII and no command, kept as bytes (the hot path)."""
-        self.broadcast(peer.room, b"<%s> %s\r\n" % (peer.nick.encode(), text), skip=peer)
+        self.broadcast(peer.room, b"<%s> %s\r\n" % (peer.nick.encode(), text), peer, skip=peer)
 
     def say_block(self, peer: Peer, lines: bytes) -> None:
         """Lines `peer` said, already prefixed and CRLF-terminated (the hottest path)."""
-        self.broadcast(peer.room, lines, skip=peer)
+        self.broadcast(peer.room, lines, peer, skip=peer)
 
     # ------------------------------------------------------------ commands
 
@@ -205,17 +234,18 @@ class ChatService:
         if not new:
             return self.tell(peer, error("usage: /nick NAME"))
         if not NICK_RE.fullmatch(new):
-            return self.tell(peer, error(f"bad nick: {new} (1 to 16 letters, digits, _ - .)"))
-        mine = new.casefold() == peer.nick.casefold()
-        if GUEST_RE.fullmatch(new) and not mine:
+            return self.tell(peer, error(f"bad nick: {quoted(new)} (1 to 16 letters, digits, _ - .)"))
+        key = skeleton(new)
+        mine = key == skeleton(peer.nick)
+        if GUEST_RE.fullmatch(key) and not mine:
             return self.tell(peer, error(f"nick reserved for guests: {new}"))
-        if not mine and new.casefold() in self.nicks:
+        if not mine and key in self.nicks:
             return self.tell(peer, error(f"nick taken: {new}"))
         if new == peer.nick:
             return self.tell(peer, notice(f"you are already {new}"))
         old = peer.nick
-        del self.nicks[old.casefold()]
-        self.nicks[new.casefold()] = peer
+        del self.nicks[skeleton(old)]
+        self.nicks[key] = peer
         peer.nick = new
         self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
 
@@ -225,7 +255,7 @@ class ChatService:
             return self.tell(peer, error("usage: /join #ROOM"))
         room = args if args.startswith("#") else "#" + args
         if not ROOM_RE.fullmatch(room):
-            return self.tell(peer, error(f"bad room name: {args} (# and 1 to 32 letters, digits, _ or -)"))
+            return self.tell(peer, error(f"bad room name: {quoted(args)} (# and 1 to 32 letters, digits, _ or -)"))
         room = room.lower()
         if room == peer.room:
             return self.tell(peer, error(f"you are already in {room}"))
@@ -245,7 +275,7 @@ class ChatService:
     def cmd_me(self, peer: Peer, args: str) -> None:
         if not args:
             return self.tell(peer, error("usage: /me ACTION"))
-        self.broadcast(peer.room, line(f"* {peer.nick} {args}"), skip=peer)
+        self.broadcast(peer.room, line(f"* {peer.nick} {args}"), peer, skip=peer)
 
     @command("/msg NICK TEXT", "a private message, whatever room NICK is in")
     def cmd_msg(self, peer: Peer, args: str) -> None:
@@ -253,15 +283,15 @@ class ChatService:
         text = text.strip()
         if not nick or not text:
             return self.tell(peer, error("usage: /msg NICK TEXT"))
-        target = self.nicks.get(nick.casefold())
+        target = self.nicks.get(skeleton(nick))
         if target is None:
-            return self.tell(peer, error(f"no such nick: {nick}"))
-        self.tell(target, line(f"*{peer.nick}* {text}"))
+            return self.tell(peer, error(f"no such nick: {quoted(nick)}"))
+        self.tell(target, line(f"*{peer.nick}* {text}"), peer)
         self.tell(peer, line(f"-> *{target.nick}* {text}"))
 
     @command("/quit [REASON]", "leave")
     def cmd_quit(self, peer: Peer, args: str) -> None:
-        peer.quit(args or "quit")
+        peer.quit(f"quit: {quoted(args)}" if args else "quit")
 
     @command("/help", "this list")
     def cmd_help(self, peer: Peer, args: str) -> None:

@@ -238,9 +238,9 @@ def test_unknown_command_and_commands_ignore_case(make_chatd):
     inst = chat(make_chatd)
     alice, bob = crowd(inst, b"alice", b"bob")
     alice.say(b"/bogus")
-    alice.expect(b"*** error: unknown command /bogus (try /help)\r\n")
+    alice.expect(b'*** error: unknown command "/bogus" (try /help)\r\n')
     alice.say(b"/bogus with args")
-    alice.expect(b"*** error: unknown command /bogus (try /help)\r\n")
+    alice.expect(b'*** error: unknown command "/bogus" (try /help)\r\n')
     alice.say(b"/NICK Al")
     alice.expect(b"*** alice is now known as Al\r\n")
     bob.expect(b"*** alice is now known as Al\r\n")
@@ -417,7 +417,7 @@ def test_msg_errors(make_chatd):
     inst = chat(make_chatd)
     alice, bob = crowd(inst, b"alice", b"bob")
     alice.say(b"/msg nobody x")
-    alice.expect(b"*** error: no such nick: nobody\r\n")
+    alice.expect(b'*** error: no such nick: "nobody"\r\n')
     alice.say(b"/msg bob")
     got = alice.recv_line()
     assert got.startswith(b"*** error: "), got
@@ -428,7 +428,7 @@ def test_msg_errors(make_chatd):
     bob.close()
     alice.expect(b"*** bob left #lobby (connection closed)\r\n")
     alice.say(b"/msg bob still there?")
-    alice.expect(b"*** error: no such nick: bob\r\n")
+    alice.expect(b'*** error: no such nick: "bob"\r\n')
 
 
 # ------------------------------------------------------------------ who, names, rooms, join
@@ -520,8 +520,8 @@ def test_quit_with_a_reason_and_bare_quit(make_chatd):
     alice, bob, carol = crowd(inst, b"alice", b"bob", b"carol")
     alice.say(b"/quit going home, bye")
     assert closes_cleanly(alice) == b""
-    bob.expect(b"*** alice left #lobby (going home, bye)\r\n")
-    carol.expect(b"*** alice left #lobby (going home, bye)\r\n")
+    bob.expect(b'*** alice left #lobby (quit: "going home, bye")\r\n')
+    carol.expect(b'*** alice left #lobby (quit: "going home, bye")\r\n')
     bob.say(b"/QUIT")
     assert closes_cleanly(bob) == b""
     carol.expect(b"*** bob left #lobby (quit)\r\n")

@@ -514,7 +514,7 @@ def test_example_session_nc_and_telnet(make_chatd, capsys):
         nc_type(n, "/quit bye")
         assert n.close_and_wait() == 0
         nc_side.extend(n.got[n.seen:].decode().splitlines())
-        t.expect(b"*** bob left #lobby (bye)")
+        t.expect(b'*** bob left #lobby (quit: "bye")')
         t.settle(0.2)
 
         screen = t.out[start:].decode().replace("\r", "")

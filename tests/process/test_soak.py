@@ -76,7 +76,7 @@ WELCOME = re.compile(rb"\*\*\* Welcome to chatd, (guest\d+)\. Type /help for com
 SAID = re.compile(rb"<([A-Za-z0-9_.-]{1,16})> (.*)", re.S)
 STEADY_LINE = re.compile(rb"S(\d+) (\d+) (.*)", re.S)
 CHURN_CHAT_LINE = re.compile(rb"C(\d+) (\d+) hello (\d+)")
-NOTICE_OK = re.compile(rb"\*\*\* (?:#lobby: .*|guest\d+ joined #lobby|guest\d+ left #lobby \((?:connection closed|bye \d+)\))")
+NOTICE_OK = re.compile(rb'\*\*\* (?:#lobby: .*|guest\d+ joined #lobby|guest\d+ left #lobby \((?:connection closed|quit: "bye \d+")\))')
 
 
 def chat_text(sidx: int, seq: int) -> bytes:

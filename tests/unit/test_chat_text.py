@@ -6,22 +6,37 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chatd.protocol import LINE_TOO_LONG, LineDecoder, TelnetReply, clean_text
+from chatd.protocol import MAX_MARKS, LINE_TOO_LONG, LineDecoder, TelnetReply, clean_text
 
 REPLACEMENT = "\ufffd"
 
 
 def removed(ch: str) -> bool:
     """The characters clean_text must never leave: C0 but TAB (ESC, CR and LF among them),
-    DEL, C1, and the bidi overrides and isolates."""
+    DEL, C1, format characters (the bidi controls, zero-width and direction marks, tags),
+    line and paragraph separators, and noncharacters."""
     o = ord(ch)
     return ((o < 0x20 and ch != "\t") or o == 0x7F or 0x80 <= o <= 0x9F
-            or 0x202A <= o <= 0x202E or 0x2066 <= o <= 0x2069)
+            or unicodedata.category(ch) in ("Cf", "Zl", "Zp")
+            or 0xFDD0 <= o <= 0xFDEF or o & 0xFFFE == 0xFFFE)
+
+
+def is_mark(ch: str) -> bool:
+    return unicodedata.category(ch)[0] == "M"
+
+
+def longest_mark_run(text: str) -> int:
+    longest = run = 0
+    for ch in text:
+        run = run + 1 if is_mark(ch) else 0
+        longest = max(longest, run)
+    return longest
 
 
 # ------------------------------------------------------------------ clean_text, rule by rule
@@ -74,7 +89,18 @@ CASES = [
     # bidi overrides and isolates; neighbours that are not controls stay
     ("a\u202ab\u202bc\u202cd\u202de\u202ef\n".encode(), "abcdef"),
     ("a\u2066b\u2067c\u2068d\u2069e\n".encode(), "abcde"),
-    ("a\u2029b\u202fc\u2065d\u206ae\u200fz\n".encode(), "a\u2029b\u202fc\u2065d\u206ae\u200fz"),
+    ("a\u2029b\u202fc\u2065d\u206ae\u200fz\n".encode(), "ab\u202fc\u2065dez"),
+    # zero-width and direction marks, soft hyphen, BOM, word joiner: format characters
+    ("a\u200bb\u200cc\u200dd\u200ee\u200ff\u061cg\u2060h\ufeffi\u00adj\n".encode(), "abcdefghij"),
+    # line and paragraph separators, interlinear annotation, tags, noncharacters
+    ("a\u2028b\u2029c\ufff9d\ufffae\ufffbf\n".encode(), "abcdef"),
+    ("x\U000e0001\U000e0041\U000e007fy\n".encode(), "xy"),
+    ("a\ufdd0b\ufdefc\ufffed\uffffe\U0001fffef\U0010ffffg\n".encode(), "abcdefg"),
+    # combining marks: at most MAX_MARKS on one base; a family emoji loses its joiners
+    (("e" + "\u0301" * 40 + "x\n").encode(), "e" + "\u0301" * MAX_MARKS + "x"),
+    ("vie\u0323\u0302t\n".encode(), "vie\u0323\u0302t"),
+    ("\U0001f468\u200d\U0001f469\u200d\U0001f467\n".encode(), "\U0001f468\U0001f469\U0001f467"),
+    ("\u2764\ufe0f\n".encode(), "\u2764\ufe0f"),
     # invalid UTF-8 becomes U+FFFD; valid text passes
     (b"a\xffb\n", "a\ufffdb"),
     (b"a\xc3(b\n", "a\ufffd(b"),
@@ -112,7 +138,9 @@ def test_nick_command_cannot_smuggle_a_control():
 # Text and bytes rich in what clean_text must handle.
 NASTY_CHARS = ["\x1b", "[", "]", "\x07", "\\", ";", "0", "3", "m", "H", "?", " ", "\t", "\r", "\n",
                "\x00", "\x7f", "\x85", "\x9b", "\x9c", "\x9d", "\u202e", "\u2066", "\u2069",
-               "\u202a", "a", "\u00e9", "\ufffd", "\U0001f600"]
+               "\u202a", "a", "\u00e9", "\ufffd", "\U0001f600", "\u200b", "\u200f", "\u2028",
+               "\u2029", "\ufeff", "\u00ad", "\U000e0041", "\ufdd0", "\uffff", "\u0301",
+               "\u0489", "\u0903"]
 nasty_text = st.lists(st.sampled_from(NASTY_CHARS) | st.characters(), max_size=40).map("".join)
 nasty_bytes = (st.binary(max_size=60)
                | nasty_text.map(lambda s: s.encode("utf-8", "surrogatepass"))
@@ -134,8 +162,8 @@ def test_clean_text_never_leaves_a_removed_character(raw):
     assert clean_text(text.encode("utf-8")) == text
 
 
-safe_text = st.text(st.characters(blacklist_categories=("Cs",)).filter(lambda ch: not removed(ch)),
-                    max_size=40)
+safe_text = st.text(st.characters(blacklist_categories=("Cs", "Mn", "Mc", "Me"))
+                    .filter(lambda ch: not removed(ch)), max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
@@ -147,7 +175,8 @@ def test_clean_text_keeps_everything_else(text):
 
 JUNK = ["\x1b[31m", "\x1b[0m", "\x1b[2J", "\x1b[10;5H", "\x1b[?25l", "\x1b]0;title\x07",
         "\x1b]0;t\x1b\\", "\x07", "\x7f", "\x00", "\r", "\x0b", "\u009b", "\u0085", "\u202e",
-        "\u2066", "\u2069"]
+        "\u2066", "\u2069", "\u200b", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u061c", "\u2028",
+        "\u2029", "\ufff9", "\U000e0020", "\ufdd5", "\U0002fffe"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -162,6 +191,30 @@ def test_inserted_controls_and_complete_sequences_vanish_without_a_trace(text, j
         last = at
     s += text[last:]
     assert clean_text(s.encode("utf-8") + b"\r\n") == text, s
+
+
+marks = st.sampled_from(["\u0301", "\u0300", "\u0323", "\u0489", "\u0903", "\u20dd", "\ufe0f",
+                         "\U000e0100", "\U0001d167"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.tuples(st.sampled_from(["a", "e", " ", "\u65e5", "\U0001f600", ""]),
+                                st.lists(marks, max_size=12)), max_size=10))
+def test_no_base_keeps_more_than_max_marks_and_fewer_are_kept(parts):
+    text = "".join(base + "".join(ms) for base, ms in parts)
+    got = clean_text(text.encode())
+    assert longest_mark_run(got) <= MAX_MARKS
+    if longest_mark_run(text) <= MAX_MARKS:
+        assert got == text
+    assert [ch for ch in got if not is_mark(ch)] == [ch for ch in text if not is_mark(ch)]
+
+
+def test_every_format_separator_and_mark_is_in_the_planes_scanned():
+    """protocol._rules scans planes 0, 1 and 14 only (fast at start-up): this Python's
+    Unicode database has none of these characters anywhere else."""
+    elsewhere = [hex(c) for c in range(0x110000) if not (c < 0x20000 or 0xE0000 <= c < 0xF0000)
+                 and unicodedata.category(chr(c)) in ("Cf", "Zl", "Zp", "Mn", "Mc", "Me")]
+    assert not elsewhere
 
 
 # ------------------------------------------------------------------ chat framing: cr_nul=True

@@ -17,11 +17,38 @@ from chatd.rooms import ChatService
 
 
 class Clock:
+    """The loop's time and timers, moved by hand (`advance`)."""
+
     def __init__(self) -> None:
         self.now = 100.0
+        self.timers: list[Timer] = []
 
     def time(self) -> float:
         return self.now
+
+    def call_later(self, delay: float, callback) -> Timer:
+        timer = Timer(self.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        """Move the time on, running the timers that come due, in order."""
+        self.now += seconds
+        due = sorted((t for t in self.timers if t.when <= self.now), key=lambda t: t.when)
+        self.timers = [t for t in self.timers if t.when > self.now]
+        for timer in due:
+            if not timer.cancelled:
+                timer.callback()
+
+
+@dataclasses.dataclass
+class Timer:
+    when: float
+    callback: object
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class Transport:
@@ -222,7 +249,7 @@ def test_debug_chat_logs_a_flooder_and_a_slow_reader_once_each(caplog):
         slow.pause_writing()
         for _ in range(80):
             talker.data_received(b"x" * 60 + b"\n")
-            state.loop.now += 1.0   # within the rate
+            state.loop.advance(1.0)   # within the rate; "too slow" is judged after a second
         assert slow.reason == "too slow"
         slow.connection_lost(None)
     messages = [r.getMessage() for r in caplog.records]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from chatd.rooms import ChatService
+from chatd.rooms import QUOTE_MAX, ChatService, quoted, skeleton
 
 
 class FakePeer:
@@ -17,7 +19,8 @@ class FakePeer:
         self.quit_reason = ""
         self.service = service
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, by: "FakePeer | None" = None) -> None:
+        assert by is None or isinstance(by, FakePeer)
         assert data.endswith(b"\r\n") and all(x.endswith(b"\r") for x in data.split(b"\n")[:-1])
         self.got.append(data)
 
@@ -109,7 +112,7 @@ def test_private_messages_reach_any_room(service):
     service.on_line(a, "/msg GUEST2 psst")
     assert b.take() == [b"*guest1* psst\r\n"] and a.take() == [b"-> *guest2* psst\r\n"]
     service.on_line(a, "/msg nobody x")
-    assert a.take() == [b"*** error: no such nick: nobody\r\n"]
+    assert a.take() == [b'*** error: no such nick: "nobody"\r\n']
     service.on_line(a, "/msg guest2")
     assert a.take() == [b"*** error: usage: /msg NICK TEXT\r\n"]
 
@@ -117,14 +120,14 @@ def test_private_messages_reach_any_room(service):
 def test_quit_unknown_commands_escape_and_help(service):
     a, b = join(service, 2)
     service.on_line(a, "/bogus x")
-    assert a.take() == [b"*** error: unknown command /bogus (try /help)\r\n"]
+    assert a.take() == [b'*** error: unknown command "/bogus" (try /help)\r\n']
     service.on_line(a, "//not a command")
     assert b.take() == [b"<guest1> /not a command\r\n"]
     service.on_line(a, "/help")
     lines = a.take()
     assert len(lines) > 5 and all(l.startswith(b"*** ") for l in lines)
     service.on_line(a, "/quit gone fishing")
-    assert b.take() == [b"*** guest1 left #lobby (gone fishing)\r\n"]
+    assert b.take() == [b'*** guest1 left #lobby (quit: "gone fishing")\r\n']
     assert "guest1" not in service.nicks
 
 
@@ -143,7 +146,7 @@ def test_a_peer_dropped_during_a_broadcast_does_not_stop_it(service):
     departure of a too-slow peer, so the others see the line first.)"""
     a, b, c, d = join(service, 4)
 
-    def drop_b(data: bytes) -> None:
+    def drop_b(data: bytes, by: FakePeer | None = None) -> None:
         service.depart(b, "too slow")
     b.send = drop_b
     service.on_line(a, "to everyone")
@@ -190,3 +193,76 @@ def test_a_joiner_never_gets_its_own_join_notice_even_when_held(service):
     service.uncork()
     assert a.take() == [b"*** guest2 left #lobby (joined #x)\r\n", b"*** #x: guest2\r\n"]
     assert b.take() == [b"*** #x: nobody else here\r\n", b"*** guest1 joined #x\r\n"]
+
+
+# ------------------------------------------------------------------ look-alike nicks
+
+@pytest.mark.parametrize("taken, other", [
+    ("alice", "aIice"), ("alice", "a1ice"), ("alice", "ALICE"), ("aIice", "alice"),
+    ("bob", "b0b"), ("bob", "BOB"), ("b0b", "bOb"), ("Oli", "0l1"), ("bill", "BiII"),
+])
+def test_a_nick_that_looks_like_a_taken_one_is_taken(service, taken, other):
+    a, b = join(service, 2)
+    service.on_line(a, f"/nick {taken}")
+    a.take(), b.take()
+    service.on_line(b, f"/nick {other}")
+    assert b.take() == [f"*** error: nick taken: {other}\r\n".encode()]
+    service.on_line(b, f"/msg {other} hi")     # a look-alike reaches the nick it looks like
+    assert a.take() == [b"*guest2* hi\r\n"]
+
+
+def test_look_alike_rules():
+    """I, l, 1 (and i, I's lower case) are one; O and 0 are one; rn and m are not (two cells
+    in a fixed-width font); case never matters."""
+    assert skeleton("aIice") == skeleton("alice") == skeleton("ALICE") == skeleton("a1ice")
+    assert skeleton("b0b") == skeleton("BOB")
+    assert skeleton("rnoo") != skeleton("moo")
+    assert skeleton("a_b") != skeleton("a-b") != skeleton("a.b")
+
+
+def test_ones_own_look_alike_and_guest_look_alikes(service):
+    a, b = join(service, 2)
+    service.on_line(a, "/nick alice")
+    a.take(), b.take()
+    service.on_line(a, "/nick aIice")          # one's own nick in another look: allowed
+    assert b.take() == [b"*** alice is now known as aIice\r\n"]
+    for name in ("guestI", "guestl0", "GUESTO"):   # looks like a guest name: reserved
+        service.on_line(b, f"/nick {name}")
+        assert b.take() == [f"*** error: nick reserved for guests: {name}\r\n".encode()]
+
+
+nicks = st.text(st.sampled_from("aAbBiIlLoO01mnr_-.x"), min_size=1, max_size=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=nicks, second=nicks)
+def test_two_nicks_can_be_held_at_once_exactly_when_their_skeletons_differ(first, second):
+    service = ChatService()
+    a, b = join(service, 2)
+    service.on_line(a, f"/nick {first}")
+    service.on_line(b, f"/nick {second}")
+    got = b.take()[-1]   # after guest1's rename
+    if skeleton(first) == skeleton(second):
+        assert got == f"*** error: nick taken: {second}\r\n".encode(), got
+    else:
+        assert got == f"*** guest2 is now known as {second}\r\n".encode(), got
+
+
+# ------------------------------------------------------------------ user text in notices
+
+def test_a_quit_reason_is_short_one_line_of_blanks_and_quoted(service):
+    a, b = join(service, 2)
+    reason = "\t*** server shutting down\t" + "x" * 4000
+    service.on_line(a, "/quit " + reason)
+    (got,) = b.take()
+    assert got == b'*** guest1 left #lobby (quit: "*** server shutting down xxxx...")\r\n', got
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=200))
+def test_quoted_text_is_short_has_no_tab_or_blank_run_and_is_in_quotes(text):
+    q = quoted(text)
+    assert q[0] == q[-1] == '"' and len(q) <= QUOTE_MAX + 2
+    inner = q[1:-1]
+    assert "\t" not in inner and "  " not in inner and inner == inner.strip()
+    assert inner == " ".join(text.split()) or inner.endswith("...")
