@@ -188,10 +188,13 @@ def events(dec: LineDecoder, segments) -> list:
         for item in dec.feed(seg):
             if item is LINE_TOO_LONG:
                 out.append(TOO_LONG)
-            elif isinstance(item, TelnetReply):
-                assert len(item) == 3 and item[0] == IAC and item[1] in (WILL, WONT, DONT), item
-                assert item[1] != WILL or item[2] == TM, item
-                out.append(("reply", bytes(item)))
+            elif isinstance(item, TelnetReply):   # one or more answers, 3 bytes each
+                assert item and len(item) % 3 == 0, item
+                for k in range(0, len(item), 3):
+                    reply = item[k:k + 3]
+                    assert reply[0] == IAC and reply[1] in (WILL, WONT, DONT), item
+                    assert reply[1] != WILL or reply[2] == TM, item
+                    out.append(("reply", bytes(reply)))
             else:
                 assert isinstance(item, bytes) and item.endswith(b"\n"), item
                 out += [("line", line) for line in re.findall(rb"[^\n]*\n", item)]
