@@ -15,8 +15,9 @@
    slack    = 4 MiB
    (a) 10 clients each send a 10 MiB line:  peak <= base + 10 * (max_line + per_conn) + slack
    (b) 1,000 chat readers that never read:  peak <= base + 1000 * (loop_buffer + per_conn) + slack,
-       loop_buffer = output_buffer - min(65536, output_buffer // 4)   (chat.py _bound_output: the
-       kernel's share of output_buffer is capped to a quarter and taken off the loop's share)
+       loop_buffer = output_buffer - min(65536, output_buffer // 4)   (connection.py
+       _bound_buffers: the kernel's share of output_buffer is capped to a quarter and taken off
+       the loop's share)
    (c) 10,000 idle echo connections:         after <= base + 10000 * per_conn + slack
    The peak is the kernel's high-water mark (VmHWM, reset through /proc/PID/clear_refs once
    the base is read), so no short peak is missed between two samples.
@@ -936,7 +937,7 @@ OUTPUT_BUFFER = 16384
 
 
 def loop_buffer(output_buffer: int) -> int:
-    """chat.py _bound_output: the kernel's share is min(65536, output_buffer // 4); the
+    """connection.py _bound_buffers: the kernel's share is min(65536, output_buffer // 4); the
     loop's buffer gets the rest (its high-water mark, past which the client is dropped)."""
     return output_buffer - min(65536, output_buffer // 4)
 
