@@ -2,14 +2,17 @@
 
 The path of a line: `data_received` -> `LineDecoder.feed` (LF, CRLF or CR NUL;
 telnet; the length bound) -> `clean_text` -> the token bucket -> the
-`ChatService` of rooms.py, which sends to each recipient with `send`. Two fast
-paths give the same bytes: a read whose lines are all printable ASCII and no
-command is prefixed as one block, and such a single line skips `clean_text`.
+`ChatService` of rooms.py, which sends to each recipient with `send`. Every line
+takes a token, empty and control-only ones too, and so does every telnet command
+byte: input that shows nothing still costs its sender. Three fast paths give the
+same bytes: a read whose lines are all printable ASCII and no command is prefixed
+as one block, such a single line skips `clean_text`, and lines that clean to
+nothing are charged and dropped a run at a time (`VOID_LINES`).
 `send` never waits: what the kernel does not take queues in the transport and
 the connection's outbox (connection.py), and when that passes the client's
 budget, `over_budget` drops it as too slow, so nobody else ever waits for it.
 
-Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/unit/test_chat_paths.py
+Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/unit/test_chat_paths.py, tests/process/test_fair_share.py
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ class ChatConnection(Connection):
                 if self._has_tokens(n):
                     # Lines that clean to nothing take a token each, like any line; with a
                     # token for every line here, the order they are taken in changes nothing.
-                    if not item.translate(None, VOID_BYTES):   # blank and control lines only
+                    if not item.translate(None, VOID_BYTES) or self._void_flood(item):
                         self._charge(n)
                         continue
                     item = VOID_LINES.sub(b"", item)
@@ -128,6 +131,14 @@ class ChatConnection(Connection):
                     text = clean_text(raw)
                     if self._take_token() and text.strip() and not self.closing:
                         chat.on_line(self, text)
+
+    @staticmethod
+    def _void_flood(block: bytes) -> bool:
+        """Is `block` one line that cleans to nothing, repeated (what a flood sends)? One
+        comparison tells, where VOID_LINES would take its lines one by one."""
+        first = block[:block.find(b"\n") + 1]
+        return (VOID_LINES.fullmatch(first) is not None
+                and block == first * (len(block) // len(first)))
 
     def _say_block(self, block: bytes) -> bool:
         """All the lines of one read at once, when each is printable ASCII with a visible

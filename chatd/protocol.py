@@ -10,7 +10,7 @@ or per line, so hostile input costs about what plain lines do (README "Tests and
 Memory per decoder stays below 2 x `max_line` + 4 bytes whatever arrives (a line's tail and
 an unfinished subnegotiation, kept as its length in zeros).
 
-Tests: tests/unit/test_protocol.py
+Tests: tests/unit/test_protocol.py, tests/unit/test_chat_text.py, tests/process/test_fair_share.py
 """
 
 from __future__ import annotations
@@ -193,14 +193,17 @@ class LineDecoder:
     def _filter_telnet(self, data: bytes) -> list:
         """Split `data` into plain data and TelnetReply parts, in order; `IAC IAC` is one 0xFF.
 
-        One compiled pattern (`_telnet_pattern`) takes whole runs of commands at a time, so
-        a stream of commands costs about what plain data does: no Python step per command.
-        An incomplete sequence at the end waits in `_pending` for the next read.
+        One compiled pattern (`_telnet_patterns`) takes whole runs of commands at a time, so
+        a stream of commands costs no Python step per command; a read that repeats one
+        sequence is taken by one comparison (`_repeats`). An incomplete sequence at the end
+        waits in `_pending` for the next read.
         """
         if self._pending:
             data = self._pending + data
             self._pending = b""
-        pieces = _telnet_pattern(self.max_line).split(data)
+        split, one = _telnet_patterns(self.max_line)
+        head, data = self._repeats(data, one) if data[:1] == b"\xff" else ([], data)
+        pieces = split.split(data)
         # Each match adds 3 groups and the data after it: a literal 0xFF, a run of DO and
         # WILL, an incomplete sequence (only at the end); the rest are dropped commands.
         literals = (len(pieces) >> 2) - pieces[1::4].count(None)
@@ -209,8 +212,8 @@ class LineDecoder:
             self._pending = _pending_of(pieces[-2])
             pieces[-2] = None
         if not any(pieces[2::4]):
-            return [b"".join(filter(None, pieces))]
-        parts: list = []
+            return head + [b"".join(filter(None, pieces))]
+        parts: list = head
         start = 0
         for k in range(2, len(pieces), 4):
             if pieces[k] is not None:
@@ -220,16 +223,35 @@ class LineDecoder:
         parts.append(b"".join(filter(None, pieces[start:])))
         return parts
 
+    def _repeats(self, data: bytes, one: re.Pattern[bytes]) -> tuple[list, bytes]:
+        """A flood: `data` opens with one telnet sequence repeated. What all its whole repeats
+        give, found by one comparison, and the rest of `data`."""
+        m = one.match(data)
+        if m is None:
+            return [], data
+        unit = m.group()
+        k = len(data) // len(unit)
+        if k < 2 or not data.startswith(unit * k):
+            return [], data
+        rest = data[k * len(unit):]
+        if unit[1] == IAC:
+            return [b"\xff" * k], rest
+        self.commands += unit.count(IAC) * k
+        if unit[1] in (DO, WILL):
+            return [TelnetReply(_refusals(unit) * k)], rest
+        return [], rest
+
 
 _SUB_UNIT = rb"(?:[^\xff]|\xff\xff)"   # a byte of a subnegotiation's payload (IAC IAC: one 0xFF)
 _REFUSE = bytes.maketrans(bytes((DO, WILL)), bytes((WONT, DONT)))
 
 
 @functools.lru_cache(maxsize=8)
-def _telnet_pattern(max_line: int) -> re.Pattern[bytes]:
-    """The telnet sequences for `split`, each kind in its place (RFC 854/855).
+def _telnet_patterns(max_line: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+    """The telnet sequences for `split`, each kind in its place (RFC 854/855), and one
+    whole sequence (for `_repeats`).
 
-    Groups: (1) the 0xFF of `IAC IAC`; (2) a run of DO and WILL, each answered; (3) an
+    The first's groups: (1) the 0xFF of `IAC IAC`; (2) a run of DO and WILL, each answered; (3) an
     incomplete sequence at the end of the data. Without a group, a run of dropped commands:
     the two-byte ones (NOP, IP, AYT, ... and unknown bytes), DONT and WONT (they ask for the
     state we are in: no answer), a subnegotiation ended within `max_line` payload bytes
@@ -237,12 +259,15 @@ def _telnet_pattern(max_line: int) -> re.Pattern[bytes]:
     `max_line` + 1 payload bytes of a longer one, given up there (what follows is data).
     """
     unit, n = _SUB_UNIT, max_line
-    return re.compile(
+    split = re.compile(
         rb"\xff(\xff)"
         rb"|((?:\xff[\xfb\xfd].)+)"
         rb"|(?:\xff(?:[\x00-\xf9]|[\xfc\xfe].|\xfa(?:%s{0,%d}\xff[\x00-\xfe]|%s{%d})))+"
         rb"|(\xff(?:[\xfb-\xfe]|\xfa%s{0,%d}\xff?)?\Z)" % (unit, n, unit, n + 1, unit, n),
         re.DOTALL)
+    one = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa%s{0,%d}\xff[\x00-\xfe]|[^\xfa-\xfe])" % (unit, n),
+                     re.DOTALL)
+    return split, one
 
 
 def _refusals(run: bytes) -> TelnetReply:
