@@ -194,15 +194,26 @@ class LineDecoder:
         """Split `data` into plain data and TelnetReply parts, in order; `IAC IAC` is one 0xFF.
 
         One compiled pattern (`_telnet_patterns`) takes whole runs of commands at a time, so
-        a stream of commands costs no Python step per command; a read that repeats one
-        sequence is taken by one comparison (`_repeats`). An incomplete sequence at the end
-        waits in `_pending` for the next read.
+        a stream of commands costs no Python step per command, and a flood that repeats one
+        or two commands is taken by one comparison (`_flood`). An incomplete sequence at the
+        end waits in `_pending` for the next read.
         """
         if self._pending:
             data = self._pending + data
             self._pending = b""
         split, one = _telnet_patterns(self.max_line)
-        head, data = self._repeats(data, one) if data[:1] == b"\xff" else ([], data)
+        flood = _flood(data, one) if data[:1] == b"\xff" else None
+        if flood is None:
+            return self._split(data, split)
+        start, unit, k = flood
+        replies = [p for p in self._split(unit, split) if p.__class__ is TelnetReply]
+        self.commands += unit.count(IAC) * (k - 1)
+        repeated = [TelnetReply(b"".join(replies) * k)] if replies else []
+        return (self._split(data[:start], split) + repeated
+                + self._split(data[start + k * len(unit):], split))
+
+    def _split(self, data: bytes, split: re.Pattern[bytes]) -> list:
+        """`_filter_telnet` by the pattern: the parts of `data`, in order."""
         pieces = split.split(data)
         # Each match adds 3 groups and the data after it: a literal 0xFF, a run of DO and
         # WILL, an incomplete sequence (only at the end); the rest are dropped commands.
@@ -212,8 +223,8 @@ class LineDecoder:
             self._pending = _pending_of(pieces[-2])
             pieces[-2] = None
         if not any(pieces[2::4]):
-            return head + [b"".join(filter(None, pieces))]
-        parts: list = head
+            return [b"".join(filter(None, pieces))]
+        parts: list = []
         start = 0
         for k in range(2, len(pieces), 4):
             if pieces[k] is not None:
@@ -223,23 +234,23 @@ class LineDecoder:
         parts.append(b"".join(filter(None, pieces[start:])))
         return parts
 
-    def _repeats(self, data: bytes, one: re.Pattern[bytes]) -> tuple[list, bytes]:
-        """A flood: `data` opens with one telnet sequence repeated. What all its whole repeats
-        give, found by one comparison, and the rest of `data`."""
-        m = one.match(data)
-        if m is None:
-            return [], data
-        unit = m.group()
-        k = len(data) // len(unit)
-        if k < 2 or not data.startswith(unit * k):
-            return [], data
-        rest = data[k * len(unit):]
-        if unit[1] == IAC:
-            return [b"\xff" * k], rest
-        self.commands += unit.count(IAC) * k
-        if unit[1] in (DO, WILL):
-            return [TelnetReply(_refusals(unit) * k)], rest
-        return [], rest
+
+def _flood(data: bytes, one: re.Pattern[bytes]) -> tuple[int, bytes, int] | None:
+    """Where `data` repeats a unit of one or two telnet commands, from its start or from its
+    second command (the first may be a tail kept from the last read): (start, unit, count),
+    at least two repeats; None if it does not."""
+    first = one.match(data)
+    if first is None:
+        return None
+    for start in (0, first.end()):
+        a = one.match(data, start)
+        b = a and one.match(data, a.end())
+        for unit in (a and data[start:a.end()], b and data[start:b.end()]):
+            if unit:
+                k = (len(data) - start) // len(unit)
+                if k >= 2 and data.startswith(unit * k, start):
+                    return start, unit, k
+    return None
 
 
 _SUB_UNIT = rb"(?:[^\xff]|\xff\xff)"   # a byte of a subnegotiation's payload (IAC IAC: one 0xFF)
@@ -249,7 +260,7 @@ _REFUSE = bytes.maketrans(bytes((DO, WILL)), bytes((WONT, DONT)))
 @functools.lru_cache(maxsize=8)
 def _telnet_patterns(max_line: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
     """The telnet sequences for `split`, each kind in its place (RFC 854/855), and one
-    whole sequence (for `_repeats`).
+    whole command (for `_flood`; `IAC IAC` is data, not one).
 
     The first's groups: (1) the 0xFF of `IAC IAC`; (2) a run of DO and WILL, each answered; (3) an
     incomplete sequence at the end of the data. Without a group, a run of dropped commands:
@@ -265,7 +276,7 @@ def _telnet_patterns(max_line: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes
         rb"|(?:\xff(?:[\x00-\xf9]|[\xfc\xfe].|\xfa(?:%s{0,%d}\xff[\x00-\xfe]|%s{%d})))+"
         rb"|(\xff(?:[\xfb-\xfe]|\xfa%s{0,%d}\xff?)?\Z)" % (unit, n, unit, n + 1, unit, n),
         re.DOTALL)
-    one = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa%s{0,%d}\xff[\x00-\xfe]|[^\xfa-\xfe])" % (unit, n),
+    one = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa%s{0,%d}\xff[\x00-\xfe]|[\x00-\xf9])" % (unit, n),
                      re.DOTALL)
     return split, one
 
