@@ -13,7 +13,9 @@ line every 10 ms and times its echo (echo mode) or its arrival at another member
 It checks what it can, and counts as errors: a probe line that does not come back exact (echo)
 or as `<nick> line` (chat) within 5 s; in echo, replies to the senders other than what CLASS
 must give (nothing, its own lines, or the refusals of its DO and WILL); in chat, any line from a
-sender reaching the room (every class here shows nothing); a connection the server closed.
+sender reaching the room (every class here shows nothing); a connection the server closed, but
+a chat sender dropped (`dropped=`): chat drops a client whose unread output passes its budget,
+which the answers to a flood of DO and WILL can do.
 Last line: `RESULT mode=hostile class=... key=value ...`. Loopback only; every phase has a
 deadline.
 """
@@ -111,7 +113,7 @@ def main() -> int:
         sel.register(s.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, s)
     if receiver is not None:
         sel.register(receiver, selectors.EVENT_READ, None)
-    errors = 0
+    errors = dropped = 0
     delays: list[float] = []
     pending: dict[bytes, float] = {}    # probe line -> when it was sent
     inbox = b""
@@ -136,7 +138,10 @@ def main() -> int:
                 if events & selectors.EVENT_READ:
                     data = key.fileobj.recv(1 << 20)
                     if not data:
-                        errors += 1          # closed by the server
+                        if chat and s is not None:
+                            dropped += 1     # chat's "too slow" (see the docstring)
+                        else:
+                            errors += 1      # closed by the server
                         sel.unregister(key.fileobj)
                         continue
                     if s is None or key.fileobj is probe:
@@ -148,7 +153,10 @@ def main() -> int:
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
-                errors += 1
+                if chat and s is not None:
+                    dropped += 1             # reset by chat's "too slow"
+                else:
+                    errors += 1
                 sel.unregister(key.fileobj)
         while b"\n" in inbox:
             line, _, inbox = inbox.partition(b"\n")
@@ -178,6 +186,7 @@ def main() -> int:
     for sock in {probe, receiver} - {None}:
         sock.close()
     result = {"mode": "hostile", "class": args.cls, "senders": args.senders, "errors": errors,
+              "dropped": dropped,
               "sent_mb": f"{sent / 1e6:.1f}", "srv_cpu_s": f"{cpu:.2f}",
               "mb_per_cpu_s": f"{sent / 1e6 / cpu:.2f}" if cpu > 0 else "0"}
     if delays:
