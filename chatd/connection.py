@@ -8,9 +8,12 @@ bytearray, until the transport has drained (`resume_writing`), and is then
 handed over in one write. uvloop keeps ~800 bytes of bookkeeping per queued
 write, so a client that does not read, sent many small lines, would otherwise
 cost far more memory than `output_buffer` says. Past that budget, echo stops
-reading the client and chat drops it (`over_budget`).
+reading the client and chat drops it (`over_budget`). The kernel's send and
+receive buffers are capped too (`_bound_buffers`), and a connection that has had
+SHARE_BYTES of input sits out one loop pass (`take_share`), so no sender can
+hold the loop while others wait.
 
-Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py
+Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/process/test_fair_share.py
 """
 
 from __future__ import annotations
