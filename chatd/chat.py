@@ -2,9 +2,12 @@
 
 The path of a line: `data_received` -> `LineDecoder.feed` (LF, CRLF or CR NUL;
 telnet; the length bound) -> `clean_text` -> the token bucket -> the
-`ChatService` of rooms.py, which sends to each recipient with `send`. Two fast
-paths give the same bytes: a read whose lines are all printable ASCII and no
-command is prefixed as one block, and such a single line skips `clean_text`.
+`ChatService` of rooms.py, which sends to each recipient with `send`. Every line
+takes a token, empty and control-only ones too, and so does every telnet command
+byte: input that shows nothing still costs its sender. Three fast paths give the
+same bytes: a read whose lines are all printable ASCII and no command is prefixed
+as one block, such a single line skips `clean_text`, and lines that clean to
+nothing are charged and dropped a run at a time (`VOID_LINES`).
 `send` never waits: what the kernel does not take queues in the transport and
 the connection's outbox (connection.py). Up to the client's budget, that queue
 is the client's own affair. Past it, only what someone said is queued, at the
@@ -16,7 +19,7 @@ cannot get it dropped, and chatd holds at most two budgets per client. "Too slow
 is judged over time: a client whose output went past its budget and that takes
 less than a line in SLOW_S seconds is dropped (`too_slow`), and nobody waits.
 
-Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/process/test_chat_targeted.py, tests/unit/test_chat_paths.py, tests/unit/test_debug_connection.py
+Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/process/test_chat_targeted.py, tests/unit/test_chat_paths.py, tests/unit/test_debug_connection.py, tests/process/test_fair_share.py
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ LEDGER_ENTRY = 128         # what one entry of a recipient's `charges` costs, ch
 UNREAD = error("others are not reading your lines fast enough, some were dropped")
 PLAIN_LINE = re.compile(rb"[\x20-\x7e\t]*")   # printable ASCII and TAB: nothing to sanitize
 PLAIN_BLOCK = re.compile(rb"(?:[\x20\t]*[\x21-\x7e][\x20-\x7e\t]*\n)+")   # such lines, none blank
+# Lines that clean to nothing (README "Chat mode"), a run at a time: blanks, C0 and C1
+# controls, DEL, bidi controls, CSI and OSC sequences (an OSC ends at the line's end, as
+# clean_text's does). Each element is atomic, so it is taken as clean_text's scan takes it.
+VOID_LINES = re.compile(rb"^(?:(?>\x1b\[[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
+                        rb"|\x1b\](?:[^\x07\x1b\n]|\x1b(?!\\))*(?:\x07|\x1b\\)?"
+                        rb"|[\x00-\x09\x0b-\x20\x7f]|\xc2[\x80-\x9f]"
+                        rb"|\xe2\x80[\xaa-\xae]|\xe2\x81[\xa6-\xa9])*\n)+",
+                        re.MULTILINE)
+# The bytes that are void alone (ESC is not: what follows it may be visible), LF included.
+VOID_BYTES = bytes([*range(0x00, 0x1b), *range(0x1c, 0x21), 0x7f])
 
 
 class ChatConnection(Connection):
@@ -66,27 +79,8 @@ class ChatConnection(Connection):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._bound_output()
         self.refilled = self.state.loop.time()
         self.state.chat.arrive(self)
-
-    def _bound_output(self) -> None:
-        """Make `output_buffer` bound all the unread output, the kernel's share included.
-
-        Linux grows a socket's send buffer to megabytes for a peer that does not
-        read, so the loop's buffer alone would let ~3 MB queue up before "too
-        slow". The kernel's share is capped, and the process's gets the rest.
-        """
-        limit = self.state.limits.output_buffer
-        kernel = min(65536, limit // 4)
-        try:
-            # The kernel doubles this for its bookkeeping (socket(7)): the payload it holds
-            # is about what was asked for, and that is the share taken from the limit.
-            self.transport.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDBUF, max(1, kernel))
-        except (OSError, AttributeError):
-            kernel = 0
-        self.budget = max(limit - kernel, self.max_line + 2)
 
     # ------------------------------------------------------------ input
 
@@ -95,9 +89,14 @@ class ChatConnection(Connection):
         chat = self.state.chat
         chat.cork()
         try:
-            self._lines(self.feed(data))
+            items = self.feed(data)
+            if self.commands:   # telnet commands take tokens as lines do
+                self._charge(self.commands)
+                self.commands = 0
+            self._lines(items)
         finally:
             chat.uncork()
+        self.take_share(len(data))
 
     def eof_received(self) -> bool:
         """The client half-closed: it has left. Its last line counts; what is queued is flushed."""
@@ -121,19 +120,43 @@ class ChatConnection(Connection):
             elif item is LINE_TOO_LONG:
                 self.state.chat.tell(self, error(f"line too long (max {self.max_line} bytes), dropped"))
             elif not self._say_block(item):
+                n = item.count(b"\n")
+                if self._has_tokens(n):
+                    # Lines that clean to nothing take a token each, like any line; with a
+                    # token for every line here, the order they are taken in changes nothing.
+                    if not item.translate(None, VOID_BYTES) or self._void_flood(item):
+                        self._charge(n)
+                        continue
+                    item = VOID_LINES.sub(b"", item)
+                    self._charge(n - item.count(b"\n"))
+                    if not item:
+                        continue
                 chat = self.state.chat
-                for raw in item.split(b"\n"):
+                lines = item.split(b"\n")
+                if not lines[-1]:
+                    lines.pop()   # what follows the last LF: nothing
+                for raw in lines:
+                    if self.closing:
+                        return
                     if raw[-1:] == b"\r":
                         raw = raw[:-1]
                     if PLAIN_LINE.fullmatch(raw) and raw[:1] != b"/":
                         # Printable ASCII that is no command: clean_text would change nothing,
                         # so the bytes go out as they came, prefixed (the common case, fast).
-                        if raw.strip() and self._take_token() and not self.closing:
+                        if self._take_token() and raw.strip() and not self.closing:
                             chat.say_plain(self, raw)
                         continue
                     text = clean_text(raw)
-                    if text.strip() and self._take_token() and not self.closing:
+                    if self._take_token() and text.strip() and not self.closing:
                         chat.on_line(self, text)
+
+    @staticmethod
+    def _void_flood(block: bytes) -> bool:
+        """Is `block` one line that cleans to nothing, repeated (what a flood sends)? One
+        comparison tells, where VOID_LINES would take its lines one by one."""
+        first = block[:block.find(b"\n") + 1]
+        return (VOID_LINES.fullmatch(first) is not None
+                and block == first * (len(block) // len(first)))
 
     def _say_block(self, block: bytes) -> bool:
         """All the lines of one read at once, when each is printable ASCII with a visible
@@ -149,27 +172,50 @@ class ChatConnection(Connection):
         self.state.chat.say_block(self, prefix + block[:-1].replace(b"\n", b"\r\n" + prefix) + b"\r\n")
         return True
 
-    def _take_tokens(self, n: int) -> bool:
-        """The token bucket: it holds `burst` tokens (full at connect) and refills at `rate`
-        a second; take `n` at once if it holds them."""
+    def _refill(self) -> float:
+        """The token bucket holds `burst` tokens (full at connect) and refills at `rate` a
+        second: bring it up to now, which it returns."""
         limits = self.state.limits
         now = self.state.loop.time()
         self.tokens = min(float(limits.burst), self.tokens + (now - self.refilled) * limits.rate)
         self.refilled = now
+        return now
+
+    def _has_tokens(self, n: int) -> bool:
+        """Does the bucket hold `n` tokens (or is there no rate limit)?"""
+        if not self.state.limits.rate:
+            return True
+        self._refill()
+        return self.tokens >= n
+
+    def _take_tokens(self, n: int) -> bool:
+        """Take `n` tokens at once if the bucket holds them."""
+        self._refill()
         if self.tokens < n:
             return False
         self.tokens -= n
         return True
 
     def _take_token(self) -> bool:
-        """One line's token; without one the line is dropped with a warning, and `burst`
-        dropped lines within FLOOD_WINDOW_S disconnect the client (`flooding`)."""
+        """One line's token, or the line is dropped (`_charge`)."""
+        return self._charge(1) == 1
+
+    def _charge(self, n: int) -> int:
+        """A token for each of `n` inputs (lines, telnet command bytes); how many got one.
+
+        Those without are dropped lines: the client is told (once for all `n`), and `burst`
+        dropped lines within FLOOD_WINDOW_S disconnect it (`flooding`).
+        """
         limits = self.state.limits
-        if not limits.rate or self._take_tokens(1):
-            return True
-        now = self.refilled
+        if not limits.rate:
+            return n
+        now = self._refill()
+        took = min(n, int(self.tokens))
+        self.tokens -= took
+        if took == n:
+            return n
         dropped = self.dropped
-        dropped.append(now)
+        dropped.extend([now] * min(n - took, limits.burst))
         while dropped[0] < now - FLOOD_WINDOW_S:
             dropped.popleft()
         if len(dropped) >= limits.burst:
@@ -177,7 +223,7 @@ class ChatConnection(Connection):
             self.close("flooding")
         else:
             self.state.chat.tell(self, error("slow down, line dropped"))
-        return False
+        return took
 
     # ------------------------------------------------------------ output
 
@@ -190,7 +236,7 @@ class ChatConnection(Connection):
             if over > 0:
                 if self.watch is None:
                     self._watch()
-                if by is None or not self._charge(by, min(over, len(data))):
+                if by is None or not self._bill(by, min(over, len(data))):
                     return
             outbox += data
         elif not self.closing and not self.transport.is_closing():
@@ -199,7 +245,7 @@ class ChatConnection(Connection):
             # gone (reset) and not yet told us; asyncio logs every write after the fifth.
             self.transport.write(data)
 
-    def _charge(self, by: ChatConnection, n: int) -> bool:
+    def _bill(self, by: ChatConnection, n: int) -> bool:
         """Charge `by` for `n` bytes queued past our budget (and LEDGER_ENTRY for a new
         entry), if its own budget allows; else the data is not queued here, and `by` is
         warned (at most once in WARN_S)."""
@@ -329,19 +375,21 @@ class DebugChatConnection(DebugConnection, ChatConnection):
                 log.debug("dropped a line from %s (too long): max_line %d", self.peer, self.max_line)
         super()._lines(items)
 
-    def _take_token(self) -> bool:
+    def _charge(self, n: int) -> int:
         if self.closing:
-            return super()._take_token()
-        if super()._take_token():
-            return True
+            return super()._charge(n)
+        took = super()._charge(n)
+        if took == n:
+            return took
         limits = self.state.limits
-        if self.closing:   # that drop made `burst` within FLOOD_WINDOW_S
+        if self.closing:   # those drops made `burst` within FLOOD_WINDOW_S
             log.debug("dropped %s (flooding): %d lines over the rate within %g s",
                       self.peer, len(self.dropped), FLOOD_WINDOW_S)
         else:
-            log.debug("dropped a line from %s (rate limit): rate %g, burst %d",
-                      self.peer, limits.rate, limits.burst)
-        return False
+            log.debug("dropped %s from %s (rate limit): rate %g, burst %d",
+                      "a line" if n - took == 1 else f"{n - took} lines", self.peer, limits.rate,
+                      limits.burst)
+        return took
 
     def _refused(self, by: ChatConnection) -> None:
         log.debug("dropped lines from %s to %s (sender's budget): %d bytes queued past "

@@ -8,10 +8,13 @@ bytearray, until the transport has drained (`resume_writing`), and is then
 handed over in one write. uvloop keeps ~800 bytes of bookkeeping per queued
 write, so a client that does not read, sent many small lines, would otherwise
 cost far more memory than `output_buffer` says. Past that budget, echo stops
-reading the client and chat drops it (`over_budget`). Connect and disconnect
-lines past a rate per address are counted and summarised (`ChurnLog`).
+reading the client and chat drops it (`over_budget`). The kernel's send and
+receive buffers are capped too (`_bound_buffers`), and a connection that has had
+SHARE_BYTES of input sits out one loop pass (`take_share`), so no sender can
+hold the loop while others wait. Connect and disconnect lines past a rate per
+address are counted and summarised (`ChurnLog`).
 
-Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/unit/test_churn_log.py, tests/process/test_log_abuse.py
+Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/unit/test_churn_log.py, tests/process/test_log_abuse.py, tests/process/test_fair_share.py
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from typing import Any
 from .protocol import LineDecoder
 
 log = logging.getLogger("chatd")
-LINGER_S = 1.0        # how long a graceful close reads and discards after its FIN
+LINGER_S = 1.0         # how long a graceful close reads and discards after its FIN
+SHARE_BYTES = 65536    # input a connection handles before it sits out a loop pass
+KERNEL_BUFFER = 65536  # the most asked of the kernel for a socket's send and receive buffers
 CHURN_INTERVAL_S = 10.0   # README "Logging": per address and interval, the first `logged_per_ip`
 CHURN_SOURCES = 1024      # newcomers are logged one by one; past CHURN_SOURCES addresses, one count
 
@@ -193,7 +198,7 @@ class Connection(LineDecoder, asyncio.Protocol):
     """
 
     __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "closing",
-                 "outbox", "budget", "quiet")
+                 "outbox", "budget", "quiet", "taken", "held")
     FULL_LINE = b"ERR server full\r\n"   # what accept.Gate tells a newcomer it refuses
     CR_NUL_ENDS_LINE = False
 
@@ -211,12 +216,15 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.outbox: bytearray | None = None   # output held while the transport has a queue
         self.budget = state.limits.output_buffer   # unsent output allowed: transport + outbox
         self.quiet = False        # counted by the ChurnLog, not logged (set by accept.Gate)
+        self.taken = 0            # input handled since the connection last sat out a loop pass
+        self.held = False         # reading paused by `over_budget` until `resume_writing`
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.state.enter(self)
         limits = self.state.limits
         transport.set_write_buffer_limits(high=0, low=0)
+        self._bound_buffers()
         if limits.keepalive:
             set_keepalive(transport.get_extra_info("socket"), limits.keepalive)
         if self.quiet:
@@ -232,6 +240,47 @@ class Connection(LineDecoder, asyncio.Protocol):
             log.info("disconnect %s: %s (%d clients)", self.peer, self.end_reason(exc),
                      len(self.state.connections))
 
+    def _bound_buffers(self) -> None:
+        """Make `output_buffer` bound all the unread output, the kernel's share included, and
+        cap what the kernel may hold of the input too.
+
+        Linux grows a socket's buffers to megabytes for a peer that does not read (send) or
+        while we do not read (receive), so the loop's budget alone would let every connection
+        pin megabytes of kernel memory. Both are capped at min(KERNEL_BUFFER, output_buffer
+        / 4), taken from the budget; which also bounds one read, so one pass's share holds.
+        """
+        limit = self.state.limits.output_buffer
+        kernel = max(1, min(KERNEL_BUFFER, limit // 4))
+        try:
+            # The kernel doubles this for its bookkeeping (socket(7)): the payload it holds
+            # is about what was asked for, and that is the share taken from the limit.
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, kernel)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, kernel)
+        except (OSError, AttributeError):
+            kernel = 0
+        self.budget = max(limit - kernel, self.max_line + 2)
+
+    def take_share(self, n: int) -> None:
+        """Count `n` bytes of input handled; past SHARE_BYTES the connection sits out one
+        loop pass (reading paused, resumed by the next pass), so one fast sender cannot take
+        a whole pass from everyone (uvloop reads a ready socket up to 32 times a pass)."""
+        self.taken += n
+        if self.taken >= SHARE_BYTES:
+            self.sit_out()
+
+    def sit_out(self) -> None:
+        """Pause reading until the loop's next pass (`take_share`)."""
+        self.taken = 0
+        if not self.closing:
+            self.transport.pause_reading()
+            self.state.loop.call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        """Read again, unless `over_budget` paused reading too: `resume_writing` resumes it."""
+        if not self.closing and not self.held:
+            self.transport.resume_reading()
+
     def end_reason(self, exc: Exception | None) -> str:
         """Why the connection ended, as the disconnect line says it."""
         return self.reason or (f"reset ({exc})" if exc else "closed")
@@ -243,6 +292,7 @@ class Connection(LineDecoder, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         """The transport's queue is empty: hand it the outbox, and read the client again."""
+        self.held = False
         self._hand_over()
         if not self.closing:
             self.transport.resume_reading()
@@ -275,6 +325,7 @@ class Connection(LineDecoder, asyncio.Protocol):
 
     def over_budget(self) -> None:
         """More output is waiting than `budget`: stop reading until it has drained."""
+        self.held = True
         self.transport.pause_reading()
 
     def flush(self) -> None:

@@ -6,7 +6,7 @@ only whole lines and no IAC byte is written back as it came) or else
 per read (while the transport has a queue, into the outbox: see connection.py).
 The connection is itself the decoder (see `connection.Connection`).
 
-Tests: tests/process/test_echo.py, tests/process/test_clients.py
+Tests: tests/process/test_echo.py, tests/process/test_clients.py, tests/process/test_fair_share.py
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .connection import DEBUG_SLOTS, Connection, DebugConnection
+from .connection import DEBUG_SLOTS, SHARE_BYTES, Connection, DebugConnection
 from .protocol import LINE_TOO_LONG, TelnetReply, escape_iac
 
 log = logging.getLogger("chatd")
@@ -38,6 +38,11 @@ class EchoConnection(Connection):
             out = self.feed(data)
             if out:
                 self._write_slow(out)
+        taken = self.taken + len(data)   # Connection.take_share, inlined: the hot path
+        if taken < SHARE_BYTES:
+            self.taken = taken
+        else:
+            self.sit_out()
 
     def _write_slow(self, out: list) -> None:
         """Over-long lines become ERR lines, a literal 0xFF goes out as IAC IAC, replies as they are."""

@@ -4,10 +4,13 @@
 the terminator), bounds their length, and filters telnet IAC sequences
 (RFC 854/855): every option is refused, DO TIMING-MARK is answered with WILL
 TIMING-MARK (RFC 860) so telnet's Ctrl-C does not freeze its screen, and
-subnegotiations are consumed whole. Memory per decoder stays below
-`max_line` + 2 bytes whatever arrives.
+subnegotiations are consumed whole. Whole runs of telnet commands and of short lines are
+taken by bytes methods and one compiled pattern, never a Python step per byte, per command
+or per line, so hostile input costs about what plain lines do (README "Tests and speed").
+Memory per decoder stays below 2 x `max_line` + 4 bytes whatever arrives (a line's tail and
+an unfinished subnegotiation, kept as its length in zeros).
 
-Tests: tests/unit/test_protocol.py, tests/unit/test_chat_text.py, tests/process/test_chat_hidden_text.py
+Tests: tests/unit/test_protocol.py, tests/unit/test_chat_text.py, tests/process/test_chat_hidden_text.py, tests/process/test_fair_share.py
 """
 
 from __future__ import annotations
@@ -21,9 +24,6 @@ DONT, DO, WONT, WILL, SB = 254, 253, 252, 251, 250
 SE = 240
 TIMING_MARK = 6
 
-# Telnet parser states.
-_DATA, _IAC, _OPTION, _SUB, _SUB_IAC = range(5)
-_IAC_BYTE = b"\xff"
 # Membership tests use the int: `b"\xff" in data` first tries the bytes as an integer and
 # builds and drops a TypeError on every call, which costs more than the whole fast path.
 
@@ -66,8 +66,7 @@ class LineDecoder:
     touches one object per read; used alone it is the sans-IO codec.
     """
 
-    __slots__ = ("max_line", "cr_nul", "buf", "discarding", "clean", "_tstate", "_verb", "_sub_len",
-                 "_cr")
+    __slots__ = ("max_line", "cr_nul", "buf", "discarding", "clean", "commands", "_pending", "_cr")
 
     def __init__(self, max_line: int, cr_nul: bool = False) -> None:
         self.max_line = max_line
@@ -75,9 +74,8 @@ class LineDecoder:
         self.buf = bytearray()       # the unterminated tail of the current line
         self.discarding = False      # inside an over-long line: drop up to the next LF
         self.clean = True            # nothing pending: no tail, no discarding, no telnet sequence
-        self._tstate = _DATA
-        self._verb = 0
-        self._sub_len = 0
+        self.commands = 0            # telnet command bytes seen (IAC IAC excepted), for chat's rate
+        self._pending = b""          # an incomplete telnet sequence at the end of the last read
         self._cr = False             # the last byte framed was a CR (for a CR NUL split in two)
 
     def plain(self, data: bytes) -> bytes | None:
@@ -103,7 +101,7 @@ class LineDecoder:
                 return [block] if block else []
         elif not data:
             return []
-        if self._tstate == _DATA and IAC not in data:
+        if not self._pending and IAC not in data:
             out = self._frame(data)
         else:
             out = []
@@ -112,7 +110,7 @@ class LineDecoder:
                     out.append(part)
                 elif part:
                     out += self._frame(part)
-        self.clean = not self.buf and not self.discarding and self._tstate == _DATA
+        self.clean = not self.buf and not self.discarding and not self._pending
         return out
 
     def finish(self) -> list:
@@ -124,7 +122,7 @@ class LineDecoder:
         tail = bytes(self.buf)
         self.buf.clear()
         discarding, self.discarding = self.discarding, False
-        self.clean = self._tstate == _DATA
+        self.clean = not self._pending
         if discarding or not tail:
             return []
         return [LINE_TOO_LONG] if len(tail) > self.max_line else [tail]
@@ -147,6 +145,15 @@ class LineDecoder:
             pos = i + 1
         run_start = pos          # start of a run of good complete lines in `data`
         while pos < n:
+            if not buf:
+                # Lines that cannot be over-long (an LF within every max_line + 1 bytes) join
+                # the run a window at a time: no Python step per line, however short they are.
+                j = data.rfind(b"\n", pos, pos + limit + 1)
+                while j >= 0:
+                    pos = j + 1
+                    j = data.rfind(b"\n", pos, pos + limit + 1)
+                if pos >= n:
+                    break
             i = data.find(b"\n", pos)
             if i < 0:
                 break
@@ -185,77 +192,116 @@ class LineDecoder:
     # ------------------------------------------------------------ telnet
 
     def _filter_telnet(self, data: bytes) -> list:
-        """Split `data` into plain data and TelnetReply parts, in order; `IAC IAC` is one 0xFF."""
+        """Split `data` into plain data and TelnetReply parts, in order; `IAC IAC` is one 0xFF.
+
+        One compiled pattern (`_telnet_patterns`) takes whole runs of commands at a time, so
+        a stream of commands costs no Python step per command, and a flood that repeats one
+        or two commands is taken by one comparison (`_flood`). An incomplete sequence at the
+        end waits in `_pending` for the next read.
+        """
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        split, one = _telnet_patterns(self.max_line)
+        flood = _flood(data, one) if data[:1] == b"\xff" else None
+        if flood is None:
+            return self._split(data, split)
+        start, unit, k = flood
+        replies = [p for p in self._split(unit, split) if p.__class__ is TelnetReply]
+        self.commands += unit.count(IAC) * (k - 1)
+        repeated = [TelnetReply(b"".join(replies) * k)] if replies else []
+        return (self._split(data[:start], split) + repeated
+                + self._split(data[start + k * len(unit):], split))
+
+    def _split(self, data: bytes, split: re.Pattern[bytes]) -> list:
+        """`_filter_telnet` by the pattern: the parts of `data`, in order."""
+        pieces = split.split(data)
+        # Each match adds 3 groups and the data after it: a literal 0xFF, a run of DO and
+        # WILL, an incomplete sequence (only at the end); the rest are dropped commands.
+        literals = (len(pieces) >> 2) - pieces[1::4].count(None)
+        self.commands += data.count(IAC) - 2 * literals
+        if len(pieces) > 1 and pieces[-2] is not None:
+            self._pending = _pending_of(pieces[-2])
+            pieces[-2] = None
+        if not any(pieces[2::4]):
+            return [b"".join(filter(None, pieces))]
         parts: list = []
-        out = bytearray()
-        st = self._tstate
-        i = 0
-        n = len(data)
-        while i < n:
-            if st == _DATA:
-                j = data.find(_IAC_BYTE, i)
-                if j < 0:
-                    out += memoryview(data)[i:]
-                    break
-                out += memoryview(data)[i:j]
-                i = j + 1
-                st = _IAC
-                continue
-            if st == _SUB:
-                # Skip the subnegotiation's payload; we negotiate nothing, so keep none of it.
-                j = data.find(_IAC_BYTE, i)
-                end = n if j < 0 else j
-                room = self.max_line + 1 - self._sub_len
-                if end - i >= room:
-                    # A runaway subnegotiation: give up on it after max_line bytes, at the
-                    # same byte however the input was split; what follows is data again.
-                    i += room
-                    self._sub_len += room
-                    st = _DATA
-                    continue
-                self._sub_len += end - i
-                i = end
-                if j >= 0:
-                    i = j + 1
-                    st = _SUB_IAC
-                continue
-            b = data[i]
-            i += 1
-            if st == _IAC:
-                if b == IAC:
-                    out.append(IAC)
-                    st = _DATA
-                elif WILL <= b <= DONT:
-                    self._verb = b
-                    st = _OPTION
-                elif b == SB:
-                    self._sub_len = 0
-                    st = _SUB
-                else:
-                    st = _DATA            # NOP, IP, AYT, ... or an unknown byte: dropped
-            elif st == _OPTION:
-                reply = None
-                if self._verb == DO:
-                    reply = (IAC, WILL, b) if b == TIMING_MARK else (IAC, WONT, b)
-                elif self._verb == WILL:
-                    reply = (IAC, DONT, b)
-                # DONT and WONT ask for the state we are already in: no answer (RFC 854).
-                if reply:
-                    parts.append(bytes(out))
-                    out.clear()
-                    parts.append(TelnetReply(reply))
-                st = _DATA
-            else:  # _SUB_IAC
-                if b == SE:
-                    st = _DATA
-                elif b == IAC:
-                    self._sub_len += 1
-                    st = _SUB
-                else:
-                    st = _DATA            # malformed subnegotiation: end it here
-        self._tstate = st
-        parts.append(bytes(out))
+        start = 0
+        for k in range(2, len(pieces), 4):
+            if pieces[k] is not None:
+                parts.append(b"".join(filter(None, pieces[start:k])))
+                parts.append(_refusals(pieces[k]))
+                start = k + 1
+        parts.append(b"".join(filter(None, pieces[start:])))
         return parts
+
+
+def _flood(data: bytes, one: re.Pattern[bytes]) -> tuple[int, bytes, int] | None:
+    """Where `data` repeats a unit of one or two telnet commands, from its start or from its
+    second command (the first may be a tail kept from the last read): (start, unit, count),
+    at least two repeats; None if it does not."""
+    first = one.match(data)
+    if first is None:
+        return None
+    for start in (0, first.end()):
+        a = one.match(data, start)
+        b = a and one.match(data, a.end())
+        for unit in (a and data[start:a.end()], b and data[start:b.end()]):
+            if unit:
+                k = (len(data) - start) // len(unit)
+                if k >= 2 and data.startswith(unit * k, start):
+                    return start, unit, k
+    return None
+
+
+_SUB_UNIT = rb"(?:[^\xff]|\xff\xff)"   # a byte of a subnegotiation's payload (IAC IAC: one 0xFF)
+_REFUSE = bytes.maketrans(bytes((DO, WILL)), bytes((WONT, DONT)))
+
+
+@functools.lru_cache(maxsize=8)
+def _telnet_patterns(max_line: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+    """The telnet sequences for `split`, each kind in its place (RFC 854/855), and one
+    whole command (for `_flood`; `IAC IAC` is data, not one).
+
+    The first's groups: (1) the 0xFF of `IAC IAC`; (2) a run of DO and WILL, each answered; (3) an
+    incomplete sequence at the end of the data. Without a group, a run of dropped commands:
+    the two-byte ones (NOP, IP, AYT, ... and unknown bytes), DONT and WONT (they ask for the
+    state we are in: no answer), a subnegotiation ended within `max_line` payload bytes
+    (by IAC SE, or by IAC and any other byte, which is malformed), and the first
+    `max_line` + 1 payload bytes of a longer one, given up there (what follows is data).
+    """
+    unit, n = _SUB_UNIT, max_line
+    split = re.compile(
+        rb"\xff(\xff)"
+        rb"|((?:\xff[\xfb\xfd].)+)"
+        rb"|(?:\xff(?:[\x00-\xf9]|[\xfc\xfe].|\xfa(?:%s{0,%d}\xff[\x00-\xfe]|%s{%d})))+"
+        rb"|(\xff(?:[\xfb-\xfe]|\xfa%s{0,%d}\xff?)?\Z)" % (unit, n, unit, n + 1, unit, n),
+        re.DOTALL)
+    one = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa%s{0,%d}\xff[\x00-\xfe]|[\x00-\xf9])" % (unit, n),
+                     re.DOTALL)
+    return split, one
+
+
+def _refusals(run: bytes) -> TelnetReply:
+    """The answers to a run of `IAC DO x` and `IAC WILL x`: WONT x and DONT x, but WILL
+    TIMING-MARK to DO TIMING-MARK (RFC 860), so telnet's Ctrl-C does not freeze its screen."""
+    reply = bytearray(run)
+    reply[1::3] = run[1::3].translate(_REFUSE)
+    if b"\xfd\x06" in run:   # only a DO TIMING-MARK holds these two bytes in a row
+        reply = reply.replace(b"\xff\xfc\x06", b"\xff\xfb\x06")
+    return TelnetReply(reply)
+
+
+def _pending_of(tail: bytes) -> bytes:
+    """An incomplete sequence as it is kept for the next read: as it came (IAC, or IAC and
+    a verb), or a subnegotiation's start with its payload as zeros (only its length counts)
+    and the IAC that may start its end."""
+    if tail[1:2] != b"\xfa":
+        return tail
+    payload = tail[2:]
+    lone = (len(payload) - len(payload.rstrip(b"\xff"))) & 1   # an undoubled last IAC
+    payload = payload[:len(payload) - lone]
+    return b"\xff\xfa" + bytes(len(payload) - payload.count(b"\xff\xff")) + b"\xff" * lone
 
 
 # ---------------------------------------------------------------- chat text

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """chatd's side-by-side benchmark: chatd and the reference servers, interleaved, in one run.
 
-    python tests/perf/bench.py                  # the full matrix, 5 repetitions (~40 min)
+    python tests/perf/bench.py                  # the full matrix, 5 repetitions (~55 min)
     python tests/perf/bench.py --reps 3 -d 3    # quicker, noisier
     python tests/perf/bench.py --short          # CI: chatd only, a few seconds per workload;
                                                 #     fails on lost or garbled lines, not on speed
@@ -13,7 +13,9 @@ order rotated each repetition), each server started fresh and pinned to CPU 0, t
 generator pinned to CPU 1, all on 127.0.0.1. It prints a markdown table per workload
 (median and min-max over the repetitions, ratios to the references, p50/p99 latency, server CPU
 per line, RSS, errors, the load generator's CPU: near 100 % it, not the server, is the limit),
-then the targets of chatd's speed issue, each PASS or FAIL from the medians of this one run.
+then the hostile-input tables (hostile.py: per class of input, chatd's MB per CPU-second against
+plain lines', and a well-behaved client's latency beside four hostile senders), then the targets
+of chatd's speed issue and of issue 12, each met or not from the medians of this one run.
 Exit status: 1 if any run lost or garbled a line, or a server failed; 2 if the load generator
 cannot be built (no C compiler); else 0.
 """
@@ -54,8 +56,19 @@ WORKLOADS = {
     "h1k": ("hold", ["hold", "-c", "1000", "--probe", "--pss"],
             "1,000 idle connections, each probed with one echoed line"),
 }
-FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100r2k", "h10k"]
-SHORT = ["e100", "e100p16", "c100", "c100r2k", "h1k"]
+# Hostile input (hostile.py): "x" workloads, one sender of a class, give the server's MB of it
+# per CPU-second; "l" workloads, four senders and a well-behaved client, that client's latency.
+HOSTILE_CLASSES = ["iac-nop", "iac-do", "subneg", "bare-lf", "control", "bidi"]
+for _mode, _m in (("echo", "e"), ("chat", "c")):
+    for _cls in ["plain"] + HOSTILE_CLASSES:
+        WORKLOADS[f"x{_m}-{_cls}"] = ("x" + _mode, ["--class", _cls, "-S", "1"],
+                                      f"{_mode}, 1 sender of {_cls}: server MB per CPU-second")
+    for _cls in HOSTILE_CLASSES:
+        WORKLOADS[f"l{_m}-{_cls}"] = ("x" + _mode, ["--class", _cls, "-S", "4", "--probe"],
+                                      f"{_mode}, 4 senders of {_cls} and a well-behaved client")
+HOSTILE = [wl for wl in WORKLOADS if wl[:1] in "xl" and wl[2:3] == "-"]
+FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100r2k", "h10k"] + HOSTILE
+SHORT = ["e100", "e100p16", "c100", "c100r2k", "h1k", "le-iac-do", "lc-bidi"]
 
 
 @dataclass
@@ -94,10 +107,10 @@ def servers(bench: Path, build: Path, work: Path, short: bool) -> list[Server]:
              str(work / "chatd-{port}.pid"), "--log", str(work / "chatd-{port}.log")]
     py = sys.executable
     found = [
-        Server("chatd", chatd + ["--mode", "echo"], ("echo", "hold")),
-        Server("chatd-asyncio", chatd + ["--mode", "echo", "--loop", "asyncio"], ("echo",)),
-        Server("chatd-chat", chatd + ["--mode", "chat"], ("chat",)),
-        Server("chatd-chat-asyncio", chatd + ["--mode", "chat", "--loop", "asyncio"], ("chat",)),
+        Server("chatd", chatd + ["--mode", "echo"], ("echo", "hold", "xecho")),
+        Server("chatd-asyncio", chatd + ["--mode", "echo", "--loop", "asyncio"], ("echo", "xecho")),
+        Server("chatd-chat", chatd + ["--mode", "chat"], ("chat", "xchat")),
+        Server("chatd-chat-asyncio", chatd + ["--mode", "chat", "--loop", "asyncio"], ("chat", "xchat")),
     ]
     if short:
         return found
@@ -190,7 +203,11 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
     try:
         argv = [str(build / "loadgen"), *lg_args, "-p", str(args.port), "--server-pid", str(proc.pid),
                 "--conc", "8", "--label", f"{server.name}/{workload}"]
-        if mode != "hold":
+        if mode.startswith("x"):
+            argv = [sys.executable, str(Path(args.bench) / "hostile.py"), "--mode", mode[1:], *lg_args,
+                    "-p", str(args.port), "--server-pid", str(proc.pid), "--label", f"{server.name}/{workload}",
+                    "-d", str(args.duration), "-w", str(args.warmup)]
+        elif mode != "hold":
             argv += ["-d", str(args.duration), "-w", str(args.warmup)]
         else:
             argv += ["-d", str(min(args.duration, 3))]
@@ -295,6 +312,75 @@ def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> 
     return out + [""]
 
 
+def hostile_tables(runs: list[Run], workloads: list[str]) -> list[str]:
+    """Per server, each class's MB per CPU-second (and its ratio to plain lines', from the
+    medians), and a well-behaved client's p99 beside four senders of each class."""
+    out = []
+    for kind, title in (("x", "server MB per CPU-second, 1 sender (x plain lines)"),
+                        ("l", "a well-behaved client's p99 in ms, 4 hostile senders (p50)")):
+        for m, mode in (("e", "echo"), ("c", "chat")):
+            wls = [wl for wl in workloads if wl.startswith(f"{kind}{m}-")]
+            if not wls:
+                continue
+            classes = [wl[3:] for wl in wls]
+            out += [f"### hostile input, {mode}: {title}", "",
+                    "| server | " + " | ".join(classes) + " | errors |", "|---" * (len(classes) + 2) + "|"]
+            for name in dict.fromkeys(r.server for r in runs if r.workload in wls):
+                cells = []
+                mine = [r for r in runs if r.server == name and r.workload in wls]
+                plain = median([r.num("mb_per_cpu_s") for r in mine if r.workload == f"x{m}-plain"])
+                for wl in wls:
+                    ok = [r for r in mine if r.workload == wl and r.result]
+                    if kind == "x":
+                        mb = median([r.num("mb_per_cpu_s") for r in ok])
+                        ratio = f" (x{mb / plain:.2f})" if mb and plain and not wl.endswith("-plain") else ""
+                        gone = sum(r.num("dropped") or 0 for r in ok)
+                        cells.append(spread([r.num("mb_per_cpu_s") for r in ok], 1) + ratio
+                                     + (f", {gone:.0f} dropped as too slow" if gone else ""))
+                    else:
+                        p50 = median([r.num("p50_us") for r in ok])
+                        p99 = [r.num("p99_us") for r in ok]
+                        cells.append("no probe came back" if p50 is None else
+                                     spread([v / 1e3 if v is not None else None for v in p99], 1)
+                                     + f" ({p50 / 1e3:.1f})")
+                out.append(f"| {name} | " + " | ".join(cells) + f" | {sum(errors(r) for r in mine)} |")
+            out.append("")
+    return out
+
+
+def hostile_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
+    """Issue 12's: every class at least a quarter of plain lines' MB per CPU-second, and a
+    well-behaved client's p99 under 50 ms beside four senders; the worst case of each (of the
+    runs whose senders lasted: chat may drop a DO flood's sender as too slow)."""
+    ratios, p99s = [], []
+    for server in dict.fromkeys(r.server for r in runs if r.workload in HOSTILE):
+        for m in "ec":
+            def med(wl: str, key: str) -> float | None:   # runs whose senders chat dropped measure that
+                return median([r.num(key) for r in runs if r.workload == wl and r.server == server
+                               and r.result and not r.num("dropped")])
+            plain = med(f"x{m}-plain", "mb_per_cpu_s")
+            for cls in HOSTILE_CLASSES:
+                mb, p99 = med(f"x{m}-{cls}", "mb_per_cpu_s"), med(f"l{m}-{cls}", "p99_us")
+                if mb is not None and plain:
+                    ratios.append((mb / plain, f"{server} {cls}"))
+                if p99 is not None:
+                    p99s.append((p99 / 1e3, f"{server} {cls}"))
+    checks: list[tuple[str, bool | None, str]] = []
+    label = "hostile input: every class at least 0.25 of plain lines' MB per CPU-second"
+    if ratios:
+        worst = min(ratios)
+        checks.append((label, worst[0] >= 0.25, f"lowest {worst[0]:.2f} ({worst[1]}) of {len(ratios)}"))
+    else:
+        checks.append((label, None, "not measured"))
+    label = "four hostile senders: a well-behaved client's p99 under 50 ms"
+    if p99s:
+        worst = max(p99s)
+        checks.append((label, worst[0] < 50, f"highest {worst[0]:.1f} ms ({worst[1]}) of {len(p99s)}"))
+    else:
+        checks.append((label, None, "not measured"))
+    return checks
+
+
 def targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
     """The speed issue's targets, from the medians of this run (None: not measured here)."""
     def med(workload: str, server: str, key: str = "lines_per_s") -> float | None:
@@ -346,7 +432,7 @@ def targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
         checks.append(("10,000 idle connections: all answer, at most 2 KiB RSS each",
                        answered and per is not None and per <= 2048,
                        f"probes all answered: {answered}; {per:,.0f} B per connection (at most 2,048)"))
-    return checks
+    return checks + hostile_targets(runs)
 
 
 REFS = {"echo": ["proto-uvloop", "C-epoll", "proto-asyncio"],
@@ -403,7 +489,8 @@ def main() -> int:
                 for server in group[k:] + group[:k]:
                     run = run_one(server, wl, rep, args, build, work)
                     runs.append(run)
-                    status = run.failure or run.result.get("lines_per_s") or run.result.get("rss_per_conn_b")
+                    status = run.failure or " ".join(f"{k}={run.result[k]}" for k in (
+                        "lines_per_s", "rss_per_conn_b", "mb_per_cpu_s", "p99_us", "errors") if k in run.result)
                     print(f"rep {rep} {wl:8} {server.name:20} {status}", file=sys.stderr, flush=True)
                     if args.out and run.result:
                         with open(args.out, "a") as f:
@@ -416,9 +503,12 @@ def main() -> int:
           f"{elapsed / 60:.1f} min\n")
     for wl in workloads:
         mode = WORKLOADS[wl][0]
+        if wl in HOSTILE:
+            continue
         refs = [r for r in REFS[mode] if r in names]
         print("\n".join(table(wl, runs, [n for n in names if any(r.server == n and r.workload == wl for r in runs)],
                               refs)))
+    print("\n".join(hostile_tables(runs, workloads)))
     if not args.short:
         print("### Targets (medians of this run)\n\n| target | met | figures |\n|---|---|---|")
         for label, ok, text in targets(runs):

@@ -15,8 +15,8 @@
    slack    = 4 MiB
    (a) 10 clients each send a 10 MiB line:  peak <= base + 10 * (max_line + per_conn) + slack
    (b) 1,000 chat readers that never read:  peak <= base + 1000 * (2 * loop_buffer + per_conn) + slack,
-       loop_buffer = output_buffer - min(65536, output_buffer // 4)   (chat.py _bound_output: the
-       kernel's share of output_buffer is capped to a quarter and taken off the loop's share);
+       loop_buffer = output_buffer - min(65536, output_buffer // 4)   (connection.py _bound_buffers:
+       the kernel's share of output_buffer is capped to a quarter and taken off the loop's share);
        two of them: each holds its own budget for the second or two "too slow" is judged over,
        and chatd holds at most two budgets per client (README "Chat mode": its own queue, and
        what it may queue past others')
@@ -939,7 +939,7 @@ OUTPUT_BUFFER = 16384
 
 
 def loop_buffer(output_buffer: int) -> int:
-    """chat.py _bound_output: the kernel's share is min(65536, output_buffer // 4); the
+    """connection.py _bound_buffers: the kernel's share is min(65536, output_buffer // 4); the
     loop's buffer gets the rest (past which what others say is charged to them)."""
     return output_buffer - min(65536, output_buffer // 4)
 

@@ -40,14 +40,16 @@ class Transport:
 
 @contextlib.contextmanager
 def careful_path_only():
-    """Turn both fast paths off: every line goes through clean_text and on_line."""
-    say_block, plain = ChatConnection._say_block, chat_module.PLAIN_LINE
+    """Turn the fast paths off: every line goes through clean_text and on_line."""
+    saved = ChatConnection._say_block, chat_module.PLAIN_LINE, chat_module.VOID_LINES, chat_module.VOID_BYTES
     ChatConnection._say_block = lambda self, block: False
-    chat_module.PLAIN_LINE = re.compile(rb"(?!)")
+    chat_module.PLAIN_LINE = chat_module.VOID_LINES = re.compile(rb"(?!)")
+    chat_module.VOID_BYTES = b""
     try:
         yield
     finally:
-        ChatConnection._say_block, chat_module.PLAIN_LINE = say_block, plain
+        (ChatConnection._say_block, chat_module.PLAIN_LINE, chat_module.VOID_LINES,
+         chat_module.VOID_BYTES) = saved
 
 
 def room(rate: float):
@@ -69,7 +71,8 @@ def room(rate: float):
 
 lines = st.lists(st.one_of(
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30),
-    st.sampled_from(["", "  ", "/who", "//x", "\t tab", "caf\u00e9", "a\x1b[31mb", "x\ry"]),
+    st.sampled_from(["", "  ", "/who", "//x", "\t tab", "caf\u00e9", "a\x1b[31mb", "x\ry", "\x1b[31m",
+                     "\x01\x1b]0;t\x07 \u202e", "\u2066\x85\x7f"]),
     st.binary(max_size=12).map(lambda b: b.decode("latin-1"))), max_size=12)
 
 
@@ -95,3 +98,25 @@ def test_fast_paths_send_the_same_bytes(texts, end, rate):
     finally:
         logging.getLogger("chatd").disabled = False
     assert outputs[0] == outputs[1]
+
+
+void_parts = st.lists(st.sampled_from(
+    [b" ", b"\t", b"\r", b"\0", b"\x01", b"\x1b", b"\x7f", b"\xc2\x85", b"\xc2", b"\xe2\x80\xae",
+     b"\xe2\x81\xa6", b"\xe2\x80", b"[", b"]", b"m", b"0;", b"\x07", b"\\", b"a", b"\xff", b"\xe9"]),
+    max_size=10).map(b"".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(void_parts)
+def test_a_void_line_cleans_to_nothing(line):
+    """Chat's VOID_LINES and VOID_BYTES, which charge blank and control-only lines a token
+    each in bulk, take a line only if clean_text leaves nothing visible of it."""
+    if (chat_module.VOID_LINES.fullmatch(line + b"\n")
+            or not (line + b"\n").translate(None, chat_module.VOID_BYTES)):
+        assert not chat_module.clean_text(line).strip(), line
+
+
+def test_void_lines_are_found():
+    """The hostile classes of the benchmark take the bulk path: bare LFs, controls, bidi."""
+    for line in (b"", b"\x01\x02\x1b[0m\x07\r", "\u202e\u2066\u202d".encode(), b"\x1b]0;x\x07 \t"):
+        assert chat_module.VOID_LINES.fullmatch(line + b"\n"), line
