@@ -84,12 +84,12 @@ class ChatConnection(Connection):
 
     # ------------------------------------------------------------ input
 
-    def data_received(self, data: bytes) -> None:
+    def consume(self, data: bytes) -> None:
         self.active = True
         chat = self.state.chat
         chat.cork()
         try:
-            items = self.feed(data)
+            items = self.decode(data)
             if self.commands:   # telnet commands take tokens as lines do
                 self._charge(self.commands)
                 self.commands = 0
@@ -97,6 +97,8 @@ class ChatConnection(Connection):
         finally:
             chat.uncork()
         self.take_share(len(data))
+
+    data_received = consume
 
     def eof_received(self) -> bool:
         """The client half-closed: it has left. Its last line counts; what is queued is flushed."""

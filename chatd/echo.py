@@ -26,7 +26,7 @@ class EchoConnection(Connection):
 
     __slots__ = ()
 
-    def data_received(self, data: bytes) -> None:
+    def consume(self, data: bytes) -> None:
         self.active = True
         block = self.plain(data)
         if block:
@@ -35,7 +35,7 @@ class EchoConnection(Connection):
             else:
                 self.hold(block)
         elif block is None:
-            out = self.feed(data)
+            out = self.decode(data)
             if out:
                 self._write_slow(out)
         taken = self.taken + len(data)   # Connection.take_share, inlined: the hot path
@@ -43,6 +43,8 @@ class EchoConnection(Connection):
             self.taken = taken
         else:
             self.sit_out()
+
+    data_received = consume
 
     def _write_slow(self, out: list) -> None:
         """Over-long lines become ERR lines, a literal 0xFF goes out as IAC IAC, replies as they are."""

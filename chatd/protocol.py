@@ -216,22 +216,29 @@ class LineDecoder:
     def _split(self, data: bytes, split: re.Pattern[bytes]) -> list:
         """`_filter_telnet` by the pattern: the parts of `data`, in order."""
         pieces = split.split(data)
-        # Each match adds 3 groups and the data after it: a literal 0xFF, a run of DO and
-        # WILL, an incomplete sequence (only at the end); the rest are dropped commands.
+        # Each match adds 3 groups and the data after it: a literal 0xFF, a run of complete
+        # commands of any kind, an incomplete sequence (only at the end).
         literals = (len(pieces) >> 2) - pieces[1::4].count(None)
         self.commands += data.count(IAC) - 2 * literals
         if len(pieces) > 1 and pieces[-2] is not None:
             self._pending = _pending_of(pieces[-2])
             pieces[-2] = None
-        if not any(pieces[2::4]):
+        runs = pieces[2::4]
+        if DO not in data and WILL not in data or not any(runs):   # nothing to answer
+            pieces[2::4] = [None] * len(runs)
             return [b"".join(filter(None, pieces))]
         parts: list = []
         start = 0
         for k in range(2, len(pieces), 4):
-            if pieces[k] is not None:
-                parts.append(b"".join(filter(None, pieces[start:k])))
-                parts.append(_refusals(pieces[k]))
-                start = k + 1
+            run = pieces[k]
+            if run is not None:
+                answered = b"".join(_answered(self.max_line).findall(run))
+                if answered:
+                    parts.append(b"".join(filter(None, pieces[start:k])))
+                    parts.append(_refusals(answered))
+                    start = k + 1
+                else:
+                    pieces[k] = None
         parts.append(b"".join(filter(None, pieces[start:])))
         return parts
 
@@ -258,28 +265,36 @@ _SUB_UNIT = rb"(?:[^\xff]|\xff\xff)"   # a byte of a subnegotiation's payload (I
 _REFUSE = bytes.maketrans(bytes((DO, WILL)), bytes((WONT, DONT)))
 
 
+def _subnegotiation(max_line: int) -> bytes:
+    """After IAC: a subnegotiation ended within `max_line` payload bytes (by IAC SE, or by IAC
+    and any other byte, which is malformed), or the first `max_line` + 1 payload bytes of a
+    longer one, given up there (what follows is data)."""
+    return rb"\xfa(?:%s{0,%d}\xff[\x00-\xfe]|%s{%d})" % (_SUB_UNIT, max_line, _SUB_UNIT, max_line + 1)
+
+
 @functools.lru_cache(maxsize=8)
 def _telnet_patterns(max_line: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
-    """The telnet sequences for `split`, each kind in its place (RFC 854/855), and one
-    whole command (for `_flood`; `IAC IAC` is data, not one).
+    """The telnet sequences for `split`, and one whole command (for `_flood`; `IAC IAC` is
+    data, not one): the two-byte ones (NOP, IP, AYT, ... and unknown bytes), DO, DONT, WILL
+    and WONT with their option, and a subnegotiation.
 
-    The first's groups: (1) the 0xFF of `IAC IAC`; (2) a run of DO and WILL, each answered; (3) an
-    incomplete sequence at the end of the data. Without a group, a run of dropped commands:
-    the two-byte ones (NOP, IP, AYT, ... and unknown bytes), DONT and WONT (they ask for the
-    state we are in: no answer), a subnegotiation ended within `max_line` payload bytes
-    (by IAC SE, or by IAC and any other byte, which is malformed), and the first
-    `max_line` + 1 payload bytes of a longer one, given up there (what follows is data).
+    The first's groups: (1) the 0xFF of `IAC IAC`; (2) a run of complete commands of any
+    kind, in one match however they are mixed (`_answered` finds what a run asks of us);
+    (3) an incomplete sequence at the end of the data.
     """
-    unit, n = _SUB_UNIT, max_line
-    split = re.compile(
-        rb"\xff(\xff)"
-        rb"|((?:\xff[\xfb\xfd].)+)"
-        rb"|(?:\xff(?:[\x00-\xf9]|[\xfc\xfe].|\xfa(?:%s{0,%d}\xff[\x00-\xfe]|%s{%d})))+"
-        rb"|(\xff(?:[\xfb-\xfe]|\xfa%s{0,%d}\xff?)?\Z)" % (unit, n, unit, n + 1, unit, n),
-        re.DOTALL)
-    one = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa%s{0,%d}\xff[\x00-\xfe]|[\x00-\xf9])" % (unit, n),
-                     re.DOTALL)
-    return split, one
+    one = rb"\xff(?:[\x00-\xf9]|[\xfb-\xfe].|%s)" % _subnegotiation(max_line)
+    split = re.compile(rb"\xff(\xff)|((?:%s)+)|(\xff(?:[\xfb-\xfe]|\xfa%s{0,%d}\xff?)?\Z)"
+                       % (one, _SUB_UNIT, max_line), re.DOTALL)
+    return split, re.compile(one, re.DOTALL)
+
+
+@functools.lru_cache(maxsize=8)
+def _answered(max_line: int) -> re.Pattern[bytes]:
+    """A run's commands for `findall`, a stretch at a time: each stretch of DO and WILL as
+    its bytes (to be answered), each stretch of other commands as b"" (dropped, as DONT and
+    WONT ask for the state we are in)."""
+    return re.compile(rb"((?:\xff[\xfb\xfd].)+)|(?:\xff(?:[\x00-\xf9]|[\xfc\xfe].|%s))+"
+                      % _subnegotiation(max_line), re.DOTALL)
 
 
 def _refusals(run: bytes) -> TelnetReply:

@@ -58,7 +58,7 @@ WORKLOADS = {
 }
 # Hostile input (hostile.py): "x" workloads, one sender of a class, give the server's MB of it
 # per CPU-second; "l" workloads, four senders and a well-behaved client, that client's latency.
-HOSTILE_CLASSES = ["iac-nop", "iac-do", "subneg", "bare-lf", "control", "bidi"]
+HOSTILE_CLASSES = ["iac-nop", "iac-do", "iac-mixed", "subneg", "bare-lf", "control", "control-mixed", "bidi"]
 for _mode, _m in (("echo", "e"), ("chat", "c")):
     for _cls in ["plain"] + HOSTILE_CLASSES:
         WORKLOADS[f"x{_m}-{_cls}"] = ("x" + _mode, ["--class", _cls, "-S", "1"],

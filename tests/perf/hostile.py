@@ -36,8 +36,13 @@ CLASSES = {   # class -> (the unit sent, in echo what comes back for it)
     "iac-nop": (b"\xff\xf1", b""),
     "iac-do": (b"\xff\xfd\x01\xff\xfb\x18", b"\xff\xfc\x01\xff\xfe\x18"),
     "subneg": (b"\xff\xfa\x18\x00VT100\xff\xf0", b""),
+    # The classes above repeat one unit, which chatd takes in one comparison; these vary it
+    # (three commands, four different void lines), so the general path is what is measured.
+    "iac-mixed": (b"\xff\xf1\xff\xf9\xff\xfd\x01\xff\xfb\x18\xff\xfd\x03",
+                  b"\xff\xfc\x01\xff\xfe\x18\xff\xfc\x03"),
     "bare-lf": (b"\n", b"\n"),
     "control": (b"\x01\x02\x1b[0m\x07\r\n", b"\x01\x02\x1b[0m\x07\r\n"),
+    "control-mixed": (b"\x01\n\x02\x03\r\n\x1b[1m\n\x07\x07\t\n", b"\x01\n\x02\x03\r\n\x1b[1m\n\x07\x07\t\n"),
     "bidi": ("\u202e\u2066\u202d".encode() + b"\n", "\u202e\u2066\u202d".encode() + b"\n"),
 }
 PROBE_EVERY_S = 0.01

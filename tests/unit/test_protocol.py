@@ -519,3 +519,33 @@ def test_property_escaped_bytes_come_back_exactly(payload, data):
     dec = LineDecoder(64)
     out = b"".join(item for seg in split(stream, cuts) if seg for item in dec.feed(seg))
     assert out == payload + b"\n"
+
+
+# Well-formed telnet commands of every kind, mixed with data: (what is sent, the answer it
+# gets, the data it stands for). A reference model of the decoder's telnet filter.
+COMMAND_TOKENS = st.one_of(
+    st.sampled_from([NOP, 249, 242, 0, 0xf9]).map(lambda v: (b(IAC, v), b"", b"")),
+    st.tuples(st.sampled_from([DONT, WONT]), st.integers(0, 255)).map(lambda t: (b(IAC, *t), b"", b"")),
+    st.one_of(st.just(TM), st.integers(0, 255)).map(
+        lambda o: (b(IAC, DO, o), b(IAC, WILL if o == TM else WONT, o), b"")),
+    st.integers(0, 255).map(lambda o: (b(IAC, WILL, o), b(IAC, DONT, o), b"")),
+    st.binary(max_size=6).map(lambda p: (b(IAC, SB, TTYPE) + p.replace(b"\xff", b"\xff\xff") + b(IAC, SE),
+                                         b"", b"")),
+    st.just((b(IAC, IAC), b"", b"\xff")),
+    st.binary(min_size=1, max_size=4).map(lambda d: d.replace(b"\xff", b"").replace(b"\n", b"") or b"d")
+    .map(lambda d: (d, b"", d)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(COMMAND_TOKENS, max_size=80), cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_property_mixed_commands_are_answered_and_dropped_as_a_reference_model_says(tokens, cuts):
+    """Runs of commands mixed in any order (the decoder takes a run in one match) give the
+    answers and the data a command-by-command model gives, however the stream is cut."""
+    stream = b"".join(t[0] for t in tokens) + b"\n"
+    want_answers = b"".join(t[1] for t in tokens)
+    want_data = b"".join(t[2] for t in tokens) + b"\n"
+    dec = LineDecoder(4096)
+    items = [item for part in split(stream, cuts) for item in dec.feed(part)]
+    assert b"".join(i for i in items if isinstance(i, TelnetReply)) == want_answers
+    assert b"".join(i for i in items if not isinstance(i, TelnetReply)) == want_data
