@@ -10,8 +10,10 @@
    as a pipe or a stream socket (the journal's kind) that nobody reads, each holding about a
    page. Echo keeps answering every client, the lines go to X.log, the failure is said once,
    and `status` says "failing".
+3. A stream syslog that stops accepting: its backlog full, no connect() waits for it, at start,
+   restart or the retry.
 
-Each test prints one `FIGURES` line. Traffic goes to 127.0.0.1 only; every process is stopped by
+Each test prints its `FIGURES` lines. Traffic goes to 127.0.0.1 only; every process is stopped by
 its pid; every wait has a deadline.
 """
 
@@ -28,6 +30,7 @@ import pytest
 
 from chatd.config import KEYS
 from chatd.connection import CHURN_INTERVAL_S
+from chatd.log import RETRY_S
 from support import LineClient, alive, chatd_command, figures, wait_for
 
 CHURN_S = 3.0
@@ -198,3 +201,43 @@ def test_stderr_that_nobody_reads_never_freezes_chatd_run(chatd, kind):
     finally:
         os.close(daemons_end)
         os.close(tests_end)
+
+
+def test_a_stream_syslog_that_stops_accepting_never_freezes_the_daemon(chatd, tmp_path):
+    """1. a stream "syslog" socket that never accepts (listen(0)), its backlog filled by the
+    test's own connection; 2. `chatd start` (level debug) with it as `syslog_socket`; ECHOES
+    clients; 3. `chatd restart`; ECHOES clients; 4. past RETRY_S, when chatd tries syslog again,
+    ECHOES clients.
+    Result: start and restart finish, every client is echoed within ECHO_TIMEOUT_S each time
+    (a blocking connect() froze the daemon for good); the lines go to X.log; status says failing."""
+    path = tmp_path / "log"
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.bind(str(path))
+    stuck.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.connect(str(path))   # the one connection a backlog of 0 takes: the next would wait
+    try:
+        chatd.config.write_text(chatd.config.read_text().replace(
+            f'target = "{chatd.logfile}"', f'target = "syslog"\nsyslog_socket = "{path}"'))
+        chatd.cmd("start", timeout=10, check=0)
+        pid = chatd.pid()
+        echoed = {"start": echo_one_by_one(chatd.port)}
+        chatd.cmd("restart", timeout=10, check=0)
+        echoed["restart"] = echo_one_by_one(chatd.port)
+        time.sleep(RETRY_S + 1)
+        echoed["retry"] = echo_one_by_one(chatd.port)
+        problems = [f"echo answered {n}/{ECHOES} after the {when}"
+                    for when, (n, _) in echoed.items() if n != ECHOES]
+        if not problems:
+            fallback = chatd.pidfile.with_suffix(".log").read_text(errors="replace")
+            if "log target failed" not in fallback or "disconnect 127.0.0.1" not in fallback:
+                problems.append("the lines did not reach X.log")
+            status = chatd.cmd("status", timeout=10, check=0).stdout.decode()
+            if "(failing: BlockingIOError: " not in status:
+                problems.append(f"status does not say that syslog is failing: {status!r}")
+        for when, (n, latencies) in echoed.items():
+            figures_of_echo(f"stream_syslog_stops_accepting[{when}]", n, latencies, alive=alive(pid))
+        assert not problems, "\n".join(problems)
+    finally:
+        filler.close()
+        stuck.close()
