@@ -242,8 +242,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits", "max_clients_per_ip", 100, _int(0), on_restart=NEW_CONNECTIONS,
         help="clients at once from one address; 0: no limit"),
     Key("limits", "logged_per_ip", 100, _int(0),
-        help="newcomers from one address logged one by one per 10 s; past it they are counted, "
-             "one line per address; 0: no limit"),
+        help="newcomers from one address (an IPv6 /64) logged one by one per 10 s, 10 times "
+             "that from all; past it they are counted, one line per address; 0: no limit"),
     Key("limits", "idle_timeout", 0.0, _float(0.0), on_restart=ALL_CONNECTIONS,
         help="seconds since the last byte received before a client is closed; 0: never"),
     Key("limits", "output_buffer", 262144, _int(16, 1 << 30), on_restart=NEW_CONNECTIONS,

@@ -12,7 +12,7 @@ reading the client and chat drops it (`over_budget`). The kernel's send and
 receive buffers are capped too (`_bound_buffers`), and a connection that has had
 SHARE_BYTES of input sits out one loop pass (`take_share`), so no sender can
 hold the loop while others wait. Connect and disconnect lines past a rate per
-address are counted and summarised (`ChurnLog`).
+source address (an IPv6 /64) and in all are counted and summarised (`ChurnLog`).
 
 Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/unit/test_churn_log.py, tests/process/test_log_abuse.py, tests/process/test_fair_share.py
 """
@@ -36,8 +36,9 @@ SHARE_BYTES = 65536    # input a connection handles before it sits out a loop pa
 TELNET_SLICE = 4096    # telnet-laden input decoded at least, and at first, in one pass
 TELNET_PASS_S = 0.002  # about how long one connection's telnet decoding may take of a pass
 KERNEL_BUFFER = 65536  # the most asked of the kernel for a socket's send and receive buffers
-CHURN_INTERVAL_S = 10.0   # README "Logging": per address and interval, the first `logged_per_ip`
-CHURN_SOURCES = 1024      # newcomers are logged one by one; past CHURN_SOURCES addresses, one count
+CHURN_INTERVAL_S = 10.0   # README "Logging": per source and interval, the first `logged_per_ip`
+CHURN_ALL = 10            # newcomers are logged one by one, CHURN_ALL times that from all sources;
+CHURN_SOURCES = 64        # past CHURN_SOURCES sources an interval, the others share one count
 
 
 def format_peer(peer: Any) -> str:
@@ -92,38 +93,58 @@ def unsent_bytes(transport: asyncio.BaseTransport) -> int:
     return _queued(transport, termios.TIOCOUTQ)
 
 
-class ChurnLog:
-    """Connect, disconnect and refusal lines: one by one up to a rate per address, then counted.
+def churn_source(ip: str) -> str:
+    """Whom an address's churn is counted for: an IPv4 address (IPv4-mapped IPv6 too) as it
+    is, an IPv6 address by its /64, of which one host may hold any number of addresses."""
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+    except OSError:
+        return ip
+    if packed.startswith(bytes(10) + b"\xff\xff"):
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
-    One client churning connections wrote 1.4 MB of log in 3 s. In each CHURN_INTERVAL_S,
-    the first `limit` newcomers from an address (admitted or refused) are logged as ever,
-    each connection's disconnect with it whenever it comes; the address's further newcomers
-    are only counted, as are their disconnects, and `flush` (at the interval's end, and at
-    a stop) logs one line per address with the counts. The table is bounded: past
-    CHURN_SOURCES addresses in one interval, newcomers from the others share one count.
+
+class ChurnLog:
+    """Connect, disconnect and refusal lines: one by one up to a rate per source, then counted.
+
+    One client churning connections wrote 1.4 MB of log in 3 s, and a rate per exact address
+    did not hold against many addresses (1000 of 127.0.2.0/22, one connection each: 2000
+    lines, no summary). In each CHURN_INTERVAL_S, the first `limit` newcomers from a source
+    (`churn_source`), and CHURN_ALL × `limit` from all of them together, admitted or refused,
+    are logged as ever, each connection's disconnect with it whenever it comes; further
+    newcomers are only counted, as are their disconnects, and `flush` (at the interval's end,
+    and at a stop) logs one line per source with the counts. The table is bounded: past
+    CHURN_SOURCES sources in one interval, newcomers from the others share one count, so at
+    most CHURN_SOURCES + 1 summary lines an interval.
     """
 
     OTHERS = "other addresses"
-    CONNECTS, DISCONNECTS, REFUSED = 1, 2, 3   # indexes in an address's counts; 0: lines logged
+    CONNECTS, DISCONNECTS, REFUSED = 1, 2, 3   # indexes in a source's counts; 0: lines logged
 
     def __init__(self) -> None:
         self.sources: dict[str, list[int]] = {}
+        self.logged = 0   # newcomers logged one by one this interval, from all sources
 
     def _counts(self, ip: str) -> list[int]:
-        counts = self.sources.get(ip)
+        source = churn_source(ip)
+        counts = self.sources.get(source)
         if counts is None:
-            key = ip if len(self.sources) < CHURN_SOURCES else self.OTHERS
+            key = source if len(self.sources) < CHURN_SOURCES else self.OTHERS
             counts = self.sources.setdefault(key, [0, 0, 0, 0])
         return counts
 
     def quiet(self, ip: str, limit: int) -> bool:
-        """Is a newcomer from `ip` past the `limit` of this interval (counted, not logged)?
-        A limit of 0 logs every one."""
+        """Is a newcomer from `ip` past the `limit` of its source, or CHURN_ALL × `limit` in
+        all, this interval (counted, not logged)? A limit of 0 logs every one."""
         if not limit:
             return False
         counts = self._counts(ip)
-        if counts[0] < limit:
+        if counts[0] < limit and self.logged < CHURN_ALL * limit:
             counts[0] += 1
+            self.logged += 1
             return False
         return True
 
@@ -131,13 +152,14 @@ class ChurnLog:
         self._counts(ip)[what] += 1
 
     def flush(self) -> None:
-        """Log what this interval counted, one line per address; a new interval begins."""
-        for ip, (_, connects, disconnects, refused) in self.sources.items():
+        """Log what this interval counted, one line per source; a new interval begins."""
+        for source, (_, connects, disconnects, refused) in self.sources.items():
             if connects or disconnects or refused:
                 log.log(logging.WARNING if refused else logging.INFO,
                         "churn from %s in %g s: %d connects, %d disconnects, %d refused, not "
-                        "logged one by one", ip, CHURN_INTERVAL_S, connects, disconnects, refused)
+                        "logged one by one", source, CHURN_INTERVAL_S, connects, disconnects, refused)
         self.sources.clear()
+        self.logged = 0
 
 
 class ServerState:

@@ -127,31 +127,53 @@ class StderrTarget(logging.Handler):
 
 
 class SyslogTarget(logging.handlers.SysLogHandler):
-    """RFC 3164 datagrams to the syslog socket, tagged chatd[PID], never waiting for syslog.
+    """RFC 3164 lines to the syslog socket, tagged chatd[PID], never waiting for syslog.
 
     A syslog that stops reading fills its socket's queue (net.unix.max_dgram_qlen datagrams,
     10 by default), and a blocking send then stopped the event loop: echo stopped answering
     at the sixth connection. Every send is MSG_DONTWAIT, so a full queue (EAGAIN) is a failure
     like any other: FailoverHandler writes to X.log and tries syslog again every RETRY_S.
+    Connecting never waits either (`_connect_unixsocket`).
     """
 
     def __init__(self, address: str, facility: str) -> None:
-        super().__init__(address=address, facility=facility)
+        super().__init__(address=address, facility=facility)   # connects, or leaves socket None
         self.ident = f"chatd[{os.getpid()}]: "
 
+    def _connect_unixsocket(self, address: str) -> None:
+        """As SysLogHandler's (datagram, else stream), but non-blocking: a stream syslog that
+        stops accepting fills its backlog, and a blocking connect() then froze the daemon for
+        good, at start, restart or the retry. Its EAGAIN is a failure like any other."""
+        self.socket = None
+        kinds = (self.socktype,) if self.socktype else (socket.SOCK_DGRAM, socket.SOCK_STREAM)
+        for kind in kinds:
+            sock = socket.socket(socket.AF_UNIX, kind)
+            sock.setblocking(False)
+            try:
+                sock.connect(address)
+            except OSError:   # BlockingIOError too: EAGAIN (a full backlog), EINPROGRESS
+                sock.close()
+                if kind == kinds[-1]:
+                    raise
+                continue
+            self.socket, self.socktype = sock, kind
+            return
+
     def emit(self, record: logging.LogRecord) -> None:
-        """As SysLogHandler's, but no send waits, and every failure raises (for FailoverHandler)."""
+        """As SysLogHandler's, but no send or connect waits, and every failure raises (for
+        FailoverHandler)."""
         priority = self.encodePriority(self.facility, self.mapPriority(record.levelname))
         data = f"<{priority}>{self.ident}{self.format(record)}\0".encode("utf-8", "backslashreplace")
-        try:
-            self._send(data)
-        except BlockingIOError:
-            raise
-        except OSError:   # syslog restarted (its socket is a new one), or none when we began
-            if self.socket is not None:
+        if self.socket is not None:
+            try:
+                self._send(data)
+                return
+            except BlockingIOError:
+                raise
+            except OSError:   # syslog restarted (its socket is a new one)
                 self.socket.close()
-            self._connect_unixsocket(self.address)
-            self._send(data)
+        self._connect_unixsocket(self.address)   # or none when we began, or a stream given up
+        self._send(data)
 
     def _send(self, data: bytes) -> None:
         try:
@@ -159,6 +181,7 @@ class SyslogTarget(logging.handlers.SysLogHandler):
         except BlockingIOError:
             if self.socktype == socket.SOCK_STREAM:   # part of a line may be in: start afresh
                 self.socket.close()
+                self.socket = None
             raise
 
 

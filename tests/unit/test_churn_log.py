@@ -1,10 +1,10 @@
-"""connection.ChurnLog in-process: the rate per address, the summary lines, the bounded table."""
+"""connection.ChurnLog in-process: the rate per source and in all, the summary lines, the bounded table."""
 
 from __future__ import annotations
 
 import logging
 
-from chatd.connection import CHURN_SOURCES, ChurnLog
+from chatd.connection import CHURN_ALL, CHURN_SOURCES, ChurnLog, churn_source
 
 LIMIT = 100
 
@@ -39,3 +39,28 @@ def test_a_limit_of_0_logs_every_newcomer():
     churn = ChurnLog()
     assert not any(churn.quiet("192.0.2.1", 0) for _ in range(1000))
     assert churn.sources == {}
+
+
+def test_an_ipv6_64_is_one_source_and_ipv4_one_address():
+    assert churn_source("2001:db8:1:2:3:4:5:6") == churn_source("2001:db8:1:2::9") == "2001:db8:1:2::/64"
+    assert churn_source("::ffff:192.0.2.1") == churn_source("192.0.2.1") == "192.0.2.1"
+    churn = ChurnLog()
+    quiet = [churn.quiet(f"2001:db8:1:2::{i:x}", LIMIT) for i in range(LIMIT + 5)]
+    assert quiet == [False] * LIMIT + [True] * 5
+    assert list(churn.sources) == ["2001:db8:1:2::/64"]
+
+
+def test_past_the_cap_in_all_every_newcomer_is_counted():
+    """Many sources, each under its own rate: CHURN_ALL × the limit are logged, no more; the
+    summary lines stay at most CHURN_SOURCES + 1 and count the rest."""
+    churn, limit = ChurnLog(), 2
+    addresses = [f"10.0.{i >> 8}.{i & 255}" for i in range(CHURN_ALL * limit * 3)]
+    quiet = [churn.quiet(ip, limit) for ip in addresses]
+    assert quiet.count(False) == CHURN_ALL * limit
+    for ip, q in zip(addresses, quiet):
+        if q:
+            churn.count(ip, ChurnLog.CONNECTS)
+    assert len(churn.sources) <= CHURN_SOURCES + 1
+    assert sum(c[ChurnLog.CONNECTS] for c in churn.sources.values()) == quiet.count(True)
+    churn.flush()
+    assert churn.quiet("10.9.9.9", limit) is False   # a new interval, a new cap
