@@ -128,7 +128,7 @@ def resolve_directory(directory: str, owners: set[int] | None = None) -> tuple[s
     no one else. A path that does not exist yet is refused no further than it exists: the
     caller says what is missing."""
     owners = trusted() if owners is None else owners
-    parts = [p for p in os.path.abspath(directory).split("/") if p][::-1]   # a stack: next component last
+    parts = [p for p in os.path.abspath(directory).split("/") if p][::-1]   # a stack: next one last
     done, hops = "/", 0
     while parts:
         name = parts.pop()
@@ -144,9 +144,10 @@ def resolve_directory(directory: str, owners: set[int] | None = None) -> tuple[s
             return path, f"{path}: {e.strerror}"
         if stat.S_ISLNK(st.st_mode):
             hops += 1
-            if st.st_uid not in trusted() or hops > 40:
-                return path, (f"{path} is a symbolic link of uid {st.st_uid}" if hops <= 40
-                              else f"{path}: too many levels of symbolic links")
+            if hops > 40:
+                return path, f"{path}: too many levels of symbolic links"
+            if st.st_uid not in trusted():
+                return path, f"{path} is a symbolic link of uid {st.st_uid}"
             target = os.readlink(path)
             done = "/" if target.startswith("/") else done
             parts.extend([p for p in target.split("/") if p][::-1])
@@ -158,8 +159,10 @@ def resolve_directory(directory: str, owners: set[int] | None = None) -> tuple[s
             if problem:
                 return path, f"{path} above it: {problem}"
         done = path
-    st = os.stat(done)
-    return done, _owner_problem(st, owners)
+    try:
+        return done, _owner_problem(os.stat(done), owners)
+    except OSError as e:
+        return done, f"{done}: {e.strerror}"
 
 
 def trusted_for(path: str) -> set[int]:
