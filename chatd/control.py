@@ -25,7 +25,7 @@ from .daemon import ReadinessPipe
 from .errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK,
                      EXIT_PRIVILEGE, ChatdError, PrivilegeError, StartError)
 from .log import Logging, log, resolve_target
-from .paths import SYSTEM_DIR, InstancePaths, check_directory, instance_paths, prepare_directory
+from .paths import SYSTEM_DIR, InstancePaths, check_log_file, instance_paths, prepare_directory, secured
 from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, open_holder, probe
 from .notify import Activated, Notifier, listen_fds, supervised, take_upstart_job
 from .server import Listener, Runtime, Server, describe_listeners, new_event_loop
@@ -67,11 +67,25 @@ def load_config(opts: Options) -> Config:
 
 
 def _find_instance(opts: Options, out: Console | None) -> tuple[Config | None, InstancePaths]:
-    """The config and the instance's file names; a broken config is a warning (to `out`)."""
+    """The config and the instance's file names, through the pid directory's resolved path once
+    the whole path is found safe (`secured`); a broken config is a warning (to `out`)."""
     cfg, paths, problem = instance.find(opts.config, opts.overrides, opts.cwd)
     if problem and out is not None:
         out.warn(f"warning: {problem}; using pid file {paths.pidfile}")
-    return cfg, paths
+    _trust_drop_user(cfg)
+    return cfg, _secured(paths)
+
+
+def _secured(paths: InstancePaths) -> InstancePaths:
+    """`paths.secured`, where the pid directory's owner may own chatd's files (`files`)."""
+    return secured(paths, files.trusted_for(paths.pidfile))
+
+
+def _trust_drop_user(cfg: Config | None) -> None:
+    """A daemon that dropped privileges runs as its `user`: trust that user's files and locks."""
+    with contextlib.suppress(ChatdError):
+        if cfg is not None:
+            files.trust(daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group))
 
 
 def _refuse_mismatch(opts: Options, paths: InstancePaths, found: Probe, what: str,
@@ -125,23 +139,12 @@ def _prepare(opts: Options, foreground: bool, notifier: Notifier | None = None) 
     cfg = load_config(opts)
     target = resolve_target(cfg, foreground=foreground)
     files.trust(daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group))
-    paths = instance_paths(cfg)
-    prepare_directory(cfg, paths)
+    paths = prepare_directory(cfg, instance_paths(cfg))
     if target not in ("syslog", "stderr"):
-        _check_log_file(target or paths.fallback_log)
+        resolved = check_log_file(target or paths.fallback_log)
+        target = resolved if target else ""
     return Launch(cfg, target, paths, detached=not foreground, notifier=notifier or Notifier(),
                   activated=listen_fds(), upstart=foreground and take_upstart_job())
-
-
-def _check_log_file(path: str) -> None:
-    """Refuse (exit 4), before forking, a log directory or file that the daemon would refuse."""
-    check_directory(os.path.dirname(path), "log directory")
-    try:
-        os.close(files.open_file(path, os.O_WRONLY | os.O_APPEND))
-    except files.UnsafeFile as e:
-        raise PrivilegeError(f"cannot open log file {path}: {e.strerror}") from None
-    except OSError:
-        pass   # missing, or not ours to open: the daemon creates it, or says why it cannot
 
 
 def start(opts: Options, out: Console) -> int:
@@ -365,6 +368,9 @@ def stop(opts: Options, out: Console) -> int:
     timeout = opts.timeout if opts.timeout is not None else drain + 5
     with guard(paths.guard):
         found = probe(paths.pidfile)
+        if found.foreign:
+            out.say(f"chatd is not running (pid file {found.path} is locked, but {found.problem})")
+            return EXIT_OK
         if not found.running:
             if found.content.strip():
                 clear_stale(paths.pidfile)
@@ -414,7 +420,7 @@ def restart(opts: Options, out: Console, reload: bool = False) -> int:
     _, paths = _find_instance(opts, None)
     with guard(paths.guard):
         found = probe(paths.pidfile)
-        if found.running:
+        if found.running and not found.foreign:
             before = _refuse_mismatch(opts, paths, found,
                                       "a running chatd keeps the options it was started with and "
                                       "re-reads only its config file (set the value there, or stop "
@@ -462,11 +468,14 @@ def status(opts: Options, out: Console) -> int:
     exit status. A running instance that is not the server the options describe is not
     what was asked about: 3, with the reason.
     """
-    cfg, paths = _find_instance(opts, out)
-    candidates = [paths]
-    explicit = opts.config or "daemon.pidfile" in opts.overrides or (cfg and cfg.daemon.pidfile)
-    if not explicit and paths.default_dir and os.path.dirname(paths.pidfile) != SYSTEM_DIR:
-        candidates.append(instance_paths(cfg or Config(), directory=SYSTEM_DIR))
+    try:
+        cfg, paths = _find_instance(opts, out)
+        candidates = [paths]
+        explicit = opts.config or "daemon.pidfile" in opts.overrides or (cfg and cfg.daemon.pidfile)
+        if not explicit and paths.default_dir and os.path.dirname(paths.pidfile) != SYSTEM_DIR:
+            candidates.append(_secured(instance_paths(cfg or Config(), directory=SYSTEM_DIR)))
+    except PrivilegeError as e:
+        raise ChatdError(f"cannot tell: {e}", EXIT_PRIVILEGE) from None
     first: Probe | None = None
     for where in candidates:
         try:
@@ -474,6 +483,9 @@ def status(opts: Options, out: Console) -> int:
                 found = probe(where.pidfile)
         except ChatdError as e:
             raise ChatdError(f"cannot tell: {e}", EXIT_PRIVILEGE) from None
+        if found.foreign:
+            raise ChatdError(f"cannot tell: pid file {found.path} is locked, but {found.problem}",
+                             EXIT_PRIVILEGE)
         if found.running:
             try:
                 state = _refuse_mismatch(opts, where, found, "so no chatd here is the one those "

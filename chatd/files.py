@@ -10,7 +10,8 @@ the open) and O_CLOEXEC, and then `fstat` must show a regular file with one link
 owned by a trusted user and writable by no one else; anything else raises
 UnsafeFile, which says why. Temporary files get an unpredictable name and
 O_EXCL, so nothing planted can stand in for them. The directories these files
-live in pass an owner and mode check too (`directory_problem`).
+live in pass an owner and mode check too, and so does every directory and link above
+them (`resolve_directory`).
 
 Trusted owners are root, the user chatd runs as, the user a root daemon will drop
 to (`trust`: a daemon that dropped privileges reopens its log as that user, and
@@ -117,20 +118,57 @@ def file_problem(st: os.stat_result, also: set[int] = frozenset()) -> str:
     return _owner_problem(st, trusted() | also)
 
 
-def directory_problem(directory: str, owners: set[int] | None = None) -> str:
-    """Why this directory may not hold chatd's files ("" if it may): whoever may write it
-    can replace them. A symlink to it is followed only if a trusted user owns the link."""
+def resolve_directory(directory: str, owners: set[int] | None = None) -> tuple[str, str]:
+    """`directory` with every symbolic link resolved, and why it may not hold chatd's files
+    ("" if it may): whoever may write it, or any directory above it, or may repoint a link on
+    the way, can swap in files of their own after any check, so the whole path is walked
+    (OpenSSH's secure_path). A link must belong to a trusted user; a directory above must
+    belong to a trusted user and be writable by no one else, or be root's and sticky (/tmp);
+    the directory itself must belong to one of `owners` (default: trusted) and be writable by
+    no one else. A path that does not exist yet is refused no further than it exists: the
+    caller says what is missing."""
     owners = trusted() if owners is None else owners
+    parts = [p for p in os.path.abspath(directory).split("/") if p][::-1]   # a stack: next one last
+    done, hops = "/", 0
+    while parts:
+        name = parts.pop()
+        if name in (".", ".."):
+            done = os.path.dirname(done) if name == ".." else done
+            continue
+        path = os.path.join(done, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return os.path.join(path, *parts[::-1]), ""
+        except OSError as e:
+            return path, f"{path}: {e.strerror}"
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                return path, f"{path}: too many levels of symbolic links"
+            if st.st_uid not in trusted():
+                return path, f"{path} is a symbolic link of uid {st.st_uid}"
+            target = os.readlink(path)
+            done = "/" if target.startswith("/") else done
+            parts.extend([p for p in target.split("/") if p][::-1])
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return path, f"{path} is not a directory"
+        if parts and not (st.st_uid == 0 and st.st_mode & stat.S_ISVTX):
+            problem = _owner_problem(st, trusted())
+            if problem:
+                return path, f"{path} above it: {problem}"
+        done = path
     try:
-        link = os.lstat(directory)
-        st = os.stat(directory)
+        return done, _owner_problem(os.stat(done), owners)
     except OSError as e:
-        return e.strerror or str(e)
-    if stat.S_ISLNK(link.st_mode) and link.st_uid not in owners:
-        return f"it is a symbolic link of uid {link.st_uid}"
-    if not stat.S_ISDIR(st.st_mode):
-        return "it is not a directory"
-    return _owner_problem(st, owners)
+        return done, f"{done}: {e.strerror}"
+
+
+def trusted_for(path: str) -> set[int]:
+    """Who may own the file at `path` or hold its lock: trusted users and, if no one else may
+    write the file's directory, its owner (see the module's docstring)."""
+    return trusted() | _directory_owner(path)
 
 
 def _owner_problem(st: os.stat_result, owners: set[int] | None = None) -> str:

@@ -59,14 +59,17 @@ def instance_paths(cfg: Config, directory: str | None = None) -> InstancePaths:
     return siblings(os.path.join(directory or default_directory(), name + ".pid"), default_dir=True)
 
 
-def prepare_directory(cfg: Config, paths: InstancePaths) -> None:
+def prepare_directory(cfg: Config, paths: InstancePaths) -> InstancePaths:
     """Make sure the pid file's directory exists, is ours and is safe; create a default one.
+    The same files are returned, named through the directory's resolved path.
 
     A directory that another user owns, or that others may write, is refused,
-    default or not: whoever controls it controls which pid our `stop` signals,
-    and where root's writes land. A default directory must be our own.
+    default or not, and so is one reached through such a directory or another user's
+    symbolic link (`files.resolve_directory`): whoever controls it controls which pid
+    our `stop` signals, and where root's writes land. A default directory must be our own.
     """
     directory = os.path.dirname(paths.pidfile)
+    owners = None
     if paths.default_dir:
         mode = 0o755 if directory == SYSTEM_DIR else 0o700
         try:
@@ -82,23 +85,44 @@ def prepare_directory(cfg: Config, paths: InstancePaths) -> None:
             raise _dir_error(directory, e) from None
         if not stat.S_ISDIR(st.st_mode):
             raise PrivilegeError(f"pid directory {directory} is not a directory; refusing it")
-        problem = files.directory_problem(directory, owners={os.geteuid()})
-        if problem:
-            raise PrivilegeError(f"pid directory {directory}: {problem}; refusing it "
-                                 f"(remove it, or use --pidfile)")
+        owners = {os.geteuid()}
     elif not os.path.isdir(directory):
         raise setting_error(cfg.origin("daemon.pidfile"),
                             f"the pid file's directory {directory} does not exist")
-    else:
-        check_directory(directory, "pid directory")
-    _check_writable(directory)
+    paths = secured(paths, owners)
+    _check_writable(os.path.dirname(paths.pidfile))
+    return paths
 
 
-def check_directory(directory: str, what: str) -> None:
-    """Refuse (exit 4) a directory another user owns or others may write."""
-    problem = files.directory_problem(directory)
+def secured(paths: InstancePaths, owners: set[int] | None = None) -> InstancePaths:
+    """`paths` named through their directory's resolved path, which must be safe for `owners`
+    (default: trusted users) to hold chatd's files (`check_directory`). Every command checks
+    this before it believes a pid file: `stop` signals the pid it names."""
+    directory = check_directory(os.path.dirname(paths.pidfile), "pid directory", owners)
+    return siblings(os.path.join(directory, os.path.basename(paths.pidfile)), paths.default_dir)
+
+
+def check_directory(directory: str, what: str, owners: set[int] | None = None) -> str:
+    """The directory's resolved path; PrivilegeError (exit 4) if another user owns it, others
+    may write it, or either is true of a directory or link on the way (`files.resolve_directory`)."""
+    resolved, problem = files.resolve_directory(directory, owners)
     if problem:
         raise PrivilegeError(f"{what} {directory}: {problem}; refusing it")
+    return resolved
+
+
+def check_log_file(path: str) -> str:
+    """The log file's resolved path; PrivilegeError (exit 4) for a log directory or file that
+    the daemon would refuse. Checked before `start` forks and before `restart` applies a new
+    target: no path of another user's choosing is ever opened by root."""
+    path = os.path.join(check_directory(os.path.dirname(path), "log directory"), os.path.basename(path))
+    try:
+        os.close(files.open_file(path, os.O_WRONLY | os.O_APPEND))
+    except files.UnsafeFile as e:
+        raise PrivilegeError(f"cannot open log file {path}: {e.strerror}") from None
+    except OSError:
+        pass   # missing, or not ours to open: the daemon creates it, or says why it cannot
+    return path
 
 
 def _check_writable(directory: str) -> None:

@@ -108,6 +108,12 @@ class Probe:
     problem: str = ""        # why a locked pid file's pid cannot be trusted (or proven)
     inode: tuple[int, int] | None = None   # the pid file's (st_dev, st_ino)
 
+    @property
+    def foreign(self) -> bool:
+        """Locked, but by no process proven to be chatd: someone sits on the file, and no
+        chatd runs from it (a chatd that runs holds its own lock and names itself)."""
+        return self.running and self.pid is None
+
 
 def probe(path: str) -> Probe:
     """Look at the pid file without changing anything (libucw: "try to lock the PID file").
@@ -140,20 +146,52 @@ def probe(path: str) -> Probe:
         problem = ""
         if pid is None:
             problem = f"its content {content[:20]!r} is not a pid"
+            problem += f"; the lock is held by {_who(holders)}" if holders else ""
         elif holders and pid not in holders:
-            problem = f"it names pid {pid} but the lock is held by pid {min(holders)}"
+            problem = f"it names pid {pid} but the lock is held by {_who(holders)}"
             pid = None
         else:
             held = holds(pid, inode)
-            if held is None:
+            problem = _not_chatd(pid, path) if held is not False else _not_holding(pid)
+            if held is None and not problem:
                 problem = f"pid {pid} belongs to another user, so chatd cannot prove that it holds the lock"
-            elif not held:
-                problem = _not_holding(pid)
+            elif problem:
                 pid = None
         return Probe(path, exists=True, running=True, pid=pid, content=content, problem=problem,
                      inode=inode)
     finally:
         os.close(fd)
+
+
+def _uid(pid: int) -> tuple[int, int] | None:
+    """The real and effective uid of `pid` (/proc/PID/status "Uid:"), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    real, effective = line.split()[1:3]
+                    return int(real), int(effective)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _not_chatd(pid: int, path: str) -> str:
+    """Why the process holding the pid file's lock is not taken for chatd ("" if it may be):
+    a lock proves only that a process holds it, and anyone may lock a file they can read, so
+    its real and effective uid must be trusted to own the file (`files.trusted_for`)."""
+    uids = _uid(pid)
+    if uids is None:
+        return f"pid {pid} has exited"
+    stranger = [u for u in uids if u not in files.trusted_for(path)]
+    return f"pid {pid} holds the lock but runs as uid {stranger[0]}, not as chatd" if stranger else ""
+
+
+def _who(holders: set[int]) -> str:
+    """"pid N (uid U)": who took the lock (/proc/locks), for the user to look at."""
+    pid = min(holders)
+    uids = _uid(pid)
+    return f"pid {pid}" + (f" (uid {uids[0]})" if uids else "")
 
 
 class PidFile:
@@ -314,13 +352,13 @@ def open_holder(found: Probe) -> int:
     except ProcessLookupError:
         raise ChatdError(f"chatd (pid {found.pid}) exited meanwhile; not signalling anything") from None
     held = holds(found.pid, found.inode)
-    if held:
+    problem = _not_chatd(found.pid, found.path) if held is not False else _not_holding(found.pid)
+    if held and not problem:
         return pidfd
     os.close(pidfd)
-    if held is None:
+    if held is None and not problem:
         raise PrivilegeError(f"not allowed to signal chatd (pid {found.pid}): it belongs to another user")
-    raise ChatdError(f"pid file {found.path} is locked, but {_not_holding(found.pid)}; "
-                     f"not signalling anything")
+    raise ChatdError(f"pid file {found.path} is locked, but {problem}; not signalling anything")
 
 
 def _not_holding(pid: int) -> str:

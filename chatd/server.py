@@ -31,6 +31,7 @@ from .protocol import clean_text
 from .rooms import ChatService
 from .log import Logging, resolve_target
 from .notify import Notifier
+from .paths import check_log_file
 from .signals import STOP_SIGNALS, SignalQueue, SignalRecorder, signal_name
 from .state import StateFile
 
@@ -252,6 +253,11 @@ class Server:
         changed = old.differences(new)
         log_keys = [k for k in changed if k.startswith("log.")]
         if log_keys:
+            try:
+                if target not in ("syslog", "stderr", ""):
+                    target = check_log_file(target)   # as `start` does: never a path another user chose
+            except ChatdError as e:
+                return "rejected", f"{e}; nothing changed"
             try:
                 self.runtime.logs.configure(new, target)
             except ChatdError as e:

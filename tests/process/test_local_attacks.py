@@ -232,11 +232,11 @@ def test_pid_reuse_by_a_user_in_a_directory_it_can_write(nobody, kind):
     flock, forks a child that keeps the descriptor, exits (pid P). 2. root: `chatd start`
     with that --pidfile. 3. P is recycled by a root process that catches SIGUSR1, SIGTERM and
     SIGHUP. 4. root: `chatd reload`, `chatd stop --timeout 1`.
-    Result: start exits 4, the directory refused (before: "already running", 0); reload and stop
-    refuse: in the sticky directory, nobody's pid file itself (4); in nobody's own directory,
-    whose owner could replace any file there anyway, the lock the file names nobody holds (1);
-    the recycled process caught no signal and is alive (before: SIGHUP, SIGUSR1, SIGTERM, then
-    SIGKILL)."""
+    Result: start exits 4, the directory refused (before: "already running", 0); in the sticky
+    directory, reload and stop refuse nobody's pid file itself (4); in nobody's own directory,
+    whose owner could replace any file there anyway, the pid the file names holds no lock, so
+    no chatd runs there: stop says so (0), reload exits 7; the recycled process caught no signal
+    and is alive (before: SIGHUP, SIGUSR1, SIGTERM, then SIGKILL)."""
     owner, mode = DIRS[kind]
     d = nobody.mkdtemp(owner=owner, mode=mode)
     r = stage_pid_reuse(d, AS_NOBODY, ["-p", str(free_port()), "--host", "127.0.0.1"],
@@ -245,10 +245,12 @@ def test_pid_reuse_by_a_user_in_a_directory_it_can_write(nobody, kind):
     assert r["victim_signals"] == [] and r["victim_alive"], r
     assert r["start_before"][0] == 4 and "already running" not in r["start_before"][1], r["start_before"]
     assert "refusing it" in r["start_before"][2], r["start_before"]
-    wanted = (4, "refusing it") if kind == "sticky" else (1, "not signalling anything")
     for what in ("reload", "stop"):
         code, out, err = r[what]
-        assert code == wanted[0] and wanted[1] in err, (what, r[what])
+        if kind == "sticky":
+            assert code == 4 and "refusing it" in err, (what, r[what])
+        else:
+            assert code == {"reload": 7, "stop": 0}[what] and "not running" in out + err, (what, r[what])
         assert "Traceback" not in err
 
 
@@ -257,8 +259,9 @@ def test_pid_reuse_after_a_lock_was_handed_on(make_chatd):
     X.pid, takes the flock, forks a child that keeps the descriptor, exits (pid P; /proc/locks
     still names P). 2. P is recycled by another root process. 3. `chatd reload`, `chatd stop`.
     4. `chatd start`, then `chatd stop`.
-    Result: reload and stop exit 1, "not signalling anything"; the recycled process caught no
-    signal and is alive; start replaces the pid file and serves (0), and stop stops it (0).
+    Result: no chatd holds the file: reload exits 7 and stop 0, both "not running"; the recycled
+    process caught no signal and is alive; start replaces the pid file and serves (0), and stop
+    stops it (0). (Before the review of issue 12: reload and stop exited 1, "not signalling".)
     (Before: the recycled process got SIGHUP, then SIGUSR1, SIGTERM and SIGKILL.)"""
     inst = make_chatd()
     port = free_port()
@@ -269,7 +272,177 @@ def test_pid_reuse_after_a_lock_was_handed_on(make_chatd):
     assert r["victim_signals"] == [] and r["victim_alive"], r
     for what in ("reload", "stop"):
         code, out, err = r[what]
-        assert code == 1 and "not signalling anything" in err, (what, r[what])
+        assert code == {"reload": 7, "stop": 0}[what] and "not running" in out + err, (what, r[what])
     assert r["start_after"][0] == 0 and "chatd started" in r["start_after"][1], r["start_after"]
     assert r["stop_after"][0] == 0, r["stop_after"]
     assert not listening(port)
+
+
+HOLD = ("import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print(os.getpid(), flush=True)\n"
+        "time.sleep(120)\n")
+
+
+def hold_as_nobody(path: Path) -> subprocess.Popen:
+    """nobody's process holding LOCK_EX on `path` (read-only is enough for flock)."""
+    proc = subprocess.Popen(AS_NOBODY + [SYSTEM_PYTHON, "-c", HOLD, str(path)], env=CLEAN_ENV, cwd="/",
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert int(proc.stdout.readline()) == proc.pid
+    return proc
+
+
+def end(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.communicate(timeout=10)
+
+
+def test_a_symlink_above_the_pid_directory_is_refused_at_start_and_by_every_command(nobody):
+    """1. nobody symlinks /tmp/L to a root-owned 0755 directory that holds sub/.
+    2. root: `chatd start --pidfile /tmp/L/sub/x.pid`.
+    3. nobody repoints /tmp/L at its own 0755 directory with sub/x.pid (its own pid, LOCK_EX held
+    by that process), sub/x.state (a fake address) and sub/x.lock.
+    4. root: `chatd status`, `stop`, `reload` with that --pidfile.
+    Result: start exits 4 ("/tmp/L is a symbolic link of uid 65534"), nothing serves; status
+    exits 4 "cannot tell", stop and reload 4, each naming the link; nobody's process caught no
+    signal. (Before: start served; status said running at the fake address, and stop exited 0
+    "stopped" having killed nobody's process while the real daemon kept serving.)"""
+    root_dir = nobody.mkdtemp(owner=0, mode=0o755)
+    (root_dir / "sub").mkdir(mode=0o755)
+    evil = nobody.mkdtemp(owner=NOBODY, mode=0o755)
+    link = Path(f"{evil}-link")
+    nobody.own_files.append(link)
+    as_nobody("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(root_dir), str(link))
+    port = free_port()
+    pidfile = link / "sub" / "x.pid"
+    start = nobody.run_as_root("start", "--pidfile", str(pidfile), "-p", str(port), "--host", "127.0.0.1")
+    assert start.returncode == 4 and f"{link} is a symbolic link of uid {NOBODY}".encode() in start.stderr, start
+    assert not listening(port)
+    as_nobody("import json, os, sys\n"
+              "evil, link = sys.argv[1:]\n"
+              "os.mkdir(evil + '/sub', 0o755)\n"
+              "for name in ('x.pid', 'x.lock'): open(f'{evil}/sub/{name}', 'w').close()\n"
+              "open(evil + '/sub/x.state', 'w').write(json.dumps({'address': '10.6.6.6:1'}))\n"
+              "os.unlink(link); os.symlink(evil, link)\n", str(evil), str(link))
+    holder = hold_as_nobody(evil / "sub" / "x.pid")
+    try:
+        (evil / "sub" / "x.pid").write_text(f"{holder.pid}\n")
+        results = {cmd: nobody.run_as_root(cmd, "--pidfile", str(pidfile), timeout=30)
+                   for cmd in ("status", "stop", "reload")}
+        assert holder.poll() is None
+    finally:
+        end(holder)
+    assert results["status"].stderr.startswith(b"chatd: cannot tell: "), results["status"]
+    for cmd, proc in results.items():
+        assert proc.returncode == 4 and b"symbolic link of uid 65534" in proc.stderr, (cmd, proc)
+        assert b"10.6.6.6" not in proc.stdout
+    assert holder.returncode == -9   # our kill, not chatd's signal
+    assert_clean(start, *results.values())
+
+
+def test_a_root_owned_link_is_followed_and_the_daemon_keeps_the_resolved_path(nobody):
+    """root's own link to root's own directory: start serves, and the daemon names (and at exit
+    removes) its files by the resolved path, so repointing the link later changes nothing."""
+    real = nobody.mkdtemp(owner=0, mode=0o755)
+    link = Path(f"{real}-link")
+    nobody.own_files.append(link)
+    link.symlink_to(real)
+    port = free_port()
+    nobody.run_as_root("start", "--pidfile", str(link / "x.pid"), "-p", str(port), "--host", "127.0.0.1",
+                       "--log", str(link / "x.log"), check=0)
+    pid = nobody.track(real / "x.pid", str(real))
+    status = nobody.run_as_root("status", "--pidfile", str(link / "x.pid"), check=0)
+    assert f"pid file: {real}/x.pid".encode() in status.stdout, status.stdout
+    nobody.run_as_root("stop", "--pidfile", str(link / "x.pid"), check=0)
+    assert not alive(pid) and not (real / "x.pid").exists()
+
+
+def test_restart_checks_a_new_log_target_as_start_does(make_chatd, nobody):
+    """1. root's chatd runs; 2. nobody symlinks /tmp/L to a root-only 0700 directory; 3. root sets
+    `[log] target = "/tmp/L/planted.log"` in the config and runs `chatd restart`.
+    Result: restart exits 6, "config rejected" naming the link; nothing is created in the root-only
+    directory; chatd keeps serving and logging to its old file. `start` with that target exits 4
+    the same way. (Before: restart exited 0 and root created planted.log there.)"""
+    inst = make_chatd()
+    pid = inst.start()
+    secret = nobody.mkdtemp(owner=0, mode=0o700)
+    link = Path(f"{secret}-link")
+    nobody.own_files.append(link)
+    as_nobody("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(secret), str(link))
+    old = inst.config.read_text()
+    inst.config.write_text(old.replace(f'target = "{inst.logfile}"', f'target = "{link}/planted.log"'))
+    proc = inst.cmd("restart", timeout=30)
+    assert proc.returncode == 6 and b"config rejected" in proc.stderr, proc
+    assert f"{link} is a symbolic link of uid {NOBODY}".encode() in proc.stderr, proc.stderr
+    assert os.listdir(secret) == []
+    with LineClient(inst.port) as c:
+        c.send(b"still here\n")
+        assert c.recv_line() == b"still here\n"
+    inst.config.write_text(old)
+    inst.cmd("stop", check=0)
+    assert not alive(pid)
+    inst.config.write_text(old.replace(f'target = "{inst.logfile}"', f'target = "{link}/planted.log"'))
+    start = inst.cmd("start", timeout=30)
+    assert start.returncode == 4 and b"symbolic link of uid 65534" in start.stderr, start
+    assert os.listdir(secret) == [] and not listening(inst.port)
+    assert_clean(proc, start)
+
+
+def test_a_lock_taken_on_a_dropped_daemons_leftover_pid_file_is_not_a_running_chatd(make_chatd, nobody):
+    """1. root's chatd with `user = "nobody"` runs and stops; its pid file stays (root's, 0644,
+    empty: nobody may not unlink it). 2. nobody opens it read-only and takes LOCK_EX.
+    3. root: `chatd status`, `status --json`, `stop`, `reload`, then `start` and `stop`.
+    Result: status and status --json exit 4 "cannot tell", naming the holder's pid and uid 65534;
+    stop exits 0 "chatd is not running" and reload 7, signalling nothing (the holder lives);
+    start replaces the file and serves (0), and stop stops it (0). (Before: status exited 0
+    "chatd is running (pid unknown...)", --json running: true; stop and reload exited 1.)"""
+    inst = make_chatd(public=True)
+    inst.write_config(daemon={"user": "nobody"})
+    first = inst.start()
+    inst.cmd("stop", check=0)
+    assert not alive(first) and inst.pidfile.read_bytes() == b""
+    holder = hold_as_nobody(inst.pidfile)
+    try:
+        status, as_json, stop, reload = (inst.cmd(*args, timeout=30) for args in
+                                         (["status"], ["status", "--json"], ["stop"], ["reload"]))
+        assert holder.poll() is None
+        start = inst.cmd("start", timeout=60)
+        assert start.returncode == 0, start
+        second = int(inst.pidfile.read_text())
+        assert holder.poll() is None
+    finally:
+        end(holder)
+    for proc in (status, as_json):
+        assert proc.returncode == 4 and proc.stderr.startswith(b"chatd: cannot tell: "), proc
+        assert f"pid {holder.pid} (uid {NOBODY})".encode() in proc.stderr, proc.stderr
+    assert stop.returncode == 0 and stop.stdout.startswith(b"chatd is not running"), stop
+    assert reload.returncode == 7, reload
+    assert holder.returncode == -9   # our kill, not chatd's signal
+    inst.cmd("stop", check=0)
+    assert not alive(second)
+    assert_clean(status, as_json, stop, reload, start)
+
+
+def test_a_process_of_an_untrusted_user_holding_the_lock_is_not_chatd(nobody):
+    """In root's own directory, root's pid file names nobody's process, and that process holds the
+    lock (nobody opened the file read-only before root chmodded it 0644 ... or was handed the
+    descriptor). Here: root writes the holder's pid into its own 0644 file, nobody takes LOCK_EX.
+    Result: status exits 4 "cannot tell" ("runs as uid 65534, not as chatd"); stop exits 0
+    "not running" and signals nothing. (Before: status 0 "running", stop signalled nobody's process.)"""
+    d = nobody.mkdtemp(owner=0, mode=0o755)
+    pidfile = d / "x.pid"
+    pidfile.write_text("")
+    pidfile.chmod(0o644)
+    holder = hold_as_nobody(pidfile)
+    try:
+        pidfile.write_text(f"{holder.pid}\n")
+        status = nobody.run_as_root("status", "--pidfile", str(pidfile), timeout=30)
+        stop = nobody.run_as_root("stop", "--pidfile", str(pidfile), timeout=30)
+        assert holder.poll() is None
+    finally:
+        end(holder)
+    assert status.returncode == 4 and b"runs as uid 65534, not as chatd" in status.stderr, status
+    assert stop.returncode == 0 and b"not running" in stop.stdout, stop
+    assert holder.returncode == -9
+    assert_clean(status, stop)

@@ -129,7 +129,7 @@ def test_directory_problem(tmp_path, owner, mode, problem):
     d.mkdir()
     os.chown(d, owner, owner)
     d.chmod(mode)
-    found = files.directory_problem(str(d))
+    found = files.resolve_directory(str(d))[1]
     assert (problem in found) if problem else found == "", found
 
 
@@ -137,9 +137,31 @@ def test_a_directory_symlink_counts_only_if_a_trusted_user_made_it(tmp_path):
     (tmp_path / "real").mkdir(mode=0o755)
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "real")
-    assert files.directory_problem(str(link)) == ""
+    assert files.resolve_directory(str(link)) == (str(tmp_path / "real"), "")
     os.lchown(link, NOBODY, NOBODY)
-    assert "symbolic link of uid 65534" in files.directory_problem(str(link))
+    assert "symbolic link of uid 65534" in files.resolve_directory(str(link))[1]
+
+
+@pytest.mark.parametrize("owner, mode, problem", [
+    (0, 0o1777, ""), (0, 0o755, ""), (NOBODY, 0o755, f"belongs to uid {NOBODY}"),
+    (0, 0o777, "may be written by others"), (NOBODY, 0o1777, f"belongs to uid {NOBODY}"),
+])
+def test_every_directory_above_is_checked_too(tmp_path, owner, mode, problem):
+    """OpenSSH's secure_path: a directory above must be trusted and written by no one else,
+    or be root's and sticky (/tmp); a link on the way must be a trusted user's."""
+    above = tmp_path / "above"
+    (above / "sub" / "d").mkdir(parents=True, mode=0o755)
+    os.chown(above, owner, owner)
+    above.chmod(mode)
+    resolved, found = files.resolve_directory(str(above / "sub" / "d"))
+    assert (problem in found and str(above) in found) if problem else found == "", found
+    link = tmp_path / "link"
+    link.symlink_to(above / "sub")
+    os.lchown(link, NOBODY, NOBODY)
+    assert "symbolic link of uid 65534" in files.resolve_directory(f"{link}/d/../d")[1]
+    os.lchown(link, 0, 0)
+    assert files.resolve_directory(f"{link}/d/../d") == (resolved, found)
+    assert found or resolved == str(above / "sub" / "d")
 
 
 # ------------------------------------------------------------------ the state file
