@@ -273,8 +273,12 @@ class Connection(LineDecoder, asyncio.Protocol):
 
         Linux grows a socket's buffers to megabytes for a peer that does not read (send) or
         while we do not read (receive), so the loop's budget alone would let every connection
-        pin megabytes of kernel memory. Both are capped at min(KERNEL_BUFFER, output_buffer
-        / 4), taken from the budget; which also bounds one read, so one pass's share holds.
+        pin megabytes of kernel memory. The send buffer is capped at min(KERNEL_BUFFER,
+        output_buffer / 4), taken from the budget; the receive buffer at KERNEL_BUFFER, which
+        also bounds one read, so one pass's share holds. Not lower: below a loopback segment
+        (64 KiB) the kernel holds back window updates, and a paused sender then waits on
+        zero-window probes (a client of an output_buffer of 16 KiB took 105 s to be echoed
+        48 KiB).
         """
         limit = self.state.limits.output_buffer
         kernel = max(1, min(KERNEL_BUFFER, limit // 4))
@@ -283,7 +287,7 @@ class Connection(LineDecoder, asyncio.Protocol):
             # is about what was asked for, and that is the share taken from the limit.
             sock = self.transport.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, kernel)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, kernel)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, KERNEL_BUFFER)
         except (OSError, AttributeError):
             kernel = 0
         self.budget = max(limit - kernel, self.max_line + 2)

@@ -91,7 +91,11 @@ def stop_reading_then_read(inst, on_stalled=None) -> str:
     c.sock.settimeout(10)
     received = 0
     whole_lines = sent - sent % len(line)   # a partial last line is not echoed
+    # The echo drains as fast as the client reads: a receive buffer below a loopback segment
+    # once made each window update wait for the kernel's zero-window probes (105 s in all).
+    read_by = time.monotonic() + 10
     while received < whole_lines:
+        assert time.monotonic() < read_by, f"only {received} of {whole_lines} bytes in 10 s"
         chunk = c.sock.recv(1 << 20)
         assert chunk, f"closed after {received} of {whole_lines} bytes"
         received += len(chunk)

@@ -210,17 +210,17 @@ def peak_rss_kib(pid: int) -> int:
 def test_one_address_pins_at_most_per_ip_times_the_stated_bound(make_chatd, loop):
     """Echo, `max_clients_per_ip` 20, output_buffer 256 KiB: 20 clients send 1 KB lines until
     nothing more goes and never read. The README's bound, with k = min(64 KiB, output_buffer
-    / 4): per connection the kernel holds at most 4k (receive and send buffers, each 2k as
-    Linux doubles what is asked) + 64 KiB (a segment past a full buffer), chatd at most
-    output_buffer - k (its budget) + 4k (one read's output past it) + 2 max_line + 8 KiB.
+    / 4) and r = 64 KiB: per connection the kernel holds at most 2k + 2r (send and receive
+    buffers, as Linux doubles what is asked) + 64 KiB (a segment past a full buffer), chatd at
+    most output_buffer - k (its budget) + 4r (one read's output past it) + 2 max_line + 8 KiB.
     The 21st client is told the server is full."""
     inst = make_chatd(loop=loop, extra_config=f"[limits]\nmax_clients_per_ip = {PER_IP}\n")
     inst.start()
     pid = inst.pid()
     base = peak_rss_kib(pid)
-    k, output_buffer, max_line = 64 * KIB, 256 * KIB, 4096
-    kernel_bound = 4 * k + 64 * KIB
-    chatd_bound = output_buffer - k + 4 * k + 2 * max_line + 8 * KIB
+    k, r, output_buffer, max_line = 64 * KIB, 64 * KIB, 256 * KIB, 4096
+    kernel_bound = 2 * k + 2 * r + 64 * KIB
+    chatd_bound = output_buffer - k + 4 * r + 2 * max_line + 8 * KIB
     clients = [LineClient(inst.port) for _ in range(PER_IP)]
     extra = LineClient(inst.port)
     assert extra.recv_line() == b"ERR server full\r\n"
