@@ -12,8 +12,10 @@ nothing are charged and dropped a run at a time (`VOID_LINES`).
 the connection's outbox (connection.py). Up to the client's budget, that queue
 is the client's own affair. Past it, only what someone said is queued, at the
 sayer's charge: a client may have at most its own budget (its ledger entries
-included) queued past others' budgets; what would take more is not queued
-there, and the sayer is warned, at most once a second. The server's notices and
+included) queued past others' budgets, and a recipient at most its own budget
+queued past it, whoever the sayers (a sayer that left, or reconnected with a
+clean slate, still counts there until that output drains); what would take more
+is not queued there, and the sayer is warned, at most once a second. The server's notices and
 replies are never queued past a budget. So twenty clients bursting at one reader
 cannot get it dropped, and chatd holds at most two budgets per client. "Too slow"
 is judged over time: a client whose output went past its budget and that takes
@@ -59,7 +61,7 @@ class ChatConnection(Connection):
     """A client of chat mode."""
 
     __slots__ = ("nick", "room", "tokens", "refilled", "dropped", "owed", "warned", "charges",
-                 "watch", "mark", "handed")
+                 "billed", "watch", "mark", "handed")
     FULL_LINE = b"*** server full\r\n"
     CR_NUL_ENDS_LINE = True
 
@@ -73,6 +75,7 @@ class ChatConnection(Connection):
         self.owed = 0             # bytes of ours queued past others' budgets (see `send`)
         self.warned = -WARN_S     # when we were last told that some of our lines were dropped
         self.charges: dict[ChatConnection, int] | None = None   # whose lines pass our budget
+        self.billed = 0           # their total, ledger entries included: at most our budget
         self.watch: Any = None    # the timer judging "too slow" while we are past our budget
         self.mark = 0             # unsent bytes (transport and kernel) when `watch` was set
         self.handed = 0           # bytes handed to the transport since then
@@ -247,20 +250,23 @@ class ChatConnection(Connection):
 
     def _bill(self, by: ChatConnection, n: int) -> bool:
         """Charge `by` for `n` bytes queued past our budget (and LEDGER_ENTRY for a new
-        entry), if its own budget allows; else the data is not queued here, and `by` is
-        warned (at most once in WARN_S)."""
+        entry), if both its budget and ours allow; else the data is not queued here, and
+        `by` is warned (at most once in WARN_S). Our own bound is what holds when senders
+        come and go: a new connection owes nothing, but what its predecessors queued here
+        still counts against us."""
         charges = self.charges
         if charges is None:
             charges = self.charges = {}
         held = charges.get(by, 0)
         cost = n if held else n + LEDGER_ENTRY
-        if by.owed + cost > by.budget:
+        if by.owed + cost > by.budget or self.billed + cost > self.budget:
             now = self.state.loop.time()
             if now - by.warned >= WARN_S:
                 by.warned = now
                 self._refused(by)
             return False
         by.owed += cost
+        self.billed += cost
         charges[by] = held + n
         return True
 
@@ -286,10 +292,11 @@ class ChatConnection(Connection):
             surplus -= take
             if take == n:
                 del charges[sender]
-                sender.owed -= n + LEDGER_ENTRY
+                take += LEDGER_ENTRY
             else:
                 charges[sender] = n - take
-                sender.owed -= take
+            sender.owed -= take
+            self.billed -= take
 
     def resume_writing(self) -> None:
         """The transport drained: the outbox follows, and what drained is given back."""
@@ -360,6 +367,7 @@ class ChatConnection(Connection):
         for sender, n in (self.charges or {}).items():   # what we held for them is gone
             sender.owed -= n + LEDGER_ENTRY
         self.charges = None
+        self.billed = 0
         super().connection_lost(exc)
 
 
