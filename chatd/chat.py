@@ -15,8 +15,8 @@ sayer's charge: a client may have at most its own budget (its ledger entries
 included) queued past others' budgets, and a recipient at most its own budget
 queued past it, whoever the sayers (a sayer that left, or reconnected with a
 clean slate, still counts there until that output drains); what would take more
-is not queued there, and the sayer is warned, at most once a second. The server's notices and
-replies are never queued past a budget. So twenty clients bursting at one reader
+is not queued there, and the sayer is warned, at most once a second. The
+server's notices and replies are never queued past a budget. So twenty clients bursting at one reader
 cannot get it dropped, and chatd holds at most two budgets per client. "Too slow"
 is judged over time: a client whose output went past its budget and that takes
 less than a line in SLOW_S seconds is dropped (`too_slow`), and nobody waits.

@@ -83,3 +83,13 @@ def test_a_quit_reason_is_short_has_no_tab_and_is_quoted(chatd):
     assert b"\t" not in got and len(got) < 80
     assert a.recv_until_eof() == b""
     b.close()
+
+
+def test_a_quote_in_a_quit_reason_cannot_close_the_quotes(chatd):
+    """Before: `*** guestN left #lobby (quit: "bye") *** alice left (")`, a second notice."""
+    a, na, b, _ = two(chatd)
+    a.send(b'/quit bye") *** alice left (\n')
+    got = b.recv_line()
+    assert got == f'*** {na} left #lobby (quit: "bye\\") *** alice left (")\r\n'.encode(), got
+    assert a.recv_until_eof() == b""
+    b.close()
