@@ -373,14 +373,15 @@ class ChatConnection(Connection):
 
 class DebugChatConnection(DebugConnection, ChatConnection):
     """ChatConnection at log level debug (connection.DebugConnection), which also says what
-    it drops: a line over max_line or over the rate, a client too slow or flooding."""
+    it drops: a line over max_line or over the rate (a few per window, `note`), a client too
+    slow or flooding (once: it is gone)."""
 
     __slots__ = DEBUG_SLOTS
 
     def _lines(self, items: list) -> None:
         for item in items:
             if item is LINE_TOO_LONG:
-                log.debug("dropped a line from %s (too long): max_line %d", self.peer, self.max_line)
+                self.note("dropped a line from %s (too long): max_line %d", self.peer, self.max_line)
         super()._lines(items)
 
     def _charge(self, n: int) -> int:
@@ -394,7 +395,7 @@ class DebugChatConnection(DebugConnection, ChatConnection):
             log.debug("dropped %s (flooding): %d lines over the rate within %g s",
                       self.peer, len(self.dropped), FLOOD_WINDOW_S)
         else:
-            log.debug("dropped %s from %s (rate limit): rate %g, burst %d",
+            self.note("dropped %s from %s (rate limit): rate %g, burst %d",
                       "a line" if n - took == 1 else f"{n - took} lines", self.peer, limits.rate,
                       limits.burst)
         return took
