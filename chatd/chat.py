@@ -12,9 +12,11 @@ nothing are charged and dropped a run at a time (`VOID_LINES`).
 the connection's outbox (connection.py). Up to the client's budget, that queue
 is the client's own affair. Past it, only what someone said is queued, at the
 sayer's charge: a client may have at most its own budget (its ledger entries
-included) queued past others' budgets; what would take more is not queued
-there, and the sayer is warned, at most once a second. The server's notices and
-replies are never queued past a budget. So twenty clients bursting at one reader
+included) queued past others' budgets, and a recipient at most its own budget
+queued past it, whoever the sayers (a sayer that left, or reconnected with a
+clean slate, still counts there until that output drains); what would take more
+is not queued there, and the sayer is warned, at most once a second. The
+server's notices and replies are never queued past a budget. So twenty clients bursting at one reader
 cannot get it dropped, and chatd holds at most two budgets per client. "Too slow"
 is judged over time: a client whose output went past its budget and that takes
 less than a line in SLOW_S seconds is dropped (`too_slow`), and nobody waits.
@@ -59,7 +61,7 @@ class ChatConnection(Connection):
     """A client of chat mode."""
 
     __slots__ = ("nick", "room", "tokens", "refilled", "dropped", "owed", "warned", "charges",
-                 "watch", "mark", "handed")
+                 "billed", "watch", "mark", "handed")
     FULL_LINE = b"*** server full\r\n"
     CR_NUL_ENDS_LINE = True
 
@@ -73,6 +75,7 @@ class ChatConnection(Connection):
         self.owed = 0             # bytes of ours queued past others' budgets (see `send`)
         self.warned = -WARN_S     # when we were last told that some of our lines were dropped
         self.charges: dict[ChatConnection, int] | None = None   # whose lines pass our budget
+        self.billed = 0           # their total, ledger entries included: at most our budget
         self.watch: Any = None    # the timer judging "too slow" while we are past our budget
         self.mark = 0             # unsent bytes (transport and kernel) when `watch` was set
         self.handed = 0           # bytes handed to the transport since then
@@ -249,20 +252,23 @@ class ChatConnection(Connection):
 
     def _bill(self, by: ChatConnection, n: int) -> bool:
         """Charge `by` for `n` bytes queued past our budget (and LEDGER_ENTRY for a new
-        entry), if its own budget allows; else the data is not queued here, and `by` is
-        warned (at most once in WARN_S)."""
+        entry), if both its budget and ours allow; else the data is not queued here, and
+        `by` is warned (at most once in WARN_S). Our own bound is what holds when senders
+        come and go: a new connection owes nothing, but what its predecessors queued here
+        still counts against us."""
         charges = self.charges
         if charges is None:
             charges = self.charges = {}
         held = charges.get(by, 0)
         cost = n if held else n + LEDGER_ENTRY
-        if by.owed + cost > by.budget:
+        if by.owed + cost > by.budget or self.billed + cost > self.budget:
             now = self.state.loop.time()
             if now - by.warned >= WARN_S:
                 by.warned = now
                 self._refused(by)
             return False
         by.owed += cost
+        self.billed += cost
         charges[by] = held + n
         return True
 
@@ -288,10 +294,11 @@ class ChatConnection(Connection):
             surplus -= take
             if take == n:
                 del charges[sender]
-                sender.owed -= n + LEDGER_ENTRY
+                take += LEDGER_ENTRY
             else:
                 charges[sender] = n - take
-                sender.owed -= take
+            sender.owed -= take
+            self.billed -= take
 
     def resume_writing(self) -> None:
         """The transport drained: the outbox follows, and what drained is given back."""
@@ -362,19 +369,21 @@ class ChatConnection(Connection):
         for sender, n in (self.charges or {}).items():   # what we held for them is gone
             sender.owed -= n + LEDGER_ENTRY
         self.charges = None
+        self.billed = 0
         super().connection_lost(exc)
 
 
 class DebugChatConnection(DebugConnection, ChatConnection):
     """ChatConnection at log level debug (connection.DebugConnection), which also says what
-    it drops: a line over max_line or over the rate, a client too slow or flooding."""
+    it drops: a line over max_line or over the rate (a few per window, `note`), a client too
+    slow or flooding (once: it is gone)."""
 
     __slots__ = DEBUG_SLOTS
 
     def _lines(self, items: list) -> None:
         for item in items:
             if item is LINE_TOO_LONG:
-                log.debug("dropped a line from %s (too long): max_line %d", self.peer, self.max_line)
+                self.note("dropped a line from %s (too long): max_line %d", self.peer, self.max_line)
         super()._lines(items)
 
     def _charge(self, n: int) -> int:
@@ -388,7 +397,7 @@ class DebugChatConnection(DebugConnection, ChatConnection):
             log.debug("dropped %s (flooding): %d lines over the rate within %g s",
                       self.peer, len(self.dropped), FLOOD_WINDOW_S)
         else:
-            log.debug("dropped %s from %s (rate limit): rate %g, burst %d",
+            self.note("dropped %s from %s (rate limit): rate %g, burst %d",
                       "a line" if n - took == 1 else f"{n - took} lines", self.peer, limits.rate,
                       limits.burst)
         return took

@@ -486,7 +486,10 @@ class _Drainer(asyncio.Protocol):
 # The slots of a debug connection. `DebugConnection` itself has none (a second base with slots
 # of its own could not be combined with ChatConnection's), so each concrete debug class
 # declares these.
-DEBUG_SLOTS = ("bytes_in", "bytes_out", "discarded", "opened", "paused_since")
+DEBUG_SLOTS = ("bytes_in", "bytes_out", "discarded", "opened", "paused_since", "noted_at", "noted",
+               "hushed")
+DEBUG_LINES = 3          # debug lines a connection's drops and pauses may log in DEBUG_WINDOW_S
+DEBUG_WINDOW_S = 10.0
 
 
 class DebugConnection(Connection):
@@ -508,6 +511,9 @@ class DebugConnection(Connection):
     discarded: int | None
     opened: float
     paused_since: float | None
+    noted_at: float
+    noted: int
+    hushed: int
 
     def __init__(self, state: ServerState, ip: str = "?", peer: str = "?") -> None:
         super().__init__(state, ip, peer)
@@ -516,6 +522,32 @@ class DebugConnection(Connection):
         self.discarded = None       # output handed over, then dropped by an abort
         self.opened = 0.0
         self.paused_since = None    # when over_budget stopped reading the client
+        self.noted_at = 0.0         # when the current window of `note` began
+        self.noted = 0              # lines `note` logged in it
+        self.hushed = 0             # lines `note` held back since the last count was logged
+
+    def note(self, msg: str, *args: Any) -> bool:
+        """Log a debug line about what the client made us drop or pause, if this connection
+        has logged fewer than DEBUG_LINES in the current DEBUG_WINDOW_S; else count it, the
+        count logged before the next line let through or at close. Whatever a client sends,
+        its debug lines stay a few per window. True if it was logged."""
+        now = self.state.loop.time()
+        if now - self.noted_at >= DEBUG_WINDOW_S:
+            self.noted_at, self.noted = now, 0
+        if self.noted >= DEBUG_LINES:
+            self.hushed += 1
+            return False
+        self.noted += 1
+        self._unhush()
+        log.debug(msg, *args)
+        return True
+
+    def _unhush(self) -> None:
+        """Log how many lines `note` held back, if any."""
+        if self.hushed:
+            log.debug("dropped %d debug lines about %s (over %d in %g s)", self.hushed, self.peer,
+                      DEBUG_LINES, DEBUG_WINDOW_S)
+            self.hushed = 0
 
     def connection_made(self, transport: Any) -> None:
         self.opened = self.state.loop.time()
@@ -549,6 +581,7 @@ class DebugConnection(Connection):
         super().connection_lost(exc)
         if self.quiet:
             return
+        self._unhush()
         discarded = min(self.discarded or 0, self.bytes_out)
         log.debug("closed %s (%s): received %d bytes, sent %d bytes%s, open %.3f s",
                   self.peer, self.end_reason(exc), self.bytes_in, self.bytes_out - discarded,

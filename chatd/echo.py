@@ -12,12 +12,10 @@ Tests: tests/process/test_echo.py, tests/process/test_clients.py, tests/process/
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from .connection import DEBUG_SLOTS, SHARE_BYTES, Connection, DebugConnection
 from .protocol import LINE_TOO_LONG, TelnetReply, escape_iac
 
-log = logging.getLogger("chatd")
 READ_BUFFER_BYTES = 256 * 1024
 
 
@@ -91,10 +89,10 @@ class DebugEchoConnection(DebugConnection, EchoConnection):
     __slots__ = DEBUG_SLOTS
 
     def over_budget(self) -> None:
-        if self.paused_since is None:
+        # A pause not logged (`note`) leaves paused_since unset: its resume is not logged either.
+        if self.paused_since is None and self.note("paused reading %s: %d bytes unsent, budget %d",
+                                                   self.peer, self.unsent(), self.budget):
             self.paused_since = self.state.loop.time()
-            log.debug("paused reading %s: %d bytes unsent, budget %d", self.peer,
-                      self.unsent(), self.budget)
         super().over_budget()
 
 

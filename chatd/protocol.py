@@ -325,57 +325,85 @@ def _pending_of(tail: bytes) -> bytes:
 # sequence (up to BEL or ST); an unterminated one ends at the end of the line.
 _ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
                               r"|\](?:[^\x07\x1b]|\x1b(?!\\))*(?:\x07|\x1b\\)?)")
-# Every C0 control but TAB, DEL, every C1 control: the rest of what is removed comes from
-# the Unicode database (`_rules`).
-_CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
+# Every C0 control but TAB, DEL, every C1 control: the rest of what is removed is in
+# `_rules`. U+2800 (braille pattern blank) looks like a space and is made one, so a line
+# of it is as blank as a line of spaces.
+_CONTROLS = {**dict.fromkeys([*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]),
+             0x2800: 0x20}
 MAX_MARKS = 4   # combining marks kept on one base character: Zalgo text stacks dozens
-# Where every format character (Cf, the tags among them), line and paragraph separator and
-# combining mark is: planes 0, 1 and 14 (tests/unit/test_chat_text.py checks all planes).
-_PLANES = (range(0x20000), range(0xE0000, 0xF0000))
+# Default_Ignorable_Code_Point (Unicode 15.1, DerivedCoreProperties.txt), written out since
+# this Python's database may predate characters it names: what a terminal is meant to show
+# as nothing (zero-width and format characters, variation selectors, Hangul fillers, tags
+# and the unassigned rest of their block).
+DEFAULT_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+                     (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+                     (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+                     (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+                     (0xE0000, 0xE0FFF))
+# Where this Python's Unicode database assigns anything but private use: planes 0 to 3 and
+# 14 (tests/unit/test_chat_text.py checks all planes). Planes 4 to 13 are unassigned, 15
+# and 16 private use (with noncharacters): removed whole.
+_PLANES = (range(0x40000), range(0xE0000, 0xF0000))
 
 
-@functools.cache
-def _rules() -> tuple[dict[int, None], re.Pattern[str]]:
-    """The characters removed (C0 but TAB, DEL, C1, format characters, line and paragraph
-    separators, noncharacters), and the pattern of the marks past MAX_MARKS on one base.
-
-    Built once, from this Python's Unicode database (the scan takes ~40 ms; the daemon
-    makes it at start-up, when it sanitizes the MOTD, not at a client's first line)."""
-    removed = dict.fromkeys(_CONTROLS)
-    marks = []
-    for plane in _PLANES:
-        for code in plane:
-            category = unicodedata.category(chr(code))
-            if category in ("Cf", "Zl", "Zp"):
-                removed[code] = None
-            elif category[0] == "M":
-                marks.append(code)
-    removed.update(dict.fromkeys(range(0xFDD0, 0xFDF0)))    # the noncharacters: these, and
-    for plane in range(17):                                  # the last two of every plane
-        removed.update(dict.fromkeys((plane << 16 | 0xFFFE, plane << 16 | 0xFFFF)))
+def _char_class(codes: list[int]) -> str:
+    """A regex character class of the sorted code points `codes`, as runs."""
     runs: list[list[int]] = []
-    for code in marks:
+    for code in codes:
         if runs and runs[-1][1] == code - 1:
             runs[-1][1] = code
         else:
             runs.append([code, code])
-    mark = "[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in runs) + "]"
-    return removed, re.compile(f"({mark}{{{MAX_MARKS}}}){mark}+")
+    return "[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in runs) + "]"
+
+
+@functools.cache
+def _rules() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The runs of non-ASCII characters removed, and the pattern of the marks past MAX_MARKS
+    on one base. Removed: format characters, line and paragraph separators, default
+    ignorables, private use and every code point this Python's database does not assign
+    (noncharacters among them; a newer format character arrives as one, so must a newer
+    emoji).
+
+    Built once, from this Python's Unicode database (the scan takes ~0.2 s; the daemon
+    makes it at start-up, when it sanitizes the MOTD, not at a client's first line). `re`
+    tests the characters past U+FFFF of a class one range after another, and those of the
+    BMP at once: the astral class is guarded by a range, so BMP text skips it."""
+    ignorable = {c for a, b in DEFAULT_IGNORABLE for c in range(a, b + 1)}
+    removed, marks = [], []
+    for plane in _PLANES:
+        for code in plane:
+            category = unicodedata.category(chr(code))
+            if code in ignorable or category in ("Cf", "Zl", "Zp", "Cn", "Co"):
+                removed.append(code)
+            elif category[0] == "M":
+                marks.append(code)
+    bmp = [code for code in removed if 0xA0 <= code <= 0xFFFF]
+    astral = _char_class([code for code in removed if code > 0xFFFF])[:-1]
+    astral += "\U00040000-\U000DFFFF\U000F0000-\U0010FFFF]"
+    mark = _char_class(marks)
+    return (re.compile(f"(?:{_char_class(bmp)}|(?=[\U00010000-\U0010FFFF]){astral})+"),
+            re.compile(f"({mark}{{{MAX_MARKS}}}){mark}+"))
 
 
 def clean_text(line: bytes) -> str:
     """A chat line as text that can fool no terminal: the README's "Chat mode" sanitizing.
 
     The terminator goes; invalid UTF-8 becomes U+FFFD; escape sequences, controls
-    (bare CR included), format characters (zero-width and direction marks, tags),
-    line and paragraph separators and noncharacters are removed; no base character
-    keeps more than MAX_MARKS combining marks.
+    (bare CR included) and the characters of `_rules` (format and default-ignorable
+    characters: zero-width and direction marks, joiners, variation selectors, Hangul
+    fillers, tags; line and paragraph separators; private use and unassigned code points)
+    are removed; U+2800 becomes a space; no base character keeps more than MAX_MARKS
+    combining marks. (Removing the marks between stacks first means a removed character
+    cannot split one stack into many.)
     """
     if line.endswith(b"\n"):
         line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
     text = line.decode("utf-8", "replace")
     if "\x1b" in text:
         text = _ESCAPE_SEQUENCE.sub("", text)
+    text = text.translate(_CONTROLS)
+    if text.isascii():
+        return text
     removed, too_many_marks = _rules()
-    text = text.translate(removed)
-    return text if text.isascii() else too_many_marks.sub(r"\1", text)
+    return too_many_marks.sub(r"\1", removed.sub("", text))

@@ -40,11 +40,16 @@ def skeleton(nick: str) -> str:
 
 def quoted(text: str) -> str:
     """User text as it appears inside a `*** ` line: runs of blanks (TABs too) made one
-    space, at most QUOTE_MAX characters (longer is cut, ending "..."), in double quotes:
-    short, on one screen line, and visibly the user's, so it cannot pass for a notice."""
-    text = " ".join(text.split())
+    space, `"` and `\\` escaped with a backslash (a quote the user typed cannot close ours),
+    at most QUOTE_MAX characters (longer is cut, never inside an escape, ending "..."), in
+    double quotes: short, on one screen line, and visibly the user's, so it cannot pass for
+    a notice."""
+    text = " ".join(text.split()).replace("\\", "\\\\").replace('"', '\\"')
     if len(text) > QUOTE_MAX:
-        text = text[:QUOTE_MAX - 3].rstrip() + "..."
+        text = text[:QUOTE_MAX - 3]
+        if (len(text) - len(text.rstrip("\\"))) % 2:   # an odd run of backslashes ends in
+            text = text[:-1]                             # half an escape
+        text = text.rstrip() + "..."
     return f'"{text}"'
 
 

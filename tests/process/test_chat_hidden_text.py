@@ -21,7 +21,14 @@ HIDDEN = [
     ("a\ufff9b\ufffac\ufffbd".encode(), "abcd"),                          # interlinear annotation
     ("n\ufdd0o\ufffen\U0010ffffc".encode(), "nonc"),                      # noncharacters
     (("Z" + "\u0336\u0337\u0338\u0301\u0300" * 20 + "!").encode(), "Z\u0336\u0337\u0338\u0301!"),
+    # default ignorables unassigned in Python 14.0's database, private use, variation
+    # selectors, Hangul fillers, U+2800 made a space; a filler splitting a stack of marks
+    ("a\u2065b\ufff0c\U000e0002d\U000e01f0e\ue000f\U000f0000g".encode(), "abcdefg"),
+    ("h\u034fi\u180bj\ufe0fk\U000e0100l\u115fm\u3164n\uffa0o\u2800p".encode(), "hijklmno p"),
+    (("a" + ("\u0301" * 4 + "\u1160") * 10).encode(), "a\u0301\u0301\u0301\u0301"),
 ]
+# Lines that clean to nothing (before, each showed as a blank message).
+BLANK = ["\u3164", "\u3164\u1160\uffa0", "\u2800\u2800", "\ue000\U000e0080", "\u2065\ufe0f"]
 
 
 def two(inst) -> tuple:
@@ -46,6 +53,9 @@ def test_hidden_and_stacked_characters_never_reach_anyone(loop_chatd):
         received += got
         assert got == f"* {na} {text}\r\n".encode(), (data, got)
     assert_safe(bytes(received))
+    for blank in BLANK:     # not sent: the next line b gets is the one after it
+        a.send(blank.encode() + b"\n" + b"after\n")
+        assert b.recv_line() == said(na, "after"), blank
     for c in (a, b):
         c.close()
 
@@ -81,5 +91,15 @@ def test_a_quit_reason_is_short_has_no_tab_and_is_quoted(chatd):
     got = b.recv_line()
     assert got == f'*** {na} left #lobby (quit: "bye *** server shutting down...")\r\n'.encode(), got
     assert b"\t" not in got and len(got) < 80
+    assert a.recv_until_eof() == b""
+    b.close()
+
+
+def test_a_quote_in_a_quit_reason_cannot_close_the_quotes(chatd):
+    """Before: `*** guestN left #lobby (quit: "bye") *** alice left (")`, a second notice."""
+    a, na, b, _ = two(chatd)
+    a.send(b'/quit bye") *** alice left (\n')
+    got = b.recv_line()
+    assert got == f'*** {na} left #lobby (quit: "bye\\") *** alice left (")\r\n'.encode(), got
     assert a.recv_until_eof() == b""
     b.close()

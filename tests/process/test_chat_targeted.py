@@ -199,3 +199,63 @@ def test_a_room_burst_from_twenty_members_keeps_every_reader_and_drops_a_non_rea
     figures("room burst", **got)
     assert got["waited"] < DROP_DEADLINE_S, got
     assert got["rss_growth_kib"] < (2 + SENDERS) * 2 * 256 + 16 * 1024, got
+
+
+RECONNECTS = 300                # senders, one after another, from one address
+
+
+def slow_reader(c: LineClient, stop: threading.Event, got: list[int]) -> None:
+    """Take 16 KiB every 0.1 s: a reader that keeps reading, slower than the attack sends.
+    `got`: bytes read, and 1 once the connection was closed."""
+    c.sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            chunk = c.sock.recv(16384)
+        except TimeoutError:
+            continue
+        except OSError:
+            chunk = b""
+        if not chunk:
+            got[1] = 1
+            return
+        got[0] += len(chunk)
+        time.sleep(0.1)
+
+
+def test_reconnecting_senders_cannot_grow_memory_past_a_readers_bound(chatd):
+    """RECONNECTS connections one after another each burst LINES lines of 4 KiB at the room and
+    close: a sender's debt for what it queued past the reader's budget leaves with it, so before
+    the fix every new connection queued another budget's worth (RSS +11.2 MiB for 150, +22.9 MiB for 300). What is
+    queued past one recipient's budget is bounded by that budget, however many senders come:
+    chatd's growth stays within the reader's two budgets and slack, and the reader stays."""
+    pid = start_chat(chatd)
+    victim = arrive(chatd.port, b"victim")
+    stop, got = threading.Event(), [0, 0]
+    reader = threading.Thread(target=slow_reader, args=(victim, stop, got), daemon=True)
+    reader.start()
+    time.sleep(0.5)
+    base = rss_kib(pid)
+    peak, done = [base], threading.Event()
+    watcher = threading.Thread(target=peak_rss, args=(pid, done, peak), daemon=True)
+    watcher.start()
+    chunk = (b"x" * (LINE_BYTES - 96) + b"\n") * LINES
+    started = time.monotonic()
+    try:
+        for _ in range(RECONNECTS):
+            s = LineClient(chatd.port, timeout=TIMEOUT)
+            s.send(chunk)
+            time.sleep(0.02)
+            s.close()
+        time.sleep(1.0)
+    finally:
+        done.set()
+        watcher.join(timeout=2)
+        stop.set()
+        reader.join(timeout=2)
+    figures("reconnecting senders", senders=RECONNECTS, rss_growth_kib=peak[0] - base,
+            victim_read=got[0], seconds=round(time.monotonic() - started, 1))
+    assert not got[1], "the reader was dropped"
+    # Bound: the reader's budget and one more past it (256 KiB each), with 8 MiB of slack
+    # for the interpreter; independent of RECONNECTS.
+    assert peak[0] - base < 2 * 256 + 8 * 1024, (peak[0] - base, got[0])
+    victim.close()

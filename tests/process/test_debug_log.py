@@ -366,3 +366,25 @@ def test_info_logs_no_chat_drops(loop_chatd):
     assert " DEBUG: " not in log
     for line in log.splitlines():
         assert not line.split(": ", 1)[-1].startswith(DEBUG_STARTS), line
+
+
+def test_debug_lines_about_one_clients_drops_stay_a_few_per_window(loop_chatd):
+    """1. level debug, chat mode, no rate, max_line 32, 2. a client sends 200 over-long lines at
+    once, then closes. Result: 3 "dropped a line from PEER (too long)" lines, then "dropped 197
+    debug lines about PEER (over 3 in 10 s)" before its "closed" line. Before, one debug line
+    for each of the 200 (a client could fill the log at its link's speed)."""
+    inst = loop_chatd
+    configure(inst, "debug", mode="chat", extra="[limits]\nrate = 0\nmax_line = 32\n")
+    inst.start()
+    a, _ = join(inst.port)
+    pa = peer_of(a)
+    a.send(b"L" * 40 + b"\n" + b"".join(b"%03d" % i + b"L" * 40 + b"\n" for i in range(199)))
+    for _ in range(200):
+        assert a.recv_line() == b"*** error: line too long (max 32 bytes), dropped\r\n"
+    a.close()
+    wait_message(inst, rf"closed {pa} .*")
+    mine = [m for m in messages(inst) if pa in m]
+    too_long = f"dropped a line from {pa} (too long): max_line 32"
+    assert mine.count(too_long) == 3, mine
+    summary = f"dropped 197 debug lines about {pa} (over 3 in 10 s)"
+    assert mine.index(summary) == len(mine) - 2, mine

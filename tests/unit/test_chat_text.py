@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chatd.protocol import MAX_MARKS, LINE_TOO_LONG, LineDecoder, TelnetReply, clean_text
+from chatd.protocol import (DEFAULT_IGNORABLE, MAX_MARKS, LINE_TOO_LONG, LineDecoder, TelnetReply,
+                            clean_text)
 
 REPLACEMENT = "\ufffd"
 
@@ -20,11 +21,13 @@ REPLACEMENT = "\ufffd"
 def removed(ch: str) -> bool:
     """The characters clean_text must never leave: C0 but TAB (ESC, CR and LF among them),
     DEL, C1, format characters (the bidi controls, zero-width and direction marks, tags),
-    line and paragraph separators, and noncharacters."""
+    default ignorables (variation selectors, Hangul fillers), line and paragraph separators,
+    private use, and unassigned code points (noncharacters among them); and U+2800, which
+    becomes a space."""
     o = ord(ch)
-    return ((o < 0x20 and ch != "\t") or o == 0x7F or 0x80 <= o <= 0x9F
-            or unicodedata.category(ch) in ("Cf", "Zl", "Zp")
-            or 0xFDD0 <= o <= 0xFDEF or o & 0xFFFE == 0xFFFE)
+    return ((o < 0x20 and ch != "\t") or o == 0x7F or 0x80 <= o <= 0x9F or o == 0x2800
+            or unicodedata.category(ch) in ("Cf", "Zl", "Zp", "Cn", "Co")
+            or any(a <= o <= b for a, b in DEFAULT_IGNORABLE))
 
 
 def is_mark(ch: str) -> bool:
@@ -89,18 +92,31 @@ CASES = [
     # bidi overrides and isolates; neighbours that are not controls stay
     ("a\u202ab\u202bc\u202cd\u202de\u202ef\n".encode(), "abcdef"),
     ("a\u2066b\u2067c\u2068d\u2069e\n".encode(), "abcde"),
-    ("a\u2029b\u202fc\u2065d\u206ae\u200fz\n".encode(), "ab\u202fc\u2065dez"),
+    ("a\u2029b\u202fc\u2065d\u206ae\u200fz\n".encode(), "ab\u202fcdez"),
     # zero-width and direction marks, soft hyphen, BOM, word joiner: format characters
     ("a\u200bb\u200cc\u200dd\u200ee\u200ff\u061cg\u2060h\ufeffi\u00adj\n".encode(), "abcdefghij"),
     # line and paragraph separators, interlinear annotation, tags, noncharacters
     ("a\u2028b\u2029c\ufff9d\ufffae\ufffbf\n".encode(), "abcdef"),
     ("x\U000e0001\U000e0041\U000e007fy\n".encode(), "xy"),
     ("a\ufdd0b\ufdefc\ufffed\uffffe\U0001fffef\U0010ffffg\n".encode(), "abcdefg"),
-    # combining marks: at most MAX_MARKS on one base; a family emoji loses its joiners
+    # default ignorables, unassigned in this Python's database or not; private use; Hangul
+    # fillers; U+2800 (a blank) becomes a space. (Before, each of these passed.)
+    ("a\u2065b\ufff0c\ufff8d\U000e0000e\U000e0002f\U000e001fg\U000e0080h\U000e00ffi\n".encode(),
+     "abcdefghi"),
+    ("a\U000e01f0b\U000e0fffc\ue000d\uf8ffe\U000f0000f\U0010fffdg\U00050000h\n".encode(),
+     "abcdefgh"),
+    ("a\u115fb\u1160c\u3164d\uffa0e\u034ff\u180bg\u180dh\ufe00i\U000e0100j\n".encode(),
+     "abcdefghij"),
+    ("\u3164\u3164\n".encode(), ""),
+    ("\u2800a\u2800\u2800b\n".encode(), " a  b"),
+    # a removed character between stacks of marks does not make them many
+    (("a" + ("\u0301" * 4 + "\u1160") * 10 + "\n").encode(), "a" + "\u0301" * MAX_MARKS),
+    # combining marks: at most MAX_MARKS on one base; a family emoji loses its joiners, an
+    # emoji its variation selector (a terminal's default presentation)
     (("e" + "\u0301" * 40 + "x\n").encode(), "e" + "\u0301" * MAX_MARKS + "x"),
     ("vie\u0323\u0302t\n".encode(), "vie\u0323\u0302t"),
     ("\U0001f468\u200d\U0001f469\u200d\U0001f467\n".encode(), "\U0001f468\U0001f469\U0001f467"),
-    ("\u2764\ufe0f\n".encode(), "\u2764\ufe0f"),
+    ("\u2764\ufe0f\n".encode(), "\u2764"),
     # invalid UTF-8 becomes U+FFFD; valid text passes
     (b"a\xffb\n", "a\ufffdb"),
     (b"a\xc3(b\n", "a\ufffd(b"),
@@ -162,7 +178,7 @@ def test_clean_text_never_leaves_a_removed_character(raw):
     assert clean_text(text.encode("utf-8")) == text
 
 
-safe_text = st.text(st.characters(blacklist_categories=("Cs", "Mn", "Mc", "Me"))
+safe_text = st.text(st.characters(blacklist_categories=("Cs", "Mn", "Mc", "Me", "Cn", "Co"))
                     .filter(lambda ch: not removed(ch)), max_size=40)
 
 
@@ -176,7 +192,8 @@ def test_clean_text_keeps_everything_else(text):
 JUNK = ["\x1b[31m", "\x1b[0m", "\x1b[2J", "\x1b[10;5H", "\x1b[?25l", "\x1b]0;title\x07",
         "\x1b]0;t\x1b\\", "\x07", "\x7f", "\x00", "\r", "\x0b", "\u009b", "\u0085", "\u202e",
         "\u2066", "\u2069", "\u200b", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u061c", "\u2028",
-        "\u2029", "\ufff9", "\U000e0020", "\ufdd5", "\U0002fffe"]
+        "\u2029", "\ufff9", "\U000e0020", "\ufdd5", "\U0002fffe", "\u2065", "\ufff0", "\u3164",
+        "\u1160", "\u034f", "\ufe0f", "\ue000", "\U000e0080", "\U000e01f0", "\U00050000"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -193,8 +210,8 @@ def test_inserted_controls_and_complete_sequences_vanish_without_a_trace(text, j
     assert clean_text(s.encode("utf-8") + b"\r\n") == text, s
 
 
-marks = st.sampled_from(["\u0301", "\u0300", "\u0323", "\u0489", "\u0903", "\u20dd", "\ufe0f",
-                         "\U000e0100", "\U0001d167"])
+marks = st.sampled_from(["\u0301", "\u0300", "\u0323", "\u0489", "\u0903", "\u20dd", "\u0332",
+                         "\u1ab0", "\U0001d167"])
 
 
 @settings(max_examples=300, deadline=None)
@@ -209,11 +226,11 @@ def test_no_base_keeps_more_than_max_marks_and_fewer_are_kept(parts):
     assert [ch for ch in got if not is_mark(ch)] == [ch for ch in text if not is_mark(ch)]
 
 
-def test_every_format_separator_and_mark_is_in_the_planes_scanned():
-    """protocol._rules scans planes 0, 1 and 14 only (fast at start-up): this Python's
-    Unicode database has none of these characters anywhere else."""
-    elsewhere = [hex(c) for c in range(0x110000) if not (c < 0x20000 or 0xE0000 <= c < 0xF0000)
-                 and unicodedata.category(chr(c)) in ("Cf", "Zl", "Zp", "Mn", "Mc", "Me")]
+def test_every_assigned_character_is_in_the_planes_scanned():
+    """protocol._rules scans planes 0 to 3 and 14 only (faster at start-up) and removes the
+    others whole: this Python's Unicode database assigns nothing there but private use."""
+    elsewhere = [hex(c) for c in range(0x110000) if not (c < 0x40000 or 0xE0000 <= c < 0xF0000)
+                 and unicodedata.category(chr(c)) not in ("Cn", "Co")]
     assert not elsewhere
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -265,4 +267,19 @@ def test_quoted_text_is_short_has_no_tab_or_blank_run_and_is_in_quotes(text):
     assert q[0] == q[-1] == '"' and len(q) <= QUOTE_MAX + 2
     inner = q[1:-1]
     assert "\t" not in inner and "  " not in inner and inner == inner.strip()
-    assert inner == " ".join(text.split()) or inner.endswith("...")
+    # No quote the user typed is left bare, and no escape is cut in two: unescaped, the
+    # inner text is the text with its blanks collapsed (or a prefix of it, then "...").
+    units = re.findall(r'\\.|[^\\"]', inner.removesuffix("..."), re.DOTALL)
+    assert "".join(units) == inner.removesuffix("...")
+    plain = "".join(u[-1] for u in units)
+    collapsed = " ".join(text.split())
+    assert plain == collapsed or (inner.endswith("...") and collapsed.startswith(plain))
+
+
+def test_a_quote_in_a_quit_reason_cannot_close_the_quotes():
+    """Before, `/quit bye") *** alice left (` showed `(quit: "bye") *** alice left (")`."""
+    assert quoted('bye") *** alice left (') == r'"bye\") *** alice left ("'
+    assert quoted("a\\") == r'"a\\"'
+    assert quoted("x" * 27 + '"yyyy') == '"' + "x" * 27 + r'\"..."'     # 32 characters at most
+    assert quoted("x" * 28 + '"yyyy') == '"' + "x" * 28 + '..."'        # never half an escape
+    assert quoted("x" * 27 + "\\yyyy") == '"' + "x" * 27 + r'\\..."'
