@@ -78,7 +78,7 @@ class ChatConnection(Connection):
         self.billed = 0           # their total, ledger entries included: at most our budget
         self.watch: Any = None    # the timer judging "too slow" while we are past our budget
         self.mark = 0             # unsent bytes (transport and kernel) when `watch` was set
-        self.handed = 0           # bytes handed to the transport since then
+        self.handed = 0           # bytes handed to the transport since then (outbox and writes)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -248,6 +248,8 @@ class ChatConnection(Connection):
             # Nothing is queued (the client took everything): the write goes whole, as the
             # kernel takes much of it at once. is_closing: the loop may have found the peer
             # gone (reset) and not yet told us; asyncio logs every write after the fifth.
+            # Counted as handed: written while `watch` runs, it is what the client takes.
+            self.handed += len(data)
             self.transport.write(data)
 
     def _bill(self, by: ChatConnection, n: int) -> bool:
