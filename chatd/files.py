@@ -62,7 +62,7 @@ def open_file(path: str, flags: int, mode: int = 0o600) -> int:
         if e.errno in _OPEN_REFUSALS:
             raise UnsafeFile(path, _OPEN_REFUSALS[e.errno]) from None
         raise
-    reason = file_problem(os.fstat(fd), _directory_owner(path))
+    reason = file_problem(os.fstat(fd), trusted_for(path))
     if reason:
         os.close(fd)
         raise UnsafeFile(path, reason)
@@ -76,7 +76,7 @@ def read_regular(path: str) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(path, file_problem(st) or "it is not a regular file")
+            raise UnsafeFile(path, file_problem(st, trusted()) or "it is not a regular file")
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
@@ -105,8 +105,8 @@ def _directory_owner(path: str) -> set[int]:
     return set() if st.st_mode & 0o022 else {st.st_uid}
 
 
-def file_problem(st: os.stat_result, also: set[int] = frozenset()) -> str:
-    """Why a file with this stat may not be used ("" if it may); `also`: more trusted owners."""
+def file_problem(st: os.stat_result, owners: set[int]) -> str:
+    """Why a file with this stat may not be used ("" if it may); `owners`: who may own it."""
     if stat.S_ISDIR(st.st_mode):
         return "it is a directory"
     if stat.S_ISFIFO(st.st_mode):
@@ -115,7 +115,7 @@ def file_problem(st: os.stat_result, also: set[int] = frozenset()) -> str:
         return "it is not a regular file"
     if st.st_nlink != 1:
         return f"it has {st.st_nlink} hard links"
-    return _owner_problem(st, trusted() | also)
+    return _owner_problem(st, owners)
 
 
 def resolve_directory(directory: str, owners: set[int] | None = None) -> tuple[str, str]:
@@ -171,8 +171,7 @@ def trusted_for(path: str) -> set[int]:
     return trusted() | _directory_owner(path)
 
 
-def _owner_problem(st: os.stat_result, owners: set[int] | None = None) -> str:
-    owners = trusted() if owners is None else owners
+def _owner_problem(st: os.stat_result, owners: set[int]) -> str:
     if st.st_uid not in owners:
         return f"it belongs to uid {st.st_uid}, not to us (uid {os.geteuid()})"
     if st.st_mode & 0o022:

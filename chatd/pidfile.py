@@ -183,7 +183,8 @@ def _not_chatd(pid: int, path: str) -> str:
     uids = _uid(pid)
     if uids is None:
         return f"pid {pid} has exited"
-    stranger = [u for u in uids if u not in files.trusted_for(path)]
+    owners = files.trusted_for(path)
+    stranger = [u for u in uids if u not in owners]
     return f"pid {pid} holds the lock but runs as uid {stranger[0]}, not as chatd" if stranger else ""
 
 
