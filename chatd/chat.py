@@ -19,7 +19,10 @@ is not queued there, and the sayer is warned, at most once a second. The
 server's notices and replies are never queued past a budget. So twenty clients bursting at one reader
 cannot get it dropped, and chatd holds at most two budgets per client. "Too slow"
 is judged over time: a client whose output went past its budget and that takes
-less than a line in SLOW_S seconds is dropped (`too_slow`), and nobody waits.
+less than a line in SLOW_TICKS ticks of SLOW_S seconds is dropped (`too_slow`), and nobody
+waits. Several ticks, because the server sees a reader's progress only when the kernel
+reopens its receive window, in steps of up to an MSS (64 KiB on loopback): a reader taking
+16 KiB every 0.1 s shows no progress for 0.7 s at a time, one at half that pace for 1.4 s.
 
 Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/process/test_chat_targeted.py, tests/unit/test_chat_paths.py, tests/unit/test_debug_connection.py, tests/process/test_fair_share.py
 """
@@ -39,7 +42,8 @@ from .rooms import error, notice
 
 log = logging.getLogger("chatd")
 FLOOD_WINDOW_S = 10.0      # `burst` dropped lines within this window disconnect a client
-SLOW_S = 1.0               # past its budget, a client must take a line's worth in this time
+SLOW_S = 1.0               # past its budget, a client is judged this often...
+SLOW_TICKS = 3             # ...and must have taken a line's worth in the last this many
 WARN_S = 1.0               # at most one warning a second to a sender whose lines were dropped
 LEDGER_ENTRY = 128         # what one entry of a recipient's `charges` costs, charged as bytes
 UNREAD = error("others are not reading your lines fast enough, some were dropped")
@@ -61,7 +65,7 @@ class ChatConnection(Connection):
     """A client of chat mode."""
 
     __slots__ = ("nick", "room", "tokens", "refilled", "dropped", "owed", "warned", "charges",
-                 "billed", "watch", "mark", "handed")
+                 "billed", "watch", "mark", "handed", "takes")
     FULL_LINE = b"*** server full\r\n"
     CR_NUL_ENDS_LINE = True
 
@@ -79,6 +83,7 @@ class ChatConnection(Connection):
         self.watch: Any = None    # the timer judging "too slow" while we are past our budget
         self.mark = 0             # unsent bytes (transport and kernel) when `watch` was set
         self.handed = 0           # bytes handed to the transport since then (outbox and writes)
+        self.takes: list[int] = []   # what it took in each of the last SLOW_TICKS ticks
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -240,6 +245,7 @@ class ChatConnection(Connection):
             over = len(outbox) + len(data) + self.transport.get_write_buffer_size() - self.budget
             if over > 0:
                 if self.watch is None:
+                    self.takes = []
                     self._watch()
                 if by is None or not self._bill(by, min(over, len(data))):
                     return
@@ -316,23 +322,31 @@ class ChatConnection(Connection):
         self.watch = self.state.loop.call_later(SLOW_S, self._judge)
 
     def _judge(self) -> None:
-        """Output went past the budget SLOW_S ago: if the client took less than a line since
-        and output still waits for it, it is too slow; if it is still past its budget, it
-        is judged again in SLOW_S. (What it took: what was unsent then in the transport and
-        the kernel, plus what was handed to the transport since, less what is unsent now.)"""
+        """A tick since output went past the budget: if the client took less than a line in
+        the last SLOW_TICKS ticks and output still waits for it, it is too slow; it is judged
+        again in SLOW_S while output waits, until SLOW_TICKS ticks are in, then while it is
+        still past its budget. (What it took in a tick: what was unsent
+        at its start in the transport and the kernel, plus what was handed to the transport
+        since, less what is unsent now.)"""
         self.watch = None
         if self.closing:
             return
         self._settle()
         left = self.transport.get_write_buffer_size() + unsent_bytes(self.transport)
-        taken = self.mark + self.handed - left
-        if taken < self.max_line and left + len(self.outbox or b""):
+        takes = self.takes
+        takes.append(self.mark + self.handed - left)
+        del takes[:-SLOW_TICKS]
+        taken, waits = sum(takes), left + len(self.outbox or b"")
+        if len(takes) < SLOW_TICKS:
+            if waits:
+                self._watch()
+        elif taken < self.max_line and waits:
             self.too_slow(taken)
         elif self.unsent() > self.budget:
             self._watch()
 
     def too_slow(self, taken: int) -> None:
-        """Past its budget for SLOW_S and took only `taken` bytes: drop the client.
+        """Past its budget for SLOW_TICKS ticks and took only `taken` bytes: drop the client.
 
         The room is told when the loop delivers `connection_lost`.
         """
@@ -412,5 +426,5 @@ class DebugChatConnection(DebugConnection, ChatConnection):
     def too_slow(self, taken: int) -> None:
         if not self.closing:
             log.debug("dropped %s (too slow): took %d bytes in %g s, %d bytes unsent, budget %d",
-                      self.peer, taken, SLOW_S, self.unsent(), self.budget)
+                      self.peer, taken, SLOW_S * SLOW_TICKS, self.unsent(), self.budget)
         super().too_slow(taken)

@@ -217,7 +217,7 @@ def test_debug_logs_chat_lines_dropped_and_a_flooder_dropped(loop_chatd):
 
 def test_debug_logs_a_chat_reader_dropped_as_too_slow(loop_chatd):
     """1. level debug, chat mode, output_buffer 16384, 2. a client never reads while another
-    says 400 KB. Result: "dropped PEER (too slow): took T bytes in 1 s, U bytes unsent, budget
+    says 400 KB. Result: "dropped PEER (too slow): took T bytes in 3 s, U bytes unsent, budget
     B" with T under a line, then its closed line gives the reason "too slow"."""
     inst = loop_chatd
     configure(inst, "debug", mode="chat", extra="[limits]\nrate = 0\noutput_buffer = 16384\n")
@@ -228,7 +228,7 @@ def test_debug_logs_a_chat_reader_dropped_as_too_slow(loop_chatd):
     sender, _ = join(inst.port)
     for _ in range(400):
         sender.send(b"x" * 999 + b"\n")
-    dropped = wait_message(inst, rf"dropped {ps} \(too slow\): took \d+ bytes in 1 s, \d+ bytes "
+    dropped = wait_message(inst, rf"dropped {ps} \(too slow\): took \d+ bytes in 3 s, \d+ bytes "
                                  rf"unsent, budget \d+")
     taken, _, unsent, budget = map(int, re.findall(r"\d+", dropped.split("too slow")[1]))
     assert taken < 4096 and unsent > 0, dropped
