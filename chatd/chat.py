@@ -2,7 +2,8 @@
 
 The path of a line: `data_received` -> `LineDecoder.feed` (LF, CRLF or CR NUL;
 telnet; the length bound) -> `clean_text` -> the token bucket -> the
-`ChatService` of rooms.py, which sends to each recipient with `send`. Every line
+`ChatService` of rooms.py, which holds what a pass of the loop produces and then
+sends each recipient its share with `send`, or `send_batch` (one write). Every line
 takes a token, empty and control-only ones too, and so does every telnet command
 byte: input that shows nothing still costs its sender. Three fast paths give the
 same bytes: a read whose lines are all printable ASCII and no command is prefixed
@@ -94,28 +95,18 @@ class ChatConnection(Connection):
 
     def consume(self, data: bytes) -> None:
         self.active = True
-        chat = self.state.chat
-        chat.cork()
-        try:
-            items = self.decode(data)
-            if self.commands:   # telnet commands take tokens as lines do
-                self._charge(self.commands)
-                self.commands = 0
-            self._lines(items)
-        finally:
-            chat.uncork()
+        items = self.decode(data)
+        if self.commands:   # telnet commands take tokens as lines do
+            self._charge(self.commands)
+            self.commands = 0
+        self._lines(items)
         self.take_share(len(data))
 
     data_received = consume
 
     def eof_received(self) -> bool:
         """The client half-closed: it has left. Its last line counts; what is queued is flushed."""
-        chat = self.state.chat
-        chat.cork()
-        try:
-            self._lines(self.finish())
-        finally:
-            chat.uncork()
+        self._lines(self.finish())
         self._leave("connection closed")
         self.reason = self.reason or "client closed"
         self.flush()
@@ -257,6 +248,23 @@ class ChatConnection(Connection):
             # Counted as handed: written while `watch` runs, it is what the client takes.
             self.handed += len(data)
             self.transport.write(data)
+
+    def send_batch(self, data: bytes, parts: list[tuple[bytes, ChatConnection | None]]) -> None:
+        """What one pass of the loop holds for this client (rooms.py): `data`, the `parts`
+        joined, in one write when nothing is queued and it fits the budget; else part by
+        part, as `send` takes them (so each sayer is charged for its own)."""
+        if (self.outbox is None and len(data) <= self.budget and not self.closing
+                and not self.transport.is_closing()):
+            self.handed += len(data)
+            self.transport.write(data)
+        else:
+            for part, by in parts:
+                self.send(part, by)
+
+    def flush(self) -> None:
+        """Last words: what this pass holds (our replies among it) goes out first."""
+        self.state.chat.flush()
+        super().flush()
 
     def _bill(self, by: ChatConnection, n: int) -> bool:
         """Charge `by` for `n` bytes queued past our budget (and LEDGER_ENTRY for a new

@@ -2,11 +2,14 @@
 
 The service never waits for anyone: every `peer.send` is a synchronous write
 into that peer's own bounded output queue, and a peer that cannot keep up is
-dropped by its connection, not waited for. While a connection handles one
-read (`cork`/`uncork`), what goes to a room is held and then sent to each
-member in one write: sixteen lines in one read are one write per receiver, not
-sixteen. Anything sent to one peer first sends what is held, so every client
-still sees lines in the order they happened. Text reaching `on_line` is already
+dropped by its connection, not waited for. What one pass of the event loop
+produces (lines from every sender read in that pass, notices, replies) is held
+and sent when the pass ends (`defer`, the loop's `call_soon`: before the next
+pass reads anything): each recipient gets all of it in one `send_batch`, one
+write, in the order it happened. Sixteen lines in one read, or four senders'
+reads in one pass, are one write per receiver, not sixteen or four. Before a
+room's members change, what is held goes out, so a line reaches exactly the
+members of its room when it was said. Text reaching `on_line` is already
 sanitized (`protocol.clean_text`); every line sent here ends with CRLF, and
 every user line gets a server prefix, so no user can forge a `*** ` line, and
 text a user typed inside a `*** ` line is `quoted`. Nicks are unique by look
@@ -65,6 +68,11 @@ class Peer(Protocol):
         of the server's, which never does."""
         ...
 
+    def send_batch(self, data: bytes, parts: list[tuple[bytes, Peer | None]]) -> None:
+        """What one pass holds for this peer: `parts`, each (data, by) as `send` takes
+        them, in order, and `data`, their bytes joined (one write, when it can be)."""
+        ...
+
     def quit(self, reason: str) -> None: ...
 
 
@@ -85,6 +93,7 @@ def by_name(names: list[str]) -> list[str]:
 
 
 Command = Callable[["ChatService", Peer, str], None]
+Held = tuple["str | Peer", bytes, "Peer | None", "Peer | None"]   # to (room or peer), data, skip, by
 COMMANDS: dict[str, Command] = {}
 HELP: list[str] = []
 
@@ -102,14 +111,18 @@ def command(usage: str, text: str, *aliases: str) -> Callable[[Command], Command
 class ChatService:
     """Everyone connected in chat mode: nicks, rooms, and what they say."""
 
-    def __init__(self, motd: str = "", default_room: str = "lobby") -> None:
+    def __init__(self, motd: str = "", default_room: str = "lobby",
+                 defer: Callable[[Callable[[], None]], object] | None = None) -> None:
+        """`defer(fn)` runs `fn` when the loop's current pass ends (the loop's `call_soon`);
+        without it, everything is sent at once."""
         self.rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
         self.nicks: dict[str, Peer] = {}               # skeleton(nick) -> peer
         self._guests = itertools.count(1)              # guest numbers are never reused
         self.motd: list[str] = []
         self.default_room = "#lobby"
-        self._held: list[tuple[str, bytes, Peer | None, Peer | None]] = []   # room, data, skip, by
-        self._corked = False
+        self._held: list[Held] = []   # what this pass produced, in order
+        self._defer = defer
+        self._due = False             # a `_pass_ended` is deferred
         self.configure(motd, default_room)
 
     def configure(self, motd: str, default_room: str) -> None:
@@ -140,6 +153,7 @@ class ChatService:
         del self.nicks[skeleton(peer.nick)]
 
     def _enter(self, peer: Peer, room: str) -> None:
+        self.flush()   # what was said before goes to the members of then
         members = self.rooms.setdefault(room, {})
         self.tell(peer, self._roster(room, members))
         self.broadcast(room, notice(f"{peer.nick} joined {room}"), skip=peer)
@@ -147,6 +161,7 @@ class ChatService:
         peer.room = room
 
     def _leave_room(self, peer: Peer, reason: str | None) -> None:
+        self.flush()
         room = peer.room
         members = self.rooms.get(room, {})
         members.pop(peer, None)
@@ -162,47 +177,79 @@ class ChatService:
 
     # ------------------------------------------------------------ sending
 
-    def cork(self) -> None:
-        """Hold what goes to rooms until `uncork` (a connection handling one read)."""
-        self._corked = True
-
-    def uncork(self) -> None:
-        self._corked = False
-        if self._held:
-            self.flush()
-
-    def flush(self) -> None:
-        """Send what is held: runs for one room, skipped peer and sayer become one write."""
-        held, self._held = self._held, []
-        i, n = 0, len(held)
-        while i < n:
-            room, data, skip, by = held[i]
-            j = i + 1
-            while j < n and held[j][0] == room and held[j][2] is skip and held[j][3] is by:
-                j += 1
-            self._deliver(room, data if j == i + 1 else b"".join(h[1] for h in held[i:j]), skip, by)
-            i = j
-
     def broadcast(self, room: str, data: bytes, by: Peer | None = None,
                   skip: Peer | None = None) -> None:
-        """`data` (said by `by`, or a notice) to everyone in `room` but `skip`."""
-        if self._corked:
-            self._held.append((room, data, skip, by))
-        else:
-            self._deliver(room, data, skip, by)
-
-    def _deliver(self, room: str, data: bytes, skip: Peer | None, by: Peer | None) -> None:
-        # A tuple: a send may drop a member that cannot keep up.
-        for member in tuple(self.rooms.get(room, ())):
-            if member is not skip:
-                member.send(data, by)
+        """`data` (said by `by`, or a notice) to everyone in `room` but `skip`, at the end
+        of this pass."""
+        self._hold((room, data, skip, by))
 
     def tell(self, peer: Peer, data: bytes, by: Peer | None = None) -> None:
-        """`data` (said by `by`, or a notice) to one peer, after what is held, so that the
-        order of events holds."""
-        if self._held:
-            self.flush()
-        peer.send(data, by)
+        """`data` (said by `by`, or a notice) to one peer, at the end of this pass, after what
+        was held before it."""
+        self._hold((peer, data, None, by))
+
+    def _hold(self, entry: Held) -> None:
+        self._held.append(entry)
+        if not self._due:
+            if self._defer is None:
+                self.flush()
+                return
+            self._due = True
+            self._defer(self._pass_ended)
+
+    def _pass_ended(self) -> None:
+        self._due = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what is held: to each recipient, everything for it, in order, in one batch.
+        (Also called early, before members change and before a connection's last words.)"""
+        held, self._held = self._held, []
+        if not held:
+            return
+        to, data, skip, by = held[0]
+        if len(held) == 1:
+            if to.__class__ is str:
+                for member in tuple(self.rooms.get(to, ())):   # a send may drop a member
+                    if member is not skip:
+                        member.send(data, by)
+            else:
+                to.send(data, by)
+        elif to.__class__ is str and all(h[0] == to for h in held):
+            self._flush_room(to, held)
+        else:
+            self._flush_mixed(held)
+
+    def _flush_room(self, room: str, held: list[Held]) -> None:
+        """The common case, one room: members no entry skips share one joined copy."""
+        parts = [(h[1], h[3]) for h in held]
+        joined = b"".join([h[1] for h in held])
+        skips = {h[2] for h in held}
+        for member in tuple(self.rooms.get(room, ())):
+            if member not in skips:
+                member.send_batch(joined, parts)
+                continue
+            mine = [(h[1], h[3]) for h in held if h[2] is not member]
+            if len(mine) == 1:
+                member.send(*mine[0])
+            elif mine:
+                member.send_batch(b"".join([d for d, _ in mine]), mine)
+
+    def _flush_mixed(self, held: list[Held]) -> None:
+        """Several rooms, or replies among the lines: gather per recipient, then send."""
+        batches: dict[Peer, list[tuple[bytes, Peer | None]]] = {}
+        for to, data, skip, by in held:
+            if to.__class__ is str:
+                for member in self.rooms.get(to, ()):
+                    if member is not skip:
+                        batches.setdefault(member, []).append((data, by))
+            else:
+                batches.setdefault(to, []).append((data, by))
+        for member, parts in batches.items():
+            if len(parts) == 1:
+                member.send(*parts[0])
+            else:
+                member.send_batch(b"".join([d for d, _ in parts]), parts)
 
     # ------------------------------------------------------------ lines
 

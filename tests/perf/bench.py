@@ -49,6 +49,8 @@ WORKLOADS = {
             "chat, 1 sender to 10 receivers, 16 lines outstanding"),
     "c100": ("chat", ["chat", "-c", "100", "-S", "1", "-W", "16", "-s", "64"],
              "chat, 1 sender to 100 receivers, 16 lines outstanding"),
+    "c100s4": ("chat", ["chat", "-c", "100", "-S", "4", "-W", "16", "-s", "64"],
+               "chat, 4 senders to 100 receivers, 16 lines outstanding each"),
     "c100r2k": ("chat", ["chat", "-c", "100", "-S", "4", "-R", "2000", "-s", "64"],
                 "chat, 4 open-loop senders at 2,000 lines/s in all to 100 receivers"),
     "h10k": ("hold", ["hold", "-c", "10000", "--probe", "--pss"],
@@ -67,8 +69,8 @@ for _mode, _m in (("echo", "e"), ("chat", "c")):
         WORKLOADS[f"l{_m}-{_cls}"] = ("x" + _mode, ["--class", _cls, "-S", "4", "--probe"],
                                       f"{_mode}, 4 senders of {_cls} and a well-behaved client")
 HOSTILE = [wl for wl in WORKLOADS if wl[:1] in "xl" and wl[2:3] == "-"]
-FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100r2k", "h10k"] + HOSTILE
-SHORT = ["e100", "e100p16", "c100", "c100r2k", "h1k", "le-iac-do", "lc-bidi"]
+FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100s4", "c100r2k", "h10k"] + HOSTILE
+SHORT = ["e100", "e100p16", "c100", "c100s4", "c100r2k", "h1k", "le-iac-do", "lc-bidi"]
 
 
 @dataclass
@@ -98,22 +100,29 @@ def chatd_binary() -> str:
     return str(here) if here.exists() else (shutil.which("chatd") or "chatd")
 
 
-def servers(bench: Path, build: Path, work: Path, short: bool) -> list[Server]:
-    """chatd as installed (uvloop when present), chatd on asyncio's loop, and the references."""
+def chatd_servers(binary: str, work: Path, suffix: str = "") -> list[Server]:
+    """chatd (`binary`) as installed (uvloop when present) and on asyncio's loop, echo and chat."""
     conf = work / "bench.conf"
     conf.write_text('[server]\nhost = "127.0.0.1"\n'
                     "[limits]\nmax_clients = 0\nmax_clients_per_ip = 0\nrate = 0\n")
-    chatd = [chatd_binary(), "run", "-c", str(conf), "-p", "{port}", "--pidfile",
+    chatd = [binary, "run", "-c", str(conf), "-p", "{port}", "--pidfile",
              str(work / "chatd-{port}.pid"), "--log", str(work / "chatd-{port}.log")]
-    py = sys.executable
-    found = [
-        Server("chatd", chatd + ["--mode", "echo"], ("echo", "hold", "xecho")),
-        Server("chatd-asyncio", chatd + ["--mode", "echo", "--loop", "asyncio"], ("echo", "xecho")),
-        Server("chatd-chat", chatd + ["--mode", "chat"], ("chat", "xchat")),
-        Server("chatd-chat-asyncio", chatd + ["--mode", "chat", "--loop", "asyncio"], ("chat", "xchat")),
+    return [
+        Server("chatd" + suffix, chatd + ["--mode", "echo"], ("echo", "hold", "xecho")),
+        Server("chatd-asyncio" + suffix, chatd + ["--mode", "echo", "--loop", "asyncio"], ("echo", "xecho")),
+        Server("chatd-chat" + suffix, chatd + ["--mode", "chat"], ("chat", "xchat")),
+        Server("chatd-chat-asyncio" + suffix, chatd + ["--mode", "chat", "--loop", "asyncio"], ("chat", "xchat")),
     ]
+
+
+def servers(bench: Path, build: Path, work: Path, short: bool, baseline: str | None) -> list[Server]:
+    """chatd, another chatd to compare with (`--baseline`), and the references."""
+    found = chatd_servers(chatd_binary(), work)
+    if baseline:
+        found += chatd_servers(baseline, work, "@base")
     if short:
         return found
+    py = sys.executable
     found += [
         Server("C-epoll", [str(build / "ref_epoll_echo"), "-p", "{port}"], ("echo", "hold")),
         Server("proto-uvloop", [py, str(bench / "py_asyncio_protocol_echo.py"), "--uvloop", "--port", "{port}"],
@@ -452,6 +461,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=PORT)
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin to CPUs 0 and 1")
     ap.add_argument("--out", help="also append every RESULT line here")
+    ap.add_argument("--baseline", metavar="CHATD",
+                    help="another chatd command (say, an older checkout's .venv/bin/chatd) to run "
+                         "side by side, its servers named with '@base'")
     args = ap.parse_args()
     args.reps = args.reps or (1 if args.short else 5)
     args.duration = args.duration or (1.5 if args.short else 5.0)
@@ -478,7 +490,7 @@ def main() -> int:
         if problem:
             print(f"bench.py: cannot build the load generator: {problem}", file=sys.stderr)
             return 2
-        all_servers = servers(bench, build, work, args.short)
+        all_servers = servers(bench, build, work, args.short, args.baseline)
         runs: list[Run] = []
         started = time.monotonic()
         for rep in range(1, args.reps + 1):

@@ -166,35 +166,96 @@ def test_configure_applies_to_new_arrivals(service):
     assert a.room == "#lobby"
 
 
-def test_lines_of_one_read_reach_each_member_in_one_write_and_in_order(service):
-    """cork/uncork around one read: three lines are one send per member; a reply to the
-    sender, or a private message, first sends what is held, so nobody sees events reordered."""
-    a, b, c = join(service, 3)
-    service.cork()
-    for text in ("one", "two", "three"):
-        service.on_line(a, text)
-    assert b.got == [] and c.got == []              # held
-    service.uncork()
-    assert b.take() == c.take() == [b"<guest1> one\r\n<guest1> two\r\n<guest1> three\r\n"]
-    assert a.take() == []
-    service.cork()
+class Pass:
+    """A loop that the test drives: `defer` holds the callback that ends a pass, `end` runs it."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def defer(self, fn) -> None:
+        self.pending.append(fn)
+
+    def end(self) -> None:
+        pending, self.pending = self.pending, []
+        for fn in pending:
+            fn()
+
+
+class BatchPeer(FakePeer):
+    """A peer that records batches as one write, as a connection makes them."""
+
+    def send_batch(self, data: bytes, parts: list) -> None:
+        assert data == b"".join(d for d, _ in parts)
+        self.got.append(data)
+
+
+@pytest.fixture
+def deferred():
+    loop = Pass()
+    return loop, ChatService(defer=loop.defer)
+
+
+def joined(service: ChatService, loop: Pass, n: int) -> list[BatchPeer]:
+    peers = []
+    for _ in range(n):
+        p = BatchPeer(service)
+        service.arrive(p)
+        peers.append(p)
+    loop.end()
+    for p in peers:
+        p.take()
+    return peers
+
+
+def test_what_one_pass_holds_reaches_each_member_in_one_write_and_in_order(deferred):
+    """Everything a pass produces, from several senders, leaves when the pass ends, one write
+    per member, each sender's lines in order; nobody gets its own lines."""
+    loop, service = deferred
+    a, b, c = joined(service, loop, 3)
+    service.on_line(a, "one")
+    service.on_line(b, "two")
+    service.on_line(a, "three")
+    assert a.got == b.got == c.got == []          # held until the pass ends
+    assert len(loop.pending) == 1                 # one deferred end of pass, however many lines
+    loop.end()
+    assert c.take() == [b"<guest1> one\r\n<guest2> two\r\n<guest1> three\r\n"]
+    assert a.take() == [b"<guest2> two\r\n"]
+    assert b.take() == [b"<guest1> one\r\n<guest1> three\r\n"]
+    loop.end()
+    assert a.got == b.got == c.got == []
+
+
+def test_replies_and_private_messages_keep_their_place_in_the_pass(deferred):
+    """A reply or a /msg is held with the room's lines, so nobody sees events reordered."""
+    loop, service = deferred
+    a, b, c = joined(service, loop, 3)
     service.on_line(a, "before")
     service.on_line(a, "/msg guest2 private")
     service.on_line(a, "after")
-    service.uncork()
-    assert b.take() == [b"<guest1> before\r\n", b"*guest1* private\r\n", b"<guest1> after\r\n"]
+    loop.end()
+    assert b.take() == [b"<guest1> before\r\n*guest1* private\r\n<guest1> after\r\n"]
     assert a.take() == [b"-> *guest2* private\r\n"]
-    assert c.take() == [b"<guest1> before\r\n", b"<guest1> after\r\n"]
+    assert c.take() == [b"<guest1> before\r\n<guest1> after\r\n"]
 
 
-def test_a_joiner_never_gets_its_own_join_notice_even_when_held(service):
-    a, b = join(service, 2)
-    service.cork()
+def test_a_line_reaches_the_members_of_its_room_when_it_was_said(deferred):
+    """Members change mid-pass: what was held goes first, to the members of then."""
+    loop, service = deferred
+    a, b = joined(service, loop, 2)
     service.on_line(b, "/join #x")
+    service.on_line(a, "to the lobby, b is gone")
     service.on_line(a, "/join #x")
-    service.uncork()
-    assert a.take() == [b"*** guest2 left #lobby (joined #x)\r\n", b"*** #x: guest2\r\n"]
+    service.on_line(b, "in #x")
+    loop.end()
+    assert a.take() == [b"*** guest2 left #lobby (joined #x)\r\n",
+                        b"*** #x: guest2\r\n<guest2> in #x\r\n"]
     assert b.take() == [b"*** #x: nobody else here\r\n", b"*** guest1 joined #x\r\n"]
+
+
+def test_without_a_loop_everything_is_sent_at_once(service):
+    a, b = join(service, 2)
+    service.on_line(a, "now")
+    assert b.take() == [b"<guest1> now\r\n"]
 
 
 # ------------------------------------------------------------------ look-alike nicks
