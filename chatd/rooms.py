@@ -88,11 +88,19 @@ def error(text: str) -> bytes:
     return line("*** error: " + text)
 
 
+def send_each(members: dict[Peer, None], data: bytes, skip: Peer | None, by: Peer | None) -> None:
+    """`data` to every member but `skip`, each through its `send`."""
+    for member in tuple(members):   # a send may drop a member
+        if member is not skip:
+            member.send(data, by)
+
+
 def by_name(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (n.casefold(), n))
 
 
 Command = Callable[["ChatService", Peer, str], None]
+Fanout = Callable[[dict[Peer, None], bytes, "Peer | None", "Peer | None"], None]
 Held = tuple["str | Peer", bytes, "Peer | None", "Peer | None"]   # to (room or peer), data, skip, by
 COMMANDS: dict[str, Command] = {}
 HELP: list[str] = []
@@ -112,9 +120,12 @@ class ChatService:
     """Everyone connected in chat mode: nicks, rooms, and what they say."""
 
     def __init__(self, motd: str = "", default_room: str = "lobby",
-                 defer: Callable[[Callable[[], None]], object] | None = None) -> None:
+                 defer: Callable[[Callable[[], None]], object] | None = None,
+                 fanout: Fanout | None = None) -> None:
         """`defer(fn)` runs `fn` when the loop's current pass ends (the loop's `call_soon`);
-        without it, everything is sent at once."""
+        without it, everything is sent at once. `fanout(members, data, skip, by)` sends one
+        room's `data` to its members but `skip`: the connection class's own loop (the hot
+        path), or `send` to each."""
         self.rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
         self.nicks: dict[str, Peer] = {}               # skeleton(nick) -> peer
         self._guests = itertools.count(1)              # guest numbers are never reused
@@ -122,6 +133,7 @@ class ChatService:
         self.default_room = "#lobby"
         self._held: list[Held] = []   # what this pass produced, in order
         self._defer = defer
+        self._fanout = fanout or send_each
         self._due = False             # a `_pass_ended` is deferred
         self.configure(motd, default_room)
 
@@ -210,9 +222,9 @@ class ChatService:
         to, data, skip, by = held[0]
         if len(held) == 1:
             if to.__class__ is str:
-                for member in tuple(self.rooms.get(to, ())):   # a send may drop a member
-                    if member is not skip:
-                        member.send(data, by)
+                members = self.rooms.get(to)
+                if members:
+                    self._fanout(members, data, skip, by)
             else:
                 to.send(data, by)
         elif to.__class__ is str and all(h[0] == to for h in held):

@@ -136,7 +136,7 @@ class Server:
         self.signals = SignalQueue(loop)
         self.runtime.recorder.take_over(self.signals.put)
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
-        self.state.chat = ChatService(defer=loop.call_soon)
+        self.state.chat = ChatService(defer=loop.call_soon, fanout=ChatConnection.fanout)
         self._configure_chat(self.cfg)
         self.gate = Gate(self.state, loop)
         self.gate.connection_class = self._connection_class()

@@ -222,19 +222,59 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
             argv += ["-d", str(min(args.duration, 3))]
         if args.pin:
             argv = ["taskset", "-c", "1"] + argv
+        loadgen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        counted, head = {}, ""
+        if args.syscalls and mode in ("chat", "echo"):
+            for line in loadgen.stdout:   # the measured window opens a warm-up after this line
+                head += line
+                if line.startswith("TRAFFIC "):
+                    counted = count_syscalls(proc.pid, args)
+                    break
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 180)
+            stdout, stderr = loadgen.communicate(timeout=args.duration + 180)
+            stdout = head + stdout
         except subprocess.TimeoutExpired:
+            loadgen.kill()
+            loadgen.communicate()
             run.failure = "loadgen timed out"
             return run
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
-            run.failure = f"no RESULT (loadgen rc {out.returncode}): {out.stderr.strip()[-200:]}"
+            run.failure = f"no RESULT (loadgen rc {loadgen.returncode}): {stderr.strip()[-200:]}"
             return run
         run.result = dict(tok.split("=", 1) for tok in lines[-1].split()[1:] if "=" in tok)
+        rate = run.num("lines_per_s")
+        if counted and rate:
+            for kind, n in counted.items():
+                run.result[f"sys_{kind}"] = f"{n / (rate * args.duration):.5f}"
     finally:
         stop_server(proc)
     return run
+
+
+SYSCALLS = {"write": ["write", "writev", "sendto", "sendmsg"], "read": ["read", "recvfrom"],
+            "wait": ["epoll_wait", "epoll_pwait", "select", "pselect6", "poll", "ppoll"]}
+
+
+def count_syscalls(pid: int, args: argparse.Namespace) -> dict[str, int]:
+    """The server's system calls, by kind, over the measured window (after the warm-up), with
+    `perf stat` on its tracepoints; {} when perf cannot count them here."""
+    events = [f"syscalls:sys_enter_{name}" for names in SYSCALLS.values() for name in names]
+    time.sleep(args.warmup)
+    try:
+        out = subprocess.run(["perf", "stat", "-x,", "-e", ",".join(events), "-p", str(pid), "--",
+                              "sleep", str(args.duration)], capture_output=True, text=True,
+                             timeout=args.duration + 30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    counts: dict[str, int] = {}
+    for line in out.stderr.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_") and fields[0].isdigit():
+            name = fields[2].removeprefix("syscalls:sys_enter_")
+            kind = next(k for k, names in SYSCALLS.items() if name in names)
+            counts[kind] = counts.get(kind, 0) + int(fields[0])
+    return counts
 
 
 # ------------------------------------------------------------------ reporting
@@ -318,6 +358,26 @@ def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> 
                    f"{spread([r.num('p50_us') for r in ok], 1)} | {spread([r.num('p99_us') for r in ok], 1)} "
                    f"| {spread([cpu_per_line(r) for r in ok], 2)} | {(rss or 0) / 1024:.1f} "
                    f"| {sum(errors(r) for r in group)} | {lg_note} |")
+    return out + [""]
+
+
+def syscall_table(workload: str, runs: list[Run], names: list[str]) -> list[str]:
+    """System calls per delivery (or echoed line), by kind, from `--syscalls` (perf stat)."""
+    mine = [r for r in runs if r.workload == workload and r.result and "sys_write" in r.result]
+    if not mine:
+        return []
+    out = [f"System calls per {'delivery' if WORKLOADS[workload][0] == 'chat' else 'line'} "
+           f"({workload}, perf stat on the server over the measured window):", "",
+           "| server | writes | reads | waits (epoll, select) | lines per write |", "|---|---|---|---|---|"]
+    for name in names:
+        group = [r for r in mine if r.server == name]
+        if not group:
+            continue
+        writes = median([r.num("sys_write") for r in group])
+        out.append(f"| {name} | {spread([r.num('sys_write') for r in group], 3)} "
+                   f"| {spread([r.num('sys_read') for r in group], 3)} "
+                   f"| {spread([r.num('sys_wait') for r in group], 3)} "
+                   f"| {1 / writes:.1f} |" if writes else f"| {name} | - | - | - | - |")
     return out + [""]
 
 
@@ -461,6 +521,10 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=PORT)
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin to CPUs 0 and 1")
     ap.add_argument("--out", help="also append every RESULT line here")
+    ap.add_argument("--servers", default=None, help="comma-separated server names to run (default: all)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count the server's system calls per delivery with perf stat (root, or "
+                         "kernel.perf_event_paranoid low enough; perturbs the timing a little)")
     ap.add_argument("--baseline", metavar="CHATD",
                     help="another chatd command (say, an older checkout's .venv/bin/chatd) to run "
                          "side by side, its servers named with '@base'")
@@ -491,6 +555,8 @@ def main() -> int:
             print(f"bench.py: cannot build the load generator: {problem}", file=sys.stderr)
             return 2
         all_servers = servers(bench, build, work, args.short, args.baseline)
+        if args.servers:
+            all_servers = [s for s in all_servers if s.name in args.servers.split(",")]
         runs: list[Run] = []
         started = time.monotonic()
         for rep in range(1, args.reps + 1):
@@ -520,6 +586,7 @@ def main() -> int:
         refs = [r for r in REFS[mode] if r in names]
         print("\n".join(table(wl, runs, [n for n in names if any(r.server == n and r.workload == wl for r in runs)],
                               refs)))
+        print("\n".join(syscall_table(wl, runs, names)))
     print("\n".join(hostile_tables(runs, workloads)))
     if not args.short:
         print("### Targets (medians of this run)\n\n| target | met | figures |\n|---|---|---|")
