@@ -451,7 +451,7 @@ def hostile_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
 
 
 def targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
-    """The speed issue's targets, from the medians of this run (None: not measured here)."""
+    """The speed issues' targets, from the medians of this run (None: not measured here)."""
     def med(workload: str, server: str, key: str = "lines_per_s") -> float | None:
         return median([r.num(key) if key != "cpu" else cpu_per_line(r)
                        for r in runs if r.workload == workload and r.server == server and r.result])
@@ -470,18 +470,23 @@ def targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
     for wl in ("e100", "e1000", "e100p16"):
         checks.append(ratio_check(f"{wl}, asyncio's loop: chatd vs minimal asyncio Protocol", wl,
                                   "chatd-asyncio", "proto-asyncio", 1.2))
-    cpu, ncat_cpu = med("c100", "chatd-chat", "cpu"), med("c100", "ncat-chat", "cpu")
-    if cpu is None or ncat_cpu is None:
-        checks.append(("chat to 100: CPU per delivery vs ncat --chat", None, "not measured"))
-    else:
-        checks.append(("chat to 100: CPU per delivery vs ncat --chat", cpu <= 0.8 * ncat_cpu,
-                       f"{cpu:.3f} us vs {ncat_cpu:.3f} us = {cpu / ncat_cpu:.2f} (at most 0.8)"))
-    rate, ncat_rate = med("c100", "chatd-chat"), med("c100", "ncat-chat")
-    if rate is None or ncat_rate is None:
-        checks.append(("chat to 100: deliveries/s vs ncat --chat", None, "not measured"))
-    else:
-        checks.append(("chat to 100: deliveries/s vs ncat --chat", rate >= ncat_rate,
-                       f"{rate:,.0f} vs {ncat_rate:,.0f} = {rate / ncat_rate:.2f} (at least 1)"))
+    def cpu_check(label: str, workload: str, ref: str, ceiling: float) -> tuple[str, bool | None, str]:
+        cpu, ref_cpu = med(workload, "chatd-chat", "cpu"), med(workload, ref, "cpu")
+        if cpu is None or ref_cpu is None:
+            return label, None, "not measured"
+        return label, cpu <= ceiling * ref_cpu, (f"{cpu:.3f} us vs {ref_cpu:.3f} us = {cpu / ref_cpu:.2f} "
+                                                 f"(at most {ceiling})")
+
+    # Issue 13's: chat writes once per receiver per loop pass.
+    checks += [
+        cpu_check("chat, 4 senders to 100: CPU per delivery vs minimal uvloop broadcast", "c100s4",
+                  "broadcast-uvloop", 0.8),
+        ratio_check("chat, 4 senders to 100: deliveries/s vs minimal uvloop broadcast", "c100s4",
+                    "chatd-chat", "broadcast-uvloop", 1.0),
+        cpu_check("chat, 1 sender to 100: CPU per delivery vs minimal uvloop broadcast", "c100",
+                  "broadcast-uvloop", 1.05),
+        ratio_check("chat, 1 sender to 100: deliveries/s vs ncat --chat", "c100", "chatd-chat", "ncat-chat", 1.0),
+    ]
     open_runs = [r for r in runs if r.workload == "c100r2k" and r.server == "chatd-chat"]
     p99, ref_p99 = med("c100r2k", "chatd-chat", "p99_us"), med("c100r2k", "broadcast-uvloop", "p99_us")
     lost = sum(errors(r) for r in open_runs)
@@ -492,6 +497,10 @@ def targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
         checks.append(("open loop 2,000 lines/s: all delivered, p99 vs minimal uvloop broadcast",
                        lost == 0 and p99 <= 1.5 * ref_p99,
                        f"{lost} lost; p99 {p99:,.0f} us vs {ref_p99:,.0f} us = {p99 / ref_p99:.2f} (at most 1.5)"))
+    base_p99 = med("c100r2k", "chatd-chat@base", "p99_us")
+    if p99 is not None and base_p99 is not None:
+        checks.append(("open loop 2,000 lines/s: p99 no worse than --baseline's", p99 <= base_p99,
+                       f"{p99:,.0f} us vs {base_p99:,.0f} us"))
     hold = [r for r in runs if r.workload == "h10k" and r.server == "chatd" and r.result]
     if not hold:
         checks.append(("10,000 idle connections: all answer, at most 2 KiB RSS each", None, "not measured"))
