@@ -350,11 +350,12 @@ class ChatConnection(Connection):
 
     def _judge(self) -> None:
         """A tick since output went past the budget: if the client took less than a line in
-        the last SLOW_TICKS ticks and output still waits for it, it is too slow; it is judged
-        again in SLOW_S while output waits, until SLOW_TICKS ticks are in, then while it is
-        still past its budget. (What it took in a tick: what was unsent
-        at its start in the transport and the kernel, plus what was handed to the transport
-        since, less what is unsent now.)"""
+        the last SLOW_TICKS ticks and output still waits for it, it is too slow. It is judged
+        again in SLOW_S for as long as output waits, past the budget or not: what went past
+        it may have been refused, and a client that took its kernel's fill and then nothing
+        must not go free because little of its output is left. (What it took in a tick: what
+        was unsent at its start in the transport and the kernel, plus what was handed to the
+        transport since, less what is unsent now.)"""
         self.watch = None
         if self.closing:
             return
@@ -363,13 +364,12 @@ class ChatConnection(Connection):
         takes = self.takes
         takes.append(self.mark + self.handed - left)
         del takes[:-SLOW_TICKS]
-        taken, waits = sum(takes), left + len(self.outbox or b"")
-        if len(takes) < SLOW_TICKS:
-            if waits:
-                self._watch()
-        elif taken < self.max_line and waits:
+        if not left + len(self.outbox or b""):
+            return   # it took everything: the watch ends
+        taken = sum(takes)
+        if len(takes) == SLOW_TICKS and taken < self.max_line:
             self.too_slow(taken)
-        elif self.unsent() > self.budget:
+        else:
             self._watch()
 
     def too_slow(self, taken: int) -> None:
@@ -453,5 +453,6 @@ class DebugChatConnection(DebugConnection, ChatConnection):
     def too_slow(self, taken: int) -> None:
         if not self.closing:
             log.debug("dropped %s (too slow): took %d bytes in %g s, %d bytes unsent, budget %d",
-                      self.peer, taken, SLOW_S * SLOW_TICKS, self.unsent(), self.budget)
+                      self.peer, taken, SLOW_S * SLOW_TICKS,
+                      self.unsent() + unsent_bytes(self.transport), self.budget)
         super().too_slow(taken)
