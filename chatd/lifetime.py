@@ -2,14 +2,18 @@
 
 Like python-daemon's DaemonContext or uvicorn's Server, one function takes the
 daemon from its first resource to its last: listeners, pid file, state file,
-logging, the event loop, the privilege drop, serving, release.
+logging, the event loop, the privilege drop, serving. Whatever it takes is
+given back in one place, once (`Held.release`): as soon as the server has
+stopped (it asks through `Runtime.release`, so the pid-file lock that `stop`
+waits on goes then), or, if it never got that far, when `serve` unwinds.
 
-Tests: tests/process/test_start.py, tests/process/test_detach.py, tests/process/test_signals.py
+Tests: tests/unit/test_lifetime.py, tests/process/test_start.py, tests/process/test_detach.py, tests/process/test_signals.py
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,8 +43,34 @@ class Launch:
     recorder: SignalRecorder = field(default_factory=SignalRecorder)
 
 
+@dataclass
+class Held:
+    """What the daemon holds for its lifetime, so that one place gives it all back."""
+
+    socks: list[socket.socket]
+    pidfile: PidFile
+    state: StateFile
+    logs: Logging
+    released: bool = False
+
+    def release(self, last_word: str = "") -> None:
+        """Close the listening sockets, remove the state file, release the pid file and close
+        the logs; once, whoever asks first. `last_word` is logged after the state file is gone
+        and before the pid-file lock is: `stop` returns once the lock is free, and finds it."""
+        if self.released:
+            return
+        self.released = True
+        for s in self.socks:
+            s.close()
+        self.state.remove()
+        if last_word:
+            log.info("%s", last_word)
+        self.pidfile.release()
+        self.logs.close()
+
+
 def serve(launch: Launch, ready: Callable[..., None]) -> int:
-    """The daemon's body, after detaching (start) or at once (run)."""
+    """The daemon's body: take each resource in turn, serve until stopped, give them back."""
     cfg, paths = launch.cfg, launch.paths
     max_clients, fd_warning = daemon.raise_fd_limit(cfg.limits.max_clients)
     if launch.activated:
@@ -51,11 +81,11 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
         socks = listen.bind_all(addresses, cfg.server.backlog)
     listeners = [Listener(a, s, name=act.name if act else "")
                  for a, s, act in zip(addresses, socks, launch.activated or [None] * len(socks))]
-    pidfile = PidFile(paths.pidfile)
     state = StateFile(paths.state)
     logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
+    held = Held(socks, PidFile(paths.pidfile), state, logs)
     try:
-        pidfile.acquire(os.getpid())
+        held.pidfile.acquire(os.getpid())
         state.open(pid=os.getpid(), version=__version__, started=time.time(), config=cfg.path,
                    pidfile=paths.pidfile,
                    mode=cfg.server.mode, address=describe_listeners(listeners), clients=0, generation=0)
@@ -72,7 +102,7 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
         if launch.detached:
             daemon.redirect_stdio()
         runtime = Runtime(state=state, logs=logs, foreground=not launch.detached,
-                          release=lambda: _release(state, pidfile, logs),
+                          release=held.release,
                           ready=lambda info: ready(**info), recorder=launch.recorder,
                           notifier=launch.notifier, overrides=_absolute_overrides(cfg))
         server = Server(cfg, listeners, runtime, max_clients, loop_name)
@@ -82,15 +112,7 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
             loop.close()
             ignore_late_signals()
     finally:
-        for s in socks:
-            s.close()
-        _release(state, pidfile, logs)
-
-
-def _release(state: StateFile, pidfile: PidFile, logs: Logging) -> None:
-    state.remove()
-    pidfile.release()
-    logs.close()
+        held.release()
 
 
 def _absolute_overrides(cfg: Config) -> dict[str, tuple[Any, str]]:

@@ -87,12 +87,13 @@ def describe_listeners(listeners: list[Listener]) -> str:
 
 @dataclass
 class Runtime:
-    """What the server keeps up to date besides its sockets: state file, logging, pid file."""
+    """What the server keeps up to date besides its sockets (state file, logging), and how it
+    asks, once it has stopped, for everything the daemon holds to be given back."""
 
     state: StateFile
     logs: Logging
     foreground: bool
-    release: Callable[[], None]           # removes the pid file, at the very end
+    release: Callable[[str], None]        # `lifetime.Held.release`: all given back, once
     ready: Callable[[dict[str, Any]], None]
     recorder: SignalRecorder
     notifier: Notifier = field(default_factory=Notifier)
@@ -169,7 +170,8 @@ class Server:
         await handler()
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every client (gracefully after SIGUSR1), release the pid file."""
+        """Stop accepting, close every client (gracefully after SIGUSR1), then ask for what the
+        daemon holds (state file, pid file, logs) to be given back."""
         graceful = self.stop_signal == signal.SIGUSR1
         self.state.stopping = True
         how = "graceful stop" if graceful else "stop"
@@ -187,9 +189,7 @@ class Server:
         for task in self._tasks:
             task.cancel()
         self.state.churn.flush()
-        self.runtime.state.remove()
-        log.info("stopped")
-        self.runtime.release()
+        self.runtime.release("stopped")
 
     # ------------------------------------------------------------------ signals
 
