@@ -23,15 +23,15 @@ from typing import Any, Callable
 from . import config as config_mod, daemon, files, instance
 from .config import Config
 from .daemon import ReadinessPipe
-from .errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK,
-                     EXIT_PRIVILEGE, ChatdError, PrivilegeError, StartError)
+from .errors import (EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK, EXIT_PRIVILEGE,
+                     ChatdError, PrivilegeError, StartError)
 from .lifetime import Launch, serve
 from .log import log, resolve_target
 from .paths import SYSTEM_DIR, InstancePaths, check_log_file, instance_paths, prepare_directory, secured
 from .pidfile import AlreadyRunning, Probe, clear_stale, guard, open_holder, probe
 from .notify import Notifier, listen_fds, supervised, take_upstart_job
 from .signals import SignalRecorder
-from .state import read_state
+from .state import RestartOutcome, read_state
 
 Say = Callable[[str], None]
 
@@ -374,15 +374,15 @@ def _restart_running(found: Probe, paths: InstancePaths, out: Console, before: d
     while time.monotonic() < deadline:
         now = read_state(paths.state) or {}
         gen = now.get("generation")
-        if isinstance(gen, int) and gen > generation and isinstance(now.get("last_restart"), dict):
-            outcome = now["last_restart"].get("outcome")
-            message = now["last_restart"].get("message", "")
-            if outcome == "applied":
-                out.say(f"chatd restarted in place (pid {pid}): {message}")
-                return EXIT_OK
-            if outcome == "rejected":
-                raise ChatdError(f"config rejected; still serving with the old one: {message}", EXIT_CONFIG)
-            raise ChatdError(f"restart failed; still serving as before: {message}", EXIT_FAILED)
+        outcome = RestartOutcome.from_state(now.get("last_restart"))
+        if isinstance(gen, int) and gen > generation and outcome is not None:
+            if outcome.kind == "applied":
+                out.say(f"chatd restarted in place (pid {pid}): {outcome.message}")
+                return outcome.exit_status
+            if outcome.kind == "rejected":
+                raise ChatdError(f"config rejected; still serving with the old one: {outcome.message}",
+                                 outcome.exit_status)
+            raise ChatdError(f"restart failed; still serving as before: {outcome.message}", outcome.exit_status)
         time.sleep(0.02)
     raise ChatdError(f"no answer from chatd (pid {pid}) within {RESTART_TIMEOUT_S:g} s")
 
