@@ -5,7 +5,8 @@ lock while it looks at the pid file and acts, so concurrent commands never
 leave two daemons or none; "running" means "the pid-file lock is held".
 A command's result goes to `Console.say` (stdout), notes and warnings to
 `Console.warn` (stderr); failures are raised as ChatdError, and `cli` prints
-each once. Which instance a command acts on, and when it refuses to: `instance`.
+each once. Which instance a command acts on, and when it refuses to: `instance`. What a
+started daemon does, from its pid file to its exit, is `lifetime`'s.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import __version__, config as config_mod, daemon, files, instance, listen
+from . import config as config_mod, daemon, files, instance
 from .config import Config
 from .daemon import ReadinessPipe
-from .errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK,
-                     EXIT_PRIVILEGE, ChatdError, PrivilegeError, StartError)
-from .log import Logging, log, resolve_target
+from .errors import (EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK, EXIT_PRIVILEGE,
+                     ChatdError, PrivilegeError, StartError)
+from .lifetime import Launch, serve
+from .log import log, resolve_target
 from .paths import SYSTEM_DIR, InstancePaths, check_log_file, instance_paths, prepare_directory, secured
-from .pidfile import AlreadyRunning, PidFile, Probe, clear_stale, guard, open_holder, probe
-from .notify import Activated, Notifier, listen_fds, supervised, take_upstart_job
-from .server import Listener, Runtime, Server, describe_listeners, new_event_loop
-from .signals import SignalRecorder, ignore_late_signals
-from .state import StateFile, read_state
+from .pidfile import AlreadyRunning, Probe, clear_stale, guard, open_holder, probe
+from .notify import Notifier, listen_fds, supervised, take_upstart_job
+from .signals import SignalRecorder
+from .state import RestartOutcome, read_state
 
 Say = Callable[[str], None]
 
@@ -118,20 +119,6 @@ def _check_not_running(found: Probe, out: Console) -> Probe:
 
 
 # ---------------------------------------------------------------------- start and run
-
-@dataclass
-class Launch:
-    """What a starting daemon carries from its command into its event loop."""
-
-    cfg: Config
-    target: str                    # the log target
-    paths: InstancePaths
-    detached: bool
-    notifier: Notifier
-    activated: list[Activated]     # sockets handed over by socket activation, if any
-    upstart: bool = False          # stop itself (SIGSTOP) once ready: upstart's `expect stop`
-    recorder: SignalRecorder = field(default_factory=SignalRecorder)
-
 
 def _prepare(opts: Options, foreground: bool, notifier: Notifier | None = None) -> Launch:
     """Everything that can be checked before forking: config, log target, privileges, pid
@@ -254,65 +241,6 @@ def run(opts: Options, out: Console) -> int:
         raise
     finally:
         notifier.close()
-
-
-def serve(launch: Launch, ready: Callable[..., None]) -> int:
-    """The daemon's body, after detaching (start) or at once (run)."""
-    cfg, paths = launch.cfg, launch.paths
-    max_clients, fd_warning = daemon.raise_fd_limit(cfg.limits.max_clients)
-    if launch.activated:
-        socks = [a.sock for a in launch.activated]
-        addresses = [listen.address_of(s) for s in socks]
-    else:
-        addresses = listen.resolve(cfg.server.host, cfg.server.port)
-        socks = listen.bind_all(addresses, cfg.server.backlog)
-    listeners = [Listener(a, s, name=act.name if act else "")
-                 for a, s, act in zip(addresses, socks, launch.activated or [None] * len(socks))]
-    pidfile = PidFile(paths.pidfile)
-    state = StateFile(paths.state)
-    logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
-    try:
-        pidfile.acquire(os.getpid())
-        state.open(pid=os.getpid(), version=__version__, started=time.time(), config=cfg.path,
-                   pidfile=paths.pidfile,
-                   mode=cfg.server.mode, address=describe_listeners(listeners), clients=0, generation=0)
-        logs.configure(cfg, launch.target)
-        state.update(log=logs.status())
-        log.info("chatd %s starting (pid %d, config %s)", __version__, os.getpid(), cfg.path or "none")
-        if launch.activated:
-            log.info("listening on sockets handed over by socket activation: %s",
-                     describe_listeners(listeners))
-        if fd_warning:
-            log.warning("%s", fd_warning)
-        loop, loop_name = new_event_loop(cfg.server.loop)   # imports uvloop while we still may
-        daemon.drop_privileges(cfg.daemon.user, cfg.daemon.group)
-        if launch.detached:
-            daemon.redirect_stdio()
-        runtime = Runtime(state=state, logs=logs, foreground=not launch.detached,
-                          release=lambda: _release(state, pidfile, logs),
-                          ready=lambda info: ready(**info), recorder=launch.recorder,
-                          notifier=launch.notifier, overrides=_absolute_overrides(cfg))
-        server = Server(cfg, listeners, runtime, max_clients, loop_name)
-        try:
-            return loop.run_until_complete(server.serve())
-        finally:
-            loop.close()
-            ignore_late_signals()
-    finally:
-        for s in socks:
-            s.close()
-        _release(state, pidfile, logs)
-
-
-def _release(state: StateFile, pidfile: PidFile, logs: Logging) -> None:
-    state.remove()
-    pidfile.release()
-    logs.close()
-
-
-def _absolute_overrides(cfg: Config) -> dict[str, tuple[Any, str]]:
-    """The command-line settings, as resolved at start, re-applied over the file on restart."""
-    return {key: (cfg.get(key), origin) for key, origin in cfg.origins.items() if origin.startswith("-")}
 
 
 # ---------------------------------------------------------------------- stop
@@ -446,15 +374,15 @@ def _restart_running(found: Probe, paths: InstancePaths, out: Console, before: d
     while time.monotonic() < deadline:
         now = read_state(paths.state) or {}
         gen = now.get("generation")
-        if isinstance(gen, int) and gen > generation and isinstance(now.get("last_restart"), dict):
-            outcome = now["last_restart"].get("outcome")
-            message = now["last_restart"].get("message", "")
-            if outcome == "applied":
-                out.say(f"chatd restarted in place (pid {pid}): {message}")
-                return EXIT_OK
-            if outcome == "rejected":
-                raise ChatdError(f"config rejected; still serving with the old one: {message}", EXIT_CONFIG)
-            raise ChatdError(f"restart failed; still serving as before: {message}", EXIT_FAILED)
+        outcome = RestartOutcome.from_state(now.get("last_restart"))
+        if isinstance(gen, int) and gen > generation and outcome is not None:
+            if outcome.kind == "applied":
+                out.say(f"chatd restarted in place (pid {pid}): {outcome.message}")
+                return outcome.exit_status
+            if outcome.kind == "rejected":
+                raise ChatdError(f"config rejected; still serving with the old one: {outcome.message}",
+                                 outcome.exit_status)
+            raise ChatdError(f"restart failed; still serving as before: {outcome.message}", outcome.exit_status)
         time.sleep(0.02)
     raise ChatdError(f"no answer from chatd (pid {pid}) within {RESTART_TIMEOUT_S:g} s")
 

@@ -1,9 +1,9 @@
 """Becoming a daemon: one named function per step of daemon(7)'s SysV list and APUE 13.3.
 
 Each step's docstring gives its number in daemon(7). They are not called in that
-numeric order: `control` calls them in the order the README's table "The daemon,
-step by step" lists (signals before the first fork, descriptors closed after the
-second; tests/test_readme.py checks the order against the code).
+numeric order: `control` and `lifetime` call them in the order the README's table
+"The daemon, step by step" lists (signals before the first fork, descriptors closed
+after the second; tests/test_readme.py checks the order against the code).
 
 The invoker forks and then waits on a readiness pipe; the daemon writes one
 JSON line to it: "ready" once it serves, or "fail" with the reason and the

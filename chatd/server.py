@@ -33,7 +33,7 @@ from .log import Logging, resolve_target
 from .notify import Notifier
 from .paths import check_log_file
 from .signals import STOP_SIGNALS, SignalQueue, SignalRecorder, signal_name
-from .state import StateFile
+from .state import RestartKind, RestartOutcome, StateFile
 
 log = logging.getLogger("chatd")
 
@@ -87,12 +87,13 @@ def describe_listeners(listeners: list[Listener]) -> str:
 
 @dataclass
 class Runtime:
-    """What the server keeps up to date besides its sockets: state file, logging, pid file."""
+    """What the server keeps up to date besides its sockets (state file, logging), and how it
+    asks, once it has stopped, for everything the daemon holds to be given back."""
 
     state: StateFile
     logs: Logging
     foreground: bool
-    release: Callable[[], None]           # removes the pid file, at the very end
+    release: Callable[[str], None]        # `lifetime.Held.release`: all given back, once
     ready: Callable[[dict[str, Any]], None]
     recorder: SignalRecorder
     notifier: Notifier = field(default_factory=Notifier)
@@ -111,7 +112,7 @@ class Server:
         self.loop_name = loop_name
         self.stop_signal: int | None = None
         self.generation = 0
-        self.last_restart: dict[str, Any] | None = None
+        self.last_restart: RestartOutcome | None = None
         self.started = time.time()
         self.signals: SignalQueue
         self.state: ServerState
@@ -169,7 +170,8 @@ class Server:
         await handler()
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every client (gracefully after SIGUSR1), release the pid file."""
+        """Stop accepting, close every client (gracefully after SIGUSR1), then ask for what the
+        daemon holds (state file, pid file, logs) to be given back."""
         graceful = self.stop_signal == signal.SIGUSR1
         self.state.stopping = True
         how = "graceful stop" if graceful else "stop"
@@ -187,9 +189,7 @@ class Server:
         for task in self._tasks:
             task.cancel()
         self.state.churn.flush()
-        self.runtime.state.remove()
-        log.info("stopped")
-        self.runtime.release()
+        self.runtime.release("stopped")
 
     # ------------------------------------------------------------------ signals
 
@@ -221,19 +221,20 @@ class Server:
         """
         self.runtime.notifier.reloading()
         reopen_failures = self.runtime.logs.reopen()
-        outcome, message = await self.restart()
+        kind, message = await self.restart()
         message = "; ".join([message, *reopen_failures])
         self.generation += 1
-        level = logging.INFO if outcome == "applied" else logging.WARNING
-        log.log(level, "restart %s: %s", outcome, message)
-        self.last_restart = {"time": time.time(), "outcome": outcome, "message": message}
+        level = logging.INFO if kind == "applied" else logging.WARNING
+        log.log(level, "restart %s: %s", kind, message)
+        self.last_restart = RestartOutcome(kind, message, time.time())
         self.runtime.state.update(**self._state_fields(), generation=self.generation,
-                                  last_restart=self.last_restart)
+                                  last_restart=self.last_restart.to_state())
         self.runtime.notifier.ready(self.status_text())
 
     # ------------------------------------------------------------------ restart
 
-    async def restart(self) -> tuple[str, str]:
+    async def restart(self) -> tuple[RestartKind, str]:
+        """Re-read the config and apply it in place: the outcome's kind and its reason."""
         old = self.cfg
         try:
             new = config_mod.load(old.path, self.runtime.overrides)
@@ -447,7 +448,7 @@ class Server:
         n = len(self.state.connections)
         text = f"{self.cfg.server.mode} on {self.address}, {n} client{'' if n == 1 else 's'}"
         if self.last_restart:
-            text += f"; last restart {self.last_restart['outcome']}: {self.last_restart['message']}"
+            text += f"; last restart {self.last_restart.kind}: {self.last_restart.message}"
         return text
 
     def _state_fields(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The state file: a small JSON object beside the pid file, through which control commands
-learn what the daemon is doing (`status`) and how a restart ended (`restart`, `reload`).
+learn what the daemon is doing (`status`) and how a restart ended (`RestartOutcome`, which
+`restart` and `reload` read back).
 
 It is replaced atomically: a temporary file under an unpredictable name, made with
 O_EXCL (nothing planted can stand in for it), then renamed over the file, which
@@ -16,7 +17,7 @@ file's bytes during an in-place rewrite (the writer takes it exclusively,
 (any user who may read the file can take one) never freezes the daemon or hangs
 `status`. The pid-file lock and the guard lock are `pidfile`'s.
 
-Tests: tests/unit/test_files.py, tests/process/test_local_attacks.py
+Tests: tests/unit/test_files.py, tests/unit/test_state.py, tests/process/test_local_attacks.py
 """
 
 from __future__ import annotations
@@ -25,14 +26,48 @@ import fcntl
 import json
 import os
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from . import files
-from .errors import PrivilegeError
+from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, PrivilegeError
 
 READ_LOCK_TRIES = 50   # then read anyway: a torn read is invalid JSON, hence None
 STATE_KEYS = ("pid", "version", "started", "address", "mode", "loop", "log", "clients",
               "generation", "last_restart", "listeners", "settings")
+
+RestartKind = Literal["applied", "rejected", "failed"]
+
+
+@dataclass(frozen=True)
+class RestartOutcome:
+    """How a restart in place ended: the daemon records it (`last_restart`), and `restart` and
+    `reload` read it back for their verdict and exit status, so both sides share one shape."""
+
+    kind: RestartKind      # applied; rejected (the config: nothing changed); failed (applying it)
+    message: str
+    time: float            # when it ended (time.time())
+
+    @property
+    def exit_status(self) -> int:
+        """What `restart` and `reload` exit with: 0, or 6 for a config rejected, or 1."""
+        return {"applied": EXIT_OK, "rejected": EXIT_CONFIG, "failed": EXIT_FAILED}[self.kind]
+
+    def to_state(self) -> dict[str, Any]:
+        return {"time": self.time, "outcome": self.kind, "message": self.message}
+
+    @classmethod
+    def from_state(cls, value: Any) -> RestartOutcome | None:
+        """The outcome `to_state` recorded, or None if `value` is no object. The file may hold
+        anything: an unknown outcome counts as failed, a missing message as empty, a time
+        that is no number as 0."""
+        if not isinstance(value, dict):
+            return None
+        outcome = value.get("outcome")
+        kind: RestartKind = outcome if outcome in ("applied", "rejected") else "failed"
+        when = value.get("time")
+        return cls(kind, str(value.get("message", "")),
+                   when if isinstance(when, (int, float)) and not isinstance(when, bool) else 0.0)
 
 
 class StateFile:

@@ -45,8 +45,9 @@ def call_name(call: ast.Call) -> str:
 
 def daemon_call_order() -> list[str]:
     """The names chatd calls on its way from `start` to serving: start up to the fork,
-    then the child's `_become_daemon`, with `serve` inlined."""
+    then the child's `_become_daemon`, with `lifetime.serve` inlined."""
     tree = ast.parse((REPO / "chatd" / "control.py").read_text())
+    body = ast.parse((REPO / "chatd" / "lifetime.py").read_text())
     order: list[str] = []
     for call in calls_in(tree, "start"):
         order.append(call_name(call))
@@ -54,7 +55,7 @@ def daemon_call_order() -> list[str]:
             break
     for call in calls_in(tree, "_become_daemon"):
         if call_name(call) == "serve":
-            order += [call_name(c) for c in calls_in(tree, "serve")]
+            order += [call_name(c) for c in calls_in(body, "serve")]
         else:
             order.append(call_name(call))
     return order
