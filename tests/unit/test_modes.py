@@ -57,10 +57,11 @@ def test_chat_makes_its_service_once_and_applies_each_config():
         service = state.chat
         assert isinstance(service, ChatService) and service._fanout == ChatConnection.fanout
         assert (service.motd, service.default_room) == (["hello"], "#lobby")
-        service.nicks["someone"] = object()
+        someone = object()
+        service.backend.claim("someone", someone)
         MODES["chat"].configure(state, chat_config("bell\x07 here\nsecond", "Rust"))
         MODES["echo"].configure(state, config.load())
-        assert state.chat is service and "someone" in service.nicks
+        assert state.chat is service and service.backend.holder("someone") is someone
         assert (service.motd, service.default_room) == (["bell here", "second"], "#rust")
     finally:
         loop.close()
