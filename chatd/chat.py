@@ -1,10 +1,10 @@
 """Chat mode's connection (README "Chat mode"): lines in, limits, and a bounded output queue.
 
 The path of a line: `data_received` -> `LineDecoder.feed` (LF, CRLF or CR NUL;
-telnet; the length bound) -> `clean_text` -> the token bucket -> the
-`ChatService` of rooms.py, which holds what a pass of the loop produces and then
-sends each recipient its share with `send`, or `send_batch` (one write). Every line
-takes a token, empty and control-only ones too, and so does every telnet command
+telnet; the length bound) -> `clean_text` -> the token bucket -> `said`, the one
+way into the `ChatService` of rooms.py, which holds what a pass of the loop
+produces and then sends each recipient its share with `send`, or `send_batch`
+(one write). Every line takes a token, empty and control-only ones too, and so does every telnet command
 byte: input that shows nothing still costs its sender. Three fast paths give the
 same bytes: a read whose lines are all printable ASCII and no command is prefixed
 as one block, such a single line skips `clean_text`, and lines that clean to
@@ -145,11 +145,11 @@ class ChatConnection(Connection):
                         # Printable ASCII that is no command: clean_text would change nothing,
                         # so the bytes go out as they came, prefixed (the common case, fast).
                         if self._take_token() and raw.strip() and not self.closing:
-                            chat.say_plain(self, raw)
+                            chat.said(self, raw + b"\n")
                         continue
                     text = clean_text(raw)
                     if self._take_token() and text.strip() and not self.closing:
-                        chat.on_line(self, text)
+                        chat.said(self, text)
 
     @staticmethod
     def _void_flood(block: bytes) -> bool:
@@ -161,16 +161,15 @@ class ChatConnection(Connection):
 
     def _say_block(self, block: bytes) -> bool:
         """All the lines of one read at once, when each is printable ASCII with a visible
-        character and none is a command, and the bucket has a token for each: one prefixed
-        block, built by one replace. False: take the lines one by one."""
+        character and none is a command, and the bucket has a token for each: one block,
+        which the service prefixes with one replace. False: take the lines one by one."""
         if b"\r" in block:
             block = block.replace(b"\r\n", b"\n")   # a bare CR left over fails the match
         if block[:1] == b"/" or b"\n/" in block or not PLAIN_BLOCK.fullmatch(block):
             return False
         if self.state.limits.rate and not self._take_tokens(block.count(b"\n")):
             return False
-        prefix = b"<%s> " % self.nick.encode()
-        self.state.chat.say_block(self, prefix + block[:-1].replace(b"\n", b"\r\n" + prefix) + b"\r\n")
+        self.state.chat.said(self, block)
         return True
 
     def _refill(self) -> float:

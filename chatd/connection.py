@@ -26,9 +26,12 @@ import socket
 import struct
 import termios
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .protocol import IAC, LineDecoder
+
+if TYPE_CHECKING:
+    from .rooms import ChatService
 
 log = logging.getLogger("chatd")
 LINGER_S = 1.0         # how long a graceful close reads and discards after its FIN
@@ -175,7 +178,7 @@ class ServerState:
         self.all_closed = asyncio.Event()
         self.all_closed.set()
         self.stopping = False  # the server is stopping: leaving clients are not announced
-        self.chat: Any = None  # the ChatService of rooms.py, shared by chat connections
+        self.chat: ChatService | None = None  # chat connections share it (modes.ChatMode makes it)
         self.churn = ChurnLog()
 
     def admit(self, ip: str) -> str:
@@ -496,7 +499,7 @@ class DebugConnection(Connection):
     """What a connection logs at level debug, mixed in before a mode's connection class.
 
     Only at level debug are new connections made from such a class (the server picks it,
-    `Server._connection_class`), so at any other level the hot paths are the mode's own,
+    `modes.Mode.connection_class`), so at any other level the hot paths are the mode's own,
     untouched. It logs one line per event, never what the client sent: accepted (peer and
     local address), closed (reason, bytes received and sent, how long it was open), and
     reading paused and resumed; the mode's debug class adds what it drops. Bytes received

@@ -9,15 +9,18 @@ pass reads anything): each recipient gets all of it in one `send_batch`, one
 write, in the order it happened. Sixteen lines in one read, or four senders'
 reads in one pass, are one write per receiver, not sixteen or four. Before a
 room's members change, what is held goes out, so a line reaches exactly the
-members of its room when it was said. Text reaching `on_line` is already
-sanitized (`protocol.clean_text`); every line sent here ends with CRLF, and
-every user line gets a server prefix, so no user can forge a `*** ` line, and
-text a user typed inside a `*** ` line is `quoted`. Nicks are unique by look
-(`skeleton`). What a peer said goes out with `by` set to it, so that its
-connection can charge it for what passes a recipient's budget (chat.py).
-Imports nothing else from chatd.
+members of its room when it was said. A client's lines all come in by one
+function, `said` (the fast paths' too), so that a line said elsewhere can reach
+this process's members by the same road; the rooms, nicks and guest numbers
+live behind `ChatBackend` (`LocalBackend`: this process's own dicts). Text
+reaching `said` is already sanitized (`protocol.clean_text`); every line sent
+here ends with CRLF, and every user line gets a server prefix, so no user can
+forge a `*** ` line, and text a user typed inside a `*** ` line is `quoted`.
+Nicks are unique by look (`skeleton`). What a peer said goes out with `by` set
+to it, so that its connection can charge it for what passes a recipient's
+budget (chat.py). Imports nothing else from chatd.
 
-Tests: tests/unit/test_rooms.py, tests/process/test_chat.py, tests/process/test_chat_hidden_text.py, tests/process/test_chat_targeted.py
+Tests: tests/unit/test_rooms.py, tests/unit/test_chat_paths.py, tests/process/test_chat.py, tests/process/test_chat_hidden_text.py, tests/process/test_chat_targeted.py
 """
 
 from __future__ import annotations
@@ -116,6 +119,79 @@ def command(usage: str, text: str, *aliases: str) -> Callable[[Command], Command
     return register
 
 
+class ChatBackend(Protocol):
+    """Where the rooms, nicks and guest numbers live: what chatd processes sharing them
+    (over a bus) would keep in common, and `LocalBackend` keeps in this one. Nicks are
+    held by their skeleton."""
+
+    def guest(self) -> int:
+        """A guest number never handed out before."""
+        ...
+
+    def holder(self, key: str) -> Peer | None:
+        """Who holds the nick whose skeleton is `key`, if anyone."""
+        ...
+
+    def claim(self, key: str, peer: Peer) -> None:
+        """`peer` holds the nick whose skeleton is `key` from now on."""
+        ...
+
+    def release(self, key: str) -> None:
+        """The nick whose skeleton is `key` is free again."""
+        ...
+
+    def members(self, room: str) -> dict[Peer, None] | None:
+        """`room`'s members in this process, in order of arrival (None: nobody). Asked once
+        per room when a pass ends: the fan-out's own loop walks what it returns."""
+        ...
+
+    def join(self, room: str, peer: Peer) -> None: ...
+
+    def leave(self, room: str, peer: Peer) -> None:
+        """`peer` leaves `room`; a room left empty is gone."""
+        ...
+
+    def rooms(self) -> dict[str, int]:
+        """Every room, and how many are in it."""
+        ...
+
+
+class LocalBackend:
+    """The ChatBackend of one chatd process: its own dicts."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
+        self._nicks: dict[str, Peer] = {}               # skeleton(nick) -> peer
+        self._guests = itertools.count(1)              # guest numbers are never reused
+
+    def guest(self) -> int:
+        return next(self._guests)
+
+    def holder(self, key: str) -> Peer | None:
+        return self._nicks.get(key)
+
+    def claim(self, key: str, peer: Peer) -> None:
+        self._nicks[key] = peer
+
+    def release(self, key: str) -> None:
+        del self._nicks[key]
+
+    def members(self, room: str) -> dict[Peer, None] | None:
+        return self._rooms.get(room)
+
+    def join(self, room: str, peer: Peer) -> None:
+        self._rooms.setdefault(room, {})[peer] = None
+
+    def leave(self, room: str, peer: Peer) -> None:
+        members = self._rooms.get(room, {})
+        members.pop(peer, None)
+        if not members:
+            self._rooms.pop(room, None)
+
+    def rooms(self) -> dict[str, int]:
+        return {room: len(members) for room, members in self._rooms.items()}
+
+
 class ChatService:
     """Everyone connected in chat mode: nicks, rooms, and what they say."""
 
@@ -126,9 +202,7 @@ class ChatService:
         without it, everything is sent at once. `fanout(members, data, skip, by)` sends one
         room's `data` to its members but `skip`: the connection class's own loop (the hot
         path), or `send` to each."""
-        self.rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
-        self.nicks: dict[str, Peer] = {}               # skeleton(nick) -> peer
-        self._guests = itertools.count(1)              # guest numbers are never reused
+        self.backend: ChatBackend = LocalBackend()
         self.motd: list[str] = []
         self.default_room = "#lobby"
         self._held: list[Held] = []   # what this pass produced, in order
@@ -147,11 +221,12 @@ class ChatService:
 
     def arrive(self, peer: Peer) -> None:
         """A new client: a guest nick, the welcome, the MOTD, then the default room."""
-        nick = f"guest{next(self._guests)}"
-        while skeleton(nick) in self.nicks:   # cannot happen (guest names are reserved); be sure
-            nick = f"guest{next(self._guests)}"
+        backend = self.backend
+        nick = f"guest{backend.guest()}"
+        while backend.holder(skeleton(nick)) is not None:   # cannot happen (guest names are
+            nick = f"guest{backend.guest()}"                 # reserved); be sure
         peer.nick = nick
-        self.nicks[skeleton(nick)] = peer
+        backend.claim(skeleton(nick), peer)
         self.tell(peer, notice(f"Welcome to chatd, {nick}. Type /help for commands."))
         for text in self.motd:
             self.tell(peer, notice(text))
@@ -159,32 +234,27 @@ class ChatService:
 
     def depart(self, peer: Peer, reason: str, tell_others: bool = True) -> None:
         """`peer` leaves the server; the others in its room are told why (unless we stop)."""
-        if self.nicks.get(skeleton(peer.nick)) is not peer:
+        if self.backend.holder(skeleton(peer.nick)) is not peer:
             return   # already gone
         self._leave_room(peer, reason if tell_others else None)
-        del self.nicks[skeleton(peer.nick)]
+        self.backend.release(skeleton(peer.nick))
 
     def _enter(self, peer: Peer, room: str) -> None:
         self.flush()   # what was said before goes to the members of then
-        members = self.rooms.setdefault(room, {})
-        self.tell(peer, self._roster(room, members))
+        self.tell(peer, self._roster(room))
         self.broadcast(room, notice(f"{peer.nick} joined {room}"), skip=peer)
-        members[peer] = None
+        self.backend.join(room, peer)
         peer.room = room
 
     def _leave_room(self, peer: Peer, reason: str | None) -> None:
         self.flush()
         room = peer.room
-        members = self.rooms.get(room, {})
-        members.pop(peer, None)
-        if not members:
-            self.rooms.pop(room, None)
-        elif reason is not None:
+        self.backend.leave(room, peer)
+        if reason is not None and self.backend.members(room):
             self.broadcast(room, notice(f"{peer.nick} left {room} ({reason})"), skip=peer)
 
-    @staticmethod
-    def _roster(room: str, members: dict[Peer, None]) -> bytes:
-        names = by_name([p.nick for p in members])
+    def _roster(self, room: str) -> bytes:
+        names = by_name([p.nick for p in self.backend.members(room) or ()])
         return notice(f"{room}: {', '.join(names) if names else 'nobody else here'}")
 
     # ------------------------------------------------------------ sending
@@ -222,7 +292,7 @@ class ChatService:
         to, data, skip, by = held[0]
         if len(held) == 1:
             if to.__class__ is str:
-                members = self.rooms.get(to)
+                members = self.backend.members(to)
                 if members:
                     self._fanout(members, data, skip, by)
             else:
@@ -237,7 +307,7 @@ class ChatService:
         parts = [(h[1], h[3]) for h in held]
         joined = b"".join([h[1] for h in held])
         skips = {h[2] for h in held}
-        for member in tuple(self.rooms.get(room, ())):
+        for member in tuple(self.backend.members(room) or ()):
             if member not in skips:
                 member.send_batch(joined, parts)
                 continue
@@ -252,7 +322,7 @@ class ChatService:
         batches: dict[Peer, list[tuple[bytes, Peer | None]]] = {}
         for to, data, skip, by in held:
             if to.__class__ is str:
-                for member in self.rooms.get(to, ()):
+                for member in self.backend.members(to) or ():
                     if member is not skip:
                         batches.setdefault(member, []).append((data, by))
             else:
@@ -265,30 +335,29 @@ class ChatService:
 
     # ------------------------------------------------------------ lines
 
-    def on_line(self, peer: Peer, text: str) -> None:
-        """One sanitized, non-empty line from `peer`."""
-        if text.startswith("//"):
-            self.say(peer, text[1:])
-        elif text.startswith("/"):
-            name, _, args = text[1:].partition(" ")
+    def said(self, peer: Peer, what: bytes | str) -> None:
+        """What `peer` said: the one way in for a client's lines, so that every line takes
+        the same road to the members. `bytes`: plain talk, lines each ending in LF, printable
+        ASCII with a visible character and no command, which go out as they came, prefixed
+        as one block (the hot path); `str`: one sanitized, non-empty line, maybe a command."""
+        if what.__class__ is not str:
+            prefix = b"<%s> " % peer.nick.encode()
+            self.broadcast(peer.room, prefix + what[:-1].replace(b"\n", b"\r\n" + prefix) + b"\r\n",
+                           peer, skip=peer)
+        elif what.startswith("//"):
+            self.say(peer, what[1:])
+        elif what.startswith("/"):
+            name, _, args = what[1:].partition(" ")
             handler = COMMANDS.get(name.lower())
             if handler is None:
                 self.tell(peer, error(f"unknown command {quoted('/' + name)} (try /help)"))
             else:
                 handler(self, peer, args.strip())
         else:
-            self.say(peer, text)
+            self.say(peer, what)
 
     def say(self, peer: Peer, text: str) -> None:
         self.broadcast(peer.room, line(f"<{peer.nick}> {text}"), peer, skip=peer)
-
-    def say_plain(self, peer: Peer, text: bytes) -> None:
-        """`say` for a line that is printable ASCII and no command, kept as bytes (the hot path)."""
-        self.broadcast(peer.room, b"<%s> %s\r\n" % (peer.nick.encode(), text), peer, skip=peer)
-
-    def say_block(self, peer: Peer, lines: bytes) -> None:
-        """Lines `peer` said, already prefixed and CRLF-terminated (the hottest path)."""
-        self.broadcast(peer.room, lines, peer, skip=peer)
 
     # ------------------------------------------------------------ commands
 
@@ -303,13 +372,13 @@ class ChatService:
         mine = key == skeleton(peer.nick)
         if GUEST_RE.fullmatch(key) and not mine:
             return self.tell(peer, error(f"nick reserved for guests: {new}"))
-        if not mine and key in self.nicks:
+        if not mine and self.backend.holder(key) is not None:
             return self.tell(peer, error(f"nick taken: {new}"))
         if new == peer.nick:
             return self.tell(peer, notice(f"you are already {new}"))
         old = peer.nick
-        del self.nicks[skeleton(old)]
-        self.nicks[key] = peer
+        self.backend.release(skeleton(old))
+        self.backend.claim(key, peer)
         peer.nick = new
         self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
 
@@ -328,11 +397,11 @@ class ChatService:
 
     @command("/who, /names", "who is in this room", "names")
     def cmd_who(self, peer: Peer, args: str) -> None:
-        self.tell(peer, self._roster(peer.room, self.rooms.get(peer.room, {})))
+        self.tell(peer, self._roster(peer.room))
 
     @command("/rooms", "the rooms, and how many are in each")
     def cmd_rooms(self, peer: Peer, args: str) -> None:
-        listed = ", ".join(f"{room} ({len(members)})" for room, members in sorted(self.rooms.items()))
+        listed = ", ".join(f"{room} ({n})" for room, n in sorted(self.backend.rooms().items()))
         self.tell(peer, notice(f"rooms: {listed}"))
 
     @command("/me ACTION", "say what you do: * alice waves")
@@ -347,7 +416,7 @@ class ChatService:
         text = text.strip()
         if not nick or not text:
             return self.tell(peer, error("usage: /msg NICK TEXT"))
-        target = self.nicks.get(skeleton(nick))
+        target = self.backend.holder(skeleton(nick))
         if target is None:
             return self.tell(peer, error(f"no such nick: {quoted(nick)}"))
         self.tell(target, line(f"*{peer.nick}* {text}"), peer)

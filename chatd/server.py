@@ -21,15 +21,11 @@ from . import config as config_mod
 from . import listen
 from .accept import Acceptor, Gate
 from .config import Config
-from .connection import CHURN_INTERVAL_S, Connection, ServerState
+from .connection import CHURN_INTERVAL_S, ServerState
 from .daemon import raise_fd_limit
-from .chat import ChatConnection, DebugChatConnection
-from .echo import (BufferedEchoConnection, DebugBufferedEchoConnection, DebugEchoConnection,
-                   EchoConnection)
 from .errors import ChatdError, StartError
-from .protocol import clean_text
-from .rooms import ChatService
 from .log import Logging, resolve_target
+from .modes import MODES
 from .notify import Notifier
 from .paths import check_log_file
 from .signals import STOP_SIGNALS, SignalQueue, SignalRecorder, signal_name
@@ -40,13 +36,6 @@ log = logging.getLogger("chatd")
 TIDY_GRACE_S = 0.5        # SIGTERM: how long queued output may still flush
 STATE_REFRESH_S = 1.0     # how often the state file's client count is brought up to date
 LOOP_ERROR_S = 10.0       # the same event-loop error is logged at most this often
-# At log level debug, new connections are made from these classes, which log per-connection
-# detail; at any other level from the mode's own, so the hot paths pay nothing for it.
-DEBUG_CLASSES: dict[type[Connection], type[Connection]] = {
-    EchoConnection: DebugEchoConnection,
-    BufferedEchoConnection: DebugBufferedEchoConnection,
-    ChatConnection: DebugChatConnection,
-}
 # What each signal the main loop dispatches asks for (logged at debug).
 SIGNAL_MEANINGS = {
     signal.SIGHUP: "restart requested",
@@ -137,10 +126,8 @@ class Server:
         self.signals = SignalQueue(loop)
         self.runtime.recorder.take_over(self.signals.put)
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
-        self.state.chat = ChatService(defer=loop.call_soon, fanout=ChatConnection.fanout)
-        self._configure_chat(self.cfg)
         self.gate = Gate(self.state, loop)
-        self.gate.connection_class = self._connection_class()
+        self._apply_mode(self.cfg)
         for listener in self.listeners:
             self._serve_on(listener)
         self.gate.measure()
@@ -278,8 +265,7 @@ class Server:
             log.warning("%s", warning)
         self.state.limits = new.limits
         self.state.max_clients = self.max_clients
-        self._configure_chat(new)
-        self.gate.connection_class = self._connection_class()
+        self._apply_mode(new)
         self.gate.measure()
         if not changed:
             log.debug("restart: nothing changed")
@@ -459,27 +445,13 @@ class Server:
                 "listeners": [[li.address.host, li.address.port] for li in self.listeners],
                 "settings": {key.dotted: self.cfg.get(key.dotted) for key in config_mod.SCHEMA}}
 
-    def _connection_class(self) -> type[Connection]:
-        """The class for new connections: the mode's, and for echo the loop's; at log level
-        debug its subclass that logs per-connection detail (DEBUG_CLASSES).
-
-        uvloop reads into buffers of its own; asyncio's loop is faster with a
-        BufferedProtocol (measured: 1.8-3.4 times the plain Protocol there, and
-        no different on uvloop). Runs at start and on each restart, so a restart
-        that changes the level changes it for new connections.
-        """
-        if self.cfg.server.mode == "chat":
-            cls: type[Connection] = ChatConnection
-        elif self.loop_name.startswith("uvloop"):
-            cls = EchoConnection
-        else:
-            cls = BufferedEchoConnection
-        return DEBUG_CLASSES[cls] if self.cfg.log.level == "debug" else cls
-
-    def _configure_chat(self, cfg: Config) -> None:
-        """MOTD and default room for new chat clients; the MOTD is sanitized like user text."""
-        motd = "\n".join(clean_text(text.encode()) for text in cfg.chat.motd.split("\n"))
-        self.state.chat.configure(motd if cfg.chat.motd else "", cfg.chat.default_room)
+    def _apply_mode(self, cfg: Config) -> None:
+        """Set `cfg`'s mode up and make new connections from its class (modes.Mode). Runs at
+        start and on each restart, so a restart that changes the mode or the log level
+        changes them for new connections; connected clients keep theirs."""
+        mode = MODES[cfg.server.mode]
+        mode.configure(self.state, cfg)
+        self.gate.connection_class = mode.connection_class(self.loop_name, cfg.log.level == "debug")
 
     def _abort_if_stopped_early(self) -> None:
         """A stop signal before ready aborts the start (README "Signals"); a SIGHUP waits."""

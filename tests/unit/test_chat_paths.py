@@ -40,7 +40,7 @@ class Transport:
 
 @contextlib.contextmanager
 def careful_path_only():
-    """Turn the fast paths off: every line goes through clean_text and on_line."""
+    """Turn the fast paths off: every line goes through clean_text, and is said as text."""
     saved = ChatConnection._say_block, chat_module.PLAIN_LINE, chat_module.VOID_LINES, chat_module.VOID_BYTES
     ChatConnection._say_block = lambda self, block: False
     chat_module.PLAIN_LINE = chat_module.VOID_LINES = re.compile(rb"(?!)")
@@ -98,6 +98,28 @@ def test_fast_paths_send_the_same_bytes(texts, end, rate):
     finally:
         logging.getLogger("chatd").disabled = False
     assert outputs[0] == outputs[1]
+
+
+def test_every_line_comes_in_by_said(monkeypatch):
+    """A read of plain lines (the block path), a read mixing a plain line with one to sanitize
+    (the line-by-line path) and a command: each line reaches the service by `said`, the fast
+    paths' as bytes, the others as text."""
+    calls = []
+    said = ChatService.said
+    monkeypatch.setattr(ChatService, "said", lambda self, peer, what: (calls.append(what),
+                                                                       said(self, peer, what)))
+    loop, (sender, *receivers) = room(0.0)
+    try:
+        sender.data_received(b"one\ntwo\n")
+        sender.data_received(b"plain\ncaf\xc3\xa9 \x1b[31mred\n")
+        sender.data_received(b"/nick alice\n")
+    finally:
+        loop.close()
+    assert calls == [b"one\ntwo\n", b"plain\n", "caf\u00e9 red", "/nick alice"]
+    for receiver in receivers:
+        assert bytes(receiver.transport.out) == (b"<guest1> one\r\n<guest1> two\r\n<guest1> plain\r\n"
+                                                 b"<guest1> caf\xc3\xa9 red\r\n"
+                                                 b"*** guest1 is now known as alice\r\n")
 
 
 void_parts = st.lists(st.sampled_from(

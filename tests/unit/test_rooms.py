@@ -64,73 +64,80 @@ def test_arrival_welcome_motd_roster_and_join_notice(service):
 
 def test_messages_go_to_the_others_only(service):
     a, b, c = join(service, 3)
-    service.on_line(a, "hi there")
+    service.said(a, "hi there")
     assert a.take() == []
     assert b.take() == c.take() == [b"<guest1> hi there\r\n"]
-    service.on_line(a, "/me waves")
+    service.said(a, "/me waves")
     assert b.take() == [b"* guest1 waves\r\n"] and a.take() == []
+
+
+def test_plain_talk_comes_in_as_bytes_and_is_prefixed_line_by_line(service):
+    """The fast paths' form: printable lines, each ending in LF, said as one block."""
+    a, b = join(service, 2)
+    service.said(a, b"one\n\ttwo  \n")
+    assert b.take() == [b"<guest1> one\r\n<guest1> \ttwo  \r\n"] and a.take() == []
 
 
 def test_nick_rules(service):
     a, b = join(service, 2)
-    service.on_line(a, "/nick alice")
+    service.said(a, "/nick alice")
     assert a.take() == b.take() == [b"*** guest1 is now known as alice\r\n"]
     for bad, why in (("ALICE", b"nick taken: ALICE"), ("guest9", b"nick reserved for guests: guest9"),
                      ("x" * 17, b"bad nick"), ("a b", b"bad nick"), ("caf\u00e9", b"bad nick")):
-        service.on_line(b, f"/nick {bad}")
+        service.said(b, f"/nick {bad}")
         got = b.take()
         assert len(got) == 1 and got[0].startswith(b"*** error: ") and why in got[0], (bad, got)
-    service.on_line(a, "/nick Alice")           # a case change of your own nick is allowed
+    service.said(a, "/nick Alice")           # a case change of your own nick is allowed
     assert b.take() == [b"*** alice is now known as Alice\r\n"]
     a.take()
-    service.on_line(b, "/nick Guest2")          # and so is your own guest name in another case
+    service.said(b, "/nick Guest2")          # and so is your own guest name in another case
     assert a.take() == [b"*** guest2 is now known as Guest2\r\n"]
 
 
 def test_rooms_join_who_rooms_and_isolation(service):
     a, b, c = join(service, 3)
-    service.on_line(c, "/join #Rust")
+    service.said(c, "/join #Rust")
     assert c.take() == [b"*** #rust: nobody else here\r\n"]
     assert a.take() == b.take() == [b"*** guest3 left #lobby (joined #rust)\r\n"]
-    service.on_line(b, "/join rust")
+    service.said(b, "/join rust")
     assert b.take() == [b"*** #rust: guest3\r\n"] and c.take() == [b"*** guest2 joined #rust\r\n"]
     a.take()
-    service.on_line(a, "lobby only")
+    service.said(a, "lobby only")
     assert b.take() == c.take() == []
-    service.on_line(c, "/who")
+    service.said(c, "/who")
     assert c.take() == [b"*** #rust: guest2, guest3\r\n"]
-    service.on_line(a, "/rooms")
+    service.said(a, "/rooms")
     assert a.take() == [b"*** rooms: #lobby (1), #rust (2)\r\n"]
-    service.on_line(b, "/join #rust")
+    service.said(b, "/join #rust")
     assert b.take() == [b"*** error: you are already in #rust\r\n"]
-    service.on_line(b, "/join #bad!")
+    service.said(b, "/join #bad!")
     assert b.take()[0].startswith(b"*** error: bad room name")
 
 
 def test_private_messages_reach_any_room(service):
     a, b = join(service, 2)
-    service.on_line(b, "/join #elsewhere")
+    service.said(b, "/join #elsewhere")
     a.take(), b.take()
-    service.on_line(a, "/msg GUEST2 psst")
+    service.said(a, "/msg GUEST2 psst")
     assert b.take() == [b"*guest1* psst\r\n"] and a.take() == [b"-> *guest2* psst\r\n"]
-    service.on_line(a, "/msg nobody x")
+    service.said(a, "/msg nobody x")
     assert a.take() == [b'*** error: no such nick: "nobody"\r\n']
-    service.on_line(a, "/msg guest2")
+    service.said(a, "/msg guest2")
     assert a.take() == [b"*** error: usage: /msg NICK TEXT\r\n"]
 
 
 def test_quit_unknown_commands_escape_and_help(service):
     a, b = join(service, 2)
-    service.on_line(a, "/bogus x")
+    service.said(a, "/bogus x")
     assert a.take() == [b'*** error: unknown command "/bogus" (try /help)\r\n']
-    service.on_line(a, "//not a command")
+    service.said(a, "//not a command")
     assert b.take() == [b"<guest1> /not a command\r\n"]
-    service.on_line(a, "/help")
+    service.said(a, "/help")
     lines = a.take()
     assert len(lines) > 5 and all(l.startswith(b"*** ") for l in lines)
-    service.on_line(a, "/quit gone fishing")
+    service.said(a, "/quit gone fishing")
     assert b.take() == [b'*** guest1 left #lobby (quit: "gone fishing")\r\n']
-    assert "guest1" not in service.nicks
+    assert service.backend.holder("guest1") is None
 
 
 def test_guest_numbers_are_never_reused(service):
@@ -151,10 +158,10 @@ def test_a_peer_dropped_during_a_broadcast_does_not_stop_it(service):
     def drop_b(data: bytes, by: FakePeer | None = None) -> None:
         service.depart(b, "too slow")
     b.send = drop_b
-    service.on_line(a, "to everyone")
+    service.said(a, "to everyone")
     expected = {b"<guest1> to everyone\r\n", b"*** guest2 left #lobby (too slow)\r\n"}
     assert set(c.take()) == set(d.take()) == expected
-    assert b not in service.rooms["#lobby"]
+    assert b not in service.backend.members("#lobby")
 
 
 def test_configure_applies_to_new_arrivals(service):
@@ -212,9 +219,9 @@ def test_what_one_pass_holds_reaches_each_member_in_one_write_and_in_order(defer
     per member, each sender's lines in order; nobody gets its own lines."""
     loop, service = deferred
     a, b, c = joined(service, loop, 3)
-    service.on_line(a, "one")
-    service.on_line(b, "two")
-    service.on_line(a, "three")
+    service.said(a, "one")
+    service.said(b, "two")
+    service.said(a, "three")
     assert a.got == b.got == c.got == []          # held until the pass ends
     assert len(loop.pending) == 1                 # one deferred end of pass, however many lines
     loop.end()
@@ -229,9 +236,9 @@ def test_replies_and_private_messages_keep_their_place_in_the_pass(deferred):
     """A reply or a /msg is held with the room's lines, so nobody sees events reordered."""
     loop, service = deferred
     a, b, c = joined(service, loop, 3)
-    service.on_line(a, "before")
-    service.on_line(a, "/msg guest2 private")
-    service.on_line(a, "after")
+    service.said(a, "before")
+    service.said(a, "/msg guest2 private")
+    service.said(a, "after")
     loop.end()
     assert b.take() == [b"<guest1> before\r\n*guest1* private\r\n<guest1> after\r\n"]
     assert a.take() == [b"-> *guest2* private\r\n"]
@@ -242,10 +249,10 @@ def test_a_line_reaches_the_members_of_its_room_when_it_was_said(deferred):
     """Members change mid-pass: what was held goes first, to the members of then."""
     loop, service = deferred
     a, b = joined(service, loop, 2)
-    service.on_line(b, "/join #x")
-    service.on_line(a, "to the lobby, b is gone")
-    service.on_line(a, "/join #x")
-    service.on_line(b, "in #x")
+    service.said(b, "/join #x")
+    service.said(a, "to the lobby, b is gone")
+    service.said(a, "/join #x")
+    service.said(b, "in #x")
     loop.end()
     assert a.take() == [b"*** guest2 left #lobby (joined #x)\r\n",
                         b"*** #x: guest2\r\n<guest2> in #x\r\n"]
@@ -254,7 +261,7 @@ def test_a_line_reaches_the_members_of_its_room_when_it_was_said(deferred):
 
 def test_without_a_loop_everything_is_sent_at_once(service):
     a, b = join(service, 2)
-    service.on_line(a, "now")
+    service.said(a, "now")
     assert b.take() == [b"<guest1> now\r\n"]
 
 
@@ -266,11 +273,11 @@ def test_without_a_loop_everything_is_sent_at_once(service):
 ])
 def test_a_nick_that_looks_like_a_taken_one_is_taken(service, taken, other):
     a, b = join(service, 2)
-    service.on_line(a, f"/nick {taken}")
+    service.said(a, f"/nick {taken}")
     a.take(), b.take()
-    service.on_line(b, f"/nick {other}")
+    service.said(b, f"/nick {other}")
     assert b.take() == [f"*** error: nick taken: {other}\r\n".encode()]
-    service.on_line(b, f"/msg {other} hi")     # a look-alike reaches the nick it looks like
+    service.said(b, f"/msg {other} hi")     # a look-alike reaches the nick it looks like
     assert a.take() == [b"*guest2* hi\r\n"]
 
 
@@ -285,12 +292,12 @@ def test_look_alike_rules():
 
 def test_ones_own_look_alike_and_guest_look_alikes(service):
     a, b = join(service, 2)
-    service.on_line(a, "/nick alice")
+    service.said(a, "/nick alice")
     a.take(), b.take()
-    service.on_line(a, "/nick aIice")          # one's own nick in another look: allowed
+    service.said(a, "/nick aIice")          # one's own nick in another look: allowed
     assert b.take() == [b"*** alice is now known as aIice\r\n"]
     for name in ("guestI", "guestl0", "GUESTO"):   # looks like a guest name: reserved
-        service.on_line(b, f"/nick {name}")
+        service.said(b, f"/nick {name}")
         assert b.take() == [f"*** error: nick reserved for guests: {name}\r\n".encode()]
 
 
@@ -302,8 +309,8 @@ nicks = st.text(st.sampled_from("aAbBiIlLoO01mnr_-.x"), min_size=1, max_size=16)
 def test_two_nicks_can_be_held_at_once_exactly_when_their_skeletons_differ(first, second):
     service = ChatService()
     a, b = join(service, 2)
-    service.on_line(a, f"/nick {first}")
-    service.on_line(b, f"/nick {second}")
+    service.said(a, f"/nick {first}")
+    service.said(b, f"/nick {second}")
     got = b.take()[-1]   # after guest1's rename
     if skeleton(first) == skeleton(second):
         assert got == f"*** error: nick taken: {second}\r\n".encode(), got
@@ -316,7 +323,7 @@ def test_two_nicks_can_be_held_at_once_exactly_when_their_skeletons_differ(first
 def test_a_quit_reason_is_short_one_line_of_blanks_and_quoted(service):
     a, b = join(service, 2)
     reason = "\t*** server shutting down\t" + "x" * 4000
-    service.on_line(a, "/quit " + reason)
+    service.said(a, "/quit " + reason)
     (got,) = b.take()
     assert got == b'*** guest1 left #lobby (quit: "*** server shutting down xxxx...")\r\n', got
 

@@ -85,7 +85,13 @@ def test_connection_class_is_the_modes_own_unless_the_level_is_debug(level, mode
     (connection.DebugConnection), with __slots__ and no __dict__ all the same."""
     cfg = config.load(overrides={"log.level": (level, "--log-level"), "server.mode": (mode, "--mode")})
     server = Server(cfg, [], runtime=None, max_clients=0, loop_name=loop_name)
-    cls = server._connection_class()
+    loop = asyncio.new_event_loop()
+    server.state = ServerState(cfg.limits, 0, loop)
+    server.gate = Gate(server.state, loop)
+    server._apply_mode(cfg)
+    server.gate.close()
+    loop.close()
+    cls = server.gate.connection_class
     if level == "debug":
         assert cls is not base and issubclass(cls, base) and issubclass(cls, DebugConnection)
         assert cls.data_received is not base.data_received
