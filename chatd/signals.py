@@ -79,7 +79,8 @@ class SignalRecorder:
 
 
 class SignalQueue:
-    """The signals waiting for the main loop: each at most once, stop signals first.
+    """The signals waiting for the main loop: each at most once, stop signals first, and
+    blocked while it waits (the kernel keeps one instance pending meanwhile).
 
     Standard signals are not queued by the kernel either: a second SIGHUP that
     arrives before the first is handled is the same request. Keeping one entry
@@ -99,6 +100,10 @@ class SignalQueue:
     def put(self, signum: int) -> None:
         if signum not in self._pending:
             self._pending[signum] = None
+            # Blocked while it waits: the kernel then keeps one instance pending, as this
+            # queue does, and a storm of it stops costing a delivery each (a million SIGHUPs
+            # a second otherwise starved the loop, and a SIGTERM waited behind them).
+            signal.pthread_sigmask(signal.SIG_BLOCK, (signum,))
             try:
                 self._loop.call_soon_threadsafe(self._arrived.set)
             except RuntimeError:
@@ -111,6 +116,7 @@ class SignalQueue:
             return None
         signum = first_stop(pending) or pending[0]
         del self._pending[signum]
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signum,))   # one that came meanwhile: now
         return signum
 
     async def get(self) -> int:

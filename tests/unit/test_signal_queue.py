@@ -31,3 +31,23 @@ def test_get_waits_for_a_signal_put_later():
         return await asyncio.wait_for(queue.get(), 5)
 
     assert asyncio.run(scenario()) == signal.SIGUSR1
+
+
+def test_a_signal_is_blocked_while_it_waits_and_unblocked_once_taken():
+    """While a signal waits in the queue the kernel keeps it pending (one instance) instead of
+    delivering each of a storm; taking it unblocks it, so one that came meanwhile is delivered."""
+    def blocked() -> set[int]:
+        return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    async def scenario() -> None:
+        queue = SignalQueue(asyncio.get_running_loop())
+        queue.put(signal.SIGHUP)
+        assert signal.SIGHUP in blocked()
+        assert queue.get_nowait() == signal.SIGHUP
+        assert signal.SIGHUP not in blocked()
+
+    before = blocked()
+    try:
+        asyncio.run(scenario())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
