@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,11 +30,31 @@ def chatd_command() -> list[str]:
     return [path]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(family: int = socket.AF_INET) -> int:
-    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port no socket uses, on every address, outside the kernel's ephemeral range: a port
+    the kernel hands out (bind to 0) is also what it gives the suite's many client sockets as
+    their source port, and one of those still open made a later bind to 0.0.0.0 fail."""
+    low, high = _ephemeral_range()
+    first, last = (10000, low - 1) if low > 12000 else (high + 1, 65535)
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    for _ in range(200):
+        port = random.randint(first, last)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((wildcard, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{last} after 200 tries")
 
 
 def wait_for(predicate, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.01, what: str = "condition"):
