@@ -103,6 +103,14 @@ def by_name(names: list[str]) -> list[str]:
 
 
 Command = Callable[["ChatService", Peer, str], None]
+def send_parts(peer: Peer, parts: list[tuple[bytes, Peer | None]]) -> None:
+    """`parts` (each (data, by)) to `peer`: one `send`, or one `send_batch` of them joined."""
+    if len(parts) == 1:
+        peer.send(*parts[0])
+    elif parts:
+        peer.send_batch(b"".join([d for d, _ in parts]), parts)
+
+
 Fanout = Callable[[dict[Peer, None], bytes, "Peer | None", "Peer | None"], None]
 Held = tuple["str | Peer", bytes, "Peer | None", "Peer | None"]   # to (room or peer), data, skip, by
 COMMANDS: dict[str, Command] = {}
@@ -311,11 +319,7 @@ class ChatService:
             if member not in skips:
                 member.send_batch(joined, parts)
                 continue
-            mine = [(h[1], h[3]) for h in held if h[2] is not member]
-            if len(mine) == 1:
-                member.send(*mine[0])
-            elif mine:
-                member.send_batch(b"".join([d for d, _ in mine]), mine)
+            send_parts(member, [(h[1], h[3]) for h in held if h[2] is not member])
 
     def _flush_mixed(self, held: list[Held]) -> None:
         """Several rooms, or replies among the lines: gather per recipient, then send."""
@@ -328,10 +332,7 @@ class ChatService:
             else:
                 batches.setdefault(to, []).append((data, by))
         for member, parts in batches.items():
-            if len(parts) == 1:
-                member.send(*parts[0])
-            else:
-                member.send_batch(b"".join([d for d, _ in parts]), parts)
+            send_parts(member, parts)
 
     # ------------------------------------------------------------ lines
 
