@@ -67,6 +67,11 @@ OPTIONS
         --group NAME|#GID    ... and this group [daemon] group
         --loop auto|uvloop|asyncio
                              event loop [server] loop (default auto: uvloop if installed)
+        --bus URL            share chat with other chatd processes through this Redis
+                             server, redis://HOST[:PORT][/DB] or unix:///PATH [cluster] bus
+                             (default "": this process alone; needs chatd[cluster])
+        --node-id NAME       this process's name on the bus [cluster] node_id
+                             (default HOST-PORT)
         --timeout S          stop: seconds to wait before SIGTERM (default drain_timeout + 5)
         --json               status: print one JSON object
     -f, --foreground         the same as the run command

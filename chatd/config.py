@@ -153,6 +153,37 @@ def _path(value: Any) -> str:
     return _str(value)
 
 
+BUS_RE = re.compile(r"redis://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?"
+                    r"(?:/(?P<db>\d{1,2}))?|unix://(?P<path>/[^?#]+)(?:\?db=(?P<udb>\d{1,2}))?")
+NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _bus(value: Any) -> str:
+    """"" (one process), redis://HOST[:PORT][/DB] or unix:///PATH[?db=DB]: checked for shape
+    here; whether the server answers is found at start."""
+    value = _str(value).strip()
+    if not value:
+        return value
+    m = BUS_RE.fullmatch(value)
+    if m is None:
+        raise Invalid(f'expected "", redis://HOST[:PORT][/DB] or unix:///PATH, got {value!r}')
+    if m["port"] and not 1 <= int(m["port"]) <= 65535:
+        raise Invalid(f"port must be between 1 and 65535, got {m['port']}")
+    if m["host"] and not m["host"].startswith("["):
+        _host(m["host"])
+    return value
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        value = _str(value)
+        if value and not regex.fullmatch(value):
+            raise Invalid(f"{what}; got {value!r}")
+        return value
+    return check
+
+
 def lookup_user(spec: str) -> pwd.struct_passwd | int:
     """A user by name or "#uid": its passwd entry, or the bare uid if it has none."""
     if spec.startswith("#"):
@@ -259,6 +290,25 @@ SCHEMA: tuple[Key, ...] = (
         help='text sent to each new chat client; one line per "\\n"'),
     Key("chat", "default_room", "lobby", _room, on_restart=NEW_CONNECTIONS,
         help="the room everyone joins first"),
+    Key("cluster", "bus", "", _bus, "--bus", on_restart=NEEDS_RESTART,
+        help='chat mode shared with other chatd processes through this Redis server: '
+             '"redis://HOST[:PORT][/DB]" or "unix:///PATH"; empty: this process alone '
+             '(README "More than one process")'),
+    Key("cluster", "node_id", "", _pattern(NODE_ID_RE, "1 to 64 letters, digits, _ . or -"),
+        "--node-id", on_restart=NEEDS_RESTART,
+        help="this process's name on the bus, unique among those sharing it (a duplicate is "
+             "refused at start); empty: HOST-PORT"),
+    Key("cluster", "prefix", "chatd", _pattern(PREFIX_RE, "1 to 64 letters, digits, _ . : or -"),
+        on_restart=NEEDS_RESTART,
+        help="the start of every Redis key and channel chatd uses, so clusters can share a server"),
+    Key("cluster", "heartbeat", 1.0, _float(0.1), help="seconds between liveness heartbeats (>= 0.1)"),
+    Key("cluster", "node_timeout", 3.0, _float(0.3),
+        help="seconds without a heartbeat after which a node is taken for dead and its users "
+             "leave (at least 3 x heartbeat)"),
+    Key("cluster", "reconnect_max", 5.0, _float(0.1),
+        help="the longest wait, in seconds, between attempts to reach a lost bus"),
+    Key("cluster", "guest_block", 100, _int(1, 1_000_000), on_restart=NEEDS_RESTART,
+        help="guest numbers leased from the bus at a time"),
 )
 KEYS: dict[str, Key] = {k.dotted: k for k in SCHEMA}
 SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
@@ -274,6 +324,7 @@ DaemonConfig = _section_class("daemon")
 LogConfig = _section_class("log")
 LimitsConfig = _section_class("limits")
 ChatConfig = _section_class("chat")
+ClusterConfig = _section_class("cluster")
 
 
 @dataclass(frozen=True)
@@ -285,6 +336,7 @@ class Config:
     log: Any = field(default_factory=LogConfig)
     limits: Any = field(default_factory=LimitsConfig)
     chat: Any = field(default_factory=ChatConfig)
+    cluster: Any = field(default_factory=ClusterConfig)
     path: str | None = None                     # the absolute config file path, if any
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -532,7 +584,8 @@ def _file_errors(errors: list[tuple[float, str]]) -> ConfigError:
 def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) -> Config:
     sections = {}
     for section, cls in (("server", ServerConfig), ("daemon", DaemonConfig), ("log", LogConfig),
-                         ("limits", LimitsConfig), ("chat", ChatConfig)):
+                         ("limits", LimitsConfig), ("chat", ChatConfig),
+                         ("cluster", ClusterConfig)):
         kwargs = {}
         for key in SCHEMA:
             if key.section == section and key.dotted in values:
@@ -561,6 +614,13 @@ def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset())
         if isinstance(lookup_user(cfg.daemon.user), int):
             found.append((cfg.origin("daemon.user"),
                           f"user {cfg.daemon.user} has no passwd entry; set a group too"))
+    if not invalid & {"cluster.heartbeat", "cluster.node_timeout"} \
+            and cfg.cluster.node_timeout < 3 * cfg.cluster.heartbeat:
+        found.append((cfg.origin("cluster.node_timeout") if "cluster.node_timeout" in cfg.origins
+                      else cfg.origin("cluster.heartbeat"),
+                      f"[cluster] node_timeout ({cfg.cluster.node_timeout:g}) must be at least 3 x "
+                      f"heartbeat ({cfg.cluster.heartbeat:g}): one late heartbeat must not make a "
+                      f"node dead"))
     return found
 
 

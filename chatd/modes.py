@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from .chat import ChatConnection, DebugChatConnection
 from .config import Config
 from .connection import Connection, ServerState
+from .errors import StartError
 from .echo import (BufferedEchoConnection, DebugBufferedEchoConnection, DebugEchoConnection,
                    EchoConnection)
 from .protocol import clean_text
@@ -42,6 +43,13 @@ class Mode(ABC):
         """Build or update what this mode's connections share (at start and on each restart
         into it); connections of another mode that are still open keep theirs."""
 
+    async def start(self, state: ServerState, cfg: Config) -> None:
+        """Once, before the server is ready, whatever the mode in use: take what the mode
+        needs outside this process (raises StartError if it cannot)."""
+
+    async def stop(self, state: ServerState) -> None:
+        """Once, when the server stops, before its clients are closed: give that back."""
+
 
 class EchoMode(Mode):
     name = "echo"
@@ -64,10 +72,40 @@ class ChatMode(Mode):
     def configure(self, state: ServerState, cfg: Config) -> None:
         """The chat service, made once (a restart keeps its rooms and nicks), with the MOTD
         and default room for new clients; the MOTD is sanitized like user text."""
+        motd = "\n".join(clean_text(text.encode()) for text in cfg.chat.motd.split("\n"))
+        self.service(state).configure(motd if cfg.chat.motd else "", cfg.chat.default_room)
+        backend = state.chat.backend   # type: ignore[union-attr]
+        if backend.shared:
+            backend.retime(cfg.cluster.heartbeat, cfg.cluster.node_timeout,   # type: ignore[attr-defined]
+                           cfg.cluster.reconnect_max)
+
+    @staticmethod
+    def service(state: ServerState) -> ChatService:
         if state.chat is None:
             state.chat = ChatService(defer=state.loop.call_soon, fanout=ChatConnection.fanout)
-        motd = "\n".join(clean_text(text.encode()) for text in cfg.chat.motd.split("\n"))
-        state.chat.configure(motd if cfg.chat.motd else "", cfg.chat.default_room)
+        return state.chat
+
+    async def start(self, state: ServerState, cfg: Config) -> None:
+        """With `[cluster] bus` set, chat is shared through it (cluster.py, which imports
+        redis: only then), whatever the mode at start, so a restart into chat mode finds it."""
+        bus = cfg.cluster
+        if not bus.bus:
+            return
+        try:
+            from .cluster import ClusterBackend, default_node_id
+        except ImportError as e:
+            raise StartError(f"[cluster] bus is set, but {e.name or 'redis'} is not installed: "
+                             f"pip install 'chatd[cluster]'") from None
+        service = self.service(state)
+        backend = ClusterBackend(service, bus.bus, bus.node_id or default_node_id(cfg.server.port),
+                                 bus.prefix, bus.heartbeat, bus.node_timeout, bus.reconnect_max,
+                                 bus.guest_block)
+        await backend.start()
+        service.backend = backend
+
+    async def stop(self, state: ServerState) -> None:
+        if state.chat is not None and state.chat.backend.shared:
+            await state.chat.backend.close()   # type: ignore[attr-defined]
 
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in (EchoMode(), ChatMode())}

@@ -102,6 +102,16 @@ def by_name(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (n.casefold(), n))
 
 
+THIS_NODE = " (this server only: cut off from the others)"
+
+
+def roster(room: str, names: list[str], partial: bool) -> bytes:
+    """The `*** #room: a, b` line of /who and of arrival (`partial`: this server's only)."""
+    names = by_name(names)
+    listed = ", ".join(names) if names else "nobody else here"
+    return notice(f"{room}: {listed}{THIS_NODE if partial else ''}")
+
+
 Command = Callable[["ChatService", Peer, str], None]
 def send_parts(peer: Peer, parts: list[tuple[bytes, Peer | None]]) -> None:
     """`parts` (each (data, by)) to `peer`: one `send`, or one `send_batch` of them joined."""
@@ -127,25 +137,37 @@ def command(usage: str, text: str, *aliases: str) -> Callable[[Command], Command
     return register
 
 
+Answer = Callable[[list[str], bool], None]   # (names or "room count" entries, this node only?)
+
+
 class ChatBackend(Protocol):
-    """Where the rooms, nicks and guest numbers live: what chatd processes sharing them
-    (over a bus) would keep in common, and `LocalBackend` keeps in this one. Nicks are
-    held by their skeleton."""
+    """Where the rooms, nicks and guest numbers live: this process's own dicts
+    (`LocalBackend`), or those and the bus that chatd processes share (cluster.py). Nicks
+    are held by their skeleton. What the bus must be asked is answered through a callback
+    (`then`), at once here, later over the bus; `holder` and `members` are always this
+    process's own."""
+
+    shared: bool   # lines said here also go to other processes (`said`)
 
     def guest(self) -> int:
         """A guest number never handed out before."""
         ...
 
     def holder(self, key: str) -> Peer | None:
-        """Who holds the nick whose skeleton is `key`, if anyone."""
+        """Who in this process holds the nick whose skeleton is `key`, if anyone."""
         ...
 
     def claim(self, key: str, peer: Peer) -> None:
-        """`peer` holds the nick whose skeleton is `key` from now on."""
+        """`peer` holds the nick whose skeleton is `key` from now on (a guest's, on arrival)."""
         ...
 
     def release(self, key: str) -> None:
-        """The nick whose skeleton is `key` is free again."""
+        """The nick whose skeleton is `key` is free again (its holder has left)."""
+        ...
+
+    def rename(self, peer: Peer, new: str, then: Callable[[str | None], None]) -> None:
+        """`peer` takes the nick `new` in place of its own: `then(None)` once it holds it, or
+        `then(why)` with the error to show it (taken, or cannot be changed now)."""
         ...
 
     def members(self, room: str) -> dict[Peer, None] | None:
@@ -155,17 +177,37 @@ class ChatBackend(Protocol):
 
     def join(self, room: str, peer: Peer) -> None: ...
 
-    def leave(self, room: str, peer: Peer) -> None:
-        """`peer` leaves `room`; a room left empty is gone."""
+    def rooms_here(self) -> list[dict[Peer, None]]:
+        """Every room's members in this process."""
         ...
 
-    def rooms(self) -> dict[str, int]:
-        """Every room, and how many are in it."""
+    def leave(self, room: str, peer: Peer, reason: str | None) -> None:
+        """`peer` leaves `room` (`reason`: why, as its room is told; None: nobody is told);
+        a room left empty is gone."""
+        ...
+
+    def said(self, peer: Peer, kind: str, text: str) -> None:
+        """`peer` said `text` in its room (kind "say": lines joined by LF; "me": an action)."""
+        ...
+
+    def roster(self, room: str, then: Answer) -> None:
+        """`then(nicks in room, this node only?)`."""
+        ...
+
+    def rooms(self, then: Answer) -> None:
+        """`then(["#room (n)", ...], this node only?)`: every room, and how many are in it."""
+        ...
+
+    def message(self, peer: Peer, nick: str, text: str, then: Callable[[str], None]) -> None:
+        """A private message to `nick`, whom this process does not hold: `then(error)`, or
+        `then("")` once it is on its way."""
         ...
 
 
 class LocalBackend:
     """The ChatBackend of one chatd process: its own dicts."""
+
+    shared = False
 
     def __init__(self) -> None:
         self._rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
@@ -184,20 +226,44 @@ class LocalBackend:
     def release(self, key: str) -> None:
         del self._nicks[key]
 
+    def rename(self, peer: Peer, new: str, then: Callable[[str | None], None]) -> None:
+        key = skeleton(new)
+        if key != skeleton(peer.nick) and self.holder(key) is not None:
+            return then(f"nick taken: {new}")
+        self.renamed(peer, new)
+        then(None)
+
+    def renamed(self, peer: Peer, new: str) -> None:
+        """This process's own record of a rename (the bus has agreed to it, if there is one)."""
+        self.release(skeleton(peer.nick))
+        self.claim(skeleton(new), peer)
+
     def members(self, room: str) -> dict[Peer, None] | None:
         return self._rooms.get(room)
 
     def join(self, room: str, peer: Peer) -> None:
         self._rooms.setdefault(room, {})[peer] = None
 
-    def leave(self, room: str, peer: Peer) -> None:
+    def rooms_here(self) -> list[dict[Peer, None]]:
+        return list(self._rooms.values())
+
+    def leave(self, room: str, peer: Peer, reason: str | None) -> None:
         members = self._rooms.get(room, {})
         members.pop(peer, None)
         if not members:
             self._rooms.pop(room, None)
 
-    def rooms(self) -> dict[str, int]:
-        return {room: len(members) for room, members in self._rooms.items()}
+    def said(self, peer: Peer, kind: str, text: str) -> None:
+        """Nobody else to tell."""
+
+    def roster(self, room: str, then: Answer) -> None:
+        then([p.nick for p in self._rooms.get(room) or ()], False)
+
+    def rooms(self, then: Answer) -> None:
+        then([f"{room} ({len(members)})" for room, members in sorted(self._rooms.items())], False)
+
+    def message(self, peer: Peer, nick: str, text: str, then: Callable[[str], None]) -> None:
+        then(f"no such nick: {quoted(nick)}")
 
 
 class ChatService:
@@ -228,7 +294,8 @@ class ChatService:
     # ------------------------------------------------------------ arriving and leaving
 
     def arrive(self, peer: Peer) -> None:
-        """A new client: a guest nick, the welcome, the MOTD, then the default room."""
+        """A new client: a guest nick, the welcome, the MOTD, what it must know of the
+        other servers (cluster.py), then the default room."""
         backend = self.backend
         nick = f"guest{backend.guest()}"
         while backend.holder(skeleton(nick)) is not None:   # cannot happen (guest names are
@@ -237,6 +304,8 @@ class ChatService:
         backend.claim(skeleton(nick), peer)
         self.tell(peer, notice(f"Welcome to chatd, {nick}. Type /help for commands."))
         for text in self.motd:
+            self.tell(peer, notice(text))
+        for text in self.news:
             self.tell(peer, notice(text))
         self._enter(peer, self.default_room)
 
@@ -249,7 +318,9 @@ class ChatService:
 
     def _enter(self, peer: Peer, room: str) -> None:
         self.flush()   # what was said before goes to the members of then
-        self.tell(peer, self._roster(room))
+        me = skeleton(peer.nick)
+        self.backend.roster(room, lambda names, partial: self.tell(
+            peer, roster(room, [n for n in names if skeleton(n) != me], partial)))
         self.broadcast(room, notice(f"{peer.nick} joined {room}"), skip=peer)
         self.backend.join(room, peer)
         peer.room = room
@@ -257,13 +328,31 @@ class ChatService:
     def _leave_room(self, peer: Peer, reason: str | None) -> None:
         self.flush()
         room = peer.room
-        self.backend.leave(room, peer)
+        self.backend.leave(room, peer, reason)
         if reason is not None and self.backend.members(room):
             self.broadcast(room, notice(f"{peer.nick} left {room} ({reason})"), skip=peer)
 
-    def _roster(self, room: str) -> bytes:
-        names = by_name([p.nick for p in self.backend.members(room) or ()])
-        return notice(f"{room}: {', '.join(names) if names else 'nobody else here'}")
+    # ------------------------------------------------------------ from other servers
+
+    @property
+    def news(self) -> list[str]:
+        """What a newcomer must be told of the other servers (the backend's `news`)."""
+        return getattr(self.backend, "news", [])
+
+    def everyone(self, data: bytes) -> None:
+        """A notice to every client of this process (the bus was lost, or is back)."""
+        for members in tuple(self.backend.rooms_here()):
+            for member in tuple(members):
+                self.tell(member, data)
+
+    def rename_here(self, peer: Peer, new: str, why: str) -> None:
+        """The bus took `peer`'s nick away (another server's user holds it): it becomes `new`,
+        and it and its room are told (`why`, to it alone)."""
+        old = peer.nick
+        self.backend.renamed(peer, new)
+        peer.nick = new
+        self.tell(peer, notice(why))
+        self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
 
     # ------------------------------------------------------------ sending
 
@@ -345,6 +434,8 @@ class ChatService:
             prefix = b"<%s> " % peer.nick.encode()
             self.broadcast(peer.room, prefix + what[:-1].replace(b"\n", b"\r\n" + prefix) + b"\r\n",
                            peer, skip=peer)
+            if self.backend.shared:
+                self.backend.said(peer, "say", what[:-1].decode())
         elif what.startswith("//"):
             self.say(peer, what[1:])
         elif what.startswith("/"):
@@ -359,6 +450,8 @@ class ChatService:
 
     def say(self, peer: Peer, text: str) -> None:
         self.broadcast(peer.room, line(f"<{peer.nick}> {text}"), peer, skip=peer)
+        if self.backend.shared:
+            self.backend.said(peer, "say", text)
 
     # ------------------------------------------------------------ commands
 
@@ -378,10 +471,14 @@ class ChatService:
         if new == peer.nick:
             return self.tell(peer, notice(f"you are already {new}"))
         old = peer.nick
-        self.backend.release(skeleton(old))
-        self.backend.claim(key, peer)
-        peer.nick = new
-        self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
+
+        def done(why: str | None) -> None:
+            if why is not None:
+                return self.tell(peer, error(why))
+            peer.nick = new
+            self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
+
+        self.backend.rename(peer, new, done)
 
     @command("/join #ROOM", "leave this room for another (made if need be)")
     def cmd_join(self, peer: Peer, args: str) -> None:
@@ -398,18 +495,21 @@ class ChatService:
 
     @command("/who, /names", "who is in this room", "names")
     def cmd_who(self, peer: Peer, args: str) -> None:
-        self.tell(peer, self._roster(peer.room))
+        room = peer.room
+        self.backend.roster(room, lambda names, partial: self.tell(peer, roster(room, names, partial)))
 
     @command("/rooms", "the rooms, and how many are in each")
     def cmd_rooms(self, peer: Peer, args: str) -> None:
-        listed = ", ".join(f"{room} ({n})" for room, n in sorted(self.backend.rooms().items()))
-        self.tell(peer, notice(f"rooms: {listed}"))
+        self.backend.rooms(lambda rooms, partial: self.tell(
+            peer, notice(f"rooms: {', '.join(rooms)}{THIS_NODE if partial else ''}")))
 
     @command("/me ACTION", "say what you do: * alice waves")
     def cmd_me(self, peer: Peer, args: str) -> None:
         if not args:
             return self.tell(peer, error("usage: /me ACTION"))
         self.broadcast(peer.room, line(f"* {peer.nick} {args}"), peer, skip=peer)
+        if self.backend.shared:
+            self.backend.said(peer, "me", args)
 
     @command("/msg NICK TEXT", "a private message, whatever room NICK is in")
     def cmd_msg(self, peer: Peer, args: str) -> None:
@@ -419,7 +519,9 @@ class ChatService:
             return self.tell(peer, error("usage: /msg NICK TEXT"))
         target = self.backend.holder(skeleton(nick))
         if target is None:
-            return self.tell(peer, error(f"no such nick: {quoted(nick)}"))
+            def sent(why: str) -> None:
+                self.tell(peer, error(why) if why else line(f"-> *{nick}* {text}"))
+            return self.backend.message(peer, nick, text, sent)
         self.tell(target, line(f"*{peer.nick}* {text}"), peer)
         self.tell(peer, line(f"-> *{target.nick}* {text}"))
 

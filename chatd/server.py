@@ -128,6 +128,8 @@ class Server:
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
         self.gate = Gate(self.state, loop)
         self._apply_mode(self.cfg)
+        for mode in MODES.values():
+            await mode.start(self.state, self.cfg)
         for listener in self.listeners:
             self._serve_on(listener)
         self.gate.measure()
@@ -171,6 +173,8 @@ class Server:
         await self.gate.settle()
         if graceful:
             await self._drain_clients()
+        for mode in MODES.values():
+            await mode.stop(self.state)
         await self._close_clients()
         self.gate.close()
         for task in self._tasks:

@@ -40,6 +40,13 @@ SPEC_DEFAULTS = {
     "limits.keepalive": 60,
     "chat.motd": "",
     "chat.default_room": "lobby",
+    "cluster.bus": "",
+    "cluster.node_id": "",
+    "cluster.prefix": "chatd",
+    "cluster.heartbeat": 1.0,
+    "cluster.node_timeout": 3.0,
+    "cluster.reconnect_max": 5.0,
+    "cluster.guest_block": 100,
 }
 
 HERE = "# <- HERE"

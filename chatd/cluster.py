@@ -1,0 +1,613 @@
+"""Chat shared by several chatd processes through a Redis bus (README "More than one process").
+
+`ClusterBackend` is rooms.py's ChatBackend for a node of a cluster: it keeps
+this process's members as `LocalBackend` does (a line reaches them at once,
+by the same road as before) and keeps the bus up to date, over bus.py's Link:
+
+- a line said here is published once, to its room's channel (`ROOM`), never
+  once per recipient; a pass's publishes go in one pipeline. Each node
+  subscribes to the rooms its own users are in, and to its own channel (`TO`,
+  private messages);
+- what comes off the bus is JSON (never pickle) and is checked again as if a
+  client had typed it: nicks and rooms must have their shape, text goes
+  through `clean_text` and must show something, reasons must be one of those
+  chatd gives. Anything else is forged or broken: dropped, and logged at most
+  once per FORGED_LOG_S. So no message can make a `*** ` line, a false
+  `<nick>`, or a terminal escape;
+- every message carries its origin (node id and a random token per process
+  start) and a sequence number per room, so a line comes at most once and each
+  sender's lines in order; a gap means lines were lost (one notice per room per
+  GAP_EPISODE_S);
+- nicks are claimed on the bus (atomically, in a script: one wins a race); rosters
+  and the room list live there, so `/who`, `/names` and `/rooms` say the same on
+  every node; guest numbers are leased in blocks (`INCRBY`), and a node back on a
+  bus that restarted empty first raises the counter to the end of its own block;
+- liveness: each node's key has a TTL of node_timeout, renewed every heartbeat;
+  every heartbeat a node also runs the janitor, which takes any node whose key
+  expired out of the rosters and publishes its users' leaves ("server lost").
+  A node that finds its own key gone has lost its lease: its users were taken
+  out, so it joins again as after an outage.
+
+Bus lost and back, a nick lost while cut off, lines lost, and nodes lost are
+each logged once per event, and each user is told with one of NOTICES.
+
+Tests: tests/cluster/test_cluster.py, tests/cluster/test_cluster_faults.py, tests/unit/test_cluster_wire.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import time
+from typing import Any, Callable
+
+from . import bus
+from .errors import StartError
+from .protocol import clean_text
+from .rooms import (NICK_RE, ROOM_RE, Answer, ChatService, LocalBackend, Peer, line, notice, quoted,
+                    skeleton)
+
+log = logging.getLogger("chatd")
+FORGED_LOG_S = 10.0       # forged or broken bus messages: logged at most this often
+GAP_EPISODE_S = 10.0      # lines lost in a room: its members are told at most this often
+GONE_TTL_S = 3600         # how long the bus remembers that a janitor took a node out
+NOTICES = {
+    "lost": "Lost contact with the other servers; only people on this server can hear you.",
+    "restored": "Contact with the other servers restored; lines sent meanwhile did not reach them.",
+    "gap": "Some lines from another server were lost on the way here.",
+    "nick_lost": "Your nick {old} was taken on another server while this one was cut off; "
+                 "you are now {new}.",
+}
+NICK_CUT_OFF = "cannot change nicks while cut off from the other servers"
+# The reasons a leave may carry over the bus: those chatd itself gives (chat.py, rooms.py).
+REASON_RE = re.compile(r'connection closed|client closed|idle|too slow|flooding|quit'
+                       r'|quit: "(?:[^"\\]|\\["\\])*"|joined #[a-z0-9_-]{1,32}'
+                       r'|server lost|server shutting down')
+
+# ---------------------------------------------------------------- scripts (Lua, run atomically)
+# Keys: P:node:ID (a token, TTL node_timeout), P:nodes (set of ids), P:gone:ID (a janitor
+# took ID out), P:nick:SKEL ("ID nick"), P:roster:ROOM (SKEL -> "ID nick"), P:rooms (set),
+# P:members:ID (SKEL -> "nick room"), P:guests (counter).
+
+_CLEANUP = """
+local function cleanup(p, id)
+  local mine = id .. ' '
+  local m = redis.call('hgetall', p .. ':members:' .. id)
+  local out = {}
+  for i = 1, #m, 2 do
+    local skel, v = m[i], m[i + 1]
+    local sp = string.find(v, ' ', 1, true)
+    local nick, room = string.sub(v, 1, sp - 1), string.sub(v, sp + 1)
+    local held = redis.call('hget', p .. ':roster:' .. room, skel)
+    if held and string.sub(held, 1, #mine) == mine then
+      redis.call('hdel', p .. ':roster:' .. room, skel)
+    end
+    local owner = redis.call('get', p .. ':nick:' .. skel)
+    if owner and string.sub(owner, 1, #mine) == mine then
+      redis.call('del', p .. ':nick:' .. skel)
+    end
+    out[#out + 1] = nick
+    out[#out + 1] = room
+  end
+  redis.call('del', p .. ':members:' .. id)
+  return out
+end
+"""
+REGISTER = """
+local p, id, token, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = p .. ':node:' .. id
+local held = redis.call('get', key)
+if held and held ~= token then return 0 end
+redis.call('set', key, token, 'px', ttl)
+redis.call('sadd', p .. ':nodes', id)
+if redis.call('del', p .. ':gone:' .. id) == 1 then return 2 end
+return 1
+"""
+HEARTBEAT = """
+local p, id, token, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = p .. ':node:' .. id
+local held = redis.call('get', key)
+if held == token then redis.call('pexpire', key, ttl) return 1 end
+if held then return -1 end
+if redis.call('sismember', p .. ':nodes', id) == 1 then
+  redis.call('set', key, token, 'px', ttl)
+  return 2
+end
+return 0
+"""
+JANITOR = _CLEANUP + """
+local p = ARGV[1]
+local out = {}
+for _, id in ipairs(redis.call('smembers', p .. ':nodes')) do
+  if redis.call('exists', p .. ':node:' .. id) == 0 then
+    redis.call('srem', p .. ':nodes', id)
+    redis.call('set', p .. ':gone:' .. id, 1, 'ex', ARGV[2])
+    out[#out + 1] = id
+    out[#out + 1] = cleanup(p, id)
+  end
+end
+return out
+"""
+DEREGISTER = _CLEANUP + """
+local p, id, token = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('get', p .. ':node:' .. id) == token then redis.call('del', p .. ':node:' .. id) end
+redis.call('srem', p .. ':nodes', id)
+return cleanup(p, id)
+"""
+CLAIM = """
+local p, id, skel, nick, room, old = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local mine = id .. ' '
+local owner = redis.call('get', p .. ':nick:' .. skel)
+if owner and string.sub(owner, 1, #mine) ~= mine then return 0 end
+redis.call('set', p .. ':nick:' .. skel, mine .. nick)
+if old ~= '' and old ~= skel then
+  local had = redis.call('get', p .. ':nick:' .. old)
+  if had and string.sub(had, 1, #mine) == mine then redis.call('del', p .. ':nick:' .. old) end
+  local held = redis.call('hget', p .. ':roster:' .. room, old)
+  if held and string.sub(held, 1, #mine) == mine then redis.call('hdel', p .. ':roster:' .. room, old) end
+  redis.call('hdel', p .. ':members:' .. id, old)
+end
+redis.call('hset', p .. ':roster:' .. room, skel, mine .. nick)
+redis.call('sadd', p .. ':rooms', room)
+redis.call('hset', p .. ':members:' .. id, skel, nick .. ' ' .. room)
+return 1
+"""
+PART = """
+local p, id, skel, room, gone = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local mine = id .. ' '
+local held = redis.call('hget', p .. ':roster:' .. room, skel)
+if held and string.sub(held, 1, #mine) == mine then redis.call('hdel', p .. ':roster:' .. room, skel) end
+if gone == '1' then
+  redis.call('hdel', p .. ':members:' .. id, skel)
+  local owner = redis.call('get', p .. ':nick:' .. skel)
+  if owner and string.sub(owner, 1, #mine) == mine then redis.call('del', p .. ':nick:' .. skel) end
+end
+return 1
+"""
+ROOMS = """
+local p = ARGV[1]
+local out = {}
+for _, room in ipairs(redis.call('smembers', p .. ':rooms')) do
+  local n = redis.call('hlen', p .. ':roster:' .. room)
+  if n == 0 then redis.call('srem', p .. ':rooms', room) else
+    out[#out + 1] = room
+    out[#out + 1] = n
+  end
+end
+return out
+"""
+MESSAGE = """
+local owner = redis.call('get', ARGV[1] .. ':nick:' .. ARGV[2])
+if not owner then return {-1, ''} end
+local sp = string.find(owner, ' ', 1, true)
+return {redis.call('publish', ARGV[1] .. ':to:' .. string.sub(owner, 1, sp - 1), ARGV[3]),
+        string.sub(owner, sp + 1)}
+"""
+RAISE = """
+local now = tonumber(redis.call('get', KEYS[1]) or '0')
+if now < tonumber(ARGV[1]) then redis.call('set', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+class Forged(ValueError):
+    """A bus message that chatd would never have sent."""
+
+
+def default_node_id(port: int) -> str:
+    return f"{socket.gethostname().split('.')[0]}-{port}"
+
+
+class ClusterBackend(LocalBackend):
+    """This node's members, and what it shares with the other nodes through the bus."""
+
+    shared = True
+
+    def __init__(self, service: ChatService, url: str, node_id: str, prefix: str,
+                 heartbeat: float, node_timeout: float, reconnect_max: float,
+                 guest_block: int) -> None:
+        super().__init__()
+        self.service = service
+        self.node_id = node_id
+        self.prefix = prefix
+        self.heartbeat = heartbeat
+        self.node_timeout = node_timeout
+        self.guest_block = guest_block
+        self.token = os.urandom(8).hex()     # this process's start: origin of what it publishes
+        self.news: list[str] = []            # what a newcomer is told (cut off: NOTICES["lost"])
+        self.closing = False
+        self.link = bus.Link(url, timeout=node_timeout / 2, reconnect_max=reconnect_max,
+                             on_connect=self._on_connect, on_message=self._on_message,
+                             on_lost=self._on_lost, on_restored=self._on_restored)
+        self._head = json.dumps({"o": node_id, "e": self.token}, separators=(",", ":"))[:-1]
+        self._own = (self._head + ",").encode()
+        self._seq: dict[str, int] = {}                # room -> our last sequence number there
+        self._seen: dict[tuple[bytes, str], int] = {}  # (origin, room) -> last seen there
+        self._gaps: dict[str, float] = {}              # room -> when its members were last told
+        self._guests: list[int] = []                  # [next, end] of the block in use
+        self._leasing = False
+        self._lost_at = 0.0
+        self._janitor_after = 0.0   # no janitor before this (loop time): nodes cut off with us
+        self._first = True          # come back first
+        self._rejoin = False        # our users were taken out (lease lost): tell the others again
+        self._taken: list[Peer] = []  # users whose nick another node took while we were cut off
+        self._claiming: set[str] = set()   # skeletons a rename here has asked the bus for
+        self._forged = (0.0, 0)     # (last logged, not logged since)
+        self._room_channel = f"{prefix}:room:"
+        self._heart: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Join the bus; a bus that cannot be reached, or a node id in use, stops the start."""
+        self.link.subscribe(f"{self.prefix}:to:{self.node_id}")
+        try:
+            await self.link.open()
+        except bus.Refused as e:
+            await self.link.close()
+            raise StartError(str(e)) from None
+        except bus.FAILURES as e:
+            await self.link.close()
+            raise StartError(f"[cluster] bus {self.link.url}: cannot reach it: {bus.describe(e)}") from None
+        self._janitor_after = self._loop.time() + self.node_timeout
+        self._heart = self._loop.call_later(self.heartbeat, self._beat)
+        log.info("bus %s: joined as node %s", self.link.url, self.node_id)
+
+    def retime(self, heartbeat: float, node_timeout: float, reconnect_max: float) -> None:
+        """A restart's new [cluster] timings, from the next heartbeat on."""
+        self.heartbeat, self.node_timeout = heartbeat, node_timeout
+        self.link.timeout, self.link.reconnect_max = node_timeout / 2, reconnect_max
+
+    async def close(self) -> None:
+        """Leave the bus: this node's users leave every other node at once ("server shutting
+        down"), then the link closes."""
+        self.closing = True
+        if self._heart is not None:
+            self._heart.cancel()
+        if self.link.up:
+            done = self._loop.create_future()
+            self.link.call("EVAL", DEREGISTER, 0, self.prefix, self.node_id, self.token,
+                           then=lambda answer: done.done() or done.set_result(answer))
+            answer = await done
+            if isinstance(answer, list):
+                self._publish_leaves(answer, "server shutting down")
+                flushed = self._loop.create_future()
+                self.link.call("PING", then=lambda _: flushed.done() or flushed.set_result(None))
+                await flushed
+        await self.link.close()
+
+    async def _on_connect(self, client: Any) -> None:
+        """Register (refused if another process holds our id), lease guest numbers, and if we
+        come back, raise the guest counter and put our users back on the bus."""
+        ttl = int(self.node_timeout * 1000)
+        got = await client.eval(REGISTER, 0, self.prefix, self.node_id, self.token, ttl)
+        if got == 0:
+            raise bus.Refused(f"[cluster] node_id {self.node_id!r} is in use by another chatd "
+                              f"on {self.link.url}; give each node its own")
+        if got == 2:
+            self._rejoin = True
+        if self._guests:
+            await client.eval(RAISE, 1, f"{self.prefix}:guests", self._guests[1])
+        if not self._guests or self._guests[0] > self._guests[1]:
+            end = await client.incrby(f"{self.prefix}:guests", self.guest_block)
+            self._guests = [end - self.guest_block + 1, end]
+        if not self._first:
+            await self._reassert(client)
+
+    async def _reassert(self, client: Any) -> None:
+        """Back on the bus: claim every local user's nick and place again. A nick another
+        node's user took meanwhile is lost: its holder here becomes a guest (`_taken`)."""
+        pipe = client.pipeline(transaction=False)
+        people = [(peer, room) for room, members in self._rooms.items() for peer in members]
+        for peer, room in people:
+            pipe.eval(CLAIM, 0, self.prefix, self.node_id, skeleton(peer.nick), peer.nick, room, "")
+        answers = await pipe.execute(raise_on_error=False)
+        self._taken = [peer for (peer, _), ok in zip(people, answers) if ok != 1]
+
+    def _on_lost(self, why: str) -> None:
+        if self.closing:
+            return
+        self._lost_at = self._loop.time()
+        self._first = False
+        self.news = [NOTICES["lost"]]
+        log.warning("bus %s: lost (%s); chat stays on this node until it is back", self.link.url, why)
+        self.service.everyone(notice(NOTICES["lost"]))
+
+    def _on_restored(self) -> None:
+        self.news = []
+        self._seen.clear()   # what was lost meanwhile was told as an outage, not as a gap
+        self._janitor_after = self._loop.time() + self.node_timeout
+        taken, self._taken = self._taken, []
+        for peer in taken:
+            if skeleton(peer.nick) in self._nicks and self._nicks[skeleton(peer.nick)] is peer:
+                self._lose_nick(peer)
+        if self._rejoin:
+            self._rejoin = False
+            for room, members in self._rooms.items():
+                for peer in members:
+                    self._publish(room, "join", peer.nick)
+        log.info("bus %s: back after %.1f s; %d users placed again, %d renamed",
+                 self.link.url, self._loop.time() - self._lost_at,
+                 sum(len(m) for m in self._rooms.values()), len(taken))
+        self.service.everyone(notice(NOTICES["restored"]))
+
+    def _lose_nick(self, peer: Peer) -> None:
+        """`peer`'s nick is held by another node's user: it becomes a fresh guest."""
+        old = peer.nick
+        new = f"guest{self.guest()}"
+        self.link.call("EVAL", CLAIM, 0, self.prefix, self.node_id, skeleton(new), new, peer.room, "")
+        self._publish(peer.room, "nick", old, new)
+        self.service.rename_here(peer, new, NOTICES["nick_lost"].format(old=old, new=new))
+        log.info("bus: %s lost the nick %s to another node while cut off; now %s", peer.nick, old, new)
+
+    # ------------------------------------------------------------ liveness
+
+    def _beat(self) -> None:
+        """Renew our lease, and take out nodes whose lease expired (not while we, too, may
+        have just been cut off: they get node_timeout to come back first)."""
+        self._heart = self._loop.call_later(self.heartbeat, self._beat)
+        if not self.link.up:
+            return
+        self.link.call("EVAL", HEARTBEAT, 0, self.prefix, self.node_id, self.token,
+                       int(self.node_timeout * 1000), then=self._beaten)
+        if self._loop.time() >= self._janitor_after:
+            self.link.call("EVAL", JANITOR, 0, self.prefix, GONE_TTL_S, then=self._swept)
+
+    def _beaten(self, answer: Any) -> None:
+        if answer == 2:
+            log.warning("bus: this node's lease had expired (no heartbeat for %g s); renewed "
+                        "before any other node took its users out", self.node_timeout)
+        elif answer in (0, -1):
+            self._rejoin = answer == 0
+            log.warning("bus: this node's lease expired (no heartbeat for %g s) and %s; joining "
+                        "again", self.node_timeout,
+                        "its users were taken out" if answer == 0 else "another process holds its id")
+            self.link.lose("lease lost")
+
+    def _swept(self, answer: Any) -> None:
+        if not isinstance(answer, list):
+            return
+        for i in range(0, len(answer) - 1, 2):
+            node, users = answer[i].decode(), answer[i + 1]
+            log.info("bus: node %s is gone (no heartbeat for %g s): %d users left",
+                     node, self.node_timeout, len(users) // 2)
+            self._publish_leaves(users, "server lost")
+
+    def _publish_leaves(self, users: list[bytes], reason: str) -> None:
+        """Leaves of users a janitor or a stop took out: published, and shown here too."""
+        for i in range(0, len(users) - 1, 2):
+            nick, room = users[i].decode(), users[i + 1].decode()
+            self._publish(room, "leave", nick, reason)
+            if room in self._rooms and not self.closing:
+                self.service.broadcast(room, notice(f"{nick} left {room} ({reason})"))
+
+    # ------------------------------------------------------------ what happens here
+
+    def guest(self) -> int:
+        """The next number of the leased block; the next block is leased when half is used.
+        Cut off with the block used up, numbers go on past it, and a clash is settled when
+        the bus is back (the holder here becomes a guest again)."""
+        block = self._guests
+        number = block[0]
+        block[0] += 1
+        if block[1] - block[0] < self.guest_block // 2 and not self._leasing and self.link.up:
+            self._leasing = True
+            self.link.call("INCRBY", f"{self.prefix}:guests", self.guest_block, then=self._leased)
+        if number > block[1]:
+            block[1] = number
+        return number
+
+    def _leased(self, answer: Any) -> None:
+        self._leasing = False
+        if isinstance(answer, int):
+            self._guests = [max(self._guests[0], answer - self.guest_block + 1), answer]
+
+    def join(self, room: str, peer: Peer) -> None:
+        if room not in self._rooms:
+            self.link.subscribe(self._room_channel + room)
+        super().join(room, peer)
+        if self.closing:
+            return
+        self.link.call("EVAL", CLAIM, 0, self.prefix, self.node_id, skeleton(peer.nick), peer.nick,
+                       room, "", then=lambda ok: ok == 0 and self._clash(peer))
+        self._publish(room, "join", peer.nick)
+
+    def _clash(self, peer: Peer) -> None:
+        """The bus says another node's user holds `peer`'s nick (a guest number clash, after
+        the bus restarted): `peer` becomes another guest."""
+        if self._nicks.get(skeleton(peer.nick)) is peer:
+            self._lose_nick(peer)
+
+    def leave(self, room: str, peer: Peer, reason: str | None) -> None:
+        super().leave(room, peer, reason)
+        if room not in self._rooms:
+            self.link.unsubscribe(self._room_channel + room)
+        if self.closing:
+            return
+        gone = reason is None or not reason.startswith("joined ")
+        self.link.call("EVAL", PART, 0, self.prefix, self.node_id, skeleton(peer.nick), room,
+                       "1" if gone else "0")
+        # No reason: this server is stopping, and tells only the other servers' users.
+        self._publish(room, "leave", peer.nick, reason or "server shutting down")
+
+    def rename(self, peer: Peer, new: str, then: Callable[[str | None], None]) -> None:
+        if not self.link.up:
+            return then(NICK_CUT_OFF)
+        old = peer.nick
+        key = skeleton(new)
+        if key in self._claiming:   # another user here asked first; the bus has not answered
+            return then(f"nick taken: {new}")
+        self._claiming.add(key)
+
+        def answered(ok: Any) -> None:
+            self._claiming.discard(key)
+            if self._nicks.get(skeleton(old)) is not peer or peer.nick != old:
+                if ok == 1:   # it left, or changed again, meanwhile: give the nick back
+                    self.link.call("EVAL", PART, 0, self.prefix, self.node_id, key, peer.room, "1")
+                return
+            if ok == 1:
+                if self._nicks.get(key, peer) is not peer:
+                    return then(f"nick taken: {new}")
+                self.renamed(peer, new)
+                self._publish(peer.room, "nick", old, new)
+                return then(None)
+            then(NICK_CUT_OFF if ok is bus.DOWN else f"nick taken: {new}")
+
+        self.link.call("EVAL", CLAIM, 0, self.prefix, self.node_id, key, new, peer.room,
+                       skeleton(old), then=answered)
+
+    def said(self, peer: Peer, kind: str, text: str) -> None:
+        self._publish(peer.room, kind, peer.nick, text)
+
+    def roster(self, room: str, then: Answer) -> None:
+        def answered(held: Any) -> None:
+            if isinstance(held, list):
+                return then([v.decode().partition(" ")[2] for v in held], False)
+            super(ClusterBackend, self).roster(room, lambda names, _: then(names, True))
+        self.link.call("HVALS", f"{self.prefix}:roster:{room}", then=answered)
+
+    def rooms(self, then: Answer) -> None:
+        def answered(listed: Any) -> None:
+            if isinstance(listed, list):
+                pairs = sorted((listed[i].decode(), listed[i + 1]) for i in range(0, len(listed) - 1, 2))
+                return then([f"{room} ({n})" for room, n in pairs], False)
+            super(ClusterBackend, self).rooms(lambda rooms, _: then(rooms, True))
+        self.link.call("EVAL", ROOMS, 0, self.prefix, then=answered)
+
+    def message(self, peer: Peer, nick: str, text: str, then: Callable[[str], None]) -> None:
+        shown = nick if NICK_RE.fullmatch(nick) else quoted(nick)
+        if not NICK_RE.fullmatch(nick):
+            return then(f"no such nick: {shown}")
+        if not self.link.up:
+            return then(f"{shown} cannot be reached right now")
+        payload = self._encode({"k": "msg", "n": peer.nick, "to": skeleton(nick), "t": text})
+
+        def answered(got: Any) -> None:
+            if not isinstance(got, list) or got[0] == 0:
+                return then(f"{shown} cannot be reached right now")
+            if got[0] == -1:
+                return then(f"no such nick: {quoted(nick)}")
+            then("")
+
+        self.link.call("EVAL", MESSAGE, 0, self.prefix, skeleton(nick), payload, then=answered)
+
+    # ------------------------------------------------------------ publishing
+
+    def _publish(self, room: str, kind: str, nick: str, text: str = "") -> None:
+        if self.closing and kind != "leave":
+            return
+        seq = self._seq.get(room, 0) + 1
+        self._seq[room] = seq
+        self.link.call("PUBLISH", self._room_channel + room,
+                       self._encode({"s": seq, "k": kind, "n": nick, "t": text}))
+
+    def _encode(self, fields: dict[str, Any]) -> bytes:
+        """Our head (origin, start token) and `fields`, as compact JSON."""
+        return (self._head + "," + json.dumps(fields, separators=(",", ":"))[1:]).encode()
+
+    # ------------------------------------------------------------ what comes off the bus
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if data.startswith(self._own):
+            return   # our own publish, back from a room we are in
+        try:
+            if channel.startswith(self._room_channel.encode()):
+                self._from_room(channel[len(self._room_channel):].decode(), data)
+            else:
+                self._private(data)
+        except (Forged, ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
+            self._forged_message(channel, e)
+
+    def _from_room(self, room: str, data: bytes) -> None:
+        if not ROOM_RE.fullmatch(room):
+            raise Forged("bad room")
+        msg = json.loads(data)
+        origin, seq = (str(msg["o"]), str(msg["e"])), msg["s"]
+        if type(seq) is not int:
+            raise Forged("bad sequence number")
+        key = ("/".join(origin).encode(), room)
+        last = self._seen.get(key)
+        if last is not None and seq <= last:
+            return   # again, or late: at most once, in order
+        self._seen[key] = seq
+        if room not in self._rooms:
+            return
+        if last is not None and seq > last + 1:
+            self._gap(room)
+        kind, nick, text = msg["k"], _nick(msg["n"]), msg["t"]
+        if kind == "say":
+            lines = [cleaned for raw in _text(text).split("\n") if (cleaned := _clean(raw))]
+            if not lines:
+                raise Forged("a line with nothing to show")
+            self.service.broadcast(room, b"".join(line(f"<{nick}> {t}") for t in lines))
+        elif kind == "me":
+            self.service.broadcast(room, line(f"* {nick} {_one_line(text)}"))
+        elif kind == "join":
+            self.service.broadcast(room, notice(f"{nick} joined {room}"))
+        elif kind == "leave":
+            reason = _text(text)
+            if not REASON_RE.fullmatch(reason) or not reason.isprintable():
+                raise Forged("an unknown reason")
+            self.service.broadcast(room, notice(f"{nick} left {room} ({reason})"))
+        elif kind == "nick":
+            self.service.broadcast(room, notice(f"{nick} is now known as {_nick(text)}"))
+        else:
+            raise Forged("an unknown kind")
+
+    def _private(self, data: bytes) -> None:
+        msg = json.loads(data)
+        if msg.get("k") != "msg":
+            raise Forged("an unknown kind")
+        nick, to, text = _nick(msg["n"]), _text(msg["to"]), _one_line(msg["t"])
+        target = self._nicks.get(to)
+        if target is not None:
+            self.service.tell(target, line(f"*{nick}* {text}"))
+
+    def _gap(self, room: str) -> None:
+        now = self._loop.time()
+        if now - self._gaps.get(room, -GAP_EPISODE_S) >= GAP_EPISODE_S:
+            log.warning("bus: lines to %s were lost on the way to this node", room)
+            self.service.broadcast(room, notice(NOTICES["gap"]))
+        self._gaps[room] = now
+
+    def _forged_message(self, channel: bytes, e: Exception) -> None:
+        now = time.monotonic()
+        last, unsaid = self._forged
+        if now - last < FORGED_LOG_S:
+            self._forged = (last, unsaid + 1)
+            return
+        self._forged = (now, 0)
+        more = f" (and {unsaid} more since the last logged)" if unsaid else ""
+        log.warning("bus: dropped a message on %s that chatd would not send: %s%s",
+                    channel.decode("utf-8", "replace")[:80], e or type(e).__name__, more)
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str:
+        raise Forged("text that is no string")
+    return value
+
+
+def _nick(value: Any) -> str:
+    if type(value) is not str or not NICK_RE.fullmatch(value):
+        raise Forged("a bad nick")
+    return value
+
+
+def _clean(raw: str) -> str:
+    """A line from the bus as a client's would be: sanitized, and empty if it shows nothing."""
+    text = clean_text(raw.encode("utf-8", "replace"))
+    return text if text.strip() else ""
+
+
+def _one_line(value: Any) -> str:
+    text = _text(value)
+    if "\n" in text or not (cleaned := _clean(text)):
+        raise Forged("not one line with something to show")
+    return cleaned
+
