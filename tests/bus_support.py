@@ -1,6 +1,6 @@
 """Helpers for chat over a bus: a private redis-server on a free loopback port (never the
-packaged service), and clients of chatd nodes on 127.0.0.2, .3, .4 (tests/cluster/conftest.py
-makes them). Each process is stopped by pid."""
+packaged service), and clients of chatd nodes on 127.0.0.2, .3, .4 (tests/conftest.py makes
+them). Each process is stopped by pid."""
 
 from __future__ import annotations
 

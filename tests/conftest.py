@@ -1,4 +1,5 @@
-"""Fixtures: a chatd instance in a temporary directory, stopped by pid whatever happens."""
+"""Fixtures: a chatd instance in a temporary directory, stopped by pid whatever happens; and for
+chat over a bus, a private redis-server and chatd nodes sharing it (helpers: bus_support.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bus_support import HEARTBEAT, NODE_TIMEOUT, RedisServer
 from support import Chatd, free_port
 
 LOOPS = ["asyncio", "uvloop"]
@@ -63,3 +65,49 @@ def loop_chatd(request, make_chatd) -> Chatd:
     if request.param == "uvloop" and importlib.util.find_spec("uvloop") is None:
         require_real("uvloop")
     return make_chatd(loop=request.param)
+
+
+# ------------------------------------------------------------------ chat over a bus (tests/cluster)
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A factory: redis_server(aof=False) -> a started RedisServer, stopped at teardown."""
+    if shutil.which("redis-server") is None:
+        require_real("redis-server")
+    try:
+        import redis  # noqa: F401  (the 'cluster' extra)
+    except ImportError:
+        require_real("the redis Python package (pip install 'chatd[cluster]')")
+    made: list[RedisServer] = []
+
+    def make(aof: bool = False) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(made)}", aof=aof)
+        made.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+def make_node(make_chatd):
+    """A factory: make_node(bus_url, n) -> a chatd in chat mode on 127.0.0.n, node id "n<n>",
+    started with `chatd start` (stopped by pid at teardown)."""
+
+    def make(url: str, n: int, start: bool = True, **cluster: object) -> Chatd:
+        settings = {"bus": url, "node_id": f"n{n}", "heartbeat": HEARTBEAT,
+                    "node_timeout": NODE_TIMEOUT} | cluster
+        extra = "[cluster]\n" + "".join(
+            f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n" for k, v in settings.items())
+        node = make_chatd(extra_config=extra, name=f"node{n}")
+        node.write_config(host=f"127.0.0.{n}", mode="chat")
+        node.host = f"127.0.0.{n}"
+        if start:
+            node.start()
+        return node
+
+    return make
+
+
