@@ -14,7 +14,7 @@ answered `DOWN` at once, so nothing is buffered for a late replay.
 
 This module imports redis; chatd imports it only when `[cluster] bus` is set.
 
-Tests: tests/cluster/test_cluster.py, tests/cluster/test_cluster_faults.py
+Tests: tests/cluster/test_cluster.py, tests/cluster/test_workers.py
 """
 
 from __future__ import annotations

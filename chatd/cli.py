@@ -72,6 +72,8 @@ OPTIONS
                              (default "": this process alone; needs chatd[cluster])
         --node-id NAME       this process's name on the bus [cluster] node_id
                              (default HOST-PORT)
+        --workers N          worker processes sharing the listening socket, each a node
+                             of the bus [server] workers (default 1)
         --timeout S          stop: seconds to wait before SIGTERM (default drain_timeout + 5)
         --json               status: print one JSON object
     -f, --foreground         the same as the run command

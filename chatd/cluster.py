@@ -14,7 +14,7 @@ by the same road as before) and keeps the bus up to date, over bus.py's Link:
   chatd gives. Anything else is forged or broken: dropped, and logged at most
   once per FORGED_LOG_S. So no message can make a `*** ` line, a false
   `<nick>`, or a terminal escape;
-- every message carries its origin (node id and a random token per process
+- every message carries its origin (node id and a random epoch per process
   start) and a sequence number per room, so a line comes at most once and each
   sender's lines in order; a gap means lines were lost (one notice per room per
   GAP_EPISODE_S);
@@ -31,7 +31,7 @@ by the same road as before) and keeps the bus up to date, over bus.py's Link:
 Bus lost and back, a nick lost while cut off, lines lost, and nodes lost are
 each logged once per event, and each user is told with one of NOTICES.
 
-Tests: tests/cluster/test_cluster.py, tests/cluster/test_cluster_faults.py, tests/unit/test_cluster_wire.py
+Tests: tests/cluster/test_cluster.py, tests/unit/test_cluster_wire.py, tests/cluster/test_workers.py
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .rooms import (NICK_RE, ROOM_RE, Answer, ChatService, LocalBackend, Peer, l
 log = logging.getLogger("chatd")
 FORGED_LOG_S = 10.0       # forged or broken bus messages: logged at most this often
 GAP_EPISODE_S = 10.0      # lines lost in a room: its members are told at most this often
+ANSWER_MIN_S = 1.0        # the bus may always take this long to answer (`answer_timeout`)
 GONE_TTL_S = 3600         # how long the bus remembers that a janitor took a node out
 NOTICES = {
     "lost": "Lost contact with the other servers; only people on this server can hear you.",
@@ -69,7 +70,8 @@ REASON_RE = re.compile(r'connection closed|client closed|idle|too slow|flooding|
                        r'|server lost|server shutting down')
 
 # ---------------------------------------------------------------- scripts (Lua, run atomically)
-# Keys: P:node:ID (a token, TTL node_timeout), P:nodes (set of ids), P:gone:ID (a janitor
+# Keys: P:node:ID (a lease token, TTL node_timeout; a worker started in a dead one's place
+# holds the same token, takes the lease over and takes its predecessor's users out), P:nodes (set of ids), P:gone:ID (a janitor
 # took ID out), P:nick:SKEL ("ID nick"), P:roster:ROOM (SKEL -> "ID nick"), P:rooms (set),
 # P:members:ID (SKEL -> "nick room"), P:guests (counter).
 
@@ -97,15 +99,20 @@ local function cleanup(p, id)
   return out
 end
 """
-REGISTER = """
-local p, id, token, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+REGISTER = _CLEANUP + """
+local p, id, token, ttl, first = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = p .. ':node:' .. id
 local held = redis.call('get', key)
-if held and held ~= token then return 0 end
+if held and held ~= token then return {0, {}, 0} end
+local before, took = {}, 0
+if first == '1' then   -- ids are unique: users still listed under ours are a dead process's
+  before = cleanup(p, id)
+  if held or #before > 0 then took = 1 end
+end
 redis.call('set', key, token, 'px', ttl)
 redis.call('sadd', p .. ':nodes', id)
-if redis.call('del', p .. ':gone:' .. id) == 1 then return 2 end
-return 1
+if redis.call('del', p .. ':gone:' .. id) == 1 then return {2, before, took} end
+return {1, before, took}
 """
 HEARTBEAT = """
 local p, id, token, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -156,6 +163,25 @@ redis.call('sadd', p .. ':rooms', room)
 redis.call('hset', p .. ':members:' .. id, skel, nick .. ' ' .. room)
 return 1
 """
+REASSERT = _CLEANUP + """
+local p, id = ARGV[1], ARGV[2]
+local mine = id .. ' '
+cleanup(p, id)
+local lost = {}
+for i = 3, #ARGV - 2, 3 do
+  local skel, nick, room = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local owner = redis.call('get', p .. ':nick:' .. skel)
+  if owner and string.sub(owner, 1, #mine) ~= mine then
+    lost[#lost + 1] = skel
+  else
+    redis.call('set', p .. ':nick:' .. skel, mine .. nick)
+    redis.call('hset', p .. ':roster:' .. room, skel, mine .. nick)
+    redis.call('sadd', p .. ':rooms', room)
+    redis.call('hset', p .. ':members:' .. id, skel, nick .. ' ' .. room)
+  end
+end
+return lost
+"""
 PART = """
 local p, id, skel, room, gone = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local mine = id .. ' '
@@ -198,6 +224,13 @@ class Forged(ValueError):
     """A bus message that chatd would never have sent."""
 
 
+def answer_timeout(node_timeout: float) -> float:
+    """How long the bus may take to answer before the link counts as lost: half the lease,
+    so a stalled bus is noticed before the lease runs out, but never under ANSWER_MIN_S, so a
+    busy machine's hiccup is not taken for an outage."""
+    return max(ANSWER_MIN_S, node_timeout / 2)
+
+
 def default_node_id(port: int) -> str:
     return f"{socket.gethostname().split('.')[0]}-{port}"
 
@@ -209,7 +242,8 @@ class ClusterBackend(LocalBackend):
 
     def __init__(self, service: ChatService, url: str, node_id: str, prefix: str,
                  heartbeat: float, node_timeout: float, reconnect_max: float,
-                 guest_block: int) -> None:
+                 guest_block: int, lease: str = "") -> None:
+        """`lease`: the token of a worker slot (workers.py), else one of our own."""
         super().__init__()
         self.service = service
         self.node_id = node_id
@@ -217,13 +251,14 @@ class ClusterBackend(LocalBackend):
         self.heartbeat = heartbeat
         self.node_timeout = node_timeout
         self.guest_block = guest_block
-        self.token = os.urandom(8).hex()     # this process's start: origin of what it publishes
+        self.token = lease or os.urandom(8).hex()   # what our key holds while we are alive
+        self.epoch = os.urandom(8).hex()     # this process's start: origin of what it publishes
         self.news: list[str] = []            # what a newcomer is told (cut off: NOTICES["lost"])
         self.closing = False
-        self.link = bus.Link(url, timeout=node_timeout / 2, reconnect_max=reconnect_max,
+        self.link = bus.Link(url, timeout=answer_timeout(node_timeout), reconnect_max=reconnect_max,
                              on_connect=self._on_connect, on_message=self._on_message,
                              on_lost=self._on_lost, on_restored=self._on_restored)
-        self._head = json.dumps({"o": node_id, "e": self.token}, separators=(",", ":"))[:-1]
+        self._head = json.dumps({"o": node_id, "e": self.epoch}, separators=(",", ":"))[:-1]
         self._own = (self._head + ",").encode()
         self._seq: dict[str, int] = {}                # room -> our last sequence number there
         self._seen: dict[tuple[bytes, str], int] = {}  # (origin, room) -> last seen there
@@ -235,6 +270,7 @@ class ClusterBackend(LocalBackend):
         self._first = True          # come back first
         self._rejoin = False        # our users were taken out (lease lost): tell the others again
         self._taken: list[Peer] = []  # users whose nick another node took while we were cut off
+        self._orphans: list[bytes] = []   # (nick, room) pairs of a dead predecessor in our slot
         self._claiming: set[str] = set()   # skeletons a rename here has asked the bus for
         self._forged = (0.0, 0)     # (last logged, not logged since)
         self._room_channel = f"{prefix}:room:"
@@ -257,11 +293,13 @@ class ClusterBackend(LocalBackend):
         self._janitor_after = self._loop.time() + self.node_timeout
         self._heart = self._loop.call_later(self.heartbeat, self._beat)
         log.info("bus %s: joined as node %s", self.link.url, self.node_id)
+        orphans, self._orphans = self._orphans, []
+        self._publish_leaves(orphans, "server lost")
 
     def retime(self, heartbeat: float, node_timeout: float, reconnect_max: float) -> None:
         """A restart's new [cluster] timings, from the next heartbeat on."""
         self.heartbeat, self.node_timeout = heartbeat, node_timeout
-        self.link.timeout, self.link.reconnect_max = node_timeout / 2, reconnect_max
+        self.link.timeout, self.link.reconnect_max = answer_timeout(node_timeout), reconnect_max
 
     async def close(self) -> None:
         """Leave the bus: this node's users leave every other node at once ("server shutting
@@ -285,7 +323,12 @@ class ClusterBackend(LocalBackend):
         """Register (refused if another process holds our id), lease guest numbers, and if we
         come back, raise the guest counter and put our users back on the bus."""
         ttl = int(self.node_timeout * 1000)
-        got = await client.eval(REGISTER, 0, self.prefix, self.node_id, self.token, ttl)
+        got, before, took = await client.eval(REGISTER, 0, self.prefix, self.node_id, self.token,
+                                              ttl, "1" if self._first else "0")
+        if took:   # a process that died with our id (a worker in our slot): its users are gone
+            log.info("bus: took over node %s from a process that died: %d users left",
+                     self.node_id, len(before) // 2)
+            self._orphans = before
         if got == 0:
             raise bus.Refused(f"[cluster] node_id {self.node_id!r} is in use by another chatd "
                               f"on {self.link.url}; give each node its own")
@@ -300,14 +343,14 @@ class ClusterBackend(LocalBackend):
             await self._reassert(client)
 
     async def _reassert(self, client: Any) -> None:
-        """Back on the bus: claim every local user's nick and place again. A nick another
-        node's user took meanwhile is lost: its holder here becomes a guest (`_taken`)."""
-        pipe = client.pipeline(transaction=False)
+        """Back on the bus: what it holds of this node is replaced, at once, by where its users
+        are now (some left, joined or quit meanwhile). A nick another node's user took
+        meanwhile is lost: its holder here becomes a guest once the link is up (`_taken`)."""
         people = [(peer, room) for room, members in self._rooms.items() for peer in members]
-        for peer, room in people:
-            pipe.eval(CLAIM, 0, self.prefix, self.node_id, skeleton(peer.nick), peer.nick, room, "")
-        answers = await pipe.execute(raise_on_error=False)
-        self._taken = [peer for (peer, _), ok in zip(people, answers) if ok != 1]
+        places = [x for peer, room in people for x in (skeleton(peer.nick), peer.nick, room)]
+        lost = {skel.decode() for skel in await client.eval(REASSERT, 0, self.prefix, self.node_id,
+                                                            *places)}
+        self._taken = [peer for peer, _ in people if skeleton(peer.nick) in lost]
 
     def _on_lost(self, why: str) -> None:
         if self.closing:

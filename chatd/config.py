@@ -248,6 +248,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("server", "mode", "echo", _choice("echo", "chat"), "--mode", help='"echo" or "chat"',
         on_restart=NEW_CONNECTIONS),
     Key("server", "backlog", 1024, _int(1, 65535), help="listen(2) backlog"),
+    Key("server", "workers", 1, _int(1, 64), "--workers", on_restart=NEEDS_RESTART,
+        help="worker processes serving one listening socket, each a node of the bus (> 1 needs "
+             "[cluster] bus); a dead one is started again"),
     Key("server", "loop", "auto", _loop, "--loop",
         help='"auto" (uvloop when importable), "uvloop", or "asyncio"', on_restart=NEEDS_RESTART),
     Key("daemon", "pidfile", "", _path, "--pidfile", is_path=True, on_restart=NEEDS_RESTART,
@@ -614,6 +617,10 @@ def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset())
         if isinstance(lookup_user(cfg.daemon.user), int):
             found.append((cfg.origin("daemon.user"),
                           f"user {cfg.daemon.user} has no passwd entry; set a group too"))
+    if "server.workers" not in invalid and cfg.server.workers > 1 and not cfg.cluster.bus:
+        found.append((cfg.origin("server.workers"),
+                      f"[server] workers = {cfg.server.workers} needs [cluster] bus: the workers "
+                      f"share rooms and nicks through it"))
     if not invalid & {"cluster.heartbeat", "cluster.node_timeout"} \
             and cfg.cluster.node_timeout < 3 * cfg.cluster.heartbeat:
         found.append((cfg.origin("cluster.node_timeout") if "cluster.node_timeout" in cfg.origins

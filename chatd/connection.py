@@ -179,6 +179,7 @@ class ServerState:
         self.all_closed.set()
         self.stopping = False  # the server is stopping: leaving clients are not announced
         self.chat: ChatService | None = None  # chat connections share it (modes.ChatMode makes it)
+        self.lease = ""       # a worker slot's bus lease (workers.py), passed on to the chat service
         self.churn = ChurnLog()
 
     def admit(self, ip: str) -> str:

@@ -112,6 +112,11 @@ def fork_invoker() -> int:
     return os.fork()
 
 
+def fork_worker() -> int:
+    """Fork one of `[server] workers` (workers.py): 0 in the worker, its pid in the supervisor."""
+    return os.fork()
+
+
 def end(code: int) -> None:
     """End a forked daemon process with `code` at once: it must not unwind into the
     invoker's frames, nor run the invoker's atexit handlers a second time."""

@@ -27,6 +27,7 @@ from .pidfile import PidFile
 from .server import Listener, Runtime, Server, describe_listeners, new_event_loop
 from .signals import SignalRecorder, ignore_late_signals
 from .state import StateFile
+from .workers import Supervisor
 
 
 @dataclass
@@ -105,6 +106,12 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
                           release=held.release,
                           ready=lambda info: ready(**info), recorder=launch.recorder,
                           notifier=launch.notifier, overrides=_absolute_overrides(cfg))
+        if cfg.server.workers > 1:
+            loop.close()   # uvloop is imported; each worker makes its own loop
+            try:
+                return Supervisor(cfg, listeners, runtime, max_clients).serve()
+            finally:
+                ignore_late_signals()
         server = Server(cfg, listeners, runtime, max_clients, loop_name)
         try:
             return loop.run_until_complete(server.serve())

@@ -99,7 +99,7 @@ class ChatMode(Mode):
         service = self.service(state)
         backend = ClusterBackend(service, bus.bus, bus.node_id or default_node_id(cfg.server.port),
                                  bus.prefix, bus.heartbeat, bus.node_timeout, bus.reconnect_max,
-                                 bus.guest_block)
+                                 bus.guest_block, lease=state.lease)
         await backend.start()
         service.backend = backend
 

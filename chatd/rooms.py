@@ -283,6 +283,7 @@ class ChatService:
         self._defer = defer
         self._fanout = fanout or send_each
         self._due = False             # a `_pass_ended` is deferred
+        self._waiting: dict[Peer, list[bytes | str]] = {}   # said while the bus decides a /nick
         self.configure(motd, default_room)
 
     def configure(self, motd: str, default_room: str) -> None:
@@ -313,6 +314,7 @@ class ChatService:
         """`peer` leaves the server; the others in its room are told why (unless we stop)."""
         if self.backend.holder(skeleton(peer.nick)) is not peer:
             return   # already gone
+        self._waiting.pop(peer, None)
         self._leave_room(peer, reason if tell_others else None)
         self.backend.release(skeleton(peer.nick))
 
@@ -429,8 +431,11 @@ class ChatService:
         """What `peer` said: the one way in for a client's lines, so that every line takes
         the same road to the members. `bytes`: plain talk, lines each ending in LF, printable
         ASCII with a visible character and no command, which go out as they came, prefixed
-        as one block (the hot path); `str`: one sanitized, non-empty line, maybe a command."""
-        if what.__class__ is not str:
+        as one block (the hot path); `str`: one sanitized, non-empty line, maybe a command.
+        What a peer says while the bus decides on its /nick waits, and follows the answer."""
+        if self._waiting and peer in self._waiting:
+            self._waiting[peer].append(what)
+        elif what.__class__ is not str:
             prefix = b"<%s> " % peer.nick.encode()
             self.broadcast(peer.room, prefix + what[:-1].replace(b"\n", b"\r\n" + prefix) + b"\r\n",
                            peer, skip=peer)
@@ -473,11 +478,18 @@ class ChatService:
         old = peer.nick
 
         def done(why: str | None) -> None:
+            later = self._waiting.pop(peer, [])
             if why is not None:
-                return self.tell(peer, error(why))
-            peer.nick = new
-            self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
+                self.tell(peer, error(why))
+            else:
+                peer.nick = new
+                self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
+            for what in later:
+                if self.backend.holder(skeleton(peer.nick)) is not peer:
+                    break   # it left meanwhile
+                self.said(peer, what)
 
+        self._waiting[peer] = []
         self.backend.rename(peer, new, done)
 
     @command("/join #ROOM", "leave this room for another (made if need be)")

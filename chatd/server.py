@@ -69,6 +69,16 @@ class Listener:
     name: str = ""            # LISTEN_FDNAMES's name, for a socket handed over by systemd
 
 
+def state_fields(cfg: Config, listeners: list[Listener], loop_name: str, logs: Logging,
+                 clients: int) -> dict[str, Any]:
+    """What control commands learn from the state file: `status` shows it, and every command
+    compares the options it was given with `settings` and `listeners`."""
+    return {"address": describe_listeners(listeners), "mode": cfg.server.mode, "loop": loop_name,
+            "log": logs.status(), "clients": clients,
+            "listeners": [[li.address.host, li.address.port] for li in listeners],
+            "settings": {key.dotted: cfg.get(key.dotted) for key in config_mod.SCHEMA}}
+
+
 def describe_listeners(listeners: list[Listener]) -> str:
     names = [li.name for li in listeners]
     return listen.describe([li.address for li in listeners], names if any(names) else None)
@@ -87,6 +97,7 @@ class Runtime:
     recorder: SignalRecorder
     notifier: Notifier = field(default_factory=Notifier)
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    lease: str = ""                       # a worker slot's bus lease token (workers.py)
 
 
 class Server:
@@ -126,6 +137,7 @@ class Server:
         self.signals = SignalQueue(loop)
         self.runtime.recorder.take_over(self.signals.put)
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
+        self.state.lease = self.runtime.lease
         self.gate = Gate(self.state, loop)
         self._apply_mode(self.cfg)
         for mode in MODES.values():
@@ -442,12 +454,8 @@ class Server:
         return text
 
     def _state_fields(self) -> dict[str, Any]:
-        """What control commands learn from the state file: `status` shows it, and every
-        command compares the options it was given with `settings` and `listeners`."""
-        return {"address": self.address, "mode": self.cfg.server.mode, "loop": self.loop_name,
-                "log": self.runtime.logs.status(), "clients": len(self.state.connections),
-                "listeners": [[li.address.host, li.address.port] for li in self.listeners],
-                "settings": {key.dotted: self.cfg.get(key.dotted) for key in config_mod.SCHEMA}}
+        return state_fields(self.cfg, self.listeners, self.loop_name, self.runtime.logs,
+                            len(self.state.connections))
 
     def _apply_mode(self, cfg: Config) -> None:
         """Set `cfg`'s mode up and make new connections from its class (modes.Mode). Runs at

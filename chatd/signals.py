@@ -132,6 +132,20 @@ class SignalQueue:
         return first_stop(list(self._pending))
 
 
+def wake_on(fd: int) -> None:
+    """For a loop that sleeps in select() (workers.Supervisor): every caught signal, and
+    SIGCHLD (given a handler that records nothing, for that), writes a byte to `fd`."""
+    signal.set_wakeup_fd(fd)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+
+
+def stop_waking() -> None:
+    """Undo `wake_on` (a forked worker, or a supervisor on its way out); SIGCHLD back to its
+    default."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def ignore_late_signals() -> None:
     """The daemon is exiting: a stop signal or SIGHUP that arrives now changes nothing."""
     for sig in STOP_SIGNALS | {signal.SIGHUP}:

@@ -74,3 +74,26 @@ def test_every_tests_line_names_files_that_exist():
                 named += 1
                 assert (REPO / name).is_file(), f"{path.name}: Tests: names {name}, which does not exist"
     assert named >= 10
+
+
+def test_only_bus_imports_redis_and_only_modes_imports_cluster():
+    """A single process keeps its dependencies: redis is imported by bus.py alone, which only
+    cluster.py imports, which modes.py imports only when [cluster] bus is set (a function's
+    import), and workers.py only with workers, which need a bus."""
+    found: dict[str, set[str]] = {}
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module else [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(path.stem)
+    assert found.get("redis") == {"bus"}
+    assert found.get("bus") == {"cluster"}
+    assert found.get("cluster") == {"modes", "workers"}
+    module_level = {path.stem for path in MODULES for node in ast.parse(path.read_text()).body
+                    if isinstance(node, ast.ImportFrom) and node.module == "cluster"}
+    assert module_level == set()

@@ -191,3 +191,20 @@ def test_forged_bus_messages_never_reach_a_client_as_notices_nicks_or_escapes(re
     log = node.log_text()
     assert "bus: dropped a message on chatd:room:#lobby that chatd would not send" in log
     assert log.count("that chatd would not send") == 1   # once per 10 s, with a count
+
+
+def test_a_restart_rejects_a_new_bus_by_name_and_applies_new_timings(redis_server, make_node):
+    server = redis_server()
+    node = make_node(server.url, 2)
+    other = redis_server()
+    node.config.write_text(node.config.read_text().replace(server.url, other.url))
+    proc = node.cmd("restart")
+    assert proc.returncode == 6
+    assert b"cluster.bus changed from" in proc.stdout + proc.stderr
+    node.config.write_text(node.config.read_text().replace(other.url, server.url)
+                           .replace("node_timeout = 1.0", "node_timeout = 2.0"))
+    proc = node.cmd("restart", check=0)
+    assert b"cluster.node_timeout 1.0 -> 2.0" in proc.stdout
+    # The lease is renewed with the new timeout from the next heartbeat on.
+    wait_for(lambda: int(server.command("PTTL", "chatd:node:n2")[1:]) > 1200,
+             what="a lease of 2 s")

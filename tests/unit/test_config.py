@@ -20,6 +20,7 @@ SPEC_DEFAULTS = {
     "server.port": 7777,
     "server.mode": "echo",
     "server.backlog": 1024,
+    "server.workers": 1,
     "server.loop": "auto",
     "daemon.pidfile": "",
     "daemon.user": "",
@@ -746,3 +747,44 @@ def test_one_room_pattern_serves_config_and_rooms(tmp_path):
         text = f'[chat]\ndefault_room = "{bad}"  {HERE}\n'
         config_error(write(tmp_path, text), text)
 
+
+
+# ------------------------------------------------------------------ [cluster]
+
+@pytest.mark.parametrize("value, why", [
+    ('"http://127.0.0.1:6379"', 'expected "", redis://HOST[:PORT][/DB] or unix:///PATH'),
+    ('"redis://127.0.0.1:70000"', "port must be between 1 and 65535"),
+    ('"redis://no-such-host.invalid:6379"', "cannot resolve"),
+    ("6379", "expected a string"),
+])
+def test_a_bad_bus_is_reported_at_its_line(tmp_path, value, why):
+    text = f"[cluster]\n# the bus\nbus = {value}  {HERE}\n"
+    err = config_error(write(tmp_path, text), text)
+    assert why in str(err)
+
+
+def test_good_buses_are_taken_as_written(tmp_path):
+    for url in ("", "redis://127.0.0.1", "redis://localhost:6380/2", "redis://[::1]:6379",
+                "unix:///run/redis/redis.sock", "unix:///tmp/r.sock?db=3"):
+        cfg = load(str(write(tmp_path, f'[cluster]\nbus = "{url}"\n')))
+        assert cfg.cluster.bus == url
+
+
+def test_node_timeout_under_three_heartbeats_names_its_line(tmp_path):
+    text = f"[cluster]\nheartbeat = 2.0\nnode_timeout = 5.0  {HERE}\n"
+    err = config_error(write(tmp_path, text), text)
+    assert "[cluster] node_timeout (5) must be at least 3 x heartbeat (2)" in str(err)
+
+
+def test_a_node_id_or_prefix_that_could_break_a_key_is_refused(tmp_path):
+    for text in (f'[cluster]\nnode_id = "a b"  {HERE}\n', f'[cluster]\nprefix = "x*y"  {HERE}\n',
+                 f'[cluster]\nnode_id = "{"n" * 65}"  {HERE}\n'):
+        config_error(write(tmp_path, text), text)
+
+
+def test_workers_need_a_bus(tmp_path):
+    text = f"[server]\nworkers = 2  {HERE}\n"
+    err = config_error(write(tmp_path, text), text)
+    assert "[server] workers = 2 needs [cluster] bus" in str(err)
+    cfg = load(str(write(tmp_path, '[server]\nworkers = 2\n[cluster]\nbus = "redis://127.0.0.1"\n', "ok.conf")))
+    assert cfg.server.workers == 2

@@ -1,0 +1,407 @@
+"""`[server] workers = N`: N worker processes serve one inherited listening socket (README
+"More than one process").
+
+With more than one worker the daemon does not serve clients itself: after it
+has taken its resources (sockets, pid file, state file, logs, privilege drop;
+lifetime.py), it becomes the supervisor, gunicorn's arbiter in shape: a
+synchronous loop that sleeps in select() on its workers' report pipes and a
+signal wake-up pipe, and dispatches each signal by name to `handle_<name>`.
+Each worker is forked from it and runs a whole `Server` on the inherited
+listening sockets, as a node of the bus named NODE_ID-1 ... NODE_ID-N, so rooms
+span the workers. The kernel hands each connection to whichever worker accepts
+it first; a worker that dies is started again at once (then after a growing
+pause if it keeps dying young), and meanwhile the others go on accepting from
+the same queue, so no connection is refused.
+
+The supervisor alone writes the state file and talks to systemd; workers
+report to it (ready, failed, their client counts) in JSON lines on their pipe.
+Signals: a stop signal is passed to every worker and waited for; SIGHUP is
+checked here first (an invalid config, or a change that needs a stop and start,
+is rejected and the workers are not disturbed), then passed on, and each worker
+applies it in place.
+
+Tests: tests/cluster/test_workers.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import config as config_mod
+from . import daemon
+from .config import Config
+from .errors import ChatdError, StartError
+from .log import resolve_target
+from .notify import Notifier
+from .paths import check_log_file
+from .server import (FIXED_KEYS, Listener, Runtime, Server, describe_listeners, new_event_loop,
+                     state_fields)
+from .signals import STOP_SIGNALS, SignalRecorder, signal_name, stop_waking, wake_on
+from .state import RestartOutcome
+
+log = logging.getLogger("chatd")
+START_TIMEOUT_S = 30.0    # a worker must say ready (or why not) within this
+TICK_S = 1.0              # the loop wakes at least this often (client counts, restarts due)
+YOUNG_S = 5.0             # a worker that dies again younger than this waits before its next
+PAUSE_MAX_S = 30.0        # start, twice as long each time, up to this
+KILL_AFTER_S = 5.0        # a stop: workers still alive this long after their deadline are killed
+
+
+@dataclass
+class Worker:
+    """One slot's current process and what it last reported."""
+
+    slot: int
+    pid: int = 0
+    pipe: int = -1             # the supervisor's read end of the worker's report pipe
+    buffer: bytes = b""
+    started: float = 0.0
+    ready: bool = False
+    clients: int = 0
+    loop: str = ""
+    lease: str = field(default_factory=lambda: os.urandom(8).hex())   # its bus lease, kept
+    deaths: int = 0            # deaths in a row, each younger than YOUNG_S
+    pause: float = 0.0         # the wait before the next start: 0 the first time, then 1, 2, 4 s...
+    due: float = 0.0           # when the next start may happen (monotonic)
+
+
+@dataclass
+class Report:
+    """A worker's side of its pipe: stands in for the state file (`update`, `retry`) and for the
+    readiness pipe (`ready`), so its Server runs unchanged."""
+
+    fd: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def send(self, **message: Any) -> None:
+        try:
+            os.write(self.fd, (json.dumps(message) + "\n").encode())
+        except OSError:
+            pass   # the supervisor is gone or not reading: it learns by other means
+
+    def update(self, **fields: Any) -> None:
+        if "clients" in fields:
+            self.send(event="clients", clients=fields["clients"])
+
+    def retry(self) -> None:
+        """Nothing to retry: a lost report is replaced by the next."""
+
+    def ready(self, info: dict[str, Any]) -> None:
+        self.send(event="ready", **info)
+
+
+class Supervisor:
+    """The daemon's body with [server] workers > 1."""
+
+    def __init__(self, cfg: Config, listeners: list[Listener], runtime: Runtime,
+                 max_clients: int) -> None:
+        self.cfg = cfg
+        self.listeners = listeners
+        self.runtime = runtime
+        self.max_clients = max_clients
+        self.workers = {slot: Worker(slot) for slot in range(1, cfg.server.workers + 1)}
+        self.stop_signal: int | None = None
+        self.signals: list[int] = []
+        self.generation = 0
+        self.last_restart: RestartOutcome | None = None
+        self.started = time.time()
+        self.clients = 0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def serve(self) -> int:
+        self.runtime.recorder.take_over(self.signals.append)
+        wake_on(self._wake_w)
+        try:
+            self.startup()
+            self.main_loop()
+        finally:
+            self.shutdown()
+        return 0
+
+    def startup(self) -> None:
+        """Start every worker; ready once all are (a worker's failure is the start's)."""
+        for worker in self.workers.values():
+            self._start(worker)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(w.ready for w in self.workers.values()):
+            stop = next((s for s in self.signals if s in STOP_SIGNALS), None)
+            if stop is not None:
+                raise StartError(f"start aborted by {signal_name(stop)}")
+            if time.monotonic() > deadline:
+                raise StartError(f"workers not ready within {START_TIMEOUT_S:g} s")
+            self._wait(min(TICK_S, deadline - time.monotonic()), starting=True)
+        loop = next(iter(self.workers.values())).loop
+        self.runtime.state.update(**state_fields(self.cfg, self.listeners, loop, self.runtime.logs, 0),
+                                  generation=0, last_restart=None, started=self.started,
+                                  workers=[w.pid for w in self.workers.values()])
+        log.info("ready: %s mode on %s, %d workers, event loop %s", self.cfg.server.mode,
+                 describe_listeners(self.listeners), len(self.workers), loop)
+        self.runtime.notifier.ready(self.status_text())
+        self.runtime.ready({"address": describe_listeners(self.listeners), "mode": self.cfg.server.mode,
+                            "loop": f"{loop}, {len(self.workers)} workers",
+                            "log": self.runtime.logs.status()})
+
+    def main_loop(self) -> None:
+        while self.stop_signal is None:
+            self._wait(TICK_S)
+            while self.signals and self.stop_signal is None:
+                sig = next((s for s in self.signals if s in STOP_SIGNALS), self.signals[0])
+                self.signals.remove(sig)
+                getattr(self, "handle_" + signal_name(sig)[3:].lower())()
+            now = time.monotonic()
+            for worker in self.workers.values():
+                if not worker.pid and now >= worker.due:
+                    self._start(worker)
+            self._count_clients()
+
+    def shutdown(self) -> None:
+        """Pass the stop on to every worker, wait for them (a graceful stop: drain_timeout),
+        kill what is left, then give everything back."""
+        sig = self.stop_signal or signal.SIGTERM
+        log.info("%s (%s): stopping %d workers", "graceful stop" if sig == signal.SIGUSR1 else "stop",
+                 signal_name(sig), sum(1 for w in self.workers.values() if w.pid))
+        self.runtime.notifier.stopping("stopping workers")
+        self._signal_all(sig)
+        wait = self.cfg.daemon.drain_timeout if sig == signal.SIGUSR1 else 0.0
+        deadline = time.monotonic() + wait + KILL_AFTER_S
+        while any(w.pid for w in self.workers.values()) and time.monotonic() < deadline:
+            for late in [s for s in self.signals if s in STOP_SIGNALS and s != sig]:
+                self._signal_all(late)   # SIGTERM during a graceful stop: pass it on too
+            self.signals.clear()
+            self._wait(0.1, stopping=True)
+        self._signal_all(signal.SIGKILL)
+        while any(w.pid for w in self.workers.values()):
+            self._wait(0.1, stopping=True)
+        stop_waking()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self.runtime.release("stopped")
+
+    # ------------------------------------------------------------------ signals
+
+    def handle_term(self) -> None:
+        self.stop_signal = signal.SIGTERM
+
+    def handle_int(self) -> None:
+        self.stop_signal = signal.SIGINT
+
+    def handle_quit(self) -> None:
+        self.stop_signal = signal.SIGQUIT
+
+    def handle_usr1(self) -> None:
+        self.stop_signal = signal.SIGUSR1
+
+    def handle_hup(self) -> None:
+        """Reopen the log; check the config here; if it may be applied, each worker applies it."""
+        self.runtime.notifier.reloading()
+        failures = self.runtime.logs.reopen()
+        kind, message = self.restart()
+        if kind == "applied":
+            self._signal_all(signal.SIGHUP)
+        message = "; ".join([message, *failures])
+        self.generation += 1
+        log.log(logging.INFO if kind == "applied" else logging.WARNING, "restart %s: %s", kind, message)
+        self.last_restart = RestartOutcome(kind, message, time.time())
+        self.runtime.state.update(**state_fields(self.cfg, self.listeners, self._loop_name(),
+                                                 self.runtime.logs, self.clients),
+                                  generation=self.generation, last_restart=self.last_restart.to_state())
+        self.runtime.notifier.ready(self.status_text())
+
+    def restart(self) -> tuple[str, str]:
+        """What a restart would change, and whether the workers may apply it: the keys a
+        running daemon cannot change, and the address (the workers share the supervisor's
+        socket), need a stop and start."""
+        old = self.cfg
+        try:
+            new = config_mod.load(old.path, self.runtime.overrides)
+            target = resolve_target(new, self.runtime.foreground)
+            if target not in ("syslog", "stderr", ""):
+                check_log_file(target)
+        except ChatdError as e:
+            return "rejected", str(e).replace("\n", "; ")
+        for key in (*FIXED_KEYS, "server.host", "server.port"):
+            if new.get(key) != old.get(key):
+                return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
+                                    f"which needs 'chatd stop' and 'chatd start' with workers; "
+                                    f"nothing changed")
+        changed = old.differences(new)
+        if any(k.startswith("log.") for k in changed):
+            self.runtime.logs.configure(new, target)
+        self.cfg = new
+        if not changed:
+            return "applied", "config re-read; nothing changed"
+        return "applied", "changed " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+
+    # ------------------------------------------------------------------ workers
+
+    def _start(self, worker: Worker) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = daemon.fork_worker()
+        if pid == 0:
+            os.close(r)
+            daemon.end(self._work(worker.slot, w))
+        os.close(w)
+        os.set_blocking(r, False)
+        worker.pid, worker.pipe, worker.buffer = pid, r, b""
+        worker.started, worker.ready, worker.clients = time.monotonic(), False, 0
+        log.debug("worker %d started (pid %d)", worker.slot, pid)
+
+    def _work(self, slot: int, fd: int) -> int:
+        """In the worker: the signal table of its own, a loop, and a Server as a node
+        NODE_ID-SLOT; its exit status."""
+        report = Report(fd)
+        try:
+            stop_waking()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            for other in self.workers.values():
+                if other.pipe >= 0:
+                    os.close(other.pipe)
+            recorder = SignalRecorder()
+            recorder.install(detached=not self.runtime.foreground)
+            cfg = self._worker_config(slot)
+            loop, loop_name = new_event_loop(cfg.server.loop)
+            runtime = Runtime(state=report, logs=self.runtime.logs,   # type: ignore[arg-type]
+                              foreground=self.runtime.foreground, release=lambda word: None,
+                              ready=report.ready, recorder=recorder, notifier=Notifier(),
+                              overrides=self.runtime.overrides
+                              | {"cluster.node_id": (cfg.cluster.node_id, "[server] workers")},
+                              lease=self.workers[slot].lease)
+            listeners = [Listener(li.address, li.sock, name=li.name) for li in self.listeners]
+            try:
+                return loop.run_until_complete(Server(cfg, listeners, runtime, self.max_clients,
+                                                      loop_name).serve())
+            finally:
+                loop.close()
+        except ChatdError as e:
+            report.send(event="fail", message=e.message, status=e.status)
+            return e.status
+        except BaseException as e:   # noqa: BLE001 - the supervisor must hear of any failure
+            report.send(event="fail", message=f"internal error: {type(e).__name__}: {e}", status=1)
+            log.error("worker %d: internal error: %s: %s", slot, type(e).__name__, e)
+            return 1
+
+    def _worker_config(self, slot: int) -> Config:
+        """The config with this worker's node id: NODE_ID-SLOT (NODE_ID: [cluster] node_id, or
+        HOST-PORT)."""
+        from .cluster import default_node_id   # only with a bus, which workers need
+        base = self.cfg.cluster.node_id or default_node_id(self.cfg.server.port)
+        return dataclasses.replace(self.cfg, cluster=dataclasses.replace(
+            self.cfg.cluster, node_id=f"{base}-{slot}"))
+
+    def _wait(self, timeout: float, starting: bool = False, stopping: bool = False) -> None:
+        """Sleep until a signal, a report or `timeout`; then take the reports and reap."""
+        pipes = {w.pipe: w for w in self.workers.values() if w.pipe >= 0}
+        try:
+            readable, _, _ = select.select([self._wake_r, *pipes], [], [], max(0.0, timeout))
+        except InterruptedError:
+            readable = []
+        for fd in readable:
+            if fd == self._wake_r:
+                while True:
+                    try:
+                        if not os.read(self._wake_r, 512):
+                            break
+                    except BlockingIOError:
+                        break
+            else:
+                self._read(pipes[fd], starting)
+        self._reap(starting, stopping)
+
+    def _read(self, worker: Worker, starting: bool) -> None:
+        try:
+            data = os.read(worker.pipe, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            os.close(worker.pipe)
+            worker.pipe = -1
+            return
+        worker.buffer += data
+        *lines, worker.buffer = worker.buffer.split(b"\n")
+        for raw in lines:
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                continue
+            event = message.get("event")
+            if event == "ready":
+                worker.ready, worker.loop = True, str(message.get("loop", ""))
+                log.info("worker %d ready (pid %d)", worker.slot, worker.pid)
+            elif event == "clients":
+                worker.clients = int(message.get("clients", 0))
+            elif event == "fail" and starting:
+                raise ChatdError(f"worker {worker.slot}: {message.get('message', 'failed')}",
+                                 int(message.get("status", 1)))
+            elif event == "fail":
+                log.error("worker %d (pid %d) could not start: %s", worker.slot, worker.pid,
+                          message.get("message", "failed"))
+
+    def _reap(self, starting: bool, stopping: bool) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = next((w for w in self.workers.values() if w.pid == pid), None)
+            if worker is None:
+                continue
+            if worker.pipe >= 0:
+                self._read(worker, starting)
+                if worker.pipe >= 0:
+                    os.close(worker.pipe)
+                    worker.pipe = -1
+            how = (f"exit status {os.waitstatus_to_exitcode(status)}" if os.WIFEXITED(status)
+                   else f"signal {signal_name(os.WTERMSIG(status))}")
+            worker.pid, worker.ready, worker.clients = 0, False, 0
+            if stopping:
+                log.debug("worker %d exited (%s)", worker.slot, how)
+                continue
+            if starting:
+                raise StartError(f"worker {worker.slot} exited during start-up ({how})")
+            worker.deaths = worker.deaths + 1 if time.monotonic() - worker.started < YOUNG_S else 1
+            worker.pause = 0.0 if worker.deaths == 1 else min(PAUSE_MAX_S, 2.0 ** (worker.deaths - 2))
+            worker.due = time.monotonic() + worker.pause
+            log.warning("worker %d (pid %d) exited (%s); %s", worker.slot, pid, how,
+                        f"starting another in {worker.pause:g} s" if worker.pause
+                        else "starting another")
+
+    def _signal_all(self, sig: int) -> None:
+        for worker in self.workers.values():
+            if worker.pid:
+                try:
+                    os.kill(worker.pid, sig)
+                except OSError as e:
+                    if e.errno != errno.ESRCH:
+                        raise
+
+    def _count_clients(self) -> None:
+        clients = sum(w.clients for w in self.workers.values())
+        if clients != self.clients:
+            self.clients = clients
+            self.runtime.state.update(clients=clients)
+            self.runtime.notifier.status(self.status_text())
+        self.runtime.state.retry()
+
+    def _loop_name(self) -> str:
+        return next((w.loop for w in self.workers.values() if w.loop), "")
+
+    def status_text(self) -> str:
+        text = (f"{self.cfg.server.mode} on {describe_listeners(self.listeners)}, {len(self.workers)} "
+                f"workers, {self.clients} client{'' if self.clients == 1 else 's'}")
+        if self.last_restart:
+            text += f"; last restart {self.last_restart.kind}: {self.last_restart.message}"
+        return text
