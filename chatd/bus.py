@@ -10,7 +10,9 @@ link (`on_lost`, once); it is then tried again, waiting twice as long each
 time up to `reconnect_max`, and each try runs `on_connect` (the owner's
 registration and re-assertion, on a fresh connection) before the link is up
 again (`on_restored`). Nothing queued while the link is down is kept: it is
-answered `DOWN` at once, so nothing is buffered for a late replay.
+answered `DOWN` at once, so nothing is buffered for a late replay; and a bus
+slower than its callers, with QUEUE_MAX commands waiting, counts as lost too,
+so the queue is bounded.
 
 This module imports redis; chatd imports it only when `[cluster] bus` is set.
 
@@ -30,6 +32,7 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("chatd")
 FIRST_RETRY_S = 0.05      # the first wait before trying a lost bus again; it doubles
+QUEUE_MAX = 100_000       # commands waiting for the bus; past it the link counts as lost
 FAILURES = (RedisError, OSError, asyncio.TimeoutError, EOFError)
 
 
@@ -131,6 +134,8 @@ class Link:
             return
         self._queue.append((args, then))
         self._wake.set()
+        if len(self._queue) > QUEUE_MAX:
+            self._lost(f"more than {QUEUE_MAX} commands waiting: the bus is not keeping up")
 
     async def _writer(self) -> None:
         """Each pass's commands as one pipeline, in order; a failure cuts the link, and every

@@ -53,6 +53,7 @@ from .rooms import (NICK_RE, ROOM_RE, Answer, ChatService, LocalBackend, Peer, l
 
 log = logging.getLogger("chatd")
 FORGED_LOG_S = 10.0       # forged or broken bus messages: logged at most this often
+SEEN_MAX = 10000          # (origin, room) pairs whose last sequence number is kept
 GAP_EPISODE_S = 10.0      # lines lost in a room: its members are told at most this often
 ANSWER_MIN_S = 1.0        # the bus may always take this long to answer (`answer_timeout`)
 GONE_TTL_S = 3600         # how long the bus remembers that a janitor took a node out
@@ -575,6 +576,8 @@ class ClusterBackend(LocalBackend):
             raise Forged("bad sequence number")
         key = ("/".join(origin).encode(), room)
         last = self._seen.get(key)
+        if last is None and len(self._seen) >= SEEN_MAX:
+            self._seen.clear()   # forged origins by the thousand: bounded, at the cost of order
         if last is not None and seq <= last:
             return   # again, or late: at most once, in order
         self._seen[key] = seq

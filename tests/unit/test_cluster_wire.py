@@ -124,3 +124,12 @@ def test_our_own_publishes_coming_back_are_skipped(loop):
     made, service = backend(loop)
     made._on_message(b"chatd:room:#lobby", made._encode({"s": 1, "k": "say", "n": "alice", "t": "hi"}))
     assert service.sent == []
+
+
+def test_forged_origins_by_the_thousand_cannot_grow_memory_without_bound(loop):
+    from chatd.cluster import SEEN_MAX
+    made, _ = backend(loop)
+    for i in range(SEEN_MAX + 500):
+        made._on_message(b"chatd:room:#lobby", json.dumps(
+            {"o": f"f{i}", "e": "x", "s": 1, "k": "join", "n": "bob", "t": ""}).encode())
+    assert len(made._seen) <= SEEN_MAX
