@@ -346,7 +346,8 @@ class ClusterBackend(LocalBackend):
         self.link.call("EVAL", CLAIM, 0, self.prefix, self.node_id, skeleton(new), new, peer.room, "")
         self._publish(peer.room, "nick", old, new)
         self.service.rename_here(peer, new, NOTICES["nick_lost"].format(old=old, new=new))
-        log.info("bus: %s lost the nick %s to another node while cut off; now %s", peer.nick, old, new)
+        log.info("bus: the nick %s was taken on another node while this one was cut off; its "
+                 "holder here is now %s", old, new)
 
     # ------------------------------------------------------------ liveness
 
