@@ -102,7 +102,7 @@ def test_redis_killed_and_restarted_empty(redis_server, make_node):
     assert read_until(bob, RESTORED) == RESTORED   # and nothing else meanwhile
     assert read_until(newcomer, RESTORED) == RESTORED
     restored = max(expect(alice, RESTORED), time.monotonic()) - back
-    figures("redis_killed_restarted_empty", detect_s=f"{detected:.2f}", recover_s=f"{restored:.2f}")
+    figures("redis_killed_restarted_empty", detect_s=f"{detected:.3f}", recover_s=f"{restored:.3f}")
     assert b"said while cut off" not in quiet(bob, 0.3)   # no late replay
     alice.send(b"after\n")
     assert last(read_until(bob, b"after")) == b"<alice> after\r\n"
@@ -136,7 +136,7 @@ def test_redis_killed_and_restarted_with_its_data(redis_server, make_node):
     back = time.monotonic()
     server.restart()
     restored = max(expect(alice, RESTORED), expect(bob, RESTORED)) - back
-    figures("redis_killed_restarted_with_data", detect_s=f"{detected:.2f}", recover_s=f"{restored:.2f}")
+    figures("redis_killed_restarted_with_data", detect_s=f"{detected:.3f}", recover_s=f"{restored:.3f}")
     bob.send(b"/who\n")
     assert last(read_until(bob, b"*** #lobby: ")) == b"*** #lobby: alice, bob\r\n"
     bob.send(b"still here\n")
@@ -169,7 +169,7 @@ def test_redis_stopped_longer_than_node_timeout_then_continued(redis_server, mak
         back = time.monotonic()
         server.signal(signal.SIGCONT)
     restored = max(expect(alice, RESTORED), expect(bob, RESTORED)) - back
-    figures("redis_stopped_continued", detect_s=f"{detected:.2f}", recover_s=f"{restored:.2f}")
+    figures("redis_stopped_continued", detect_s=f"{detected:.3f}", recover_s=f"{restored:.3f}")
     alice.send(b"thawed\n")
     assert last(read_until(bob, b"thawed")) == b"<alice> thawed\r\n"
     time.sleep(NODE_TIMEOUT + 0.5)
@@ -191,7 +191,7 @@ def test_subscriptions_killed(redis_server, make_node):
     assert server.command("CLIENT", "KILL", "TYPE", "pubsub") == b":2\r\n"
     detected = max(expect(alice, LOST), expect(bob, LOST)) - fault
     restored = max(expect(alice, RESTORED), expect(bob, RESTORED)) - fault
-    figures("subscription_killed", detect_s=f"{detected:.2f}", recover_s=f"{restored:.2f}")
+    figures("subscription_killed", detect_s=f"{detected:.3f}", recover_s=f"{restored:.3f}")
     alice.send(b"resubscribed\n")
     assert last(read_until(bob, b"resubscribed")) == b"<alice> resubscribed\r\n"
     for node in (n2, n3):
@@ -227,7 +227,7 @@ def test_a_stopped_node_finds_its_lease_lost_and_joins_again(redis_server, make_
     restored = time.monotonic() - back
     expect(alice, b"*** bob joined #lobby\r\n")
     rejoined = time.monotonic() - back
-    figures("node_stopped_continued", taken_out_s=f"{taken:.2f}", restored_s=f"{restored:.2f}", rejoined_s=f"{rejoined:.2f}")
+    figures("node_stopped_continued", taken_out_s=f"{taken:.3f}", restored_s=f"{restored:.3f}", rejoined_s=f"{rejoined:.3f}")
     bob.send(b"/who\n")
     assert last(read_until(bob, b"*** #lobby: ")) == b"*** #lobby: alice, bob\r\n"
     bob.send(b"awake\n")
@@ -265,8 +265,8 @@ def test_a_node_cut_off_from_the_bus(redis_server, make_node, relays, how):
     assert read_until(bob, RESTORED) == RESTORED
     restored = time.monotonic() - back
     assert read_until(alice, b"bob joined") == b"*** bob joined #lobby\r\n"
-    figures(f"node_{how}", detect_s=f"{detected:.2f}", taken_out_s=f"{taken:.2f}",
-            recover_s=f"{restored:.2f}")
+    figures(f"node_{how}", detect_s=f"{detected:.3f}", taken_out_s=f"{taken:.3f}",
+            recover_s=f"{restored:.3f}")
     bob.send(b"back\n")
     assert last(read_until(alice, b"back")) == b"<bob> back\r\n"
     assert log_count(n3, ": lost (") == 1 and log_count(n3, ": back after ") == 1
@@ -375,8 +375,8 @@ def test_a_stalled_node_cut_off_by_redis_output_buffer_limit(redis_server, make_
     detected = time.monotonic() - back
     expect(bob, RESTORED, timeout=20)
     restored = time.monotonic() - back
-    figures("node_stalled_output_buffer", sent_kb=sent // 1024, detect_s=f"{detected:.2f}",
-            recover_s=f"{restored:.2f}")
+    figures("node_stalled_output_buffer", sent_kb=sent // 1024, detect_s=f"{detected:.3f}",
+            recover_s=f"{restored:.3f}")
     alice.send(b"after the stall\n")
     assert last(read_until(bob, b"after the stall")) == b"<alice> after the stall\r\n"
     assert log_count(n3, ": lost (") == 1 and log_count(n3, ": back after ") == 1
