@@ -326,11 +326,11 @@ class ClusterBackend(LocalBackend):
         self._seen.clear()   # what was lost meanwhile was told as an outage, not as a gap
         self._janitor_after = self._loop.time() + self.node_timeout
         taken, self._taken = self._taken, []
+        rejoin, self._rejoin = self._rejoin, False
         for peer in taken:
             if skeleton(peer.nick) in self._nicks and self._nicks[skeleton(peer.nick)] is peer:
-                self._lose_nick(peer)
-        if self._rejoin:
-            self._rejoin = False
+                self._lose_nick(peer, tell_others=not rejoin)
+        if rejoin:
             for room, members in self._rooms.items():
                 for peer in members:
                     self._publish(room, "join", peer.nick)
@@ -339,12 +339,16 @@ class ClusterBackend(LocalBackend):
                  sum(len(m) for m in self._rooms.values()), len(taken))
         self.service.everyone(notice(NOTICES["restored"]))
 
-    def _lose_nick(self, peer: Peer) -> None:
-        """`peer`'s nick is held by another node's user: it becomes a fresh guest."""
+    def _lose_nick(self, peer: Peer, tell_others: bool = True) -> None:
+        """`peer`'s nick is held by another node's user: it becomes a fresh guest. The other
+        nodes are told of the rename only if they still know `peer` by its old nick: not when
+        a janitor took our users out (`tell_others` False), for they saw it leave, the nick
+        is now their own user's, and they see it join again under the new one."""
         old = peer.nick
         new = f"guest{self.guest()}"
         self.link.call("EVAL", CLAIM, 0, self.prefix, self.node_id, skeleton(new), new, peer.room, "")
-        self._publish(peer.room, "nick", old, new)
+        if tell_others:
+            self._publish(peer.room, "nick", old, new)
         self.service.rename_here(peer, new, NOTICES["nick_lost"].format(old=old, new=new))
         log.info("bus: the nick %s was taken on another node while this one was cut off; its "
                  "holder here is now %s", old, new)
