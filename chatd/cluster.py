@@ -369,7 +369,7 @@ class ClusterBackend(LocalBackend):
 
     def _beaten(self, answer: Any, sent: float) -> None:
         if answer in (1, 2):   # the bus renewed it no earlier than we asked
-            self._lease_until = max(self._lease_until, sent + self.node_timeout)
+            self._lease_until = sent + self.node_timeout
         if answer == 2:
             log.warning("bus: this node's lease had expired (no heartbeat for %g s); renewed "
                         "before any other node took its users out", self.node_timeout)
