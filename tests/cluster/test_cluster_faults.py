@@ -16,7 +16,7 @@ import pytest
 
 from bus_relay import Relay
 from bus_support import NODE_TIMEOUT, connect, quiet, read_until
-from support import LineClient, figures, wait_for
+from support import LineClient, figures
 
 pytestmark = pytest.mark.timeout(120)
 
