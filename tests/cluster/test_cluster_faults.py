@@ -438,8 +438,15 @@ def test_guest_numbers_are_not_reused_in_a_burst_of_arrivals(redis_server, make_
     """More newcomers at once than half a guest block, on two nodes: every number once."""
     server = redis_server()
     nodes = [make_node(server.url, n, guest_block=20) for n in (2, 3)]
-    socks = [socket.create_connection((node.host, node.port), timeout=5)
-             for node in nodes for _ in range(90)]   # under max_clients_per_ip
+    pids = [node.pid() for node in nodes]
+    for pid in pids:   # all of them wait in the backlog: each node takes them in a burst
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        socks = [socket.create_connection((node.host, node.port), timeout=5)
+                 for node in nodes for _ in range(90)]   # under max_clients_per_ip
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
     numbers = []
     for s in socks:
         with s:
