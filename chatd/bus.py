@@ -177,9 +177,14 @@ class Link:
             self._lost(describe(e))
 
     async def _reader(self) -> None:
-        """Every message to `on_message(channel, data)`; a lost subscription cuts the link."""
+        """Every message to `on_message(channel, data)`; a lost subscription cuts the link.
+        Once the link is lost (the owner may give it up from `on_message`), what is still
+        buffered on this subscription is stale: the reader stops, and a new one starts with
+        the new subscription."""
         try:
             async for message in self._pubsub.listen():
+                if not self.up:
+                    return
                 if message["type"] == "message":
                     self._on_message(message["channel"], message["data"])
         except FAILURES as e:

@@ -268,6 +268,7 @@ class ClusterBackend(LocalBackend):
         self._leasing = False
         self._lost_at = 0.0
         self._janitor_after = 0.0   # no janitor before this (loop time): nodes cut off with us
+        self._lease_until = 0.0     # our lease is surely held until then (loop time)
         self._first = True          # come back first
         self._rejoin = False        # our users were taken out (lease lost): tell the others again
         self._taken: list[Peer] = []  # users whose nick another node took while we were cut off
@@ -324,6 +325,7 @@ class ClusterBackend(LocalBackend):
         """Register (refused if another process holds our id), lease guest numbers, and if we
         come back, raise the guest counter and put our users back on the bus."""
         ttl = int(self.node_timeout * 1000)
+        asked = self._loop.time()
         got, before, took = await client.eval(REGISTER, 0, self.prefix, self.node_id, self.token,
                                               ttl, "1" if self._first else "0")
         if took:   # a process that died with our id (a worker in our slot): its users are gone
@@ -335,6 +337,7 @@ class ClusterBackend(LocalBackend):
                               f"on {self.link.url}; give each node its own")
         if got == 2:
             self._rejoin = True
+        self._lease_until = asked + self.node_timeout
         if self._guests:
             await client.eval(RAISE, 1, f"{self.prefix}:guests", self._guests[1])
         if not self._guests or self._guests[0] > self._guests[1]:
@@ -367,11 +370,11 @@ class ClusterBackend(LocalBackend):
         self._seen.clear()   # what was lost meanwhile was told as an outage, not as a gap
         self._janitor_after = self._loop.time() + self.node_timeout
         taken, self._taken = self._taken, []
+        rejoin, self._rejoin = self._rejoin, False
         for peer in taken:
             if skeleton(peer.nick) in self._nicks and self._nicks[skeleton(peer.nick)] is peer:
-                self._lose_nick(peer)
-        if self._rejoin:
-            self._rejoin = False
+                self._lose_nick(peer, tell_others=not rejoin)
+        if rejoin:
             for room, members in self._rooms.items():
                 for peer in members:
                     self._publish(room, "join", peer.nick)
@@ -380,14 +383,19 @@ class ClusterBackend(LocalBackend):
                  sum(len(m) for m in self._rooms.values()), len(taken))
         self.service.everyone(notice(NOTICES["restored"]))
 
-    def _lose_nick(self, peer: Peer) -> None:
-        """`peer`'s nick is held by another node's user: it becomes a fresh guest."""
+    def _lose_nick(self, peer: Peer, tell_others: bool = True) -> None:
+        """`peer`'s nick is held by another node's user: it becomes a fresh guest. The other
+        nodes are told of the rename only if they still know `peer` by its old nick: not when
+        a janitor took our users out (`tell_others` False), for they saw it leave, the nick
+        is now their own user's, and they see it join again under the new one."""
         old = peer.nick
         new = f"guest{self.guest()}"
         self.link.call("EVAL", CLAIM, 0, self.prefix, self.node_id, skeleton(new), new, peer.room, "")
-        self._publish(peer.room, "nick", old, new)
+        if tell_others:
+            self._publish(peer.room, "nick", old, new)
         self.service.rename_here(peer, new, NOTICES["nick_lost"].format(old=old, new=new))
-        log.info("bus: %s lost the nick %s to another node while cut off; now %s", peer.nick, old, new)
+        log.info("bus: the nick %s was taken on another node while this one was cut off; its "
+                 "holder here is now %s", old, new)
 
     # ------------------------------------------------------------ liveness
 
@@ -397,12 +405,15 @@ class ClusterBackend(LocalBackend):
         self._heart = self._loop.call_later(self.heartbeat, self._beat)
         if not self.link.up:
             return
+        sent = self._loop.time()
         self.link.call("EVAL", HEARTBEAT, 0, self.prefix, self.node_id, self.token,
-                       int(self.node_timeout * 1000), then=self._beaten)
+                       int(self.node_timeout * 1000), then=lambda answer: self._beaten(answer, sent))
         if self._loop.time() >= self._janitor_after:
             self.link.call("EVAL", JANITOR, 0, self.prefix, GONE_TTL_S, then=self._swept)
 
-    def _beaten(self, answer: Any) -> None:
+    def _beaten(self, answer: Any, sent: float) -> None:
+        if answer in (1, 2):   # the bus renewed it no earlier than we asked
+            self._lease_until = sent + self.node_timeout
         if answer == 2:
             log.warning("bus: this node's lease had expired (no heartbeat for %g s); renewed "
                         "before any other node took its users out", self.node_timeout)
@@ -421,6 +432,21 @@ class ClusterBackend(LocalBackend):
             log.info("bus: node %s is gone (no heartbeat for %g s): %d users left",
                      node, self.node_timeout, len(users) // 2)
             self._publish_leaves(users, "server lost")
+
+    def _lease_expired(self) -> bool:
+        """Has our lease run out since the bus last renewed it? (This process was stopped,
+        say, for longer than node_timeout: it runs again before its first heartbeat after
+        that is answered.) Then another node's janitor may have taken our users out, what
+        the subscription delivers now was said while we were away (a late replay, including
+        our own users' "left (server lost)"), and what our users typed meanwhile would reach
+        people who saw them leave. So the link is given up, as when a heartbeat finds the
+        lease gone, and the node joins again; True while the link is down."""
+        if self.link.up and self._loop.time() > self._lease_until:
+            log.warning("bus: this node's lease expired (no renewal for %.1f s); dropping what "
+                        "the bus sent meanwhile and joining again",
+                        self._loop.time() - self._lease_until + self.node_timeout)
+            self.link.lose("lease lost")
+        return not self.link.up
 
     def _publish_leaves(self, users: list[bytes], reason: str) -> None:
         """Leaves of users a janitor or a stop took out: published, and shown here too."""
@@ -547,6 +573,8 @@ class ClusterBackend(LocalBackend):
             return
         seq = self._seq.get(room, 0) + 1
         self._seq[room] = seq
+        if not self.closing and self._lease_expired():
+            return
         self.link.call("PUBLISH", self._room_channel + room,
                        self._encode({"s": seq, "k": kind, "n": nick, "t": text}))
 
@@ -557,8 +585,8 @@ class ClusterBackend(LocalBackend):
     # ------------------------------------------------------------ what comes off the bus
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        if data.startswith(self._own):
-            return   # our own publish, back from a room we are in
+        if data.startswith(self._own) or self._lease_expired():
+            return   # our own publish, back from a room we are in; or stale
         try:
             if channel.startswith(self._room_channel.encode()):
                 self._from_room(channel[len(self._room_channel):].decode(), data)

@@ -65,6 +65,19 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def restart(self, empty: bool = False) -> None:
+        """Kill it (SIGKILL, no goodbye) and start it again on the same port: with what its
+        append-only file kept (`aof`), or `empty` (the file removed first)."""
+        self.kill()
+        if empty:
+            for kept in ("appendonlydir", "appendonly.aof", "dump.rdb"):
+                path = self.dir / kept
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self.start()
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None and alive(self.proc.pid)
         self.proc.send_signal(sig)
