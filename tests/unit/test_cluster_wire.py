@@ -53,6 +53,8 @@ def backend(loop) -> tuple[ClusterBackend, Recorder]:
     async def make() -> ClusterBackend:
         return ClusterBackend(Recorder(), "redis://127.0.0.1:1", "here", "chatd", 1.0, 3.0, 1.0, 10)  # type: ignore[arg-type]
     made = loop.run_until_complete(make())
+    made.link.up = True                   # as if joined, with a lease that holds
+    made._lease_until = float("inf")
     member = Member()
     made._rooms["#lobby"] = {member: None}   # type: ignore[dict-item]
     made._nicks["alice"] = member   # type: ignore[assignment]
