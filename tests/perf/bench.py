@@ -643,8 +643,15 @@ def node_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
     if two is None or one is None:
         checks.append((label, None, "not measured"))
     else:
+        # CPU per delivery beside it: what the ratio would be with the servers' CPU saturated
+        cpu_two = median([cpu_per_line(r) for r in group("n100", "chatd-2nodes") if r.result])
+        bus_two = median([cpu_per_line(r, "aux_cpu") for r in group("n100", "chatd-2nodes") if r.result])
+        cpu_one = median([cpu_per_line(r) for r in group("n100", "chatd-chat") if r.result])
+        cpu = (f"; CPU per delivery {cpu_two + (bus_two or 0):.2f} us (nodes {cpu_two:.2f} + redis {bus_two or 0:.2f}) "
+               f"vs {cpu_one:.2f} us: {cpu_one / (cpu_two + (bus_two or 0)):.2f} of one node's deliveries per "
+               f"CPU-second") if cpu_two and cpu_one else ""
         checks.append((label, two / one >= 0.7 and lost == 0,
-                       f"{two:,.0f} / {one:,.0f} = {two / one:.2f} (at least 0.7); {lost} lost"))
+                       f"{two:,.0f} / {one:,.0f} = {two / one:.2f} (at least 0.7); {lost} lost{cpu}"))
     label = "across nodes, open loop 2,000 lines/s (n100r2k): two nodes' p99 at most one node's + 2 ms, 0 lost"
     two, one = med("n100r2k", "chatd-2nodes", "p99_us"), med("n100r2k", "chatd-chat", "p99_us")
     lost = sum(errors(r) for r in group("n100r2k", "chatd-2nodes"))
