@@ -12,6 +12,9 @@
  *         followed by a deterministic payload, so a server may prefix lines
  *         ("<user3> ...") and still be verified.  Closed loop (window W lines
  *         outstanding per sender) by default, or open loop at --rate lines/s.
+ *         With --conns2 N the last N receivers connect to a second address
+ *         (--host2, --port2): another node of a cluster sharing one chat, so
+ *         every line is verified across nodes as on one server.
  *   hold  C idle connections kept open D seconds (C10K tests); optionally
  *         probes each connection with one echoed line; reports how many were
  *         established / verified / still open, and the server's RSS growth.
@@ -70,14 +73,20 @@ static struct {
     double connect_phase;  /* deadline for the whole connect phase */
     double sync_timeout;
     int probe;          /* hold: probe each connection with an echo */
-    int server_pid;     /* sample this pid (and descendants) for CPU/RSS */
+    int server_pid[8];  /* sample these pids (and descendants) for CPU/RSS, summed */
+    int nserver_pid;
+    int aux_pid;        /* sample this pid (and descendants) too, reported apart (aux_cpu) */
+    char host2[64];     /* chat: the last conns2 receivers connect here */
+    int port2;
+    int conns2;
     int pss;            /* also read Pss (smaps_rollup) */
     char label[256];
 } cfg = {
     .mode = M_ECHO, .host = "127.0.0.1", .port = 0, .conns = 1, .senders = 1,
     .size = 64, .depth = 1, .duration = 5, .warmup = 1, .rate = 0, .window = 16,
     .drain = 2, .stall = -1, .conc = 64, .connect_timeout = 15, .connect_phase = 60, .sync_timeout = 10,
-    .probe = 0, .server_pid = 0, .pss = 0, .label = "",
+    .probe = 0, .nserver_pid = 0, .aux_pid = 0, .pss = 0, .label = "",
+    .host2 = "", .port2 = 0, .conns2 = 0,
 };
 
 /* ------------------------------------------------------------------ */
@@ -263,6 +272,22 @@ static double proc_runtime_s(int p)
     return got ? tot : -1;
 }
 
+static psample_t proc_sample(int root);
+
+/* The servers' sample: each of --server-pid's trees, summed. */
+static psample_t servers_sample(void)
+{
+    psample_t r = {0};
+    if (!cfg.nserver_pid) return r;
+    r.ok = 1;
+    for (int i = 0; i < cfg.nserver_pid; i++) {
+        psample_t one = proc_sample(cfg.server_pid[i]);
+        if (!one.ok) r.ok = 0;
+        r.cpu_s += one.cpu_s; r.rss_kb += one.rss_kb; r.pss_kb += one.pss_kb; r.nprocs += one.nprocs;
+    }
+    return r;
+}
+
 static psample_t proc_sample(int root)
 {
     psample_t r = {0};
@@ -428,7 +453,7 @@ static struct {
     double connect_s, barrier_s;
 } st;
 
-static psample_t srv0, srv1, srvH0;
+static psample_t srv0, srv1, srvH0, aux0, aux1;
 static double lg0, lg1;
 static sysstat_t sy0, sy1;
 static long slab0, slab1;
@@ -494,11 +519,18 @@ static void start_connects(void)
     /* count pending */
     pending = 0;
     for (int i = 0; i < next; i++) if (conns[i].state == CS_CONNECTING) pending++;
-    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)cfg.port) };
-    inet_pton(AF_INET, cfg.host, &sa.sin_addr);
+    struct sockaddr_in sa1 = { .sin_family = AF_INET, .sin_port = htons((uint16_t)cfg.port) };
+    inet_pton(AF_INET, cfg.host, &sa1.sin_addr);
+    struct sockaddr_in sa2 = sa1;
+    if (cfg.conns2) {
+        sa2.sin_port = htons((uint16_t)cfg.port2);
+        inet_pton(AF_INET, cfg.host2, &sa2.sin_addr);
+    }
     while (pending < cfg.conc && next < nconns) {
         conn_t *c = &conns[next];
         uint32_t idx = (uint32_t)next++;
+        /* senders come first, then receivers; the last conns2 receivers go to the second address */
+        struct sockaddr_in sa = (int)idx >= nconns - cfg.conns2 ? sa2 : sa1;
         c->t_conn = now_ns();
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
@@ -823,7 +855,10 @@ static void usage(void)
 "      --connect-phase S    deadline for establishing all connections (default 60)\n"
 "      --sync-timeout S     chat join barrier timeout (default 10)\n"
 "      --probe          hold: verify each connection with one echoed line\n"
-"      --server-pid PID sample CPU and RSS of PID and its descendants\n"
+"      --server-pid PID[,PID...]  sample CPU and RSS of each PID and its descendants (summed)\n"
+"      --aux-pid PID    also sample PID's CPU, reported apart (aux_cpu; a cluster's bus)\n"
+"      --host2 A, --port2 N  chat: a second address (another node; default: --host, --port)\n"
+"      --conns2 N       chat: the last N of the receivers connect to the second address\n"
 "      --pss            also sum Pss (smaps_rollup) of the server tree\n"
 "      --label TEXT     free text copied into the RESULT line (no spaces)\n");
     exit(2);
@@ -843,7 +878,8 @@ int main(int argc, char **argv)
         {"window", 1, 0, 'W'}, {"drain", 1, 0, 1}, {"stall", 1, 0, 2},
         {"conc", 1, 0, 3}, {"connect-timeout", 1, 0, 4}, {"sync-timeout", 1, 0, 5},
         {"probe", 0, 0, 6}, {"server-pid", 1, 0, 7}, {"pss", 0, 0, 8},
-        {"label", 1, 0, 9}, {"connect-phase", 1, 0, 10}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+        {"label", 1, 0, 9}, {"connect-phase", 1, 0, 10}, {"host2", 1, 0, 11}, {"port2", 1, 0, 12},
+        {"conns2", 1, 0, 13}, {"aux-pid", 1, 0, 14}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
     int o;
     optind = 2;
     while ((o = getopt_long(argc, argv, "H:p:c:S:s:P:d:w:R:W:h", lo, NULL)) != -1) {
@@ -864,10 +900,19 @@ int main(int argc, char **argv)
         case 4: cfg.connect_timeout = atof(optarg); break;
         case 5: cfg.sync_timeout = atof(optarg); break;
         case 6: cfg.probe = 1; break;
-        case 7: cfg.server_pid = atoi(optarg); break;
+        case 7:
+            for (char *tok = strtok(optarg, ","); tok; tok = strtok(NULL, ",")) {
+                if (cfg.nserver_pid == 8) { fprintf(stderr, "loadgen: at most 8 server pids\n"); return 2; }
+                cfg.server_pid[cfg.nserver_pid++] = atoi(tok);
+            }
+            break;
         case 8: cfg.pss = 1; break;
         case 9: snprintf(cfg.label, sizeof cfg.label, "%s", optarg); break;
         case 10: cfg.connect_phase = atof(optarg); break;
+        case 11: snprintf(cfg.host2, sizeof cfg.host2, "%s", optarg); break;
+        case 12: cfg.port2 = atoi(optarg); break;
+        case 13: cfg.conns2 = atoi(optarg); break;
+        case 14: cfg.aux_pid = atoi(optarg); break;
         default: usage();
         }
     }
@@ -877,6 +922,18 @@ int main(int argc, char **argv)
         return 2;
     }
     if (cfg.port <= 0 || cfg.port > 65535) { fprintf(stderr, "loadgen: --port required\n"); return 2; }
+    if (cfg.conns2) {
+        if (!cfg.host2[0]) snprintf(cfg.host2, sizeof cfg.host2, "%s", cfg.host);
+        if (!cfg.port2) cfg.port2 = cfg.port;
+        if (inet_pton(AF_INET, cfg.host2, &ia) != 1 || (ntohl(ia.s_addr) >> 24) != 127) {
+            fprintf(stderr, "loadgen: refusing non-loopback target '%s' (127.0.0.0/8 only)\n", cfg.host2);
+            return 2;
+        }
+        if (cfg.mode != M_CHAT || cfg.conns2 < 0 || cfg.conns2 > cfg.conns || cfg.port2 <= 0 || cfg.port2 > 65535) {
+            fprintf(stderr, "loadgen: --conns2 is for chat, at most --conns receivers, with a valid --port2\n");
+            return 2;
+        }
+    }
     if (cfg.size < HDR + 1 || cfg.size > MAXSIZE) { fprintf(stderr, "loadgen: size must be %d..%d\n", HDR + 1, MAXSIZE); return 2; }
     if (cfg.conns < 1 || cfg.conns > 1000000 || cfg.depth < 1 || cfg.depth > 65536 ||
         cfg.senders < 1 || cfg.senders > 4096 || cfg.window < 1 || cfg.conc < 1 ||
@@ -934,7 +991,7 @@ int main(int argc, char **argv)
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) die("epoll_create1");
 
-    if (cfg.mode == M_HOLD && cfg.server_pid) srvH0 = proc_sample(cfg.server_pid);
+    if (cfg.mode == M_HOLD) srvH0 = servers_sample();
     if (cfg.mode == M_HOLD) slab0 = slab_kb();
 
     t_begin = now_ns();
@@ -1059,7 +1116,7 @@ int main(int argc, char **argv)
                 announce_traffic();
                 t_s0 = now;
                 lg0 = self_cpu_s(); sy0 = sys_sample();
-                srv0 = proc_sample(cfg.server_pid);
+                srv0 = servers_sample();
             }
             break;
         }
@@ -1069,10 +1126,12 @@ int main(int argc, char **argv)
                 if (now - last_check > 100000000ull) { chat_stall_check(now); last_check = now; }
             }
             if (cfg.mode != M_HOLD && t_s0 == 0 && now >= t_meas0) {
-                t_s0 = now; lg0 = self_cpu_s(); sy0 = sys_sample(); srv0 = proc_sample(cfg.server_pid);
+                t_s0 = now; lg0 = self_cpu_s(); sy0 = sys_sample(); srv0 = servers_sample();
+                aux0 = proc_sample(cfg.aux_pid);
             }
             if (now >= t_meas1) {
-                t_s1 = now; lg1 = self_cpu_s(); sy1 = sys_sample(); srv1 = proc_sample(cfg.server_pid);
+                t_s1 = now; lg1 = self_cpu_s(); sy1 = sys_sample(); srv1 = servers_sample();
+                aux1 = proc_sample(cfg.aux_pid);
                 if (cfg.mode == M_HOLD) slab1 = slab_kb();
                 if (cfg.mode == M_CHAT) {
                     phase = PH_DRAIN;
@@ -1094,6 +1153,7 @@ int main(int argc, char **argv)
     double mwin = t_meas1 != UINT64_MAX && t_meas1 > t_meas0 ? (t_meas1 - t_meas0) / 1e9 : cfg.duration;
     double lgcpu = win > 0 ? 100.0 * (lg1 - lg0) / win : 0;
     double srvcpu = (srv0.ok && srv1.ok && win > 0) ? 100.0 * (srv1.cpu_s - srv0.cpu_s) / win : -1;
+    double auxcpu = (aux0.ok && aux1.ok && win > 0) ? 100.0 * (aux1.cpu_s - aux0.cpu_s) / win : -1;
     unsigned long long dtot = sy1.tot - sy0.tot;
     double sys_busy = dtot ? 100.0 * (double)(dtot - (sy1.idle - sy0.idle)) / (double)dtot : -1;
     double sys_si = dtot ? 100.0 * (double)(sy1.si - sy0.si) / (double)dtot : -1;
@@ -1175,16 +1235,21 @@ int main(int argc, char **argv)
                (unsigned long long)st.self_echo, (unsigned long long)st.sync_missing, (unsigned long long)st.closed);
         printf("  cpu: loadgen %.0f%%, server %.0f%% (%d procs), machine busy %.0f%% (softirq %.0f%%), server rss %ld kB\n",
                lgcpu, srvcpu, srv1.nprocs, sys_busy, sys_si, srv1.rss_kb);
+        if (cfg.conns2)
+            printf("  %d receivers on %s:%d, %d on %s:%d; aux cpu %.0f%%\n", cfg.conns - cfg.conns2, cfg.host, cfg.port,
+                   cfg.conns2, cfg.host2, cfg.port2, auxcpu);
         printf("RESULT mode=chat label=%s receivers=%d senders=%d established=%llu fanout=%llu size=%d secs=%.2f rate=%.0f window=%d "
                "sent_per_s=%.0f lines_per_s=%.0f deliveries=%llu p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f "
                "lost=%llu garbled=%llu dup=%llu foreign=%llu self_echo=%llu sync_missing=%llu closed=%llu errors=%llu "
-               "first_errno=%s lg_cpu=%.0f srv_cpu=%.0f sys_busy=%.0f sys_si=%.0f srv_procs=%d srv_rss_kb=%ld\n",
+               "first_errno=%s lg_cpu=%.0f srv_cpu=%.0f sys_busy=%.0f sys_si=%.0f srv_procs=%d srv_rss_kb=%ld "
+               "receivers2=%d aux_cpu=%.0f\n",
                cfg.label[0] ? cfg.label : "-", cfg.conns, nsnd, (unsigned long long)st.est, (unsigned long long)nexp,
                cfg.size, mwin, cfg.rate, cfg.window, sent_meas / mwin, dps, (unsigned long long)st.deliv_meas,
                h_pct_us(&hist, .5), h_pct_us(&hist, .9), h_pct_us(&hist, .99), h_pct_us(&hist, .999), hist.max / 1000.0,
                (unsigned long long)lost, (unsigned long long)st.garbled, (unsigned long long)st.dup,
                (unsigned long long)st.foreign, (unsigned long long)st.self_echo, (unsigned long long)st.sync_missing,
-               (unsigned long long)st.closed, (unsigned long long)errors, errstr, lgcpu, srvcpu, sys_busy, sys_si, srv1.nprocs, srv1.rss_kb);
+               (unsigned long long)st.closed, (unsigned long long)errors, errstr, lgcpu, srvcpu, sys_busy, sys_si, srv1.nprocs, srv1.rss_kb,
+               cfg.conns2, auxcpu);
         return errors ? 1 : 0;
     }
     /* hold */

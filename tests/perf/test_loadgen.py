@@ -126,3 +126,16 @@ def test_chat_reports_each_fault(loadgen, tmp_path, server_args, fields, ending)
     with faulty_server(tmp_path / "server.log", "--mode", "chat", *server_args, *ending) as port:
         r = run_loadgen(loadgen, port, "chat", "-c", "5", *SHORT, *CHAT_FAULT)
     assert r["errors"] > 0 and any(r[f] > 0 for f in fields), r
+
+
+def test_chat_receivers_on_a_second_address_are_verified(loadgen, tmp_path):
+    """--conns2: the last receivers connect to --host2/--port2 (another node) and are verified
+    as the others: the same server reached twice passes; a second server that is not in the
+    same chat (its receivers never get the lines) fails."""
+    with faulty_server(tmp_path / "server.log", "--mode", "chat", "--fault", "none", "--crlf") as port:
+        r = run_loadgen(loadgen, port, "chat", "-c", "6", "--conns2", "3", "--port2", str(port), *SHORT)
+        assert r["errors"] == 0 and r["deliveries"] > 100 and r["receivers2"] == 3, r
+        with faulty_server(tmp_path / "other.log", "--mode", "chat", "--fault", "none") as other:
+            r = run_loadgen(loadgen, port, "chat", "-c", "6", "--conns2", "3", "--port2", str(other),
+                            "--sync-timeout", "1", *SHORT, *CHAT_FAULT)
+        assert r["errors"] > 0 and r["sync_missing"] == 3, r
