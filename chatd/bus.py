@@ -63,6 +63,7 @@ class Link:
         self.reconnect_max = reconnect_max
         self.up = False
         self.channels: set[str] = set()       # what we subscribe to, whatever the link's state
+        self._subscribed: set[str] = set()    # what the current subscription was opened with
         self._on_connect = on_connect
         self._on_message = on_message
         self._on_lost = on_lost
@@ -111,7 +112,16 @@ class Link:
         self._sub = self._client(None)   # a subscription waits for messages as long as it takes
         await asyncio.wait_for(self._on_connect(self._cmd), self.timeout * 4)
         self._pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
-        await asyncio.wait_for(self._pubsub.subscribe(*sorted(self.channels)), self.timeout)
+        subscribed = set(self.channels)
+        await asyncio.wait_for(self._pubsub.subscribe(*sorted(subscribed)), self.timeout)
+        self._subscribed = subscribed   # channels may change meanwhile: see `_catch_up`
+
+    def _catch_up(self) -> None:
+        """The link is up again: (un)subscribe what changed while it was being set up."""
+        for channel in self.channels - self._subscribed:
+            self._spawn(self._subscription("subscribe", channel))
+        for channel in self._subscribed - self.channels:
+            self._spawn(self._subscription("unsubscribe", channel))
 
     async def _disconnect(self) -> None:
         clients, self._cmd, self._sub = (self._cmd, self._sub), None, None
@@ -226,6 +236,7 @@ class Link:
             self.up = True
             self._spawn(self._writer())
             self._spawn(self._reader())
+            self._catch_up()
             self._on_restored()
             return
 

@@ -395,8 +395,7 @@ class ChatConnection(Connection):
     # ------------------------------------------------------------ leaving
 
     def _leave(self, reason: str) -> None:
-        if self.nick:
-            self.state.chat.depart(self, reason, tell_others=not self.state.stopping)
+        self.state.chat.depart(self, reason, tell_others=not self.state.stopping)
 
     def close(self, reason: str) -> None:
         self._leave(reason)

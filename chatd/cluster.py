@@ -265,6 +265,8 @@ class ClusterBackend(LocalBackend):
         self._seen: dict[tuple[bytes, str], int] = {}  # (origin, room) -> last seen there
         self._gaps: dict[str, float] = {}              # room -> when its members were last told
         self._guests: list[int] = []                  # [next, end] of the block in use
+        self._spare: list[int] | None = None          # the next block, leased ahead
+        self._guest_waiters: list[Callable[[], None]] = []   # newcomers waiting for a block
         self._leasing = False
         self._lost_at = 0.0
         self._janitor_after = 0.0   # no janitor before this (loop time): nodes cut off with us
@@ -274,6 +276,8 @@ class ClusterBackend(LocalBackend):
         self._taken: list[Peer] = []  # users whose nick another node took while we were cut off
         self._orphans: list[bytes] = []   # (nick, room) pairs of a dead predecessor in our slot
         self._claiming: set[str] = set()   # skeletons a rename here has asked the bus for
+        self._changes = 0           # joins, leaves and renames here, counted...
+        self._asserted = 0          # ...and that count when the bus was last told of them all
         self._forged = (0.0, 0)     # (last logged, not logged since)
         self._room_channel = f"{prefix}:room:"
         self._heart: asyncio.TimerHandle | None = None
@@ -339,7 +343,8 @@ class ClusterBackend(LocalBackend):
             self._rejoin = True
         self._lease_until = asked + self.node_timeout
         if self._guests:
-            await client.eval(RAISE, 1, f"{self.prefix}:guests", self._guests[1])
+            await client.eval(RAISE, 1, f"{self.prefix}:guests",
+                              max(self._guests[1], (self._spare or [0, 0])[1]))
         if not self._guests or self._guests[0] > self._guests[1]:
             end = await client.incrby(f"{self.prefix}:guests", self.guest_block)
             self._guests = [end - self.guest_block + 1, end]
@@ -350,11 +355,21 @@ class ClusterBackend(LocalBackend):
         """Back on the bus: what it holds of this node is replaced, at once, by where its users
         are now (some left, joined or quit meanwhile). A nick another node's user took
         meanwhile is lost: its holder here becomes a guest once the link is up (`_taken`)."""
-        people = [(peer, room) for room, members in self._rooms.items() for peer in members]
-        places = [x for peer, room in people for x in (skeleton(peer.nick), peer.nick, room)]
-        lost = {skel.decode() for skel in await client.eval(REASSERT, 0, self.prefix, self.node_id,
-                                                            *places)}
-        self._taken = [peer for peer, _ in people if skeleton(peer.nick) in lost]
+        self._asserted = self._changes
+        lost = await client.eval(REASSERT, 0, self.prefix, self.node_id, *self._places())
+        self._taken = self._holders(lost)
+
+    def _places(self) -> list[str]:
+        """(skeleton, nick, room) of every user here, flat, as REASSERT takes them."""
+        return [x for room, members in self._rooms.items() for peer in members
+                for x in (skeleton(peer.nick), peer.nick, room)]
+
+    def _holders(self, skeletons: Any) -> list[Peer]:
+        """The users here who hold these nicks (REASSERT's answer: the ones it could not keep)."""
+        if not isinstance(skeletons, list):
+            return []
+        return [peer for skel in skeletons
+                if (peer := self._nicks.get(skel.decode())) is not None]
 
     def _on_lost(self, why: str) -> None:
         if self.closing:
@@ -366,6 +381,13 @@ class ClusterBackend(LocalBackend):
         self.service.everyone(notice(NOTICES["lost"]))
 
     def _on_restored(self) -> None:
+        """The link is up again: the notice to everyone, nick clashes settled, and if users
+        came, went or moved while `_reassert` ran (what they asked of the bus was answered
+        DOWN), the bus is told again where everyone is."""
+        if self._changes != self._asserted:
+            self._asserted = self._changes
+            self.link.call("EVAL", REASSERT, 0, self.prefix, self.node_id, *self._places(),
+                           then=lambda lost: [self._clash(peer) for peer in self._holders(lost)])
         self.news = []
         self._seen.clear()   # what was lost meanwhile was told as an outage, not as a gap
         self._janitor_after = self._loop.time() + self.node_timeout
@@ -389,7 +411,10 @@ class ClusterBackend(LocalBackend):
         a janitor took our users out (`tell_others` False), for they saw it leave, the nick
         is now their own user's, and they see it join again under the new one."""
         old = peer.nick
-        new = f"guest{self.guest()}"
+        number = self.guest()
+        if number is None:   # a block is on its way: then, if it still holds that nick
+            return self.when_guests(lambda: self._clash(peer, tell_others))
+        new = f"guest{number}"
         self.link.call("EVAL", CLAIM, 0, self.prefix, self.node_id, skeleton(new), new, peer.room, "")
         if tell_others:
             self._publish(peer.room, "nick", old, new)
@@ -458,26 +483,47 @@ class ClusterBackend(LocalBackend):
 
     # ------------------------------------------------------------ what happens here
 
-    def guest(self) -> int:
-        """The next number of the leased block; the next block is leased when half is used.
-        Cut off with the block used up, numbers go on past it, and a clash is settled when
-        the bus is back (the holder here becomes a guest again)."""
+    def guest(self) -> int | None:
+        """The next number of the leased block. A spare block is leased once half of this one
+        is used, and taken when it runs out; with no spare yet, None (the newcomer waits for
+        `when_guests`), so a burst of arrivals never runs past what the bus leased us. Cut off
+        with both used up, numbers go on past the block, and a clash is settled when the bus
+        is back (the holder here becomes a guest again)."""
         block = self._guests
+        if block[0] > block[1]:
+            if self._spare is not None:
+                block[:], self._spare = self._spare, None
+            elif self.link.up:
+                self._lease()
+                return None
+            else:
+                block[1] = block[0]
         number = block[0]
         block[0] += 1
-        if block[1] - block[0] < self.guest_block // 2 and not self._leasing and self.link.up:
-            self._leasing = True
-            self.link.call("INCRBY", f"{self.prefix}:guests", self.guest_block, then=self._leased)
-        if number > block[1]:
-            block[1] = number
+        if self._spare is None and block[1] - block[0] < self.guest_block // 2:
+            self._lease()
         return number
 
+    def when_guests(self, then: Callable[[], None]) -> None:
+        self._guest_waiters.append(then)
+        self._lease()
+
+    def _lease(self) -> None:
+        if not self._leasing and self.link.up:
+            self._leasing = True
+            self.link.call("INCRBY", f"{self.prefix}:guests", self.guest_block, then=self._leased)
+
     def _leased(self, answer: Any) -> None:
+        """A block came (or the bus is lost: then waiting newcomers count past the block)."""
         self._leasing = False
         if isinstance(answer, int):
-            self._guests = [max(self._guests[0], answer - self.guest_block + 1), answer]
+            self._spare = [answer - self.guest_block + 1, answer]
+        waiting, self._guest_waiters = self._guest_waiters, []
+        for then in waiting:
+            then()
 
     def join(self, room: str, peer: Peer) -> None:
+        self._changes += 1
         if room not in self._rooms:
             self.link.subscribe(self._room_channel + room)
         super().join(room, peer)
@@ -487,13 +533,14 @@ class ClusterBackend(LocalBackend):
                        room, "", then=lambda ok: ok == 0 and self._clash(peer))
         self._publish(room, "join", peer.nick)
 
-    def _clash(self, peer: Peer) -> None:
+    def _clash(self, peer: Peer, tell_others: bool = True) -> None:
         """The bus says another node's user holds `peer`'s nick (a guest number clash, after
         the bus restarted): `peer` becomes another guest."""
         if self._nicks.get(skeleton(peer.nick)) is peer:
-            self._lose_nick(peer)
+            self._lose_nick(peer, tell_others)
 
     def leave(self, room: str, peer: Peer, reason: str | None) -> None:
+        self._changes += 1
         super().leave(room, peer, reason)
         if room not in self._rooms:
             self.link.unsubscribe(self._room_channel + room)
@@ -504,6 +551,10 @@ class ClusterBackend(LocalBackend):
                        "1" if gone else "0")
         # No reason: this server is stopping, and tells only the other servers' users.
         self._publish(room, "leave", peer.nick, reason or "server shutting down")
+
+    def renamed(self, peer: Peer, new: str) -> None:
+        self._changes += 1
+        super().renamed(peer, new)
 
     def rename(self, peer: Peer, new: str, then: Callable[[str | None], None]) -> None:
         if not self.link.up:
@@ -517,8 +568,10 @@ class ClusterBackend(LocalBackend):
         def answered(ok: Any) -> None:
             self._claiming.discard(key)
             if self._nicks.get(skeleton(old)) is not peer or peer.nick != old:
-                if ok == 1:   # it left, or changed again, meanwhile: give the nick back
+                if ok == 1:   # it left, or was renamed by the bus, meanwhile: give it back
                     self.link.call("EVAL", PART, 0, self.prefix, self.node_id, key, peer.room, "1")
+                if self._nicks.get(skeleton(peer.nick)) is peer:   # still here: answer it
+                    then(f"your nick changed meanwhile; try /nick {new} again")
                 return
             if ok == 1:
                 if self._nicks.get(key, peer) is not peer:

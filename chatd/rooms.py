@@ -149,8 +149,13 @@ class ChatBackend(Protocol):
 
     shared: bool   # lines said here also go to other processes (`said`)
 
-    def guest(self) -> int:
-        """A guest number never handed out before."""
+    def guest(self) -> int | None:
+        """A guest number never handed out before; None if there is none to hand now (then
+        `when_guests`)."""
+        ...
+
+    def when_guests(self, then: Callable[[], None]) -> None:
+        """Call `then` once guest numbers may be had again."""
         ...
 
     def holder(self, key: str) -> Peer | None:
@@ -214,8 +219,11 @@ class LocalBackend:
         self._nicks: dict[str, Peer] = {}               # skeleton(nick) -> peer
         self._guests = itertools.count(1)              # guest numbers are never reused
 
-    def guest(self) -> int:
+    def guest(self) -> int | None:
         return next(self._guests)
+
+    def when_guests(self, then: Callable[[], None]) -> None:
+        then()
 
     def holder(self, key: str) -> Peer | None:
         return self._nicks.get(key)
@@ -296,9 +304,15 @@ class ChatService:
 
     def arrive(self, peer: Peer) -> None:
         """A new client: a guest nick, the welcome, the MOTD, what it must know of the
-        other servers (cluster.py), then the default room."""
+        other servers (cluster.py), then the default room. With no guest number to hand
+        (the bus is leasing more), the client waits, and what it says meanwhile follows."""
+        number = self.backend.guest()
+        if number is None:
+            self._waiting[peer] = []
+            self.backend.when_guests(lambda: self._arrived(peer))
+            return
         backend = self.backend
-        nick = f"guest{backend.guest()}"
+        nick = f"guest{number}"
         while backend.holder(skeleton(nick)) is not None:   # cannot happen (guest names are
             nick = f"guest{backend.guest()}"                 # reserved); be sure
         peer.nick = nick
@@ -310,11 +324,26 @@ class ChatService:
             self.tell(peer, notice(text))
         self._enter(peer, self.default_room)
 
+    def _arrived(self, peer: Peer) -> None:
+        """Guest numbers came: a waiting newcomer (if it is still here) arrives, and what it
+        said meanwhile follows."""
+        if peer not in self._waiting:
+            return   # it left
+        later = self._waiting.pop(peer)
+        self.arrive(peer)
+        if peer in self._waiting:   # no number yet again: it waits on, its lines in order
+            self._waiting[peer][:0] = later
+            return
+        for what in later:
+            if self.backend.holder(skeleton(peer.nick)) is not peer:
+                break
+            self.said(peer, what)
+
     def depart(self, peer: Peer, reason: str, tell_others: bool = True) -> None:
         """`peer` leaves the server; the others in its room are told why (unless we stop)."""
-        if self.backend.holder(skeleton(peer.nick)) is not peer:
-            return   # already gone
         self._waiting.pop(peer, None)
+        if self.backend.holder(skeleton(peer.nick)) is not peer:
+            return   # already gone, or never named
         self._leave_room(peer, reason if tell_others else None)
         self.backend.release(skeleton(peer.nick))
 

@@ -430,10 +430,6 @@ def test_a_nick_taken_after_the_janitor_took_its_holder_out(redis_server, make_n
     assert last(read_until(alice, b"*** #lobby: ")) == b"*** #lobby: " + guest + b", sam\r\n"
 
 
-@pytest.mark.xfail(strict=True, reason="README: guest numbers are never handed out twice; but a "
-                   "block used up before the next lease is answered goes on past its end, into "
-                   "numbers the bus leases to other nodes (guest() must answer at once: a fix needs "
-                   "arrivals that can wait for a lease)")
 def test_guest_numbers_are_not_reused_in_a_burst_of_arrivals(redis_server, make_node):
     """More newcomers at once than half a guest block, on two nodes: every number once."""
     server = redis_server()
