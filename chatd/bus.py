@@ -166,7 +166,7 @@ class Link:
                 finally:
                     for (_, then), answer in zip(batch, answers):
                         if then is not None:
-                            then(answer)
+                            answered(then, answer)
 
     # ------------------------------------------------------------ subscriptions
 
@@ -199,6 +199,9 @@ class Link:
                     self._on_message(message["channel"], message["data"])
         except FAILURES as e:
             self._lost(describe(e))
+        except Exception as e:   # noqa: BLE001 - a reader that died would leave the node deaf
+            log.error("bus: reading the subscription failed: %s: %s", type(e).__name__, e)
+            self._lost(f"{type(e).__name__}: {e}")
         else:
             self._lost("the subscription ended")
 
@@ -215,7 +218,7 @@ class Link:
         queued, self._queue = self._queue, []
         for _, then in queued:
             if then is not None:
-                then(DOWN)
+                answered(then, DOWN)
         self._on_lost(why)
         for task in list(self._tasks):
             if task is not asyncio.current_task():
@@ -239,6 +242,15 @@ class Link:
             self._catch_up()
             self._on_restored()
             return
+
+
+def answered(then: Then, answer: Any) -> None:
+    """Give `then` its answer; a callback's own failure is logged, and never stops the writer
+    (which would leave every later command unsent)."""
+    try:
+        then(answer)
+    except Exception as e:   # noqa: BLE001
+        log.error("bus: handling an answer failed: %s: %s", type(e).__name__, e)
 
 
 def describe(e: BaseException) -> str:

@@ -46,6 +46,7 @@ import time
 from typing import Any, Callable
 
 from . import bus
+from .config import NODE_ID_RE
 from .errors import StartError
 from .protocol import clean_text
 from .rooms import (NICK_RE, ROOM_RE, Answer, ChatService, LocalBackend, Peer, line, notice, quoted,
@@ -53,7 +54,11 @@ from .rooms import (NICK_RE, ROOM_RE, Answer, ChatService, LocalBackend, Peer, l
 
 log = logging.getLogger("chatd")
 FORGED_LOG_S = 10.0       # forged or broken bus messages: logged at most this often
-SEEN_MAX = 10000          # (origin, room) pairs whose last sequence number is kept
+SEEN_MAX = 1000           # origins per room whose last sequence number is kept
+SEQ_WINDOW = 1_000_000    # a sequence number further ahead than this is dropped (forged)
+MESSAGE_MAX = 1 << 20     # bytes in one bus message (a read's lines, joined, are far less)
+EPOCH_RE = re.compile(r"[0-9a-f]{16}")
+PLAIN_TEXT = re.compile(r"[\x20-\x7e\n]*")   # printable ASCII lines: nothing to sanitize
 GAP_EPISODE_S = 10.0      # lines lost in a room: its members are told at most this often
 ANSWER_MIN_S = 1.0        # the bus may always take this long to answer (`answer_timeout`)
 GONE_TTL_S = 3600         # how long the bus remembers that a janitor took a node out
@@ -261,8 +266,9 @@ class ClusterBackend(LocalBackend):
                              on_lost=self._on_lost, on_restored=self._on_restored)
         self._head = json.dumps({"o": node_id, "e": self.epoch}, separators=(",", ":"))[:-1]
         self._own = (self._head + ",").encode()
-        self._seq: dict[str, int] = {}                # room -> our last sequence number there
-        self._seen: dict[tuple[bytes, str], int] = {}  # (origin, room) -> last seen there
+        self._seq: dict[str, list[int]] = {}   # room here -> [its incarnation, our last number]
+        self._incarnation = 0                   # counts rooms published to, for `_seq`
+        self._seen: dict[str, dict[tuple[str, str, int], int]] = {}   # room -> origin -> last
         self._gaps: dict[str, float] = {}              # room -> when its members were last told
         self._guests: list[int] = []                  # [next, end] of the block in use
         self._spare: list[int] | None = None          # the next block, leased ahead
@@ -542,8 +548,10 @@ class ClusterBackend(LocalBackend):
     def leave(self, room: str, peer: Peer, reason: str | None) -> None:
         self._changes += 1
         super().leave(room, peer, reason)
-        if room not in self._rooms:
+        if room not in self._rooms:   # nobody here: the room is forgotten (`_publish`)
             self.link.unsubscribe(self._room_channel + room)
+            for kept in (self._seq, self._seen, self._gaps):
+                kept.pop(room, None)
         if self.closing:
             return
         gone = reason is None or not reason.startswith("joined ")
@@ -622,14 +630,22 @@ class ClusterBackend(LocalBackend):
     # ------------------------------------------------------------ publishing
 
     def _publish(self, room: str, kind: str, nick: str, text: str = "") -> None:
+        """One message to a room's channel. Numbered per room, from 1 in each incarnation (a
+        room is forgotten when its last user here leaves, so this stays bounded; a room
+        published to without users here, by a janitor or a stop, gets one of its own)."""
         if self.closing and kind != "leave":
             return
-        seq = self._seq.get(room, 0) + 1
-        self._seq[room] = seq
+        numbers = self._seq.get(room)
+        if numbers is None:
+            self._incarnation += 1
+            numbers = [self._incarnation, 0]
+            if room in self._rooms:
+                self._seq[room] = numbers
+        numbers[1] += 1
         if not self.closing and self._lease_expired():
             return
         self.link.call("PUBLISH", self._room_channel + room,
-                       self._encode({"s": seq, "k": kind, "n": nick, "t": text}))
+                       self._encode({"i": numbers[0], "s": numbers[1], "k": kind, "n": nick, "t": text}))
 
     def _encode(self, fields: dict[str, Any]) -> bytes:
         """Our head (origin, start token) and `fields`, as compact JSON."""
@@ -641,50 +657,64 @@ class ClusterBackend(LocalBackend):
         if data.startswith(self._own) or self._lease_expired():
             return   # our own publish, back from a room we are in; or stale
         try:
+            if len(data) > MESSAGE_MAX:
+                raise Forged(f"over {MESSAGE_MAX} bytes")
             if channel.startswith(self._room_channel.encode()):
                 self._from_room(channel[len(self._room_channel):].decode(), data)
             else:
                 self._private(data)
-        except (Forged, ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
-            self._forged_message(channel, e)
+        except Exception as e:   # noqa: BLE001 - whatever it holds (JSON nested too deep: a
+            self._forged_message(channel, e)   # RecursionError), it must not stop the reader
 
     def _from_room(self, room: str, data: bytes) -> None:
-        if not ROOM_RE.fullmatch(room):
-            raise Forged("bad room")
-        msg = json.loads(data)
-        origin, seq = (str(msg["o"]), str(msg["e"])), msg["s"]
-        if type(seq) is not int:
-            raise Forged("bad sequence number")
-        key = ("/".join(origin).encode(), room)
-        last = self._seen.get(key)
-        if last is None and len(self._seen) >= SEEN_MAX:
-            self._seen.clear()   # forged origins by the thousand: bounded, at the cost of order
-        if last is not None and seq <= last:
-            return   # again, or late: at most once, in order
-        self._seen[key] = seq
+        """A room's message: checked whole (origin, sequence number, what it says) before its
+        sequence number counts, so a malformed one cannot silence a real sender; then at most
+        once and in order per origin, and a gap told."""
         if room not in self._rooms:
-            return
+            return   # in flight when we left the room
+        msg = json.loads(data)
+        if type(msg) is not dict:
+            raise Forged("not an object")
+        origin, seq = (msg["o"], msg["e"], msg["i"]), msg["s"]
+        if (type(origin[0]) is not str or not NODE_ID_RE.fullmatch(origin[0])
+                or type(origin[1]) is not str or not EPOCH_RE.fullmatch(origin[1])
+                or type(origin[2]) is not int or type(seq) is not int or seq < 1):
+            raise Forged("a bad origin or sequence number")
+        data = self._shown(room, msg)
+        seen = self._seen.setdefault(room, {})
+        last = seen.get(origin)
+        if last is None and len(seen) >= SEEN_MAX:
+            seen.clear()   # forged origins by the thousand: bounded, at the cost of order
+        if last is not None and (seq <= last or seq > last + SEQ_WINDOW):
+            return   # again, late, or from too far ahead: at most once, in order
+        seen[origin] = seq
         if last is not None and seq > last + 1:
             self._gap(room)
+        self.service.broadcast(room, data)
+
+    def _shown(self, room: str, msg: dict[str, Any]) -> bytes:
+        """What a room's message shows its members here, as chatd itself would say it."""
         kind, nick, text = msg["k"], _nick(msg["n"]), msg["t"]
         if kind == "say":
-            lines = [cleaned for raw in _text(text).split("\n") if (cleaned := _clean(raw))]
-            if not lines:
-                raise Forged("a line with nothing to show")
-            self.service.broadcast(room, b"".join(line(f"<{nick}> {t}") for t in lines))
-        elif kind == "me":
-            self.service.broadcast(room, line(f"* {nick} {_one_line(text)}"))
-        elif kind == "join":
-            self.service.broadcast(room, notice(f"{nick} joined {room}"))
-        elif kind == "leave":
+            text = _text(text)
+            if PLAIN_TEXT.fullmatch(text):   # printable ASCII: nothing to clean (the hot path)
+                prefix = f"<{nick}> "
+                return "".join([f"{prefix}{t}\r\n" for t in text.split("\n") if t.strip()]).encode() \
+                    or _nothing()
+            lines = [cleaned for raw in text.split("\n") if (cleaned := _clean(raw))]
+            return b"".join(line(f"<{nick}> {t}") for t in lines) or _nothing()
+        if kind == "me":
+            return line(f"* {nick} {_one_line(text)}")
+        if kind == "join":
+            return notice(f"{nick} joined {room}")
+        if kind == "leave":
             reason = _text(text)
             if not REASON_RE.fullmatch(reason) or not reason.isprintable():
                 raise Forged("an unknown reason")
-            self.service.broadcast(room, notice(f"{nick} left {room} ({reason})"))
-        elif kind == "nick":
-            self.service.broadcast(room, notice(f"{nick} is now known as {_nick(text)}"))
-        else:
-            raise Forged("an unknown kind")
+            return notice(f"{nick} left {room} ({reason})")
+        if kind == "nick":
+            return notice(f"{nick} is now known as {_nick(text)}")
+        raise Forged("an unknown kind")
 
     def _private(self, data: bytes) -> None:
         msg = json.loads(data)
@@ -730,6 +760,10 @@ def _clean(raw: str) -> str:
     """A line from the bus as a client's would be: sanitized, and empty if it shows nothing."""
     text = clean_text(raw.encode("utf-8", "replace"))
     return text if text.strip() else ""
+
+
+def _nothing() -> bytes:
+    raise Forged("a line with nothing to show")
 
 
 def _one_line(value: Any) -> str:

@@ -158,17 +158,17 @@ def test_a_bus_that_cannot_be_reached_stops_the_start(redis_server, make_node):
 FORGED = [
     b"not json at all",
     b"\x80\x03cos\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.",   # a pickle
-    json.dumps({"o": "f1", "e": "y", "s": 1, "k": "say", "n": "mallory",
+    json.dumps({"o": "f1", "e": "0123456789abcdef", "i": 1, "s": 1, "k": "say", "n": "mallory",
                 "t": "hi\r\n*** server: you are banned"}).encode(),
-    json.dumps({"o": "f2", "e": "y", "s": 1, "k": "say", "n": "bob> <alice",
+    json.dumps({"o": "f2", "e": "0123456789abcdef", "i": 1, "s": 1, "k": "say", "n": "bob> <alice",
                 "t": "forged"}).encode(),
-    json.dumps({"o": "f3", "e": "y", "s": 1, "k": "say", "n": "mallory",
+    json.dumps({"o": "f3", "e": "0123456789abcdef", "i": 1, "s": 1, "k": "say", "n": "mallory",
                 "t": "\x1b]0;owned\x07\x1b[2J"}).encode(),
-    json.dumps({"o": "f4", "e": "y", "s": 1, "k": "leave", "n": "mallory",
+    json.dumps({"o": "f4", "e": "0123456789abcdef", "i": 1, "s": 1, "k": "leave", "n": "mallory",
                 "t": "quit\r\n*** fake"}).encode(),
-    json.dumps({"o": "f5", "e": "y", "s": 1, "k": "me", "n": "mallory", "t": "a\nb"}).encode(),
-    json.dumps({"o": "x", "e": "y", "s": "6", "k": "say", "n": "mallory", "t": "x"}).encode(),
-    json.dumps({"o": "f6", "e": "y", "s": 1, "k": "shutdown", "n": "mallory", "t": ""}).encode(),
+    json.dumps({"o": "f5", "e": "0123456789abcdef", "i": 1, "s": 1, "k": "me", "n": "mallory", "t": "a\nb"}).encode(),
+    json.dumps({"o": "x", "e": "0123456789abcdef", "i": 1, "s": "6", "k": "say", "n": "mallory", "t": "x"}).encode(),
+    json.dumps({"o": "f6", "e": "0123456789abcdef", "i": 1, "s": 1, "k": "shutdown", "n": "mallory", "t": ""}).encode(),
     json.dumps([1, 2, 3]).encode(),
 ]
 
@@ -180,8 +180,8 @@ def test_forged_bus_messages_never_reach_a_client_as_notices_nicks_or_escapes(re
     for payload in FORGED:
         assert server.command("PUBLISH", "chatd:room:#lobby", payload.decode("latin-1")).startswith(b":")
     server.command("PUBLISH", "chatd:to:n2", json.dumps(
-        {"o": "x", "e": "y", "k": "msg", "n": "mallory", "to": "alice", "t": "\x1b[2Jhi\r\n*** x"}))
-    ok = json.dumps({"o": "f7", "e": "y", "s": 1, "k": "say", "n": "mallory", "t": "after"})
+        {"o": "x", "e": "0123456789abcdef", "i": 1, "k": "msg", "n": "mallory", "to": "alice", "t": "\x1b[2Jhi\r\n*** x"}))
+    ok = json.dumps({"o": "f7", "e": "0123456789abcdef", "i": 1, "s": 1, "k": "say", "n": "mallory", "t": "after"})
     server.command("PUBLISH", "chatd:room:#lobby", ok)
     got = read_until(alice, b"<mallory> after")
     # What got through is what a client typing it would have made: each line prefixed with

@@ -81,7 +81,7 @@ kinds = st.sampled_from(["say", "me", "join", "leave", "nick", "msg", "shutdown"
 @given(kind=kinds, nick=values, text=values, seq=st.one_of(st.integers(1, 5), values))
 def test_any_room_message_reaches_clients_only_in_chatd_s_own_shapes(loop, kind, nick, text, seq):
     made, service = backend(loop)
-    payload = json.dumps({"o": "there", "e": "x", "s": seq, "k": kind, "n": nick, "t": text})
+    payload = json.dumps({"o": "there", "e": "0123456789abcdef", "i": 1, "s": seq, "k": kind, "n": nick, "t": text})
     made._on_message(b"chatd:room:#lobby", payload.encode())
     safe(service.sent)
 
@@ -100,7 +100,7 @@ def test_any_bytes_at_all_are_dropped_or_shaped(loop, raw):
 def test_private_messages_are_one_clean_line(loop, nick, text):
     made, service = backend(loop)
     made._on_message(b"chatd:to:here", json.dumps(
-        {"o": "there", "e": "x", "k": "msg", "n": nick, "to": "alice", "t": text}).encode())
+        {"o": "there", "e": "0123456789abcdef", "i": 1, "k": "msg", "n": nick, "to": "alice", "t": text}).encode())
     for data in service.sent:
         assert re.fullmatch(rb"\*[A-Za-z0-9_.-]{1,16}\* [^\x00-\x1f\x7f]*\r\n", data), data
 
@@ -110,7 +110,7 @@ def test_a_sender_s_lines_come_once_each_in_order_and_a_gap_is_told_once(loop):
 
     def say(seq: int, text: str, origin: str = "there") -> None:
         made._on_message(b"chatd:room:#lobby", json.dumps(
-            {"o": origin, "e": "x", "s": seq, "k": "say", "n": "bob", "t": text}).encode())
+            {"o": origin, "e": "0123456789abcdef", "i": 1, "s": seq, "k": "say", "n": "bob", "t": text}).encode())
 
     say(1, "one")
     say(1, "one again")     # a repeat
@@ -133,5 +133,39 @@ def test_forged_origins_by_the_thousand_cannot_grow_memory_without_bound(loop):
     made, _ = backend(loop)
     for i in range(SEEN_MAX + 500):
         made._on_message(b"chatd:room:#lobby", json.dumps(
-            {"o": f"f{i}", "e": "x", "s": 1, "k": "join", "n": "bob", "t": ""}).encode())
+            {"o": f"f{i}", "e": "0123456789abcdef", "i": 1, "s": 1, "k": "join", "n": "bob", "t": ""}).encode())
     assert len(made._seen) <= SEEN_MAX
+
+
+def say(made: ClusterBackend, seq: int, text: str, origin: str = "there", **extra: object) -> None:
+    made._on_message(b"chatd:room:#lobby", json.dumps(
+        {"o": origin, "e": "0123456789abcdef", "i": 1, "s": seq, "k": "say", "n": "bob",
+         "t": text} | extra).encode())
+
+
+def test_json_nested_too_deep_is_dropped_and_what_follows_still_comes(loop):
+    made, service = backend(loop)
+    made._on_message(b"chatd:room:#lobby", b"[" * 100000)
+    say(made, 1, "still here")
+    assert service.sent == [b"<bob> still here\r\n"]
+
+
+def test_a_malformed_message_cannot_silence_a_real_sender(loop):
+    made, service = backend(loop)
+    say(made, 1, "one")
+    say(made, 10**15, "x", k="bogus")          # dropped, and its number does not count
+    say(made, 10**9, "far ahead")              # past the window: dropped
+    say(made, 2, "two")
+    assert service.sent == [b"<bob> one\r\n", b"<bob> two\r\n"]
+
+
+def test_leaving_a_room_forgets_its_senders_so_coming_back_shows_no_false_gap(loop):
+    made, service = backend(loop)
+    (member,) = made._rooms["#lobby"]
+    say(made, 1, "one")
+    made.leave("#lobby", member, "joined #other")
+    say(made, 2, "while away")                 # not ours any more
+    made.join("#lobby", member)
+    say(made, 3, "three")
+    assert service.sent == [b"<bob> one\r\n", b"<bob> three\r\n"]
+    assert made._seq.keys() <= {"#lobby"}
