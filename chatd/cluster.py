@@ -147,7 +147,9 @@ return out
 """
 DEREGISTER = _CLEANUP + """
 local p, id, token = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('get', p .. ':node:' .. id) == token then redis.call('del', p .. ':node:' .. id) end
+local held = redis.call('get', p .. ':node:' .. id)
+if held and held ~= token then return {} end   -- another process has the id now: its users
+redis.call('del', p .. ':node:' .. id)
 redis.call('srem', p .. ':nodes', id)
 return cleanup(p, id)
 """
@@ -299,7 +301,7 @@ class ClusterBackend(LocalBackend):
         except bus.Refused as e:
             await self.link.close()
             raise StartError(str(e)) from None
-        except bus.FAILURES as e:
+        except (ValueError, *bus.FAILURES) as e:   # ValueError: a URL redis-py cannot use
             await self.link.close()
             raise StartError(f"[cluster] bus {self.link.url}: cannot reach it: {bus.describe(e)}") from None
         self._janitor_after = self._loop.time() + self.node_timeout

@@ -68,7 +68,7 @@ def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
     return check
 
 
-def _float(lo: float, strictly_above: bool = False) -> Callable[[Any], float]:
+def _float(lo: float, strictly_above: bool = False, hi: float | None = None) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, str):
             try:
@@ -82,6 +82,8 @@ def _float(lo: float, strictly_above: bool = False) -> Callable[[Any], float]:
             raise Invalid(f"expected a finite number, got {value}")
         if value < lo or (strictly_above and value == lo):
             raise Invalid(f"must be {'greater than' if strictly_above else 'at least'} {lo:g}, got {value:g}")
+        if hi is not None and value > hi:
+            raise Invalid(f"must be at most {hi:g}, got {value:g}")
         return value
     return check
 
@@ -118,6 +120,8 @@ def _host(value: Any) -> str:
         socket.getaddrinfo(value, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise Invalid(f"cannot resolve {value!r}: {e.strerror}") from None
+    except UnicodeError:   # a label IDNA cannot encode: empty ("a..b") or over 63 characters
+        raise Invalid(f"not an IP address or host name: {value!r}") from None
     return value
 
 
@@ -155,6 +159,7 @@ def _path(value: Any) -> str:
 
 BUS_RE = re.compile(r"redis://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?"
                     r"(?:/(?P<db>\d{1,2}))?|unix://(?P<path>/[^?#]+)(?:\?db=(?P<udb>\d{1,2}))?")
+DAY_S = 86400.0   # the longest a [cluster] timing may be (redis-py and Redis take milliseconds)
 NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -170,15 +175,21 @@ def _bus(value: Any) -> str:
         raise Invalid(f'expected "", redis://HOST[:PORT][/DB] or unix:///PATH, got {value!r}')
     if m["port"] and not 1 <= int(m["port"]) <= 65535:
         raise Invalid(f"port must be between 1 and 65535, got {m['port']}")
-    if m["host"] and not m["host"].startswith("["):
+    if m["host"] and m["host"].startswith("["):
+        try:
+            ipaddress.IPv6Address(m["host"][1:-1])
+        except ValueError:
+            raise Invalid(f"not an IPv6 address in brackets: {m['host']!r}") from None
+    elif m["host"]:
         _host(m["host"])
     return value
 
 
-def _pattern(regex: re.Pattern[str], what: str) -> Callable[[Any], str]:
+def _pattern(regex: re.Pattern[str], what: str, empty: bool = True) -> Callable[[Any], str]:
+    """A string of `regex`'s shape (or empty, if `empty`)."""
     def check(value: Any) -> str:
         value = _str(value)
-        if value and not regex.fullmatch(value):
+        if (value or not empty) and not regex.fullmatch(value):
             raise Invalid(f"{what}; got {value!r}")
         return value
     return check
@@ -301,14 +312,14 @@ SCHEMA: tuple[Key, ...] = (
         "--node-id", on_restart=NEEDS_RESTART,
         help="this process's name on the bus, unique among those sharing it (a duplicate is "
              "refused at start); empty: HOST-PORT"),
-    Key("cluster", "prefix", "chatd", _pattern(PREFIX_RE, "1 to 64 letters, digits, _ . : or -"),
+    Key("cluster", "prefix", "chatd", _pattern(PREFIX_RE, "1 to 64 letters, digits, _ . : or -", empty=False),
         on_restart=NEEDS_RESTART,
         help="the start of every Redis key and channel chatd uses, so clusters can share a server"),
-    Key("cluster", "heartbeat", 1.0, _float(0.1), help="seconds between liveness heartbeats (>= 0.1)"),
-    Key("cluster", "node_timeout", 3.0, _float(0.3),
+    Key("cluster", "heartbeat", 1.0, _float(0.1, hi=DAY_S), help="seconds between liveness heartbeats (>= 0.1)"),
+    Key("cluster", "node_timeout", 3.0, _float(0.3, hi=DAY_S),
         help="seconds without a heartbeat after which a node is taken for dead and its users "
              "leave (at least 3 x heartbeat)"),
-    Key("cluster", "reconnect_max", 5.0, _float(0.1),
+    Key("cluster", "reconnect_max", 5.0, _float(0.1, hi=DAY_S),
         help="the longest wait, in seconds, between attempts to reach a lost bus"),
     Key("cluster", "guest_block", 100, _int(1, 1_000_000), on_restart=NEEDS_RESTART,
         help="guest numbers leased from the bus at a time"),

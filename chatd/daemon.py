@@ -16,10 +16,12 @@ Tests: tests/process/test_detach.py, tests/process/test_start.py
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
 import select
+import signal
 import time
 from typing import Any, Callable
 
@@ -27,6 +29,7 @@ from .config import lookup_user, lookup_group
 from .errors import ChatdError, PrivilegeError, StartError
 
 UMASK = 0o022
+PR_SET_PDEATHSIG = 1   # prctl(2)
 FD_RESERVE = 128     # descriptors kept for listeners, logs, the loop, the pid file and
                      # refused clients being told "server full" (accept.MAX_LINGERING)
 
@@ -113,8 +116,20 @@ def fork_invoker() -> int:
 
 
 def fork_worker() -> int:
-    """Fork one of `[server] workers` (workers.py): 0 in the worker, its pid in the supervisor."""
-    return os.fork()
+    """Fork one of `[server] workers` (workers.py): 0 in the worker, its pid in the supervisor.
+    A worker must not outlive its supervisor (alone, it would serve on unsupervised, holding
+    the port, and no command could reach it): the kernel sends it SIGTERM when the supervisor
+    dies (Linux's PR_SET_PDEATHSIG), and one whose supervisor died before that was set ends."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass   # not Linux: the supervisor's stop still reaches its workers
+        if os.getppid() != parent:
+            os._exit(1)
+    return pid
 
 
 def end(code: int) -> None:

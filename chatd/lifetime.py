@@ -69,6 +69,13 @@ class Held:
         self.pidfile.release()
         self.logs.close()
 
+    def forget(self) -> None:
+        """In a forked worker (workers.py): close this process's descriptors of the pid file
+        and the state file, which the supervisor holds and gives back. Its lock stays: it
+        belongs to the open file, which the supervisor keeps open."""
+        self.pidfile.forget()
+        self.state.forget()
+
 
 def serve(launch: Launch, ready: Callable[..., None]) -> int:
     """The daemon's body: take each resource in turn, serve until stopped, give them back."""
@@ -103,7 +110,7 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
         if launch.detached:
             daemon.redirect_stdio()
         runtime = Runtime(state=state, logs=logs, foreground=not launch.detached,
-                          release=held.release,
+                          release=held.release, forget=held.forget,
                           ready=lambda info: ready(**info), recorder=launch.recorder,
                           notifier=launch.notifier, overrides=_absolute_overrides(cfg))
         if cfg.server.workers > 1:

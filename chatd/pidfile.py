@@ -251,6 +251,13 @@ class PidFile:
                 time.sleep(0.005 * (attempt + 1))
         return False
 
+    def forget(self) -> None:
+        """Close our descriptor and nothing else: in a forked worker, whose parent keeps the
+        file and its lock (an flock belongs to the open file, which the parent holds)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def release(self) -> None:
         """Remove the pid file while still holding its lock, then let the lock go.
 

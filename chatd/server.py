@@ -98,6 +98,7 @@ class Runtime:
     notifier: Notifier = field(default_factory=Notifier)
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
     lease: str = ""                       # a worker slot's bus lease token (workers.py)
+    forget: Callable[[], None] = lambda: None   # a forked worker drops the daemon's files
 
 
 class Server:

@@ -12,8 +12,9 @@ Tests: tests/process/test_signals.py, tests/process/test_detach.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from typing import Callable
+from typing import Callable, Iterator
 
 # What each signal means is documented in the README.
 CAUGHT = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGTERM)
@@ -130,6 +131,18 @@ class SignalQueue:
     def stop_pending(self) -> int | None:
         """A stop signal waiting to be handled, left in place (checked during start-up)."""
         return first_stop(list(self._pending))
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """The caught signals blocked for a moment (around a fork: a child that installs its own
+    table, which empties the mask, then gets one sent to it meanwhile, instead of running the
+    parent's handler on the parent's queue)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def wake_on(fd: int) -> None:

@@ -88,6 +88,13 @@ class StateFile:
         except OSError as e:
             raise PrivilegeError(f"cannot write state file {self.path}: {e.strerror}") from None
 
+    def forget(self) -> None:
+        """Close our descriptor, write nothing more (a forked worker: the parent owns the file)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.data = {}
+
     def update(self, **changes: Any) -> None:
         """Record `changes`; on a full disk the file is rewritten in place instead, and if
         even that fails, `stale` is set and `retry` (called every second) tries again."""

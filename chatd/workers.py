@@ -45,7 +45,8 @@ from .notify import Notifier
 from .paths import check_log_file
 from .server import (FIXED_KEYS, Listener, Runtime, Server, describe_listeners, new_event_loop,
                      state_fields)
-from .signals import STOP_SIGNALS, SignalRecorder, signal_name, stop_waking, wake_on
+from .signals import (STOP_SIGNALS, SignalRecorder, held_signals, signal_name, stop_waking,
+                      wake_on)
 from .state import RestartOutcome
 
 log = logging.getLogger("chatd")
@@ -125,8 +126,10 @@ class Supervisor:
         try:
             self.startup()
             self.main_loop()
-        finally:
-            self.shutdown()
+        except BaseException as e:
+            self.shutdown(f"{e}" if isinstance(e, ChatdError) else f"{type(e).__name__}: {e}")
+            raise
+        self.shutdown()
         return 0
 
     def startup(self) -> None:
@@ -165,12 +168,16 @@ class Supervisor:
                     self._start(worker)
             self._count_clients()
 
-    def shutdown(self) -> None:
+    def shutdown(self, failure: str = "") -> None:
         """Pass the stop on to every worker, wait for them (a graceful stop: drain_timeout),
-        kill what is left, then give everything back."""
+        kill what is left, then give everything back. `failure`: why, if no signal asked."""
         sig = self.stop_signal or signal.SIGTERM
-        log.info("%s (%s): stopping %d workers", "graceful stop" if sig == signal.SIGUSR1 else "stop",
-                 signal_name(sig), sum(1 for w in self.workers.values() if w.pid))
+        running = sum(1 for w in self.workers.values() if w.pid)
+        if failure:
+            log.error("stopping %d workers: %s", running, failure)
+        else:
+            log.info("%s (%s): stopping %d workers",
+                     "graceful stop" if sig == signal.SIGUSR1 else "stop", signal_name(sig), running)
         self.runtime.notifier.stopping("stopping workers")
         self._signal_all(sig)
         wait = self.cfg.daemon.drain_timeout if sig == signal.SIGUSR1 else 0.0
@@ -247,10 +254,11 @@ class Supervisor:
 
     def _start(self, worker: Worker) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
-        pid = daemon.fork_worker()
-        if pid == 0:
-            os.close(r)
-            daemon.end(self._work(worker.slot, w))
+        with held_signals():   # one sent to the new worker before its own table: kept pending
+            pid = daemon.fork_worker()
+            if pid == 0:
+                os.close(r)
+                daemon.end(self._work(worker.slot, w))
         os.close(w)
         os.set_blocking(r, False)
         worker.pid, worker.pipe, worker.buffer = pid, r, b""
@@ -262,6 +270,7 @@ class Supervisor:
         NODE_ID-SLOT; its exit status."""
         report = Report(fd)
         try:
+            self.runtime.forget()   # the pid file's lock and the state file are the supervisor's
             stop_waking()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -334,16 +343,21 @@ class Supervisor:
             try:
                 message = json.loads(raw)
             except ValueError:
+                message = None
+            if not isinstance(message, dict):
+                log.warning("worker %d (pid %d): its report is not one chatd sends; ignored",
+                            worker.slot, worker.pid)
                 continue
             event = message.get("event")
             if event == "ready":
                 worker.ready, worker.loop = True, str(message.get("loop", ""))
                 log.info("worker %d ready (pid %d)", worker.slot, worker.pid)
-            elif event == "clients":
-                worker.clients = int(message.get("clients", 0))
+            elif event == "clients" and type(message.get("clients")) is int:
+                worker.clients = message["clients"]
             elif event == "fail" and starting:
+                status = message.get("status")
                 raise ChatdError(f"worker {worker.slot}: {message.get('message', 'failed')}",
-                                 int(message.get("status", 1)))
+                                 status if type(status) is int else 1)
             elif event == "fail":
                 log.error("worker %d (pid %d) could not start: %s", worker.slot, worker.pid,
                           message.get("message", "failed"))

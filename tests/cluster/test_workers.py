@@ -133,3 +133,18 @@ def test_a_restart_reaches_every_worker(workers):
         with LineClient(workers.port, host="127.0.0.2") as c:
             c.recv_line()
             assert c.recv_line() == b"*** fresh news\r\n"
+
+
+def test_workers_hold_no_daemon_file_and_die_with_their_supervisor(workers):
+    supervisor = workers.pid()
+    pids = children(supervisor)
+    for pid in pids:
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert str(workers.pidfile) not in held, held
+        assert not any(path.endswith(".state") for path in held), held
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=15,
+             what="the workers to end with their supervisor")
+    status = workers.cmd("status")   # LSB: dead, its pid file left behind; no lock held by any
+    assert status.returncode == 1 and b"crashed or was killed" in status.stdout, status
+    assert workers.cmd("start").returncode == 0   # the port and the node ids are free again

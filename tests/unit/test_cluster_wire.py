@@ -163,9 +163,11 @@ def test_leaving_a_room_forgets_its_senders_so_coming_back_shows_no_false_gap(lo
     made, service = backend(loop)
     (member,) = made._rooms["#lobby"]
     say(made, 1, "one")
+    made.link.up = False                       # what leave and join ask of the bus: answered DOWN
     made.leave("#lobby", member, "joined #other")
     say(made, 2, "while away")                 # not ours any more
     made.join("#lobby", member)
+    made.link.up = True
     say(made, 3, "three")
     assert service.sent == [b"<bob> one\r\n", b"<bob> three\r\n"]
     assert made._seq.keys() <= {"#lobby"}

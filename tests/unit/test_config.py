@@ -788,3 +788,15 @@ def test_workers_need_a_bus(tmp_path):
     assert "[server] workers = 2 needs [cluster] bus" in str(err)
     cfg = load(str(write(tmp_path, '[server]\nworkers = 2\n[cluster]\nbus = "redis://127.0.0.1"\n', "ok.conf")))
     assert cfg.server.workers == 2
+
+
+@pytest.mark.parametrize("text, why", [
+    ('[cluster]\nbus = "redis://h..x"  ' + HERE + "\n", "not an IP address or host name"),
+    ('[cluster]\nbus = "redis://[:::]:1"  ' + HERE + "\n", "not an IPv6 address in brackets"),
+    ("[server]\nhost = \"a..b\"  " + HERE + "\n", "not an IP address or host name"),
+    ("[cluster]\nnode_timeout = 1e300  " + HERE + "\n", "must be at most 86400"),
+    ('[cluster]\nprefix = ""  ' + HERE + "\n", "1 to 64 letters"),
+])
+def test_cluster_mistakes_found_by_the_red_team_are_errors_at_their_line(tmp_path, text, why):
+    err = config_error(write(tmp_path, text), text)
+    assert why in str(err)
