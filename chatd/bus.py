@@ -160,7 +160,8 @@ class Link:
                 for args, _ in batch:
                     pipe.execute_command(*args)
                 try:
-                    answers = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout)
+                    async with asyncio.timeout(self.timeout):   # no task of its own, as
+                        answers = await pipe.execute(raise_on_error=False)   # wait_for makes
                 except FAILURES as e:
                     self._lost(describe(e))
                 finally:

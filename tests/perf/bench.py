@@ -75,6 +75,10 @@ WORKLOADS = {
     "n100r2k": ("nodes", ["chat", "-c", "100", "-S", "4", "-R", "2000", "-s", "64"],
                 "chat across nodes, 4 open-loop senders at 2,000 lines/s in all to 100 receivers "
                 "(two nodes: the senders and 50 on one, 50 on the other)"),
+    # Issue 14: one worker against two on one listening socket (a bus for two; neither pinned,
+    # so two can spread over the cores: on 2 cores that shows spread, not speed-up).
+    "w1000": ("workers", ["echo", "-c", "1000", "-P", "1", "-s", "64"],
+              "echo, 1000 connections, 1 line in flight: 1 worker against 2 (not pinned)"),
     "h10k": ("hold", ["hold", "-c", "10000", "--probe", "--pss"],
              "10,000 idle connections, each probed with one echoed line"),
     "h1k": ("hold", ["hold", "-c", "1000", "--probe", "--pss"],
@@ -91,7 +95,8 @@ for _mode, _m in (("echo", "e"), ("chat", "c")):
         WORKLOADS[f"l{_m}-{_cls}"] = ("x" + _mode, ["--class", _cls, "-S", "4", "--probe"],
                                       f"{_mode}, 4 senders of {_cls} and a well-behaved client")
 HOSTILE = [wl for wl in WORKLOADS if wl[:1] in "xl" and wl[2:3] == "-"]
-NODES = [wl for wl, (mode, _, _) in WORKLOADS.items() if mode == "nodes"]
+BUS_MODES = ("nodes", "workers")   # workloads that need a redis-server and the redis package
+NODES = [wl for wl, (mode, _, _) in WORKLOADS.items() if mode in BUS_MODES]
 FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100s4", "c100r2k", "h10k"] + NODES + HOSTILE
 SHORT = ["e100", "e100p16", "c100", "c100s4", "c100r2k", "h1k", "n100", "le-iac-do", "lc-bidi"]
 
@@ -102,6 +107,8 @@ class Server:
     argv: list[str]          # "{port}" is replaced by the port
     modes: tuple[str, ...]   # the workload modes it serves
     bus_nodes: int = 0       # chatd nodes on a private redis-server (0: one process, no bus)
+    workers: int = 1         # [server] workers (more than 1: on a private redis-server too)
+    pinned: bool = True      # pinned to CPU 0 (with --pin); workers are not: they may spread
 
 
 @dataclass
@@ -138,6 +145,9 @@ def chatd_servers(binary: str, work: Path, suffix: str = "") -> list[Server]:
         Server("chatd-chat-asyncio" + suffix, chatd + ["--mode", "chat", "--loop", "asyncio"], ("chat", "xchat")),
         Server("chatd-chat-bus" + suffix, chatd + ["--mode", "chat"], ("nodes",), bus_nodes=1),
         Server("chatd-2nodes" + suffix, chatd + ["--mode", "chat"], ("nodes",), bus_nodes=2),
+        Server("chatd-1worker" + suffix, chatd + ["--mode", "echo"], ("workers",), pinned=False),
+        Server("chatd-2workers" + suffix, chatd + ["--mode", "echo", "--workers", "2"], ("workers",),
+               workers=2, pinned=False),
     ]
 
 
@@ -296,12 +306,13 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
     for port in ports:
         wait_port_free(port)
     try:
-        if server.bus_nodes:
-            redis, bus_port = start_redis(work, args.pin, set(ports))
+        if server.bus_nodes or server.workers > 1:
+            redis, bus_port = start_redis(work, args.pin and server.pinned, set(ports))
         for i, port in enumerate(ports):
             extra = (["--bus", f"redis://127.0.0.1:{bus_port}", "--node-id", f"bench{i + 1}"]
-                     if server.bus_nodes else [])
-            nodes.append(start_server(server, port, work / f"{server.name}.out", args.pin, extra))
+                     if redis is not None else [])
+            nodes.append(start_server(server, port, work / f"{server.name}.out",
+                                      args.pin and server.pinned, extra))
     except RuntimeError as e:
         for started in nodes + ([redis] if redis else []):
             stop_server(started)
@@ -667,12 +678,24 @@ def node_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
         checks.append((label, two <= one + 2000 and lost == 0,
                        f"p99 {two:,.0f} us vs {one:,.0f} us + 2,000 (p50 {p50s[0]:,.0f} vs {p50s[1]:,.0f}); "
                        f"{lost} lost"))
+    label = ("echo at 1,000 connections (w1000), 1 worker against 2: lines/s and server CPU per line "
+             "(a report, no target: on 2 cores it shows spread, not speed-up), 0 lost")
+    two, one = med("w1000", "chatd-2workers", "lines_per_s"), med("w1000", "chatd-1worker", "lines_per_s")
+    lost = sum(errors(r) for name in ("chatd-1worker", "chatd-2workers") for r in group("w1000", name))
+    if two is None or one is None:
+        checks.append((label, None, "not measured"))
+    else:
+        cpu = [median([cpu_per_line(r) for r in group("w1000", name) if r.result]) or 0
+               for name in ("chatd-2workers", "chatd-1worker")]
+        checks.append((label, lost == 0,
+                       f"{two:,.0f} vs {one:,.0f} lines/s ({two / one:.2f} x); CPU per line {cpu[0]:.1f} "
+                       f"vs {cpu[1]:.1f} us (the supervisor and both workers; redis apart); {lost} lost"))
     return checks
 
 
 REFS = {"echo": ["proto-uvloop", "C-epoll", "proto-asyncio"],
         "chat": ["ncat-chat", "broadcast-uvloop", "C-epoll-chat"], "hold": [],
-        "nodes": ["chatd-chat"]}
+        "nodes": ["chatd-chat"], "workers": ["chatd-1worker"]}
 
 
 def main() -> int:
@@ -725,7 +748,7 @@ def main() -> int:
         all_servers = servers(bench, build, work, args.short, args.baseline)
         if args.servers:
             all_servers = [s for s in all_servers if s.name in args.servers.split(",")]
-        missing = cluster_missing() if any(WORKLOADS[wl][0] == "nodes" for wl in workloads) else None
+        missing = cluster_missing() if any(WORKLOADS[wl][0] in BUS_MODES for wl in workloads) else None
         if missing and os.environ.get("CHATD_REQUIRE_REAL") == "1":
             required = f"{missing} is required here (CHATD_REQUIRE_REAL=1) but missing"
             print(f"bench.py: chat across nodes: {required}", file=sys.stderr)
@@ -733,8 +756,8 @@ def main() -> int:
         elif missing:
             print(f"bench.py: chat across nodes left out: {missing} is not available", file=sys.stderr)
         if missing:
-            all_servers = [s for s in all_servers if not s.bus_nodes]
-            workloads = [wl for wl in workloads if WORKLOADS[wl][0] != "nodes"]
+            all_servers = [s for s in all_servers if not s.bus_nodes and s.workers == 1]
+            workloads = [wl for wl in workloads if WORKLOADS[wl][0] not in BUS_MODES]
         runs: list[Run] = []
         started = time.monotonic()
         for rep in range(1, args.reps + 1):
