@@ -25,8 +25,10 @@ receivers are on the first node, the other half on the second. Beside it, in the
 chatd-chat (one node, no bus, every connection on it) and chatd-chat-bus (one node on its own
 redis-server, every connection on it: the cost of publishing alone). The nodes and redis-server
 share CPU 0, as a single server has it alone; server CPU is the nodes' sum, redis-server's is
-reported apart. These need redis-server and the redis Python package (chatd[cluster]): without
-them they are left out, or, under CHATD_REQUIRE_REAL=1, the run fails.
+reported apart. Workers (workload w1000): chatd-1worker against chatd-2workers (`--workers 2`
+on a private redis-server) on echo at 1,000 connections, neither pinned, so that two workers can
+spread over the cores. These need redis-server and the redis Python package (chatd[cluster]):
+without them they are left out, or, under CHATD_REQUIRE_REAL=1, the run fails.
 Exit status: 1 if any run lost or garbled a line, or a server failed; 2 if the load generator
 cannot be built (no C compiler); else 0.
 """
