@@ -445,6 +445,8 @@ class ClusterBackend(LocalBackend):
             self.link.call("EVAL", JANITOR, 0, self.prefix, GONE_TTL_S, then=self._swept)
 
     def _beaten(self, answer: Any, sent: float) -> None:
+        if not self.link.up:
+            return   # lost meanwhile (an answer of the same batch found the lease gone): in hand
         if answer in (1, 2):   # the bus renewed it no earlier than we asked
             self._lease_until = sent + self.node_timeout
         if answer == 2:
