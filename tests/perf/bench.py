@@ -49,6 +49,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 PORT = 7300
@@ -199,19 +200,28 @@ def listening(port: int) -> bool:
     return bool(out.stdout.strip())
 
 
-def start_server(server: Server, port: int, log: Path, pin: bool, extra: list[str] | None = None) -> subprocess.Popen:
-    argv = [a.replace("{port}", str(port)) for a in server.argv] + (extra or [])
+def spawn(argv: list[str], pin: bool, out: Path | None, ready: Callable[[], bool],
+          failed: str) -> subprocess.Popen:
+    """Start `argv` in a session of its own (on CPU 0 if `pin`), output to `out` (or nowhere),
+    and wait until `ready()`; stopped by its pid, with RuntimeError(`failed`), if it exits or
+    20 s pass first."""
     if pin:
         argv = ["taskset", "-c", "0"] + argv
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+    with open(out or os.devnull, "ab") as sink:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
                                 start_new_session=True)
     deadline = time.monotonic() + 20
-    while not listening(port):
+    while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_server(proc)
-            raise RuntimeError(f"{server.name} did not start listening on {port}")
+            raise RuntimeError(failed)
         time.sleep(0.05)
+    return proc
+
+
+def start_server(server: Server, port: int, log: Path, pin: bool, extra: list[str] | None = None) -> subprocess.Popen:
+    argv = [a.replace("{port}", str(port)) for a in server.argv] + (extra or [])
+    proc = spawn(argv, pin, log, lambda: listening(port), f"{server.name} did not start listening on {port}")
     time.sleep(0.2)
     return proc
 
@@ -279,17 +289,7 @@ def start_redis(work: Path, pin: bool, avoid: set[int]) -> tuple[subprocess.Pope
     argv = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(where), "--daemonize", "no",
             "--protected-mode", "no", "--logfile", str(where / "redis.log")]
-    if pin:
-        argv = ["taskset", "-c", "0"] + argv
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while not redis_ping(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"redis-server did not answer on {port}")
-        time.sleep(0.05)
-    return proc, port
+    return spawn(argv, pin, None, lambda: redis_ping(port), f"redis-server did not answer on {port}"), port
 
 
 def wait_port_free(port: int) -> None:
@@ -650,12 +650,20 @@ def node_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
         return median([r.num(key) for r in group(workload, server) if r.result])
 
     checks: list[tuple[str, bool | None, str]] = []
+
+    def pair(label: str, workload: str, key: str, two_name: str,
+             one_name: str) -> tuple[float, float, int] | None:
+        """The medians of `key` on the two servers and the lines either lost, or None (the
+        check then says "not measured")."""
+        two, one = med(workload, two_name, key), med(workload, one_name, key)
+        if two is None or one is None:
+            checks.append((label, None, "not measured"))
+            return None
+        return two, one, sum(errors(r) for name in (two_name, one_name) for r in group(workload, name))
+
     label = "across nodes, 1 sender to 100 (n100): two nodes' deliveries/s at least 0.7 x one node's, 0 lost"
-    two, one = med("n100", "chatd-2nodes", "lines_per_s"), med("n100", "chatd-chat", "lines_per_s")
-    lost = sum(errors(r) for r in group("n100", "chatd-2nodes"))
-    if two is None or one is None:
-        checks.append((label, None, "not measured"))
-    else:
+    if (got := pair(label, "n100", "lines_per_s", "chatd-2nodes", "chatd-chat")) is not None:
+        two, one, lost = got
         # CPU per delivery beside it: what the ratio would be with the servers' CPU saturated
         cpu_two = median([cpu_per_line(r) for r in group("n100", "chatd-2nodes") if r.result])
         bus_two = median([cpu_per_line(r, "aux_cpu") for r in group("n100", "chatd-2nodes") if r.result])
@@ -669,24 +677,18 @@ def node_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
                   if a.rep == b.rep and a.num("lines_per_s") and b.num("lines_per_s")]
         pairs = f"; per repetition {spread(paired, 2)}" if paired else ""
         checks.append((label, two / one >= 0.7 and lost == 0,
-                       f"{two:,.0f} / {one:,.0f} = {two / one:.2f} (at least 0.7){pairs}; {lost} lost{cpu}"))
+                       f"{two:,.0f} / {one:,.0f} = {two / one:.3f} (at least 0.7){pairs}; {lost} lost{cpu}"))
     label = "across nodes, open loop 2,000 lines/s (n100r2k): two nodes' p99 at most one node's + 2 ms, 0 lost"
-    two, one = med("n100r2k", "chatd-2nodes", "p99_us"), med("n100r2k", "chatd-chat", "p99_us")
-    lost = sum(errors(r) for r in group("n100r2k", "chatd-2nodes"))
-    if two is None or one is None:
-        checks.append((label, None, "not measured"))
-    else:
+    if (got := pair(label, "n100r2k", "p99_us", "chatd-2nodes", "chatd-chat")) is not None:
+        two, one, lost = got
         p50s = [med("n100r2k", name, "p50_us") or 0 for name in ("chatd-2nodes", "chatd-chat")]
         checks.append((label, two <= one + 2000 and lost == 0,
                        f"p99 {two:,.0f} us vs {one:,.0f} us + 2,000 (p50 {p50s[0]:,.0f} vs {p50s[1]:,.0f}); "
                        f"{lost} lost"))
     label = ("echo at 1,000 connections (w1000), 1 worker against 2: lines/s and server CPU per line "
              "(a report, no target: on 2 cores it shows spread, not speed-up), 0 lost")
-    two, one = med("w1000", "chatd-2workers", "lines_per_s"), med("w1000", "chatd-1worker", "lines_per_s")
-    lost = sum(errors(r) for name in ("chatd-1worker", "chatd-2workers") for r in group("w1000", name))
-    if two is None or one is None:
-        checks.append((label, None, "not measured"))
-    else:
+    if (got := pair(label, "w1000", "lines_per_s", "chatd-2workers", "chatd-1worker")) is not None:
+        two, one, lost = got
         cpu = [median([cpu_per_line(r) for r in group("w1000", name) if r.result]) or 0
                for name in ("chatd-2workers", "chatd-1worker")]
         checks.append((label, lost == 0,
