@@ -82,9 +82,14 @@ class Link:
         """Connect, run `on_connect`, subscribe: at start, where a failure is the caller's
         to report (it raises Refused, or one of FAILURES)."""
         await self._connect()
+        self._go_up()
+
+    def _go_up(self) -> None:
+        """Connected: commands flow, the subscription is read, what changed meanwhile caught up."""
         self.up = True
         self._spawn(self._writer())
         self._spawn(self._reader())
+        self._catch_up()
 
     async def close(self) -> None:
         """Stop every task and close both connections (nothing queued is sent)."""
@@ -237,10 +242,7 @@ class Link:
                 log.debug("bus %s: still unreachable: %s", self.url, describe(e))
                 delay = min(delay * 2, self.reconnect_max)
                 continue
-            self.up = True
-            self._spawn(self._writer())
-            self._spawn(self._reader())
-            self._catch_up()
+            self._go_up()
             self._on_restored()
             return
 

@@ -288,6 +288,7 @@ class ClusterBackend(LocalBackend):
         self._asserted = 0          # ...and that count when the bus was last told of them all
         self._forged = (0.0, 0)     # (last logged, not logged since)
         self._room_channel = f"{prefix}:room:"
+        self._room_prefix = self._room_channel.encode()   # the same, as channels come off the bus
         self._heart: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -402,8 +403,7 @@ class ClusterBackend(LocalBackend):
         taken, self._taken = self._taken, []
         rejoin, self._rejoin = self._rejoin, False
         for peer in taken:
-            if skeleton(peer.nick) in self._nicks and self._nicks[skeleton(peer.nick)] is peer:
-                self._lose_nick(peer, tell_others=not rejoin)
+            self._clash(peer, tell_others=not rejoin)
         if rejoin:
             for room, members in self._rooms.items():
                 for peer in members:
@@ -615,16 +615,15 @@ class ClusterBackend(LocalBackend):
         self.link.call("EVAL", ROOMS, 0, self.prefix, then=answered)
 
     def message(self, peer: Peer, nick: str, text: str, then: Callable[[str], None]) -> None:
-        shown = nick if NICK_RE.fullmatch(nick) else quoted(nick)
         if not NICK_RE.fullmatch(nick):
-            return then(f"no such nick: {shown}")
+            return then(f"no such nick: {quoted(nick)}")
         if not self.link.up:
-            return then(f"{shown} cannot be reached right now")
+            return then(f"{nick} cannot be reached right now")
         payload = self._encode({"k": "msg", "n": peer.nick, "to": skeleton(nick), "t": text})
 
         def answered(got: Any) -> None:
             if not isinstance(got, list) or got[0] == 0:
-                return then(f"{shown} cannot be reached right now")
+                return then(f"{nick} cannot be reached right now")
             if got[0] == -1:
                 return then(f"no such nick: {quoted(nick)}")
             then("")
@@ -663,8 +662,8 @@ class ClusterBackend(LocalBackend):
         try:
             if len(data) > MESSAGE_MAX:
                 raise Forged(f"over {MESSAGE_MAX} bytes")
-            if channel.startswith(self._room_channel.encode()):
-                self._from_room(channel[len(self._room_channel):].decode(), data)
+            if channel.startswith(self._room_prefix):
+                self._from_room(channel[len(self._room_prefix):].decode(), data)
             else:
                 self._private(data)
         except Exception as e:   # noqa: BLE001 - whatever it holds (JSON nested too deep: a

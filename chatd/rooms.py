@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 NICK_RE = re.compile(r"[A-Za-z0-9_.-]{1,16}")
 ROOM_RE = re.compile(r"#[A-Za-z0-9_-]{1,32}")
@@ -148,6 +148,7 @@ class ChatBackend(Protocol):
     process's own."""
 
     shared: bool   # lines said here also go to other processes (`said`)
+    news: Sequence[str]   # what a newcomer is told of the other servers (cut off: that)
 
     def guest(self) -> int | None:
         """A guest number never handed out before; None if there is none to hand now (then
@@ -213,6 +214,7 @@ class LocalBackend:
     """The ChatBackend of one chatd process: its own dicts."""
 
     shared = False
+    news: Sequence[str] = ()
 
     def __init__(self) -> None:
         self._rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
@@ -292,6 +294,7 @@ class ChatService:
         self._fanout = fanout or send_each
         self._due = False             # a `_pass_ended` is deferred
         self._waiting: dict[Peer, list[bytes | str]] = {}   # said while the bus decides a /nick
+                                                            # or leases guest numbers
         self.configure(motd, default_room)
 
     def configure(self, motd: str, default_room: str) -> None:
@@ -320,7 +323,7 @@ class ChatService:
         self.tell(peer, notice(f"Welcome to chatd, {nick}. Type /help for commands."))
         for text in self.motd:
             self.tell(peer, notice(text))
-        for text in self.news:
+        for text in self.backend.news:
             self.tell(peer, notice(text))
         self._enter(peer, self.default_room)
 
@@ -334,9 +337,13 @@ class ChatService:
         if peer in self._waiting:   # no number yet again: it waits on, its lines in order
             self._waiting[peer][:0] = later
             return
+        self._replay(peer, later)
+
+    def _replay(self, peer: Peer, later: list[bytes | str]) -> None:
+        """What `peer` said while it waited, in order, for as long as it is still here."""
         for what in later:
             if self.backend.holder(skeleton(peer.nick)) is not peer:
-                break
+                break   # it left meanwhile
             self.said(peer, what)
 
     def depart(self, peer: Peer, reason: str, tell_others: bool = True) -> None:
@@ -364,11 +371,6 @@ class ChatService:
             self.broadcast(room, notice(f"{peer.nick} left {room} ({reason})"), skip=peer)
 
     # ------------------------------------------------------------ from other servers
-
-    @property
-    def news(self) -> list[str]:
-        """What a newcomer must be told of the other servers (the backend's `news`)."""
-        return getattr(self.backend, "news", [])
 
     def everyone(self, data: bytes) -> None:
         """A notice to every client of this process (the bus was lost, or is back)."""
@@ -513,10 +515,7 @@ class ChatService:
             else:
                 peer.nick = new
                 self.broadcast(peer.room, notice(f"{old} is now known as {new}"))
-            for what in later:
-                if self.backend.holder(skeleton(peer.nick)) is not peer:
-                    break   # it left meanwhile
-                self.said(peer, what)
+            self._replay(peer, later)
 
         self._waiting[peer] = []
         self.backend.rename(peer, new, done)

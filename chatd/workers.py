@@ -45,8 +45,8 @@ from .notify import Notifier
 from .paths import check_log_file
 from .server import (FIXED_KEYS, Listener, Runtime, Server, describe_listeners, new_event_loop,
                      state_fields)
-from .signals import (STOP_SIGNALS, SignalRecorder, held_signals, signal_name, stop_waking,
-                      wake_on)
+from .signals import (STOP_SIGNALS, SignalRecorder, first_stop, held_signals, signal_name,
+                      stop_waking, wake_on)
 from .state import RestartOutcome
 
 log = logging.getLogger("chatd")
@@ -138,7 +138,7 @@ class Supervisor:
             self._start(worker)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(w.ready for w in self.workers.values()):
-            stop = next((s for s in self.signals if s in STOP_SIGNALS), None)
+            stop = first_stop(self.signals)
             if stop is not None:
                 raise StartError(f"start aborted by {signal_name(stop)}")
             if time.monotonic() > deadline:
@@ -159,7 +159,7 @@ class Supervisor:
         while self.stop_signal is None:
             self._wait(TICK_S)
             while self.signals and self.stop_signal is None:
-                sig = next((s for s in self.signals if s in STOP_SIGNALS), self.signals[0])
+                sig = first_stop(self.signals) or self.signals[0]
                 self.signals.remove(sig)
                 getattr(self, "handle_" + signal_name(sig)[3:].lower())()
             now = time.monotonic()
