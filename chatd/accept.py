@@ -31,7 +31,7 @@ import socket
 import time
 from typing import Any
 
-from .connection import ChurnLog, Connection, ServerState, format_peer
+from .connection import ChurnLog, Connection, ServerState, format_peer, unmapped
 
 log = logging.getLogger("chatd")
 
@@ -117,11 +117,16 @@ class Gate:
             return
         self.fd_base = max(0, total - self.state.count - len(self.lingering))
 
-    def let_in(self, sock: socket.socket, addr: Any) -> None:
-        """A newly accepted socket: admitted and connected, or told "server full"."""
+    def let_in(self, sock: socket.socket, addr: Any, listener: Any = None) -> None:
+        """A newly accepted socket on `listener` (server.Listener: its endpoint says what the
+        connection starts with): admitted and connected, or told "server full"."""
         if self.short_since is not None:
             self._shortage_over()
-        ip = addr[0] if isinstance(addr, tuple) else "?"
+        if isinstance(addr, tuple):
+            addr = (unmapped(addr[0]), addr[1])
+            ip = addr[0]
+        else:
+            ip = "?"
         quiet = self.state.churn.quiet(ip, self.state.limits.logged_per_ip)
         refusal = self.state.admit(ip)
         if refusal:
@@ -226,10 +231,11 @@ class Gate:
 class Acceptor:
     """Accepts on one listening socket while started, handing each newcomer to the gate."""
 
-    def __init__(self, sock: socket.socket, gate: Gate) -> None:
+    def __init__(self, sock: socket.socket, gate: Gate, listener: Any = None) -> None:
         self.sock = sock
         self.sock.setblocking(False)
         self.gate = gate
+        self.listener = listener
         self.loop = gate.loop
         self.retry: asyncio.TimerHandle | None = None
         self.reading = False
@@ -262,7 +268,7 @@ class Acceptor:
                     log.warning("accept: %s", e.strerror or e)
                 self._pause()
                 return
-            self.gate.let_in(sock, addr)
+            self.gate.let_in(sock, addr, self.listener)
 
     def _pause(self) -> None:
         """Stop reading the listener for RETRY_S: a lasting error must not spin the loop."""

@@ -55,7 +55,10 @@ OPTIONS
     --pidfile; the other settings describe the server you mean, and a control
     command whose settings differ from the running instance's refuses to act on it.
     -c, --config PATH        TOML config file; without it every setting has its default
-        --host ADDR          address to listen on [server] host (default 0.0.0.0)
+        --listen LIST        addresses to listen on, comma-separated, each HOST:PORT,
+                             [V6]:PORT or :PORT, maybe tls:// or proxy:// [server] listen
+        --host ADDR          address to listen on [server] host (default: every address,
+                             IPv4 and IPv6)
     -p, --port N             TCP port, 1-65535 [server] port (default 7777)
         --mode echo|chat     [server] mode (default echo)
         --pidfile PATH       [daemon] pidfile (default: see FILES)

@@ -28,6 +28,7 @@ import termios
 import time
 from typing import TYPE_CHECKING, Any
 
+from .listen import unmapped
 from .protocol import IAC, LineDecoder
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ CHURN_SOURCES = 64        # past CHURN_SOURCES sources an interval, the others s
 
 def format_peer(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
+        host, port = unmapped(peer[0]), peer[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peer)
 

@@ -16,7 +16,9 @@ from chatd.errors import EXIT_CONFIG, EXIT_USAGE, ConfigError, UsageError
 
 # README "Configuration", copied from the contract (not from the code).
 SPEC_DEFAULTS = {
-    "server.host": "0.0.0.0",
+    # The contract said 0.0.0.0; issue 15 asks for IPv6 too: "" is every address (listen.resolve).
+    "server.listen": (),
+    "server.host": "",
     "server.port": 7777,
     "server.mode": "echo",
     "server.backlog": 1024,
