@@ -38,6 +38,7 @@ FACILITIES = (
     "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
@@ -277,6 +278,8 @@ SCHEMA: tuple[Key, ...] = (
              'socket exists, else X.log beside the pid file'),
     Key("log", "level", "info", _choice(*LOG_LEVELS), "--log-level",
         help="debug, info, warning or error; debug adds per-connection detail"),
+    Key("log", "format", "text", _choice(*LOG_FORMATS), "--log-format",
+        help='"text", or "json": one JSON object a line, for log shippers (README "Logging")'),
     Key("log", "syslog_socket", "/dev/log", _path, is_path=True, help="the syslog daemon's socket"),
     Key("log", "facility", "daemon", _choice(*FACILITIES),
         help="a syslog facility name: daemon, user, local0 ... local7"),
