@@ -25,7 +25,6 @@ import re
 import socket
 import stat
 import time
-from datetime import datetime, timezone
 from typing import Callable, TextIO
 
 from . import files
@@ -296,7 +295,8 @@ EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
 EVENT_WORD = re.compile(r"[a-z]+")
 # The line breaks besides \r and \n that json.dumps leaves as they are (str.splitlines and some
 # readers break lines there): escaped too, so a line is one line to any reader.
-LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+LINE_BREAKS = re.compile("[\x85\u2028\u2029]")
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _field(value: object) -> object:
@@ -328,7 +328,8 @@ class JsonFormatter(logging.Formatter):
             word = EVENT_WORD.match(message)
             event = word[0] if word else "log"
         line: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                    + f".{int(record.created % 1 * 1e6):06d}Z",
             "level": record.levelname.lower(), "event": event, "message": message, "pid": record.process,
         }
         if isinstance(record.args, tuple) and len(record.args) == len(names):
@@ -337,7 +338,7 @@ class JsonFormatter(logging.Formatter):
                     line.setdefault(name, _field(value))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, separators=(",", ":")).translate(LINE_BREAKS)
+        return LINE_BREAKS.sub(lambda m: f"\\u{ord(m[0]):04x}", _to_json(line))
 
 
 def _journal_prefix() -> bool:

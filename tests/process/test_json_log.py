@@ -9,11 +9,13 @@ import os
 import re
 import signal
 
-from support import LineClient, wait_for
+from support import LineClient, figures, wait_for
 
 KEYS = {"time", "level", "event", "message", "pid"}
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 PEER = re.compile(r"127\.0\.0\.1:\d+")
+KEYS_BYTES = 200        # a line's keys, time and pid, at most: the rest is its message and fields
+NEWCOMER = ("accepted", "connect", "disconnect", "closed")   # one newcomer's lines at debug
 
 
 def objects(text: str) -> list[dict]:
@@ -62,6 +64,13 @@ def test_a_file_gets_one_object_a_line_with_each_events_fields(chatd):
     assert by["restart"]["outcome"] == "applied"
     assert by["stop"]["how"] == "graceful stop" and by["stop"]["signal"] == "SIGUSR1"
     assert by["closed"]["received"] == 2 and by["closed"]["sent"] == 2 and "" not in by["closed"]
+    # bounded as the text line is: its words twice (message and fields) and the keys
+    sizes = {}
+    for o, raw in zip(lines, chatd.log_text().splitlines()):
+        sizes[o["event"]] = len(raw.encode())
+        assert sizes[o["event"]] <= 2 * len(o["message"].encode()) + KEYS_BYTES, raw
+    figures("json_log", **{f"{e}_bytes": sizes[e] for e in NEWCOMER},
+            newcomer_bytes=sum(sizes[e] for e in NEWCOMER))
 
 
 def test_chatd_run_writes_json_to_stderr_with_the_flag(chatd):
@@ -76,6 +85,22 @@ def test_chatd_run_writes_json_to_stderr_with_the_flag(chatd):
     events = [o["event"] for o in lines]
     assert events[-2:] == ["stop", "stopped"] and "ready" in events and "connect" in events, events
     assert [o["signal"] for o in lines if o["event"] == "stop"] == ["SIGTERM"]
+
+
+def test_the_journal_gets_its_priority_prefix_before_the_object(chatd):
+    chatd.config.write_text(chatd.config.read_text().replace(f'target = "{chatd.logfile}"', ""))
+    use_json(chatd)
+    chatd.run_stderr.touch()   # run_foreground reopens it: the same inode
+    st = chatd.run_stderr.stat()
+    proc = chatd.run_foreground(env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    lines = chatd.foreground_stderr().decode().splitlines()
+    levels = {"7": "debug", "6": "info", "4": "warning", "3": "error"}
+    assert all(re.match(r"<[3467]>\{", line) for line in lines), lines
+    found = objects("\n".join(line[3:] for line in lines))
+    assert [levels[line[1]] for line in lines] == [o["level"] for o in found]
+    assert [o["event"] for o in found][-1] == "stopped" and "ready" in [o["event"] for o in found]
 
 
 def test_a_restart_in_place_switches_text_and_json_both_ways(chatd):
@@ -97,6 +122,12 @@ def test_a_restart_in_place_switches_text_and_json_both_ways(chatd):
     assert len(restart) == 1 and "log.format 'text' -> 'json'" in restart[0]["detail"]
     back = lines[kinds.rindex("j") + 1:]
     assert any("INFO: restart applied: changed log.format 'json' -> 'text'" in line for line in back), back
+    text_newcomer = [line for line in back if re.search(r"(DEBUG|INFO): (accepted|connect|disconnect|closed) 1", line)]
+    json_newcomer = [line for line, o in zip([x for x in lines if x.startswith("{")], json_part)
+                     if o["event"] in NEWCOMER]
+    assert len(text_newcomer) == len(json_newcomer) == len(NEWCOMER), (text_newcomer, json_newcomer)
+    figures("json_vs_text", text_newcomer_bytes=sum(len(x.encode()) + 1 for x in text_newcomer),
+            json_newcomer_bytes=sum(len(x.encode()) + 1 for x in json_newcomer))
 
 
 def test_hostile_chat_input_cannot_break_a_line(make_chatd):
@@ -129,3 +160,14 @@ def test_the_fallback_file_is_json_too(chatd, tmp_path):
     lines = objects(chatd.log_text())
     failed = [o for o in lines if o["event"] == "log_failed"]
     assert len(failed) == 1 and failed[0]["fallback"] == str(chatd.logfile) and failed[0]["level"] == "warning"
+
+
+def test_a_bad_format_is_a_clear_error_from_the_flag_or_the_file(chatd):
+    bad = chatd.cmd("check-config", "--log-format", "xml", check=2)
+    assert bad.stderr.decode().startswith("chatd: ") and "--log-format" in bad.stderr.decode(), bad.stderr
+    use_json(chatd, "xml")
+    line = chatd.config.read_text().splitlines().index('format = "xml"') + 1
+    bad = chatd.cmd("check-config", check=6)
+    assert f"{chatd.config}:{line}" in bad.stderr.decode() and "text, json" in bad.stderr.decode(), bad.stderr
+    use_json(chatd)
+    chatd.cmd("check-config", check=0)

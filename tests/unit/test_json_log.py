@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from hypothesis import given, strategies as st
@@ -67,7 +68,10 @@ def test_an_events_arguments_are_its_fields_and_never_replace_the_common_keys(va
 
 def test_the_important_lines_carry_their_fields():
     f = JsonFormatter()
-    obj = parse(f.format(record("disconnect %s: %s (%d clients)", ("127.0.0.1:4000", "eof", 2))))
+    rec = record("disconnect %s: %s (%d clients)", ("127.0.0.1:4000", "eof", 2))
+    obj = parse(f.format(rec))
+    when = datetime.strptime(obj["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    assert abs(when.timestamp() - rec.created) < 2e-6
     assert (obj["event"], obj["peer"], obj["reason"], obj["clients"]) == ("disconnect", "127.0.0.1:4000", "eof", 2)
     assert obj["message"] == "disconnect 127.0.0.1:4000: eof (2 clients)"
     obj = parse(f.format(record("%s (%s), %d clients", ("graceful stop", "SIGUSR1", 0))))
