@@ -9,7 +9,8 @@ syslog or stderr that stops reading (a full queue, a pipe nobody reads) is a
 failing target like any other. Logging's own errors never print a traceback.
 `[log] format = "json"` writes each line as one JSON object (`JsonFormatter`), to every target.
 
-Tests: tests/process/test_logging.py, tests/process/test_rsyslog.py, tests/process/test_log_abuse.py, tests/process/test_fault_resources.py
+Tests: tests/process/test_logging.py, tests/process/test_json_log.py, tests/process/test_rsyslog.py,
+tests/process/test_log_abuse.py, tests/process/test_fault_resources.py, tests/unit/test_json_formatter.py
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
 # The events of the lines that matter most to a log shipper, by the format string chatd logs
 # them with, and a name for each of its arguments: those become the JSON object's fields, with
-# no work at all for the text format (tests/unit/test_json_log.py checks each one is logged).
+# no work at all for the text format (tests/unit/test_json_formatter.py checks each one is logged).
 # An argument named "" is only words for the message.
 EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "chatd %s starting (pid %d, config %s)": ("starting", ("version", "pid", "config")),
@@ -354,16 +355,16 @@ def _journal_prefix() -> bool:
 
 class _JournalFormatter(logging.Formatter):
     """`<N>` priority prefixes (sd-daemon(3)) that the journal turns into levels, before the
-    line as `line` formats it."""
+    message, or its JSON object (`json`)."""
 
     LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
-    def __init__(self, line: logging.Formatter) -> None:
+    def __init__(self, json: bool) -> None:
         super().__init__()
-        self.line = line
+        self.line = JsonFormatter().format if json else logging.LogRecord.getMessage
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{self.LEVELS.get(record.levelno, 6)}>{self.line.format(record)}"
+        return f"<{self.LEVELS.get(record.levelno, 6)}>{self.line(record)}"
 
 
 def _formatter(cfg: Config, text_format: str) -> logging.Formatter:
@@ -413,7 +414,7 @@ class Logging:
             elif target == "stderr":
                 handler = StderrTarget()
                 journal = _journal_prefix()
-                handler.setFormatter(_JournalFormatter(_formatter(cfg, "%(message)s")) if journal
+                handler.setFormatter(_JournalFormatter(cfg.log.format == "json") if journal
                                      else _formatter(cfg, STDERR_FORMAT))
                 description = "stderr (journal)" if journal else "stderr"
             else:
