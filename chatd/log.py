@@ -9,8 +9,7 @@ syslog or stderr that stops reading (a full queue, a pipe nobody reads) is a
 failing target like any other. Logging's own errors never print a traceback.
 `[log] format = "json"` writes each line as one JSON object (`JsonFormatter`), to every target.
 
-Tests: tests/process/test_logging.py, tests/process/test_json_log.py, tests/process/test_rsyslog.py,
-tests/process/test_log_abuse.py, tests/process/test_fault_resources.py, tests/unit/test_json_formatter.py
+Tests: tests/process/test_logging.py, tests/process/test_json_log.py, tests/process/test_rsyslog.py, tests/process/test_log_abuse.py, tests/process/test_fault_resources.py, tests/unit/test_json_formatter.py
 """
 
 from __future__ import annotations
