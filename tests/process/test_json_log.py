@@ -1,6 +1,7 @@
 """`[log] format = "json"` through the real daemon: every line one JSON object with time, level,
-event, message and pid, the important events with their fields, to a file, stderr and the
-fallback file; switched both ways by a restart in place; hostile chat input cannot break it."""
+event, message and pid, the important events with their fields, to a file, stderr, the journal
+and the fallback file (rsyslog: tests/process/test_rsyslog.py); switched both ways by a restart
+in place; hostile chat input cannot break it; a bad value is a clear error."""
 
 from __future__ import annotations
 
