@@ -66,6 +66,8 @@ OPTIONS
                              [log] target (default: stderr for run; syslog if its socket
                              exists, else X.log beside the pid file, for start)
         --log-level LEVEL    debug, info, warning or error [log] level (default info)
+        --log-format text|json
+                             [log] format (default text; json: one JSON object a line)
         --user NAME|#UID     drop privileges to this user after binding [daemon] user
         --group NAME|#GID    ... and this group [daemon] group
         --loop auto|uvloop|asyncio

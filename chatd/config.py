@@ -39,6 +39,7 @@ FACILITIES = (
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_LISTENERS = 64
+LOG_FORMATS = ("text", "json")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
@@ -309,6 +310,8 @@ SCHEMA: tuple[Key, ...] = (
              'socket exists, else X.log beside the pid file'),
     Key("log", "level", "info", _choice(*LOG_LEVELS), "--log-level",
         help="debug, info, warning or error; debug adds per-connection detail"),
+    Key("log", "format", "text", _choice(*LOG_FORMATS), "--log-format",
+        help='"text", or "json": one JSON object a line, for log shippers (README "Logging")'),
     Key("log", "syslog_socket", "/dev/log", _path, is_path=True, help="the syslog daemon's socket"),
     Key("log", "facility", "daemon", _choice(*FACILITIES),
         help="a syslog facility name: daemon, user, local0 ... local7"),

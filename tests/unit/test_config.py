@@ -30,6 +30,7 @@ SPEC_DEFAULTS = {
     "daemon.drain_timeout": 10.0,
     "log.target": "",
     "log.level": "info",
+    "log.format": "text",
     "log.syslog_socket": "/dev/log",
     "log.facility": "daemon",
     "limits.max_line": 4096,
@@ -561,6 +562,7 @@ BAD_FLAGS = [
     ("server.loop", "gevent", "--loop"),
     ("server.host", "not a host!", "--host"),
     ("log.level", "verbose", "--log-level"),
+    ("log.format", "xml", "--log-format"),
 ]
 
 
