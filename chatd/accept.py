@@ -21,8 +21,7 @@ chatd accepts on its listening sockets itself instead of through
   logging every one, and uvloop stops accepting for a second. The shortage is
   logged when it begins and when it ends, with a count.
 
-Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py,
-tests/process/test_access.py
+Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py, tests/process/test_access.py
 """
 
 from __future__ import annotations

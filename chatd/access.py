@@ -31,8 +31,9 @@ from .connection import churn_source
 DENIED = "denied by [access] deny"
 NOT_ALLOWED = "not in [access] allow"
 TOO_FAST = "connecting too fast ([limits] connect_rate)"
-MAX_SOURCES = 65536   # connection-rate buckets at most (about 150 bytes each)
-SWEEP_S = 1.0         # a full table is swept for refilled buckets at most this often
+MAX_SOURCES = 65536   # connection-rate buckets at most (about 210 bytes each: 13 MiB)
+SWEEP_S = 5.0         # a full table is swept for refilled buckets at most this often (a sweep
+                      # of a full table took 67 ms)
 OTHERS = "other sources"
 
 

@@ -72,7 +72,7 @@ def test_the_table_is_bounded_refilled_buckets_go_first_then_newcomers_share_one
     assert a.check("198.51.100.1") == "" and a.check("198.51.100.2") == ""   # both share "other sources"
     assert a.check("198.51.100.3") == TOO_FAST
     assert len(a.buckets) == 5 and access.OTHERS in a.buckets
-    clock[0] += 5.0                                   # every bucket full again: swept
+    clock[0] += 10.0                                  # every bucket full again: swept
     assert a.check("198.51.100.4") == ""
     assert set(a.buckets) == {"198.51.100.4"}
 
