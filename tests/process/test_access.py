@@ -157,6 +157,22 @@ def test_past_connect_burst_a_source_is_told_to_slow_down_and_its_tokens_come_ba
     assert "connect_rate" in _refusal_lines(loop_chatd, "127.0.0.2")[0]
 
 
+def test_chat_mode_says_slow_down_its_way_and_a_restart_applies_a_new_rate_at_once(chatd):
+    _config(chatd, limits="connect_rate = 0.1\nconnect_burst = 1", mode="chat")
+    chatd.start()
+    first = _connect(chatd.port, "127.0.0.2")
+    with _connect(chatd.port, "127.0.0.2") as s:
+        assert _received(s) == b"*** too many connections, slow down\r\n"
+    first.close()
+    _config(chatd, limits="connect_rate = 0.0", mode="chat")
+    said = chatd.cmd("restart", check=0).stdout.decode()
+    assert "limits.connect_rate" in said, said
+    for _ in range(5):
+        with _connect(chatd.port, "127.0.0.2") as s:
+            line = _line(s)
+            assert line.startswith(b"***") and b"slow down" not in line, line   # the greeting
+
+
 # ------------------------------------------------------------------ PROXY protocol
 
 def _v2(client: str, port: int, local: bool = False, tlv: bytes = b"") -> bytes:
