@@ -124,7 +124,7 @@ class Gate:
             total = len(os.listdir("/proc/self/fd")) - 1   # less listdir's own
         except OSError:
             return
-        self.fd_base = max(0, total - self.state.count - len(self.lingering))
+        self.fd_base = max(0, total - self.state.count - len(self.lingering) - len(self.headers))
 
     def let_in(self, sock: socket.socket, addr: Any, listener: Any = None) -> None:
         """A newly accepted socket on `listener` (server.Listener: its endpoint says what the
@@ -231,7 +231,7 @@ class Gate:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY:
             return 1 << 30
-        return soft - self.fd_base - self.state.count - len(self.lingering)
+        return soft - self.fd_base - self.state.count - len(self.lingering) - len(self.headers)
 
     def _on_lingering_input(self, sock: socket.socket) -> None:
         if _drop_input(sock):
