@@ -16,7 +16,7 @@ holds at most MAX_SOURCES sources; when it is full, buckets that have filled up 
 dropped (a sweep at most every SWEEP_S), and newcomers that still find no room share one
 bucket, so whoever keeps MAX_SOURCES sources busy slows only new sources, never those known.
 
-Tests: tests/unit/test_access.py, tests/process/test_access.py
+Tests: tests/unit/test_access_rules.py, tests/process/test_access.py
 """
 
 from __future__ import annotations
