@@ -28,7 +28,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import files, listen
+from . import access, files, listen
 from .errors import ChatdError, ConfigError, setting_error
 from .rooms import ROOM_RE   # "#name"; a config value may leave out the '#'
 
@@ -150,6 +150,25 @@ def _listen(value: Any) -> tuple[str, ...]:
     if len(entries) > MAX_LISTENERS:
         raise Invalid(f"at most {MAX_LISTENERS} addresses, got {len(entries)}")
     return tuple(entries)
+
+
+MAX_RULES = 4096   # entries in one [access] list
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    """An array of addresses and CIDR blocks, IPv4 or IPv6 (access.network checks each)."""
+    if not isinstance(value, (list, tuple)):
+        raise Invalid(f"expected an array of addresses or CIDR blocks, got {_type_name(value)}")
+    if len(value) > MAX_RULES:
+        raise Invalid(f"at most {MAX_RULES} entries, got {len(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise Invalid(f"each entry must be a string, got {_type_name(item)}")
+        try:
+            access.network(item)
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+    return tuple(item.strip() for item in value)
 
 
 def _loop(value: Any) -> str:
@@ -321,6 +340,11 @@ SCHEMA: tuple[Key, ...] = (
         help="clients at once; past it a newcomer is told it is full; 0: no limit"),
     Key("limits", "max_clients_per_ip", 100, _int(0), on_restart=NEW_CONNECTIONS,
         help="clients at once from one address; 0: no limit"),
+    Key("limits", "connect_rate", 0.0, _float(0.0), on_restart=NEW_CONNECTIONS,
+        help="new connections per second from one address (an IPv6 /64), sustained; past it a "
+             'newcomer is told "ERR too many connections, slow down"; 0: no limit'),
+    Key("limits", "connect_burst", 10, _int(1), on_restart=NEW_CONNECTIONS,
+        help="new connections one address may open at once under connect_rate (>= 1)"),
     Key("limits", "logged_per_ip", 100, _int(0),
         help="newcomers from one address (an IPv6 /64) logged one by one per 10 s, 10 times "
              "that from all; past it they are counted, one line per address; 0: no limit"),
@@ -335,6 +359,15 @@ SCHEMA: tuple[Key, ...] = (
         help="chat lines a client may send at once (>= 1)"),
     Key("limits", "keepalive", 60, _int(0, 32767), on_restart=NEW_CONNECTIONS,
         help="seconds of silence before TCP keepalive probes find dead peers; 0: off"),
+    Key("access", "allow", (), _networks, on_restart=NEW_CONNECTIONS,
+        help='addresses and CIDR blocks ("192.0.2.0/24", "2001:db8::/32") that may connect; '
+             "empty: all"),
+    Key("access", "deny", (), _networks, on_restart=NEW_CONNECTIONS,
+        help="addresses and CIDR blocks that may not connect, even if allowed: closed at once, "
+             "nothing read or sent"),
+    Key("access", "proxy_from", (), _networks, on_restart=NEW_CONNECTIONS,
+        help='the proxies whose PROXY protocol header is believed on a "proxy://" listener; '
+             "others are closed"),
     Key("chat", "motd", "", _str, on_restart=NEW_CONNECTIONS,
         help='text sent to each new chat client; one line per "\\n"'),
     Key("chat", "default_room", "lobby", _room, on_restart=NEW_CONNECTIONS,
@@ -372,6 +405,7 @@ ServerConfig = _section_class("server")
 DaemonConfig = _section_class("daemon")
 LogConfig = _section_class("log")
 LimitsConfig = _section_class("limits")
+AccessConfig = _section_class("access")
 ChatConfig = _section_class("chat")
 ClusterConfig = _section_class("cluster")
 
@@ -384,6 +418,7 @@ class Config:
     daemon: Any = field(default_factory=DaemonConfig)
     log: Any = field(default_factory=LogConfig)
     limits: Any = field(default_factory=LimitsConfig)
+    access: Any = field(default_factory=AccessConfig)
     chat: Any = field(default_factory=ChatConfig)
     cluster: Any = field(default_factory=ClusterConfig)
     path: str | None = None                     # the absolute config file path, if any
@@ -633,7 +668,7 @@ def _file_errors(errors: list[tuple[float, str]]) -> ConfigError:
 def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) -> Config:
     sections = {}
     for section, cls in (("server", ServerConfig), ("daemon", DaemonConfig), ("log", LogConfig),
-                         ("limits", LimitsConfig), ("chat", ChatConfig),
+                         ("limits", LimitsConfig), ("access", AccessConfig), ("chat", ChatConfig),
                          ("cluster", ClusterConfig)):
         kwargs = {}
         for key in SCHEMA:
@@ -681,9 +716,14 @@ def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset())
                 found.append((cfg.origin("server.listen"), e.message))
             else:
                 for _, endpoint in planned:
-                    if endpoint.tls or endpoint.proxy:
+                    if endpoint.tls:
                         found.append((cfg.origin("server.listen"),
                                       f"{endpoint.scheme} listeners are not supported yet"))
+                        break
+                    if endpoint.proxy and not cfg.access.proxy_from and "access.proxy_from" not in invalid:
+                        found.append((cfg.origin("server.listen"),
+                                      f"{endpoint.scheme} listeners need [access] proxy_from: the "
+                                      f"proxies whose PROXY headers are believed"))
                         break
     if "server.workers" not in invalid and cfg.server.workers > 1 and not cfg.cluster.bus:
         found.append((cfg.origin("server.workers"),

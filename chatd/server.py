@@ -145,6 +145,7 @@ class Server:
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
         self.state.lease = self.runtime.lease
         self.gate = Gate(self.state, loop)
+        self.gate.access.configure(self.cfg)
         self._apply_mode(self.cfg)
         for mode in MODES.values():
             await mode.start(self.state, self.cfg)
@@ -198,6 +199,7 @@ class Server:
         for task in self._tasks:
             task.cancel()
         self.state.churn.flush()
+        self.gate.refused.flush()
         self.runtime.release("stopped")
 
     # ------------------------------------------------------------------ signals
@@ -287,6 +289,7 @@ class Server:
             log.warning("%s", warning)
         self.state.limits = new.limits
         self.state.max_clients = self.max_clients
+        self.gate.access.configure(new)
         self._apply_mode(new)
         self.gate.measure()
         if not changed:
@@ -425,6 +428,7 @@ class Server:
         while True:
             await asyncio.sleep(CHURN_INTERVAL_S)
             self.state.churn.flush()
+            self.gate.refused.flush()
 
     async def _refresh_state(self) -> None:
         """Bring the client count in the state file and systemd's STATUS= up to date; retry a
