@@ -43,6 +43,9 @@ MAX_LINGERING = 96         # refused clients closed gracefully at a time
 FD_MARGIN = 16             # descriptors never spent on lingering (restart, log reopen)
 SHORTAGE_LOG_S = 10.0      # at most one "out of descriptors" line this often
 DRAIN_READS = 16           # reads of 64 KiB at most, dropping a refused client's input
+# ServerState.admit's refusals as the metrics label them (metrics.REFUSALS)
+REFUSED_AS = {"server full": "server full",
+              "server full (too many connections from one address)": "per-address limit"}
 
 
 def _drop_input(sock: socket.socket) -> bool:
@@ -125,12 +128,14 @@ class Gate:
         quiet = self.state.churn.quiet(ip, self.state.limits.logged_per_ip)
         refusal = self.state.admit(ip)
         if refusal:
+            self.state.metrics.refused(REFUSED_AS.get(refusal, refusal))
             if quiet:
                 self.state.churn.count(ip, ChurnLog.REFUSED)
             else:
                 log.warning("refused %s: %s", format_peer(addr), refusal)
             self.refuse(sock)
             return
+        self.state.metrics.accepted += 1
         sock.setblocking(False)
         try:   # asyncio sets it only for sockets made with proto IPPROTO_TCP; replies are small
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -212,6 +217,7 @@ class Gate:
                 _tell(sock, self.connection_class.FULL_LINE)
                 sock.close()
                 self.turned_away += 1
+                self.state.metrics.refused("out of descriptors")
             if not self.spare.take() or sock is None:
                 break
 

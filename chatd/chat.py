@@ -69,6 +69,7 @@ class ChatConnection(Connection):
                  "billed", "watch", "mark", "handed", "takes")
     FULL_LINE = b"*** server full\r\n"
     CR_NUL_ENDS_LINE = True
+    MODE = "chat"
 
     def __init__(self, state: Any, ip: str = "?", peer: str = "?") -> None:
         super().__init__(state, ip, peer)
@@ -95,6 +96,8 @@ class ChatConnection(Connection):
 
     def consume(self, data: bytes) -> None:
         self.active = True
+        self.in_bytes += len(data)
+        self.in_lines += data.count(b"\n")
         items = self.decode(data)
         if self.commands:   # telnet commands take tokens as lines do
             self._charge(self.commands)

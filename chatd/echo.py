@@ -23,15 +23,21 @@ class EchoConnection(Connection):
     """A client of echo mode."""
 
     __slots__ = ()
+    MODE = "echo"
 
     def consume(self, data: bytes) -> None:
         self.active = True
+        lines = data.count(b"\n")
+        self.in_bytes += len(data)
+        self.in_lines += lines
         block = self.plain(data)
         if block:
             if self.outbox is None:   # Connection.write, inlined: the hot path
                 self.transport.write(block)
             else:
                 self.hold(block)
+            self.out_bytes += len(block)   # whole lines: as many as came in
+            self.out_lines += lines
         elif block is None:
             out = self.decode(data)
             if out:
@@ -48,7 +54,10 @@ class EchoConnection(Connection):
         """Over-long lines become ERR lines, a literal 0xFF goes out as IAC IAC, replies as they are."""
         parts = [self.too_long_line() if item is LINE_TOO_LONG
                  else item if item.__class__ is TelnetReply else escape_iac(item) for item in out]
-        self.write(b"".join(parts))
+        data = b"".join(parts)
+        self.out_bytes += len(data)
+        self.out_lines += data.count(b"\n")
+        self.write(data)
 
     def too_long_line(self) -> bytes:
         return b"ERR line too long (max %d bytes)\r\n" % self.max_line
