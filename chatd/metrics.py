@@ -36,6 +36,7 @@ log = logging.getLogger("chatd")
 REQUEST_BYTES = 8192     # a request's head may be this long at most (431 past it)
 READ_TIMEOUT_S = 5.0     # a scraper must have sent its request within this (then cut off)
 MAX_SCRAPERS = 8         # scrapes served at once; the ones past it are told 503
+LINGER_S = 1.0           # after the answer, how long the client's further input is dropped
 RETRY_S = 1.0            # after a failed accept (no descriptors), accept again after this
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})")
@@ -205,7 +206,8 @@ class Endpoint:
     def __init__(self, sock: socket.socket, render: Callable[[], str]) -> None:
         self.sock = sock
         self.render = render
-        self.scrapers = 0
+        self.scrapers = 0      # connections holding a scrape slot
+        self.open = 0          # connections in all, answered ones lingering included
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._accept)
 
@@ -236,36 +238,42 @@ def _ignore_failure(task: asyncio.Task[Any]) -> None:
 
 class _Scrape(asyncio.Protocol):
     """One HTTP/1.x request: its head read within REQUEST_BYTES and READ_TIMEOUT_S, then one
-    answer and `Connection: close`."""
+    answer, `Connection: close` and a FIN; what the client still sends is dropped until it
+    closes too, for LINGER_S at most (closing over unread input would reset the connection,
+    and the client could lose the answer). Past MAX_SCRAPERS, a newcomer is told 503 at once;
+    past twice that many connections in all, it is closed unanswered."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.head = bytearray()
         self.transport: Any = None
         self.timer: asyncio.TimerHandle | None = None
-        self.counted = False
+        self.answered = False
+        self.scraping = False   # holds one of the MAX_SCRAPERS slots
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        if self.endpoint.scrapers >= MAX_SCRAPERS:
+        endpoint = self.endpoint
+        endpoint.open += 1
+        if endpoint.open > 2 * MAX_SCRAPERS:
+            transport.abort()
+        elif endpoint.scrapers >= MAX_SCRAPERS:
             self._answer(503, "Service Unavailable", "too many scrapes at once\n")
-            return
-        self.endpoint.scrapers += 1
-        self.counted = True
-        self.timer = asyncio.get_running_loop().call_later(READ_TIMEOUT_S, transport.abort)
+        else:
+            endpoint.scrapers += 1
+            self.scraping = True
+            self.timer = endpoint.loop.call_later(READ_TIMEOUT_S, transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
+        if self.answered:
             return
         self.head += data
         end = self.head.find(b"\r\n\r\n")
         if end < 0:
             end = self.head.find(b"\n\n")
-        if end < 0:
-            if len(self.head) > REQUEST_BYTES:
-                self._answer(431, "Request Header Fields Too Large", "request too long\n")
+        if end < 0 and len(self.head) <= REQUEST_BYTES:
             return
-        if end > REQUEST_BYTES:
+        if end < 0 or end > REQUEST_BYTES:
             self._answer(431, "Request Header Fields Too Large", "request too long\n")
             return
         self._respond(bytes(self.head[:end]).split(b"\n", 1)[0].rstrip(b"\r"))
@@ -282,19 +290,30 @@ class _Scrape(asyncio.Protocol):
             self._answer(200, "OK", self.endpoint.render(), (f"Content-Type: {CONTENT_TYPE}",))
 
     def _answer(self, code: int, reason: str, body: str, headers: tuple[str, ...] = ()) -> None:
+        self.answered = True
+        self.head = bytearray()
         payload = body.encode()
+        if code != 200:
+            headers = ("Content-Type: text/plain; charset=utf-8", *headers)
         head = [f"HTTP/1.1 {code} {reason}", *headers, f"Content-Length: {len(payload)}",
                 "Connection: close", "", ""]
-        if code != 200:
-            head.insert(1, "Content-Type: text/plain; charset=utf-8")
-        self.transport.write("\r\n".join(head).encode() + payload)
-        self.transport.close()
+        transport = self.transport
+        transport.write("\r\n".join(head).encode() + payload)
+        if self.timer is not None:
+            self.timer.cancel()
+        try:
+            transport.write_eof()
+        except OSError:
+            transport.close()
+            return
+        self.timer = self.endpoint.loop.call_later(LINGER_S, transport.close)
 
     def eof_received(self) -> bool:
-        return False
+        return False   # the client is done: close
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        if self.counted:
+        self.endpoint.open -= 1
+        if self.scraping:
             self.endpoint.scrapers -= 1
