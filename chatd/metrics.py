@@ -129,14 +129,15 @@ def _number(value: float) -> str:
 
 
 def render_text(snapshot: dict[str, Any]) -> str:
-    """What `chatd stats` prints: one aligned line per family; a labelled family's total,
-    then each of its series indented below it."""
+    """What `chatd stats` prints: one aligned line per family, named as in Prometheus less
+    `chatd_` and `_total`; a labelled family's total, then each of its series indented below
+    it (label values escaped as in Prometheus: no line breaks)."""
     rows: list[tuple[str, str]] = []
     for key, name, _, labels, _ in FAMILIES:
         value = snapshot.get(key)
         if value is None:
             continue
-        title = name.removeprefix("chatd_")
+        title = name.removeprefix("chatd_").removesuffix("_total").replace("_", " ")
         if not labels:
             rows.append((title, _number(value)))
         elif key == "build":
@@ -144,7 +145,7 @@ def render_text(snapshot: dict[str, Any]) -> str:
                                           for label, v in zip(labels, values))))
         else:
             rows.append((title, _number(sum(value.values()))))
-            rows.extend(("  " + ", ".join(map(str, values)), _number(n))
+            rows.extend(("  " + ", ".join(_escape_label(str(v)) for v in values), _number(n))
                         for values, n in sorted(value.items()))
     width = max(len(title) for title, _ in rows)
     return "\n".join(f"{title:<{width}}  {value}" for title, value in rows) + "\n"
