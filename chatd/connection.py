@@ -230,7 +230,7 @@ class Connection(LineDecoder, asyncio.Protocol):
 
     __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "closing",
                  "outbox", "budget", "quiet", "taken", "held", "backlog", "pace",
-                 "in_bytes", "in_lines", "out_bytes", "out_lines")
+                 "in_bytes", "in_lines", "out_bytes")
     MODE = ""                            # the mode's name, for the metrics
     FULL_LINE = b"ERR server full\r\n"   # what accept.Gate tells a newcomer it refuses
     CR_NUL_ENDS_LINE = False
@@ -254,9 +254,8 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.backlog = b""        # input read but left for a later pass (`decode`)
         self.pace = 0.0           # bytes per second the last slice of telnet input took
         self.in_bytes = 0         # counted by the mode's `consume`, for the metrics (metrics.py)
-        self.in_lines = 0
-        self.out_bytes = 0        # what echo writes; chat's output is counted by its service
-        self.out_lines = 0
+        self.in_lines = 0         # chat's only
+        self.out_bytes = 0        # echo's only; chat's output is counted by its service
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport

@@ -27,17 +27,14 @@ class EchoConnection(Connection):
 
     def consume(self, data: bytes) -> None:
         self.active = True
-        lines = data.count(b"\n")
-        self.in_bytes += len(data)
-        self.in_lines += lines
+        self.in_bytes += len(data)   # bytes, not lines: see metrics.py
         block = self.plain(data)
         if block:
             if self.outbox is None:   # Connection.write, inlined: the hot path
                 self.transport.write(block)
             else:
                 self.hold(block)
-            self.out_bytes += len(block)   # whole lines: as many as came in
-            self.out_lines += lines
+            self.out_bytes += len(block)
         elif block is None:
             out = self.decode(data)
             if out:
@@ -56,7 +53,6 @@ class EchoConnection(Connection):
                  else item if item.__class__ is TelnetReply else escape_iac(item) for item in out]
         data = b"".join(parts)
         self.out_bytes += len(data)
-        self.out_lines += data.count(b"\n")
         self.write(data)
 
     def too_long_line(self) -> bytes:

@@ -2,14 +2,17 @@
 `[metrics] listen`'s HTTP endpoint.
 
 Counting must cost the hot path next to nothing (tests/perf/README.md, "Metrics"): each
-connection counts its own bytes and lines in received in slots (two adds a read; echo two
-more for what it writes back), which `Metrics.closed` folds into the totals when it closes,
-and a snapshot adds those of the connections still open; chat's output is counted once per
-loop pass by rooms.ChatService, not once per recipient. Everything else (accepts, refusals,
-disconnects, restarts) happens off the hot path and is counted where it happens. The counters
-are plain ints: prometheus_client's `Counter.inc` takes a lock and cost about 8 times an int
-attribute's add, so the text format is written here (`render_prometheus`), and the tests
-check it with prometheus_client's own parser and `promtool check metrics`.
+connection counts its bytes received (and echo its bytes sent) in slots, one add a read or a
+write, which `Metrics.closed` folds into the totals when it closes, and a snapshot adds those
+of the connections still open. Lines are counted in chat only: there each line costs a Python
+step and a fan-out anyway, while in echo counting them (`bytes.count`, about 0.3 ns a byte)
+would cost about 6 % of echo's speed at 16 lines a read, past the 3 % budget; echo's lines come
+back as they came, and its bytes say as much. Chat's output is counted once per loop pass by
+rooms.ChatService, not once per recipient. Everything else (accepts, refusals, disconnects,
+restarts) happens off the hot path and is counted where it happens. The counters are plain
+ints: prometheus_client's `Counter.inc` takes a lock and cost about 15 times an int slot's add
+(tests/perf/counter_cost.py), so the text format is written here (`render_prometheus`), and
+the tests check it with prometheus_client's own parser and `promtool check metrics`.
 
 A snapshot is a plain dict (`Server.metrics_snapshot`), rendered for people by `render_text`
 (`chatd stats`) and for Prometheus by `render_prometheus` (text exposition format 0.0.4). The
@@ -17,7 +20,7 @@ endpoint answers `GET /metrics` and nothing else, one request per connection, wi
 REQUEST_BYTES, READ_TIMEOUT_S and MAX_SCRAPERS, so a scraper cannot cost chatd more than a
 client can.
 
-Tests: tests/process/test_metrics.py, tests/unit/test_metrics.py
+Tests: tests/process/test_metrics.py, tests/unit/test_metrics_render.py
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ FAMILIES: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
      "Connections refused, by reason."),
     ("disconnects", "chatd_disconnects_total", "counter", ("reason",),
      "Connections ended, by reason (idle, too slow and flooding are drops by chatd)."),
-    ("lines_in", "chatd_lines_received_total", "counter", (), "Lines received (LF-terminated)."),
-    ("lines_out", "chatd_lines_sent_total", "counter", (), "Lines sent to clients."),
+    ("lines_in", "chatd_lines_received_total", "counter", (),
+     "Lines received (LF-terminated), in chat mode."),
+    ("lines_out", "chatd_lines_sent_total", "counter", (),
+     "Lines and notices handed to chat clients, once per recipient."),
     ("bytes_in", "chatd_received_bytes_total", "counter", (), "Bytes received from clients."),
     ("bytes_out", "chatd_sent_bytes_total", "counter", (), "Bytes sent to clients."),
     ("restarts", "chatd_restarts_total", "counter", ("outcome",), "Restarts in place, by outcome."),
@@ -82,7 +87,7 @@ class Metrics:
         self.refusals = dict.fromkeys(REFUSALS, 0)
         self.disconnects = dict.fromkeys(DISCONNECTS, 0)
         self.restarts = dict.fromkeys(RESTARTS, 0)
-        self.gone = [0, 0, 0, 0]   # bytes in, lines in, bytes out, lines out of closed connections
+        self.gone = [0, 0, 0]   # bytes in, lines in, bytes out of the connections closed
 
     def refused(self, reason: str) -> None:
         """A newcomer turned away for `reason`, a short label ("server full", "banned", ...)."""
@@ -94,7 +99,6 @@ class Metrics:
         gone[0] += conn.in_bytes
         gone[1] += conn.in_lines
         gone[2] += conn.out_bytes
-        gone[3] += conn.out_lines
         self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
 
     def restarted(self, outcome: str) -> None:
@@ -105,19 +109,18 @@ class Metrics:
         """Every family's value now: the totals, plus the counts of the open `connections`
         (grouped by mode and `listener_of`), plus `sent` = (bytes, lines) counted elsewhere
         (chat's output), plus `extra` (process and log families, from the server)."""
-        b_in, l_in, b_out, l_out = self.gone
+        b_in, l_in, b_out = self.gone
         clients: dict[tuple[str, ...], int] = {}
         for conn in connections:
             b_in += conn.in_bytes
             l_in += conn.in_lines
             b_out += conn.out_bytes
-            l_out += conn.out_lines
             key = (conn.MODE, listener_of(conn))
             clients[key] = clients.get(key, 0) + 1
         return {"clients": clients, "accepted": self.accepted,
                 "refused": {(k,): v for k, v in self.refusals.items()},
                 "disconnects": {(k,): v for k, v in self.disconnects.items()},
-                "lines_in": l_in, "lines_out": l_out + sent[1],
+                "lines_in": l_in, "lines_out": sent[1],
                 "bytes_in": b_in, "bytes_out": b_out + sent[0],
                 "restarts": {(k,): v for k, v in self.restarts.items()}, **extra}
 

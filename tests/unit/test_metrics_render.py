@@ -13,9 +13,8 @@ from chatd.log import FailoverHandler
 from chatd.metrics import FAMILIES, Metrics, parse_listen, render_prometheus, render_text
 
 
-def conn(mode: str, counts: tuple[int, int, int, int]) -> SimpleNamespace:
-    return SimpleNamespace(MODE=mode, in_bytes=counts[0], in_lines=counts[1], out_bytes=counts[2],
-                           out_lines=counts[3])
+def conn(mode: str, counts: tuple[int, int, int]) -> SimpleNamespace:
+    return SimpleNamespace(MODE=mode, in_bytes=counts[0], in_lines=counts[1], out_bytes=counts[2])
 
 
 def snapshot() -> dict:
@@ -23,9 +22,9 @@ def snapshot() -> dict:
     m.accepted = 3
     m.refused("server full")
     m.refused('odd "reason"\\ with\nnewline')
-    m.closed(conn("echo", (10, 2, 10, 2)), "idle")
+    m.closed(conn("echo", (10, 0, 10)), "idle")
     m.restarted("applied")
-    open_ = [conn("echo", (5, 1, 5, 1)), conn("chat", (7, 2, 0, 0)), conn("chat", (1, 0, 0, 0))]
+    open_ = [conn("echo", (5, 0, 5)), conn("chat", (7, 2, 0)), conn("chat", (1, 0, 0))]
     extra = {"build": {("0.1.0", "asyncio", "chat"): 1}, "start_time": 1700000000.0,
              "uptime": 12.5, "generation": 1, "log_failures": 0, "log_fallback": 4}
     return m.snapshot(open_, lambda c: "127.0.0.1:7777", (30, 3), extra)
@@ -33,7 +32,7 @@ def snapshot() -> dict:
 
 def test_a_snapshot_adds_the_closed_the_open_and_what_was_counted_elsewhere():
     s = snapshot()
-    assert (s["bytes_in"], s["lines_in"], s["bytes_out"], s["lines_out"]) == (23, 5, 45, 6)
+    assert (s["bytes_in"], s["lines_in"], s["bytes_out"], s["lines_out"]) == (23, 2, 45, 3)
     assert s["clients"] == {("echo", "127.0.0.1:7777"): 1, ("chat", "127.0.0.1:7777"): 2}
     assert s["disconnects"][("idle",)] == 1 and s["disconnects"][("too slow",)] == 0
     assert s["refused"][("server full",)] == 1 and s["refused"][("per-address limit",)] == 0
