@@ -220,6 +220,33 @@ def test_restarts_are_counted_by_outcome(chatd):
     assert value(samples, "chatd_generation") == 2
 
 
+def test_a_failing_log_target_is_counted(chatd, tmp_path):
+    """chatd logs (level debug) to a "syslog" socket nobody reads; clients come and go until
+    its queue is full. Writes to it then fail, their lines go to X.log, and both are counted:
+    0 before, at least 1 after."""
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "log"
+    sink.bind(str(path))
+    try:
+        mport = free_port()
+        chatd.write_config(extra=f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+        chatd.config.write_text(chatd.config.read_text().replace(
+            f'target = "{chatd.logfile}"', f'target = "syslog"\nsyslog_socket = "{path}"'))
+        chatd.start()
+        before = scrape(mport)
+        assert value(before, "chatd_log_failures_total") == 0
+
+        def failing():
+            with LineClient(chatd.port) as c:
+                c.send(b"x\n")
+                c.recv_line()
+            return value(scrape(mport), "chatd_log_failures_total") >= 1
+        wait_for(failing, what="a failed write to the log target")
+        assert value(scrape(mport), "chatd_log_fallback_lines_total") >= 1
+    finally:
+        sink.close()
+
+
 # ------------------------------------------------------------------ the endpoint
 
 
