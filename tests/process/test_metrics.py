@@ -116,6 +116,18 @@ def join(port: int) -> LineClient:
     return c
 
 
+def test_clients_are_labelled_with_the_listener_that_accepted_them(chatd):
+    """A listener on 0.0.0.0: a client that connected to 127.0.0.1 is counted on 0.0.0.0:PORT."""
+    mport = free_port()
+    chatd.write_config(host="0.0.0.0", extra=f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+    chatd.start()
+    with LineClient(chatd.port) as c:
+        c.send(b"x\n")
+        c.recv_line()
+        samples = scrape(mport)
+    assert value(samples, "chatd_clients", mode="echo", listener=f"0.0.0.0:{chatd.port}") == 1, samples
+
+
 def test_a_chat_session_counts_lines_in_and_deliveries_out(chatd):
     """1. two chat clients join, 2. a scrape, 3. guest1 says two lines (one read), guest2 one,
     each read by the other, 4. a scrape: 3 lines in, 3 lines delivered, their exact bytes."""
@@ -312,6 +324,10 @@ def test_bad_listen_values_are_config_errors(chatd):
     assert b"Traceback" not in proc.stderr
     chatd.write_config(extra='[metrics]\nlisten = "127.0.0.1:70000"\n')
     assert b"port must be between 1 and 65535" in chatd.cmd("check-config", check=6).stderr
+    chatd.write_config(workers=2, extra='[cluster]\nbus = "redis://127.0.0.1:1"\n'
+                                        '[metrics]\nlisten = "127.0.0.1:9777"\n')
+    proc = chatd.cmd("check-config", check=6)
+    assert b"[metrics] listen needs [server] workers = 1 (it is 2)" in proc.stderr, proc.stderr
 
 
 def test_promtool_accepts_the_exposition(chatd):
