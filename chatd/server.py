@@ -474,13 +474,21 @@ class Server:
                  "start_time": self.started, "uptime": max(0.0, now - self.started),
                  "generation": self.generation, "log_failures": log_failures,
                  "log_fallback": log_fallback}
-        return self.state.metrics.snapshot(self.state.connections, self._listener_of,
+        labels: dict[Any, str] = {}   # local address -> its listener's, found once a snapshot
+
+        def listener_of(conn: Any) -> str:
+            local = conn.transport.get_extra_info("sockname")
+            label = labels.get(local)
+            if label is None:
+                label = labels[local] = self._listener_of(local)
+            return label
+        return self.state.metrics.snapshot(self.state.connections, listener_of,
                                            tuple(chat.sent) if chat else (0, 0), extra)
 
-    def _listener_of(self, conn: Any) -> str:
-        """The listener that accepted `conn`: the one that serves its local address."""
+    def _listener_of(self, sockname: Any) -> str:
+        """The listener that serves the local address `sockname` (a connection's)."""
         try:
-            host, port = conn.transport.get_extra_info("sockname")[:2]
+            host, port = sockname[:2]
             local = listen.Address(listen.family_of(host), ipaddress.ip_address(host).compressed, port)
         except (TypeError, ValueError):
             return "?"
