@@ -97,7 +97,7 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
                  for a, s, act in zip(addresses, socks, launch.activated or [None] * len(socks))]
     state = StateFile(paths.state)
     logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
-    held = Held(socks + [metrics_sock] if metrics_sock else socks, PidFile(paths.pidfile), state, logs)
+    held = Held(socks + ([metrics_sock] if metrics_sock else []), PidFile(paths.pidfile), state, logs)
     try:
         held.pidfile.acquire(os.getpid())
         state.open(pid=os.getpid(), version=__version__, started=time.time(), config=cfg.path,

@@ -259,6 +259,15 @@ def test_a_failing_log_target_is_counted(chatd, tmp_path):
         sink.close()
 
 
+def test_a_new_listen_address_needs_a_stop_and_start(chatd):
+    """chatd restart with another [metrics] listen is rejected (exit 6); the old one serves on."""
+    mport = with_metrics(chatd)
+    chatd.config.write_text(chatd.config.read_text().replace(f":{mport}", f":{free_port()}"))
+    proc = chatd.cmd("restart", check=6)
+    assert b"metrics.listen changed" in proc.stdout + proc.stderr, proc
+    assert value(scrape(mport), "chatd_restarts_total", outcome="rejected") == 1
+
+
 # ------------------------------------------------------------------ the endpoint
 
 
