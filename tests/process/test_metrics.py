@@ -82,7 +82,8 @@ def wait_moved(port: int, before: dict, name: str, by: float, **labels: str) -> 
 # ------------------------------------------------------------------ sessions
 
 
-def test_an_echo_session_moves_each_counter_by_what_it_did(chatd):
+def test_an_echo_session_moves_each_counter_by_what_it_did(loop_chatd):
+    chatd = loop_chatd
     """1. a scrape, 2. a client sends two lines and one over-long line, reads them back, closes,
     3. a scrape. Each counter moved by exactly that: one accept, the bytes in and out (the
     over-long line comes back as an ERR line), one "client closed" (echo counts no lines);
@@ -128,7 +129,8 @@ def test_clients_are_labelled_with_the_listener_that_accepted_them(chatd):
     assert value(samples, "chatd_clients", mode="echo", listener=f"0.0.0.0:{chatd.port}") == 1, samples
 
 
-def test_a_chat_session_counts_lines_in_and_deliveries_out(chatd):
+def test_a_chat_session_counts_lines_in_and_deliveries_out(loop_chatd):
+    chatd = loop_chatd
     """1. two chat clients join, 2. a scrape, 3. guest1 says two lines (one read), guest2 one,
     each read by the other, 4. a scrape: 3 lines in, 3 lines delivered, their exact bytes."""
     mport = with_metrics(chatd, mode="chat")
@@ -291,7 +293,8 @@ def raw(port: int, data: bytes) -> bytes:
         return got
 
 
-def test_oversized_slow_and_too_many_requests_are_cut_off(chatd):
+def test_oversized_slow_and_too_many_requests_are_cut_off(loop_chatd):
+    chatd = loop_chatd
     """A request head over 8 KiB is answered 431; garbage 400; 8 connections that send nothing
     take every scrape slot, so a ninth is told 503; they are cut off after 5 s, and /metrics
     is served again. The daemon keeps echoing throughout."""
