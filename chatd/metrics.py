@@ -90,11 +90,13 @@ class Metrics:
         self.gone = [0, 0, 0]   # bytes in, lines in, bytes out of the connections closed
 
     def refused(self, reason: str) -> None:
-        """A newcomer turned away for `reason`, a short label ("server full", "banned", ...)."""
+        """A newcomer turned away for `reason`, a short fixed label ("server full", "banned",
+        ...), never text a client chose: each new one is a series of its own."""
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     def closed(self, conn: Any, reason: str) -> None:
-        """Fold a closing connection's counts into the totals, and count why it ended."""
+        """Fold a closing connection's counts into the totals, and count why it ended (a fixed
+        label, as for `refused`)."""
         gone = self.gone
         gone[0] += conn.in_bytes
         gone[1] += conn.in_lines
