@@ -49,6 +49,12 @@ FD_MARGIN = 16             # descriptors never spent on lingering (restart, log 
 SHORTAGE_LOG_S = 10.0      # at most one "out of descriptors" line this often
 DRAIN_READS = 16           # reads of 64 KiB at most, dropping a refused client's input
 MAX_HEADERS = 1024         # PROXY headers awaited at a time (each a descriptor, for at most 5 s)
+# The refusals of ServerState.admit and access.Access.check as the metrics label them
+# (metrics.REFUSALS); whatever a PROXY header stage refuses is "proxy".
+REFUSED_AS = {"server full": "server full",
+              "server full (too many connections from one address)": "per-address limit",
+              access.DENIED: "denied", access.NOT_ALLOWED: "not allowed",
+              access.TOO_FAST: "connect rate"}
 
 
 def _drop_input(sock: socket.socket) -> bool:
@@ -150,12 +156,14 @@ class Gate:
         quiet = self.state.churn.quiet(ip, self.state.limits.logged_per_ip)
         refusal = self.state.admit(ip)
         if refusal:
+            self.state.metrics.refused(REFUSED_AS.get(refusal, refusal))
             if quiet:
                 self.state.churn.count(ip, ChurnLog.REFUSED)
             else:
                 log.warning("refused %s: %s", format_peer(addr), refusal)
             self.refuse(sock)
             return
+        self.state.metrics.accepted += 1
         sock.setblocking(False)
         try:   # asyncio sets it only for sockets made with proto IPPROTO_TCP; replies are small
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -170,6 +178,7 @@ class Gate:
         then counted (`refused`). Over the connect rate the newcomer is told so, like "server
         full"; otherwise closed at once, nothing read or sent."""
         ip = addr[0] if isinstance(addr, tuple) else "?"
+        self.state.metrics.refused(REFUSED_AS.get(refusal, "proxy"))
         if self.refused.quiet(ip, 1):
             self.refused.count(ip, ChurnLog.REFUSED)
         else:
@@ -278,6 +287,7 @@ class Gate:
                 _tell(sock, self.connection_class.FULL_LINE)
                 sock.close()
                 self.turned_away += 1
+                self.state.metrics.refused("out of descriptors")
             if not self.spare.take() or sock is None:
                 break
 

@@ -70,6 +70,7 @@ class ChatConnection(Connection):
     FULL_LINE = b"*** server full\r\n"
     SLOW_DOWN_LINE = b"*** too many connections, slow down\r\n"
     CR_NUL_ENDS_LINE = True
+    MODE = "chat"
 
     def __init__(self, state: Any, ip: str = "?", peer: str = "?") -> None:
         super().__init__(state, ip, peer)
@@ -96,6 +97,8 @@ class ChatConnection(Connection):
 
     def consume(self, data: bytes) -> None:
         self.active = True
+        self.in_bytes += len(data)
+        self.in_lines += data.count(b"\n")
         items = self.decode(data)
         if self.commands:   # telnet commands take tokens as lines do
             self._charge(self.commands)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from . import access, files, listen
 from .errors import ChatdError, ConfigError, setting_error
+from .metrics import parse_listen
 from .rooms import ROOM_RE   # "#name"; a config value may leave out the '#'
 
 FACILITIES = (
@@ -231,6 +232,19 @@ def _bus(value: Any) -> str:
     return value
 
 
+def _metrics_listen(value: Any) -> str:
+    """"" (off), "HOST:PORT" or "[IPV6]:PORT": the address `[metrics] listen` binds."""
+    value = _str(value).strip()
+    if not value:
+        return value
+    try:
+        host, _ = parse_listen(value)
+    except ValueError as e:
+        raise Invalid(str(e)) from None
+    _host(host)
+    return value
+
+
 def _pattern(regex: re.Pattern[str], what: str, empty: bool = True) -> Callable[[Any], str]:
     """A string of `regex`'s shape (or empty, if `empty`)."""
     def check(value: Any) -> str:
@@ -391,6 +405,9 @@ SCHEMA: tuple[Key, ...] = (
         help="the longest wait, in seconds, between attempts to reach a lost bus"),
     Key("cluster", "guest_block", 100, _int(1, 1_000_000), on_restart=NEEDS_RESTART,
         help="guest numbers leased from the bus at a time"),
+    Key("metrics", "listen", "", _metrics_listen, on_restart=NEEDS_RESTART,
+        help='serve the metrics in the Prometheus text format at http://HOST:PORT/metrics: '
+             '"HOST:PORT" or "[IPV6]:PORT"; empty: off (README "Metrics")'),
 )
 KEYS: dict[str, Key] = {k.dotted: k for k in SCHEMA}
 SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
@@ -408,6 +425,7 @@ LimitsConfig = _section_class("limits")
 AccessConfig = _section_class("access")
 ChatConfig = _section_class("chat")
 ClusterConfig = _section_class("cluster")
+MetricsConfig = _section_class("metrics")
 
 
 @dataclass(frozen=True)
@@ -421,6 +439,7 @@ class Config:
     access: Any = field(default_factory=AccessConfig)
     chat: Any = field(default_factory=ChatConfig)
     cluster: Any = field(default_factory=ClusterConfig)
+    metrics: Any = field(default_factory=MetricsConfig)
     path: str | None = None                     # the absolute config file path, if any
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -669,7 +688,7 @@ def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) ->
     sections = {}
     for section, cls in (("server", ServerConfig), ("daemon", DaemonConfig), ("log", LogConfig),
                          ("limits", LimitsConfig), ("access", AccessConfig), ("chat", ChatConfig),
-                         ("cluster", ClusterConfig)):
+                         ("cluster", ClusterConfig), ("metrics", MetricsConfig)):
         kwargs = {}
         for key in SCHEMA:
             if key.section == section and key.dotted in values:
@@ -729,6 +748,11 @@ def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset())
         found.append((cfg.origin("server.workers"),
                       f"[server] workers = {cfg.server.workers} needs [cluster] bus: the workers "
                       f"share rooms and nicks through it"))
+    if not invalid & {"server.workers", "metrics.listen"} \
+            and cfg.server.workers > 1 and cfg.metrics.listen:
+        found.append((cfg.origin("metrics.listen"),
+                      f"[metrics] listen needs [server] workers = 1 (it is {cfg.server.workers}): "
+                      f"each worker counts its own clients"))
     if not invalid & {"cluster.heartbeat", "cluster.node_timeout"} \
             and cfg.cluster.node_timeout < 3 * cfg.cluster.heartbeat:
         found.append((cfg.origin("cluster.node_timeout") if "cluster.node_timeout" in cfg.origins

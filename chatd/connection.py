@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .listen import unmapped
+from .metrics import Metrics
 from .protocol import IAC, LineDecoder
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ class ServerState:
         self.chat: ChatService | None = None  # chat connections share it (modes.ChatMode makes it)
         self.lease = ""       # a worker slot's bus lease (workers.py), passed on to the chat service
         self.churn = ChurnLog()
+        self.metrics = Metrics()
 
     def admit(self, ip: str) -> str:
         """Count a newcomer from `ip` in, or say why it is refused ("" when admitted).
@@ -231,7 +233,9 @@ class Connection(LineDecoder, asyncio.Protocol):
     """
 
     __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "closing",
-                 "outbox", "budget", "quiet", "taken", "held", "backlog", "pace")
+                 "outbox", "budget", "quiet", "taken", "held", "backlog", "pace",
+                 "in_bytes", "in_lines", "out_bytes")
+    MODE = ""                            # the mode's name, for the metrics
     FULL_LINE = b"ERR server full\r\n"   # what accept.Gate tells a newcomer it refuses
     SLOW_DOWN_LINE = b"ERR too many connections, slow down\r\n"   # ... over [limits] connect_rate
     CR_NUL_ENDS_LINE = False
@@ -254,6 +258,9 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.held = False         # reading paused by `over_budget` until `resume_writing`
         self.backlog = b""        # input read but left for a later pass (`decode`)
         self.pace = 0.0           # bytes per second the last slice of telnet input took
+        self.in_bytes = 0         # counted by the mode's `consume`, for the metrics (metrics.py)
+        self.in_lines = 0         # chat's only
+        self.out_bytes = 0        # echo's only; chat's output is counted by its service
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -270,6 +277,7 @@ class Connection(LineDecoder, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.forget(self)
+        self.state.metrics.closed(self, self.reason or ("reset" if exc else "closed"))
         if self.quiet:
             self.state.churn.count(self.ip, ChurnLog.DISCONNECTS)
         else:
@@ -343,6 +351,8 @@ class Connection(LineDecoder, asyncio.Protocol):
             return
         if self.backlog:
             backlog, self.backlog = self.backlog, b""
+            self.in_bytes -= len(backlog)   # counted when it was read; `consume` counts again
+            self.in_lines -= backlog.count(b"\n")
             self.consume(backlog)
             if self.backlog or self.held or self.closing:
                 return   # a further slice (it sits out again), or a full outbox

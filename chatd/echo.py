@@ -23,15 +23,18 @@ class EchoConnection(Connection):
     """A client of echo mode."""
 
     __slots__ = ()
+    MODE = "echo"
 
     def consume(self, data: bytes) -> None:
         self.active = True
+        self.in_bytes += len(data)   # bytes, not lines: see metrics.py
         block = self.plain(data)
         if block:
             if self.outbox is None:   # Connection.write, inlined: the hot path
                 self.transport.write(block)
             else:
                 self.hold(block)
+            self.out_bytes += len(block)
         elif block is None:
             out = self.decode(data)
             if out:
@@ -48,7 +51,9 @@ class EchoConnection(Connection):
         """Over-long lines become ERR lines, a literal 0xFF goes out as IAC IAC, replies as they are."""
         parts = [self.too_long_line() if item is LINE_TOO_LONG
                  else item if item.__class__ is TelnetReply else escape_iac(item) for item in out]
-        self.write(b"".join(parts))
+        data = b"".join(parts)
+        self.out_bytes += len(data)
+        self.write(data)
 
     def too_long_line(self) -> bytes:
         return b"ERR line too long (max %d bytes)\r\n" % self.max_line

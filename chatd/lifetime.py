@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import __version__, daemon, listen
+from . import __version__, daemon, listen, metrics
 from .config import Config
 from .log import Logging, log
 from .notify import Activated, Notifier
@@ -89,9 +89,15 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
         socks = listen.bind_all([address for address, _ in planned], cfg.server.backlog)
         listeners = [Listener(address, sock, endpoint) for (address, endpoint), sock in zip(planned, socks)]
     socks = [li.sock for li in listeners]
+    try:
+        metrics_sock = metrics.bind(cfg.metrics.listen)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
     state = StateFile(paths.state)
     logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
-    held = Held(socks, PidFile(paths.pidfile), state, logs)
+    held = Held(socks + ([metrics_sock] if metrics_sock else []), PidFile(paths.pidfile), state, logs)
     try:
         held.pidfile.acquire(os.getpid())
         state.open(pid=os.getpid(), version=__version__, started=time.time(), config=cfg.path,
@@ -112,7 +118,8 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
         runtime = Runtime(state=state, logs=logs, foreground=not launch.detached,
                           release=held.release, forget=held.forget,
                           ready=lambda info: ready(**info), recorder=launch.recorder,
-                          notifier=launch.notifier, overrides=_absolute_overrides(cfg))
+                          notifier=launch.notifier, overrides=_absolute_overrides(cfg),
+                          metrics_sock=metrics_sock)
         if cfg.server.workers > 1:
             loop.close()   # uvloop is imported; each worker makes its own loop
             try:

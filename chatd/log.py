@@ -202,6 +202,8 @@ class FailoverHandler(logging.Handler):
         self.failed_at: float | None = None
         self.failure = ""
         self.on_change = on_change
+        self.failures = 0         # writes to the target that failed (the metrics)
+        self.fallback_lines = 0   # lines written to the fallback file instead
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.failed_at is None or time.monotonic() - self.failed_at >= RETRY_S:
@@ -218,6 +220,7 @@ class FailoverHandler(logging.Handler):
         self._to_fallback(record)
 
     def _failed(self, error: Exception, record: logging.LogRecord) -> None:
+        self.failures += 1
         first = self.failed_at is None
         self.failed_at = time.monotonic()
         self.failure = f"{type(error).__name__}: {error}"
@@ -234,6 +237,7 @@ class FailoverHandler(logging.Handler):
                 self.fallback = FileTarget(self.fallback_path)
                 self.fallback.setFormatter(self.fallback_format)
             self.fallback.handle(record)
+            self.fallback_lines += 1
         except Exception:   # noqa: BLE001 - nowhere left to write; drop the line
             pass
 
@@ -401,6 +405,7 @@ class Logging:
         self.on_change = on_change
         self.handler: FailoverHandler | None = None
         self.description = ""
+        self.counted = (0, 0)   # failures and fallback lines of the handlers replaced so far
         logging.raiseExceptions = False
 
     def configure(self, cfg: Config, target: str) -> None:
@@ -433,6 +438,7 @@ class Logging:
                 logger.removeHandler(old)
             logger.propagate = False
         if old is not None:
+            self.counted = (self.counted[0] + old.failures, self.counted[1] + old.fallback_lines)
             old.close()
         log.setLevel(cfg.log.level.upper())
         self.description = description
@@ -445,6 +451,13 @@ class Logging:
         if self.handler is not None and self.handler.failure:
             return f"{self.description} (failing: {self.handler.failure}; writing to {self.fallback_path})"
         return self.description
+
+    def failures(self) -> tuple[int, int]:
+        """Writes to the log target that failed, and lines written to the fallback file, since
+        the start (for the metrics)."""
+        h = self.handler
+        now = (h.failures, h.fallback_lines) if h is not None else (0, 0)
+        return self.counted[0] + now[0], self.counted[1] + now[1]
 
     def reopen(self) -> list[str]:
         return self.handler.reopen() if self.handler is not None else []

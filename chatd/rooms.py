@@ -293,6 +293,7 @@ class ChatService:
         self._defer = defer
         self._fanout = fanout or send_each
         self._due = False             # a `_pass_ended` is deferred
+        self.sent = [0, 0]            # bytes and lines handed to recipients (the metrics)
         self._waiting: dict[Peer, list[bytes | str]] = {}   # said while the bus decides a /nick
                                                             # or leases guest numbers
         self.configure(motd, default_room)
@@ -424,8 +425,10 @@ class ChatService:
             if to.__class__ is str:
                 members = self.backend.members(to)
                 if members:
+                    self._count(data, len(members) - (skip in members))
                     self._fanout(members, data, skip, by)
             else:
+                self._count(data, 1)
                 to.send(data, by)
         elif to.__class__ is str and all(h[0] == to for h in held):
             self._flush_room(to, held)
@@ -437,7 +440,12 @@ class ChatService:
         parts = [(h[1], h[3]) for h in held]
         joined = b"".join([h[1] for h in held])
         skips = {h[2] for h in held}
-        for member in tuple(self.backend.members(room) or ()):
+        members = self.backend.members(room) or {}
+        self._count(joined, len(members))
+        for _, data, skip, _ in held:
+            if skip in members:
+                self._count(data, -1)
+        for member in tuple(members):
             if member not in skips:
                 member.send_batch(joined, parts)
                 continue
@@ -451,10 +459,18 @@ class ChatService:
                 for member in self.backend.members(to) or ():
                     if member is not skip:
                         batches.setdefault(member, []).append((data, by))
+                        self._count(data, 1)
             else:
                 batches.setdefault(to, []).append((data, by))
+                self._count(data, 1)
         for member, parts in batches.items():
             send_parts(member, parts)
+
+    def _count(self, data: bytes, recipients: int) -> None:
+        """Count `data` as handed to `recipients` more (fewer, if negative) recipients."""
+        sent = self.sent
+        sent[0] += len(data) * recipients
+        sent[1] += data.count(b"\n") * recipients
 
     # ------------------------------------------------------------ lines
 

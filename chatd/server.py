@@ -10,6 +10,7 @@ Tests: tests/process/test_signals.py, tests/unit/test_server.py
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
@@ -17,14 +18,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import __version__, listen
 from . import config as config_mod
-from . import listen
 from .accept import Acceptor, Gate
 from .config import Config
 from .connection import CHURN_INTERVAL_S, ServerState
 from .daemon import raise_fd_limit
 from .errors import ChatdError, StartError
 from .log import Logging, resolve_target
+from .metrics import Endpoint, render_prometheus
 from .modes import MODES
 from .notify import Notifier
 from .paths import check_log_file
@@ -104,6 +106,7 @@ class Runtime:
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
     lease: str = ""                       # a worker slot's bus lease token (workers.py)
     forget: Callable[[], None] = lambda: None   # a forked worker drops the daemon's files
+    metrics_sock: socket.socket | None = None   # `[metrics] listen`'s, bound with the listeners
 
 
 class Server:
@@ -124,6 +127,7 @@ class Server:
         self.state: ServerState
         self.gate: Gate
         self._tasks: list[asyncio.Task[None]] = []
+        self.endpoint: Endpoint | None = None
         self._loop_errors: dict[str, tuple[float, int]] = {}   # message -> (logged at, since)
 
     # ------------------------------------------------------------------ lifecycle
@@ -151,6 +155,9 @@ class Server:
             await mode.start(self.state, self.cfg)
         for listener in self.listeners:
             self._serve_on(listener)
+        if self.runtime.metrics_sock is not None:
+            self.endpoint = Endpoint(self.runtime.metrics_sock,
+                                     lambda: render_prometheus(self.metrics_snapshot()))
         self.gate.measure()
         self._abort_if_stopped_early()
         self.runtime.state.update(**self._state_fields(), generation=0, last_restart=None,
@@ -189,6 +196,8 @@ class Server:
         for listener in self.listeners:
             self._close_listener(listener)
         self.listeners = []
+        if self.endpoint is not None:
+            self.endpoint.close()
         await self.gate.settle()
         if graceful:
             await self._drain_clients()
@@ -235,6 +244,7 @@ class Server:
         kind, message = await self.restart()
         message = "; ".join([message, *reopen_failures])
         self.generation += 1
+        self.state.metrics.restarted(kind)
         level = logging.INFO if kind == "applied" else logging.WARNING
         log.log(level, "restart %s: %s", kind, message)
         self.last_restart = RestartOutcome(kind, message, time.time())
@@ -461,6 +471,39 @@ class Server:
         if self.last_restart:
             text += f"; last restart {self.last_restart.kind}: {self.last_restart.message}"
         return text
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Every metric now (metrics.py), for `render_text` (`chatd stats`) and
+        `render_prometheus` (`[metrics] listen`)."""
+        now = time.time()
+        chat = self.state.chat
+        log_failures, log_fallback = self.runtime.logs.failures()
+        extra = {"build": {(__version__, self.loop_name, self.cfg.server.mode): 1},
+                 "start_time": self.started, "uptime": max(0.0, now - self.started),
+                 "generation": self.generation, "log_failures": log_failures,
+                 "log_fallback": log_fallback}
+        labels: dict[Any, str] = {}   # local address -> its listener's, found once a snapshot
+
+        def listener_of(conn: Any) -> str:
+            local = conn.transport.get_extra_info("sockname")
+            label = labels.get(local)
+            if label is None:
+                label = labels[local] = self._listener_of(local)
+            return label
+        return self.state.metrics.snapshot(self.state.connections, listener_of,
+                                           tuple(chat.sent) if chat else (0, 0), extra)
+
+    def _listener_of(self, sockname: Any) -> str:
+        """The listener that serves the local address `sockname` (a connection's)."""
+        try:
+            host, port = sockname[:2]
+            local = listen.Address(listen.family_of(host), ipaddress.ip_address(host).compressed, port)
+        except (TypeError, ValueError):
+            return "?"
+        for listener in self.listeners:
+            if listener.address.serves(local):
+                return str(listener)
+        return str(local)
 
     def _state_fields(self) -> dict[str, Any]:
         return state_fields(self.cfg, self.listeners, self.loop_name, self.runtime.logs,

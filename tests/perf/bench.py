@@ -6,6 +6,8 @@
     python tests/perf/bench.py --short          # CI: chatd only, a few seconds per workload;
                                                 #     fails on lost or garbled lines, not on speed
     python tests/perf/bench.py --workloads n100,n100r2k --reps 5 -d 3    # chat across two nodes
+    python tests/perf/bench.py --metrics --workloads e100,c100 --baseline OLD/.venv/bin/chatd
+                                                # metrics: scraped every 0.1 s, not, and none
 
 It builds the load generator (loadgen.c, a verifying epoll client) and the C reference server
 (ref_epoll_echo.c), both next to this file, with the system C compiler (cc or gcc) in a temporary
@@ -46,13 +48,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 PORT = 7300
+METRICS_OFFSET = 1000   # a scraped chatd serves /metrics on its port + this
+SCRAPE_S = 0.1          # how often it is scraped during a run: 150 times Prometheus's default
 
 # workload id -> (mode, loadgen arguments, title)
 WORKLOADS = {
@@ -112,6 +118,7 @@ class Server:
     bus_nodes: int = 0       # chatd nodes on a private redis-server (0: one process, no bus)
     workers: int = 1         # [server] workers (more than 1: on a private redis-server too)
     pinned: bool = True      # pinned to CPU 0 (with --pin); workers are not: they may spread
+    scraped: bool = False    # [metrics] listen on port + METRICS_OFFSET, scraped every SCRAPE_S
 
 
 @dataclass
@@ -154,9 +161,34 @@ def chatd_servers(binary: str, work: Path, suffix: str = "") -> list[Server]:
     ]
 
 
-def servers(bench: Path, build: Path, work: Path, short: bool, baseline: str | None) -> list[Server]:
-    """chatd, another chatd to compare with (`--baseline`), and the references."""
+def scraped_servers(binary: str, work: Path) -> list[Server]:
+    """chatd with `[metrics] listen`, scraped every SCRAPE_S during the run (`run_one` writes
+    its config), echo and chat on uvloop: beside `chatd` and `chatd-chat`, what serving the
+    metrics costs; beside a `--baseline` of the commit before the metrics, what they cost."""
+    chatd = [binary, "run", "-c", str(work / "metrics-{port}.conf"), "-p", "{port}", "--pidfile",
+             str(work / "chatd-{port}.pid"), "--log", str(work / "chatd-{port}.log")]
+    return [Server("chatd-scraped", chatd + ["--mode", "echo"], ("echo",), scraped=True),
+            Server("chatd-chat-scraped", chatd + ["--mode", "chat"], ("chat",), scraped=True)]
+
+
+def scrape_until(port: int, stop: threading.Event, failures: list[str]) -> None:
+    """GET /metrics every SCRAPE_S until `stop`; what went wrong goes to `failures`."""
+    while not stop.wait(SCRAPE_S):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                if b"chatd_connections_accepted_total" not in resp.read():
+                    failures.append("a scrape without the metrics")
+        except OSError as e:
+            failures.append(f"scrape: {e}")
+
+
+def servers(bench: Path, build: Path, work: Path, short: bool, baseline: str | None,
+            metrics: bool = False) -> list[Server]:
+    """chatd, another chatd to compare with (`--baseline`), chatd scraped (`--metrics`), and
+    the references."""
     found = chatd_servers(chatd_binary(), work)
+    if metrics:
+        found += scraped_servers(chatd_binary(), work)
     if baseline:
         found += chatd_servers(baseline, work, "@base")
     if short:
@@ -307,6 +339,10 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
     ports = [args.port + i for i in range(max(1, server.bus_nodes))]
     for port in ports:
         wait_port_free(port)
+    if server.scraped:
+        (work / f"metrics-{args.port}.conf").write_text(
+            (work / "bench.conf").read_text()
+            + f'[metrics]\nlisten = "127.0.0.1:{args.port + METRICS_OFFSET}"\n')
     try:
         if server.bus_nodes or server.workers > 1:
             redis, bus_port = start_redis(work, args.pin and server.pinned, set(ports))
@@ -340,6 +376,10 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
         if args.pin:
             argv = ["taskset", "-c", "1"] + argv
         loadgen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        scraping, scrape_failures = threading.Event(), []
+        if server.scraped:
+            threading.Thread(target=scrape_until, daemon=True,
+                             args=(args.port + METRICS_OFFSET, scraping, scrape_failures)).start()
         counted, head = {}, ""
         if args.syscalls and mode in ("chat", "echo"):
             for line in loadgen.stdout:   # the measured window opens a warm-up after this line
@@ -354,6 +394,11 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
             loadgen.kill()
             loadgen.communicate()
             run.failure = "loadgen timed out"
+            return run
+        finally:
+            scraping.set()
+        if scrape_failures:
+            run.failure = scrape_failures[0]
             return run
         lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
@@ -719,6 +764,9 @@ def main() -> int:
     ap.add_argument("--syscalls", action="store_true",
                     help="count the server's system calls per delivery with perf stat (root, or "
                          "kernel.perf_event_paranoid low enough; perturbs the timing a little)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="add chatd-scraped and chatd-chat-scraped: [metrics] listen on port + "
+                         f"{METRICS_OFFSET}, scraped every {SCRAPE_S} s during the run")
     ap.add_argument("--baseline", metavar="CHATD",
                     help="another chatd command (say, an older checkout's .venv/bin/chatd) to run "
                          "side by side, its servers named with '@base'")
@@ -749,7 +797,7 @@ def main() -> int:
         if problem:
             print(f"bench.py: cannot build the load generator: {problem}", file=sys.stderr)
             return 2
-        all_servers = servers(bench, build, work, args.short, args.baseline)
+        all_servers = servers(bench, build, work, args.short, args.baseline, args.metrics)
         if args.servers:
             all_servers = [s for s in all_servers if s.name in args.servers.split(",")]
         missing = cluster_missing() if any(WORKLOADS[wl][0] in BUS_MODES for wl in workloads) else None

@@ -56,6 +56,7 @@ SPEC_DEFAULTS = {
     "cluster.node_timeout": 3.0,
     "cluster.reconnect_max": 5.0,
     "cluster.guest_block": 100,
+    "metrics.listen": "",
 }
 
 HERE = "# <- HERE"
