@@ -28,7 +28,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import files, listen
+from . import files, listen, tls
 from .errors import ChatdError, ConfigError, setting_error
 from .rooms import ROOM_RE   # "#name"; a config value may leave out the '#'
 
@@ -355,7 +355,18 @@ SCHEMA: tuple[Key, ...] = (
         help="the longest wait, in seconds, between attempts to reach a lost bus"),
     Key("cluster", "guest_block", 100, _int(1, 1_000_000), on_restart=NEEDS_RESTART,
         help="guest numbers leased from the bus at a time"),
+    Key("tls", "certificate", "", _path, is_path=True, on_restart=NEW_CONNECTIONS,
+        help='the PEM certificate (chain) of "tls://" listeners; a restart reads it again'),
+    Key("tls", "key", "", _path, is_path=True, on_restart=NEW_CONNECTIONS,
+        help="its PEM private key, which every user may not read (o-r)"),
+    Key("tls", "client_ca", "", _path, is_path=True, on_restart=NEW_CONNECTIONS,
+        help="PEM CA certificates: when set, every TLS client must show a certificate one of "
+             "them signed, and in chat mode takes its subject CN as nick; empty: none asked"),
+    Key("tls", "handshake_timeout", 10.0, _float(0.0, strictly_above=True, hi=300.0),
+        on_restart=NEW_CONNECTIONS,
+        help="seconds a TLS client has for its handshake, holding a client slot meanwhile"),
 )
+TLS_FILES = ("tls.certificate", "tls.key", "tls.client_ca")
 KEYS: dict[str, Key] = {k.dotted: k for k in SCHEMA}
 SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
 
@@ -371,6 +382,7 @@ LogConfig = _section_class("log")
 LimitsConfig = _section_class("limits")
 ChatConfig = _section_class("chat")
 ClusterConfig = _section_class("cluster")
+TlsConfig = _section_class("tls")
 
 
 @dataclass(frozen=True)
@@ -383,8 +395,10 @@ class Config:
     limits: Any = field(default_factory=LimitsConfig)
     chat: Any = field(default_factory=ChatConfig)
     cluster: Any = field(default_factory=ClusterConfig)
+    tls: Any = field(default_factory=TlsConfig)
     path: str | None = None                     # the absolute config file path, if any
     origins: dict[str, str] = field(default_factory=dict, compare=False)
+    tls_context: Any = field(default=None, compare=False, repr=False)   # tls.server_context
 
     def get(self, dotted: str) -> Any:
         section, name = dotted.split(".")
@@ -604,6 +618,13 @@ def load(path: str | None = None, overrides: dict[str, tuple[Any, str]] | None =
             on_command_line.append(setting_error(origin, message))
         else:
             errors.append((_line_order(origin.rpartition(":")[2]), f"{origin}: {message}"))
+    if cfg.tls.certificate and cfg.tls.key and not invalid & set(TLS_FILES):
+        try:
+            cfg = dataclasses.replace(cfg, tls_context=tls.server_context(
+                cfg.tls.certificate, cfg.tls.key, cfg.tls.client_ca))
+        except tls.TlsError as e:
+            origin = cfg.origin("tls." + e.key)
+            errors.append((_line_order(origin.rpartition(":")[2]), f"{origin}: [tls] {e.key}: {e}"))
     if errors:
         raise _file_errors(errors)
     if on_command_line:
@@ -631,7 +652,7 @@ def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) ->
     sections = {}
     for section, cls in (("server", ServerConfig), ("daemon", DaemonConfig), ("log", LogConfig),
                          ("limits", LimitsConfig), ("chat", ChatConfig),
-                         ("cluster", ClusterConfig)):
+                         ("cluster", ClusterConfig), ("tls", TlsConfig)):
         kwargs = {}
         for key in SCHEMA:
             if key.section == section and key.dotted in values:
@@ -677,11 +698,21 @@ def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset())
             except ChatdError as e:
                 found.append((cfg.origin("server.listen"), e.message))
             else:
-                for _, endpoint in planned:
-                    if endpoint.tls or endpoint.proxy:
+                for address, endpoint in planned:
+                    if endpoint.proxy:
                         found.append((cfg.origin("server.listen"),
                                       f"{endpoint.scheme} listeners are not supported yet"))
                         break
+                    if endpoint.tls and not (cfg.tls.certificate and cfg.tls.key):
+                        found.append((cfg.origin("server.listen"),
+                                      f"{endpoint.label(address)} needs [tls] certificate and key"))
+                        break
+    if not invalid & set(TLS_FILES):
+        tls_set = [k for k in TLS_FILES if cfg.get(k)]
+        if tls_set and not (cfg.tls.certificate and cfg.tls.key):
+            missing = "key" if cfg.tls.certificate else "certificate"
+            found.append((cfg.origin(tls_set[0]),
+                          f"[tls] {tls_set[0][4:]} is set, but not [tls] {missing}"))
     if "server.workers" not in invalid and cfg.server.workers > 1 and not cfg.cluster.bus:
         found.append((cfg.origin("server.workers"),
                       f"[server] workers = {cfg.server.workers} needs [cluster] bus: the workers "

@@ -50,6 +50,11 @@ SPEC_DEFAULTS = {
     "cluster.node_timeout": 3.0,
     "cluster.reconnect_max": 5.0,
     "cluster.guest_block": 100,
+    # issue 15: TLS listeners
+    "tls.certificate": "",
+    "tls.key": "",
+    "tls.client_ca": "",
+    "tls.handshake_timeout": 10.0,
 }
 
 HERE = "# <- HERE"
