@@ -39,6 +39,7 @@ import time
 from typing import Any
 
 from .connection import ChurnLog, Connection, ServerState, format_peer, unmapped
+from .tls import bound_asyncio_reads
 
 log = logging.getLogger("chatd")
 
@@ -164,6 +165,8 @@ class Gate:
         restart); connected clients keep the one they were accepted with."""
         self.tls = context
         self.handshake_timeout = handshake_timeout
+        if context is not None:
+            bound_asyncio_reads()
 
     def let_in(self, sock: socket.socket, addr: Any, listener: Any = None) -> None:
         """A newly accepted socket on `listener` (server.Listener: its endpoint says what the

@@ -15,6 +15,7 @@ Tests: tests/process/test_tls.py
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import os
 import ssl
 import stat
@@ -22,6 +23,12 @@ from typing import Any
 
 from . import files
 from .rooms import NICK_RE
+
+
+# What asyncio's TLS layer reads at once, into a buffer of its own per connection: its default,
+# 256 KiB, made an idle TLS client cost 280 KB on asyncio's loop (23 KB on uvloop). A socket
+# holds little more than the 64 KiB receive buffer chatd asks for (connection.KERNEL_BUFFER).
+ASYNCIO_READ_BYTES = 65536
 
 
 class TlsError(ValueError):
@@ -70,6 +77,12 @@ def server_context(certificate: str, key: str, client_ca: str = "") -> ssl.SSLCo
                                         f"{getattr(e, 'reason', None) or e.strerror or e}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def bound_asyncio_reads() -> None:
+    """Make asyncio's TLS connections read into ASYNCIO_READ_BYTES (its class default, in this
+    process: chatd makes every SSLProtocol there is); uvloop's TLS layer has its own."""
+    asyncio.sslproto.SSLProtocol.max_size = ASYNCIO_READ_BYTES
 
 
 def certificate_nick(transport: Any) -> str:
