@@ -88,23 +88,18 @@ def _tell(sock: socket.socket, line: bytes) -> bool:
 
 
 class Refusal(asyncio.Protocol):
-    """A refused TLS client after its handshake: the line, close_notify, and the descriptor
-    given back within LINGER_S whatever the client does."""
+    """A refused TLS client after its handshake: the line, then close_notify; the descriptor
+    is given back within LINGER_S whatever the client does (the shutdown's timeout)."""
 
     def __init__(self, line: bytes, loop: asyncio.AbstractEventLoop) -> None:
         self.line = line
-        self.loop = loop
         self.gone: asyncio.Future[None] = loop.create_future()
-        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
         transport.write(self.line)
         transport.close()
-        self.timer = self.loop.call_later(LINGER_S, transport.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         if not self.gone.done():
             self.gone.set_result(None)
 
@@ -208,7 +203,8 @@ class Gate:
         conn.quiet = quiet
         try:
             await self.loop.connect_accepted_socket(
-                lambda: conn, sock, ssl=tls, ssl_handshake_timeout=self.handshake_timeout if tls else None)
+                lambda: conn, sock, ssl=tls, ssl_handshake_timeout=self.handshake_timeout if tls else None,
+                ssl_shutdown_timeout=LINGER_S if tls else None)
         except (OSError, asyncio.CancelledError) as e:   # a failed TLS handshake is an OSError
             self.state.release(ip)
             sock.close()
@@ -255,7 +251,8 @@ class Gate:
         refusal = Refusal(line, self.loop)
         try:
             await self.loop.connect_accepted_socket(lambda: refusal, sock, ssl=tls,
-                                                    ssl_handshake_timeout=self.handshake_timeout)
+                                                    ssl_handshake_timeout=self.handshake_timeout,
+                                                    ssl_shutdown_timeout=LINGER_S)
             await refusal.gone
         except (OSError, asyncio.CancelledError):
             sock.close()

@@ -70,9 +70,14 @@ class TlsClient(LineClient):
     """LineClient over TLS (Python's ssl), from `source` if given."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", source: str = "",
-                 context: ssl.SSLContext | None = None, timeout: float = 10.0) -> None:
-        raw = socket.create_connection((host, port), timeout=timeout,
-                                       source_address=(source, 0) if source else None)
+                 context: ssl.SSLContext | None = None, timeout: float = 10.0, rcvbuf: int = 0) -> None:
+        raw = socket.socket()
+        if rcvbuf:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.settimeout(timeout)
+        if source:
+            raw.bind((source, 0))
+        raw.connect((host, port))
         try:
             self.sock = (context or client_context()).wrap_socket(raw)
         except BaseException:
@@ -142,6 +147,49 @@ def test_echo_over_ncat_openssl_and_python_beside_plaintext(loop_chatd, certs):
         assert c.recv_line() == b"plain\n"
 
 
+def test_a_graceful_stop_answers_what_arrived_over_tls(loop_chatd, certs):
+    """`chatd stop` (SIGUSR1) with lines in flight: every one comes back, then the close."""
+    inst = loop_chatd
+    tls_port = free_port()
+    tls_config(inst, certs, tls_port)
+    inst.start()
+    lines = b"".join(b"line %05d\n" % i for i in range(5000))
+    with TlsClient(tls_port) as c:
+        c.send(lines)
+        began = time.monotonic()
+        inst.cmd("stop", check=0)
+        took = time.monotonic() - began
+        assert c.recv_until_eof() == lines
+    figures("graceful stop over TLS", loop=inst.loop, seconds=f"{took:.2f}")
+    assert took < 5, took      # drain_timeout is 10 s: nothing waited for it
+
+
+def test_a_graceful_stop_does_not_wait_for_encrypted_bytes_already_read(loop_chatd, certs):
+    """Lines still in the kernel when the stop begins (the daemon was stopped while they came)
+    are counted encrypted, which is more than the text they carry: once they are all read
+    and answered the stop goes on, without waiting for drain_timeout (10 s)."""
+    inst = loop_chatd
+    tls_port = free_port()
+    tls_config(inst, certs, tls_port)
+    pid = inst.start()
+    lines = b"".join(b"line %03d\n" % i for i in range(100))
+    with TlsClient(tls_port) as c:
+        c.send(b"first\n")
+        assert c.recv_line() == b"first\n"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            c.send(lines)
+            time.sleep(0.2)
+            os.kill(pid, signal.SIGUSR1)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        began = time.monotonic()
+        assert c.recv_until_eof(timeout=15) == lines
+        took = time.monotonic() - began
+    figures("graceful stop over TLS, lines in the kernel", loop=inst.loop, seconds=f"{took:.2f}")
+    assert took < 6, took
+
+
 def test_chat_over_tls_and_plaintext_in_one_room(make_chatd, certs):
     inst = make_chatd()
     tls_port, plain_port = free_port(), free_port()
@@ -158,6 +206,34 @@ def test_chat_over_tls_and_plaintext_in_one_room(make_chatd, certs):
         assert a.recv_line() == b"<guest2> in plain\r\n"
         inst.cmd("stop", check=0)
         assert a.recv_until_eof() == b"*** server shutting down\r\n"
+
+
+def test_a_chat_client_over_tls_that_never_reads_is_dropped_as_too_slow(loop_chatd, certs):
+    """Chat's bounded output holds over TLS: a TLS member that never reads is dropped as
+    `too slow` while the room flows, and a reading member gets every line."""
+    inst = loop_chatd
+    tls_port, plain_port = free_port(), free_port()
+    tls_config(inst, certs, tls_port, plain_port, mode="chat", extra="[limits]\nrate = 0\n")
+    inst.start()
+    with TlsClient(tls_port, rcvbuf=4096) as slow, LineClient(plain_port) as reader, \
+            LineClient(plain_port) as sender:
+        slow.recv_line()                                 # guest1, then never reads again
+        for _ in range(3):
+            reader.recv_line()                           # welcome, roster, guest3 joined
+        pad = b"z" * 1000
+        left, got, began = b"", 0, time.monotonic()
+        while not left and time.monotonic() - began < 20:
+            sender.send(b"".join(b"%06d %s\n" % (got + i, pad) for i in range(64)))
+            for i in range(64):
+                line = reader.recv_line()
+                while line.startswith(b"*** "):
+                    left = left or line
+                    line = reader.recv_line()
+                assert line == b"<guest3> %06d %s\r\n" % (got, pad), line[:40]
+                got += 1
+        assert left == b"*** guest1 left #lobby (too slow)\r\n", (left, got)
+    figures("TLS non-reader dropped", loop=inst.loop, after_s=f"{time.monotonic() - began:.1f}",
+            lines=got)
 
 
 # ------------------------------------------------------------------ certificates and restarts
