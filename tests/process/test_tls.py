@@ -311,6 +311,15 @@ def test_a_tls_listener_needs_a_certificate_and_key(chatd, certs):
     assert b"Traceback" not in proc.stderr
 
 
+def test_a_bad_client_ca_is_refused_with_the_reason(chatd, certs, tmp_path):
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    tls_config(chatd, certs, free_port(), client_ca=garbage)
+    proc = chatd.cmd("check-config", check=6)
+    assert f"[tls] client_ca: cannot load {garbage}: " in proc.stderr.decode(), proc.stderr
+    assert b"Traceback" not in proc.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_a_restart_after_the_privilege_drop_reads_the_files_as_that_user(make_chatd):
     """Started as root with user nobody: the root-only key is read before the drop; a restart,
