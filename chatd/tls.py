@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio.sslproto
 import os
+import re
 import ssl
 import stat
 from typing import Any
@@ -50,6 +51,12 @@ def _read(key: str, path: str, marker: bytes, what: str) -> None:
         raise TlsError(key, f"{path} holds no PEM {what} (no '-----BEGIN ...{marker.decode()}-----' line)")
 
 
+def _why(e: OSError) -> str:
+    """OpenSSL's reason for `e`, without the line of CPython's source it came from."""
+    text = getattr(e, "reason", None) or e.strerror or str(e)
+    return re.sub(r" \(_ssl\.c:\d+\)$", "", text)
+
+
 def server_context(certificate: str, key: str, client_ca: str = "") -> ssl.SSLContext:
     """The context of a TLS listener: TLS 1.2 at least, no compression, no renegotiation;
     with `client_ca`, a certificate that CA signed is required of every client."""
@@ -65,16 +72,15 @@ def server_context(certificate: str, key: str, client_ca: str = "") -> ssl.SSLCo
     try:
         ctx.load_cert_chain(certificate, key)
     except ssl.SSLError as e:
-        raise TlsError("key", f"certificate {certificate} and key {key}: {e.reason or e}") from None
+        raise TlsError("key", f"certificate {certificate} and key {key}: {_why(e)}") from None
     except OSError as e:
-        raise TlsError("certificate", f"cannot load {e.filename or certificate}: {e.strerror}") from None
+        raise TlsError("certificate", f"cannot load {e.filename or certificate}: {_why(e)}") from None
     if client_ca:
         _read("client_ca", client_ca, b"CERTIFICATE", "CA certificate")
         try:
             ctx.load_verify_locations(cafile=client_ca)
         except (ssl.SSLError, OSError) as e:
-            raise TlsError("client_ca", f"cannot load {client_ca}: "
-                                        f"{getattr(e, 'reason', None) or e.strerror or e}") from None
+            raise TlsError("client_ca", f"cannot load {client_ca}: {_why(e)}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 

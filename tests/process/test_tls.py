@@ -316,7 +316,7 @@ def test_a_bad_client_ca_is_refused_with_the_reason(chatd, certs, tmp_path):
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
     tls_config(chatd, certs, free_port(), client_ca=garbage)
     proc = chatd.cmd("check-config", check=6)
-    assert f"[tls] client_ca: cannot load {garbage}: " in proc.stderr.decode(), proc.stderr
+    assert f"[tls] client_ca: cannot load {garbage}: [X509] PEM lib\n" in proc.stderr.decode(), proc.stderr
     assert b"Traceback" not in proc.stderr
 
 
@@ -426,9 +426,12 @@ def test_idle_handshakes_hold_slots_only_for_their_address_and_their_timeout(loo
             assert client.recv_until_eof(timeout=5) == b""
         waited = time.monotonic() - began
         assert waited < 3, waited
-        with TlsClient(tls_port) as c:
-            c.send(b"slot freed\n")
-            assert c.recv_line() == b"slot freed\n"
+
+        def served() -> bool:   # the slot is given back just after the close the client saw
+            with TlsClient(tls_port) as c:
+                c.send(b"slot freed\n")
+                return c.recv_line() == b"slot freed\n"
+        wait_for(served, timeout=2, interval=0.05, what="a slot freed by the handshake timeout")
     finally:
         for client in idle:
             client.close()
