@@ -164,10 +164,9 @@ def test_a_graceful_stop_answers_what_arrived_over_tls(loop_chatd, certs):
     assert took < 5, took      # drain_timeout is 10 s: nothing waited for it
 
 
-def test_a_graceful_stop_does_not_wait_for_encrypted_bytes_already_read(loop_chatd, certs):
-    """Lines still in the kernel when the stop begins (the daemon was stopped while they came)
-    are counted encrypted, which is more than the text they carry: once they are all read
-    and answered the stop goes on, without waiting for drain_timeout (10 s)."""
+def test_a_graceful_stop_answers_lines_that_came_while_the_daemon_was_stopped(loop_chatd, certs):
+    """Lines arrive while the daemon is SIGSTOPped, then SIGUSR1 and SIGCONT: every one is
+    answered over TLS and the close follows within about LINGER_S, not drain_timeout (10 s)."""
     inst = loop_chatd
     tls_port = free_port()
     tls_config(inst, certs, tls_port)
