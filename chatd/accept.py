@@ -10,7 +10,13 @@ chatd accepts on its listening sockets itself instead of through
 - A refused newcomer is told "server full" on the bare socket and closed the
   way a graceful stop closes: FIN after the line, then what it still sends is
   read and dropped for LINGER_S. Closing over unread input would send RST, and
-  the client could lose the line. No transport or protocol is ever made for it.
+  the client could lose the line. No transport or protocol is ever made for it,
+  except on a TLS listener, where the line can only follow a handshake: that
+  handshake is bounded by `[tls] handshake_timeout`, the line is followed by
+  close_notify, and the whole refusal by LINGER_S more (`Refusal`).
+- On a TLS listener, an admitted newcomer's handshake happens after admission,
+  so handshakes in progress hold client slots, within the per-address limit:
+  idle handshakes from one address cannot crowd out the others.
 - Descriptors are counted: a refusal lingers only while descriptors are to
   spare (a restart still needs some for its new listener and log file); past
   that the newcomer is told and closed at once.
@@ -21,7 +27,7 @@ chatd accepts on its listening sockets itself instead of through
   logging every one, and uvloop stops accepting for a second. The shortage is
   logged when it begins and when it ends, with a count.
 
-Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py, tests/process/test_access.py
+Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py, tests/process/test_access.py, tests/process/test_tls.py
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import time
 from typing import Any
 
 from . import access, proxy
 from .connection import ChurnLog, Connection, ServerState, format_peer, unmapped
+from .tls import bound_asyncio_reads
 
 log = logging.getLogger("chatd")
 
@@ -70,6 +78,15 @@ def _drop_input(sock: socket.socket) -> bool:
     return False
 
 
+def _reason(e: BaseException) -> str:
+    """Why a connection could not be made, in a few words (OpenSSL's reason for TLS)."""
+    if isinstance(e, asyncio.CancelledError):
+        return "the server is stopping"
+    if isinstance(e, ssl.SSLError):
+        return e.reason or str(e)
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
 def _tell(sock: socket.socket, line: bytes) -> bool:
     """The refusal line and a FIN, then what the client sent is dropped; True once the peer
     has closed or failed (a peer already gone is simply closed after)."""
@@ -80,6 +97,23 @@ def _tell(sock: socket.socket, line: bytes) -> bool:
     except OSError:
         pass
     return _drop_input(sock)
+
+
+class Refusal(asyncio.Protocol):
+    """A refused TLS client after its handshake: the line, then close_notify; the descriptor
+    is given back within LINGER_S whatever the client does (the shutdown's timeout)."""
+
+    def __init__(self, line: bytes, loop: asyncio.AbstractEventLoop) -> None:
+        self.line = line
+        self.gone: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        transport.write(self.line)
+        transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
 
 
 class Spare:
@@ -115,7 +149,11 @@ class Gate:
         self.connection_class: type[Connection] = Connection
         self.spare = Spare()
         self.lingering: dict[socket.socket, asyncio.TimerHandle] = {}
+        self.telling: set[asyncio.Task[None]] = set()      # refusals over TLS (Refusal)
         self.connecting: set[asyncio.Task[None]] = set()
+        self.handshakes: set[asyncio.Task[None]] = set()   # admitted, their TLS handshake pending
+        self.tls: ssl.SSLContext | None = None             # for new connections on TLS listeners
+        self.handshake_timeout = 10.0
         self.fd_base = 0                   # descriptors that are not clients (see measure)
         self.short_since: float | None = None
         self.short_logged = -SHORTAGE_LOG_S
@@ -130,7 +168,15 @@ class Gate:
             total = len(os.listdir("/proc/self/fd")) - 1   # less listdir's own
         except OSError:
             return
-        self.fd_base = max(0, total - self.state.count - len(self.lingering) - len(self.headers))
+        self.fd_base = max(0, total - self.state.count - self.refusing() - len(self.headers))
+
+    def use_tls(self, context: ssl.SSLContext | None, handshake_timeout: float) -> None:
+        """New connections on TLS listeners get `context` (`[tls]`, at start and on each
+        restart); connected clients keep the one they were accepted with."""
+        self.tls = context
+        self.handshake_timeout = handshake_timeout
+        if context is not None:
+            bound_asyncio_reads()
 
     def let_in(self, sock: socket.socket, addr: Any, listener: Any = None) -> None:
         """A newly accepted socket on `listener` (server.Listener: its endpoint says what the
@@ -141,17 +187,18 @@ class Gate:
         if isinstance(addr, tuple):
             addr = (unmapped(addr[0]), addr[1])
         if listener is not None and listener.endpoint.proxy:
-            self._read_header(sock, addr)
+            self._read_header(sock, addr, listener)
         else:
-            self.admit(sock, addr)
+            self.admit(sock, addr, listener)
 
-    def admit(self, sock: socket.socket, addr: Any) -> None:
+    def admit(self, sock: socket.socket, addr: Any, listener: Any) -> None:
         """The client at `addr` (behind a proxy, the one its header names): checked by the
-        access rules, then admitted and connected, or told "server full"."""
+        access rules, then admitted and connected (through a TLS handshake on a TLS
+        listener), or told "server full"."""
         ip = addr[0] if isinstance(addr, tuple) else "?"
         refusal = self.access.check(ip)
         if refusal:
-            self.turn_away(sock, addr, refusal)
+            self.turn_away(sock, addr, refusal, listener)
             return
         quiet = self.state.churn.quiet(ip, self.state.limits.logged_per_ip)
         refusal = self.state.admit(ip)
@@ -161,7 +208,7 @@ class Gate:
                 self.state.churn.count(ip, ChurnLog.REFUSED)
             else:
                 log.warning("refused %s: %s", format_peer(addr), refusal)
-            self.refuse(sock)
+            self.refuse(sock, listener, self.connection_class.FULL_LINE)
             return
         self.state.metrics.accepted += 1
         sock.setblocking(False)
@@ -169,11 +216,13 @@ class Gate:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        task = self.loop.create_task(self._connect(sock, ip, format_peer(addr), quiet))
-        self.connecting.add(task)
-        task.add_done_callback(self.connecting.discard)
+        tls = self._tls_for(listener)
+        task = self.loop.create_task(self._connect(sock, ip, format_peer(addr), quiet, tls))
+        tasks = self.connecting if tls is None else self.handshakes
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
-    def turn_away(self, sock: socket.socket, addr: Any, refusal: str) -> None:
+    def turn_away(self, sock: socket.socket, addr: Any, refusal: str, listener: Any) -> None:
         """Refused by the access rules (or as a proxy): logged once per address and interval,
         then counted (`refused`). Over the connect rate the newcomer is told so, like "server
         full"; otherwise closed at once, nothing read or sent."""
@@ -184,63 +233,105 @@ class Gate:
         else:
             log.warning("refused %s: %s", format_peer(addr), refusal)
         if refusal == access.TOO_FAST:
-            self.refuse(sock, self.connection_class.SLOW_DOWN_LINE)
+            self.refuse(sock, listener, self.connection_class.SLOW_DOWN_LINE)
         else:
             sock.close()
 
-    def _read_header(self, sock: socket.socket, addr: Any) -> None:
+    def _read_header(self, sock: socket.socket, addr: Any, listener: Any) -> None:
         """A `proxy://` listener: a trusted proxy's header first (proxy.HeaderStage), then
         `admit` for the client it names; anyone else is turned away."""
         ip = addr[0] if isinstance(addr, tuple) else "?"
         if not self.access.trusted(ip):
-            self.turn_away(sock, addr, "not in [access] proxy_from, on a proxy:// listener")
+            self.turn_away(sock, addr, "not in [access] proxy_from, on a proxy:// listener", listener)
             return
         if len(self.headers) >= MAX_HEADERS:
-            self.turn_away(sock, addr, f"{MAX_HEADERS} PROXY headers already awaited")
+            self.turn_away(sock, addr, f"{MAX_HEADERS} PROXY headers already awaited", listener)
             return
 
         def done(header: proxy.Header | None, error: str) -> None:
             del self.headers[sock]
             if header is None:
-                self.turn_away(sock, addr, error)
+                self.turn_away(sock, addr, error, listener)
                 return
             client = addr if header.client is None else (unmapped(header.client[0]), header.client[1])
             log.debug("PROXY header from %s: client %s", format_peer(addr), format_peer(client))
-            self.admit(sock, client)
+            self.admit(sock, client, listener)
 
         self.headers[sock] = proxy.HeaderStage(self.loop, sock, done)
 
-    async def _connect(self, sock: socket.socket, ip: str, peer: str, quiet: bool) -> None:
+    def _tls_for(self, listener: Any) -> ssl.SSLContext | None:
+        """The context for a newcomer on `listener`: None on a plain one."""
+        return self.tls if listener is not None and listener.endpoint.tls else None
+
+    async def _connect(self, sock: socket.socket, ip: str, peer: str, quiet: bool,
+                       tls: ssl.SSLContext | None) -> None:
         conn = self.connection_class(self.state, ip, peer)
         conn.quiet = quiet
         try:
-            await self.loop.connect_accepted_socket(lambda: conn, sock)
-        except OSError as e:
+            await self.loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=tls, ssl_handshake_timeout=self.handshake_timeout if tls else None,
+                ssl_shutdown_timeout=LINGER_S if tls else None)
+        except (OSError, asyncio.CancelledError) as e:   # a failed TLS handshake is an OSError
             self.state.release(ip)
             sock.close()
-            log.info("connect %s failed: %s", peer, e.strerror or e)
+            what = "TLS handshake with" if tls else "connect"
+            if quiet:
+                self.state.churn.count(ip, ChurnLog.REFUSED)
+            else:
+                log.info("%s %s failed: %s", what, peer, _reason(e))
 
     async def settle(self) -> None:
-        """Wait until every accepted socket has become a connection (before a stop)."""
-        if self.connecting:
-            await asyncio.wait(list(self.connecting), timeout=1.0)
+        """Wait until every accepted socket has become a connection (before a stop); TLS
+        handshakes still in progress are given up."""
+        for task in self.handshakes | self.telling:
+            task.cancel()
+        pending = self.connecting | self.handshakes | self.telling
+        if pending:
+            await asyncio.wait(list(pending), timeout=1.0)
 
     # ------------------------------------------------------------ refusals
 
-    def refuse(self, sock: socket.socket, line: bytes = b"") -> None:
-        """Tell `sock` "server full" (or `line`); linger over its input if descriptors allow."""
-        peer_gone = _tell(sock, line or self.connection_class.FULL_LINE)
-        if peer_gone or len(self.lingering) >= MAX_LINGERING or self._room() <= FD_MARGIN:
+    def refuse(self, sock: socket.socket, listener: Any, line: bytes) -> None:
+        """Tell `sock`, accepted on `listener`, `line` (why it is refused) and close it; linger
+        over its input, or on a TLS listener shake hands first, if descriptors allow."""
+        spare = self.refusing() < MAX_LINGERING and self._room() > FD_MARGIN
+        tls = self._tls_for(listener)
+        if tls is not None:
+            if not spare:
+                sock.close()
+                return
+            task = self.loop.create_task(self._tell_tls(sock, line, tls))
+            self.telling.add(task)
+            task.add_done_callback(self.telling.discard)
+            return
+        peer_gone = _tell(sock, line)
+        if peer_gone or not spare:
             sock.close()
             return
         self.loop.add_reader(sock.fileno(), self._on_lingering_input, sock)
         self.lingering[sock] = self.loop.call_later(LINGER_S, self._end_linger, sock)
 
+    async def _tell_tls(self, sock: socket.socket, line: bytes, tls: ssl.SSLContext) -> None:
+        """`line` after a handshake of at most handshake_timeout, then at most LINGER_S more."""
+        sock.setblocking(False)
+        refusal = Refusal(line, self.loop)
+        try:
+            await self.loop.connect_accepted_socket(lambda: refusal, sock, ssl=tls,
+                                                    ssl_handshake_timeout=self.handshake_timeout,
+                                                    ssl_shutdown_timeout=LINGER_S)
+            await refusal.gone
+        except (OSError, asyncio.CancelledError):
+            sock.close()
+
+    def refusing(self) -> int:
+        """Refused clients still holding a descriptor: lingering, or being told over TLS."""
+        return len(self.lingering) + len(self.telling)
+
     def _room(self) -> int:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY:
             return 1 << 30
-        return soft - self.fd_base - self.state.count - len(self.lingering) - len(self.headers)
+        return soft - self.fd_base - self.state.count - self.refusing() - len(self.headers)
 
     def _on_lingering_input(self, sock: socket.socket) -> None:
         if _drop_input(sock):

@@ -40,6 +40,7 @@ from typing import Any
 from .connection import DEBUG_SLOTS, Connection, DebugConnection, unsent_bytes
 from .protocol import LINE_TOO_LONG, TelnetReply, clean_text
 from .rooms import error, notice
+from .tls import certificate_nick
 
 log = logging.getLogger("chatd")
 FLOOD_WINDOW_S = 10.0      # `burst` dropped lines within this window disconnect a client
@@ -92,6 +93,9 @@ class ChatConnection(Connection):
         super().connection_made(transport)
         self.refilled = self.state.loop.time()
         self.state.chat.arrive(self)
+        nick = certificate_nick(transport)   # [tls] client_ca: the certificate names the client
+        if nick:
+            self.state.chat.said(self, "/nick " + nick)
 
     # ------------------------------------------------------------ input
 

@@ -28,7 +28,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import access, files, listen
+from . import access, files, listen, tls
 from .errors import ChatdError, ConfigError, setting_error
 from .metrics import parse_listen
 from .rooms import ROOM_RE   # "#name"; a config value may leave out the '#'
@@ -408,7 +408,18 @@ SCHEMA: tuple[Key, ...] = (
     Key("metrics", "listen", "", _metrics_listen, on_restart=NEEDS_RESTART,
         help='serve the metrics in the Prometheus text format at http://HOST:PORT/metrics: '
              '"HOST:PORT" or "[IPV6]:PORT"; empty: off (README "Metrics")'),
+    Key("tls", "certificate", "", _path, is_path=True, on_restart=NEW_CONNECTIONS,
+        help='the PEM certificate (chain) of "tls://" listeners; a restart reads it again'),
+    Key("tls", "key", "", _path, is_path=True, on_restart=NEW_CONNECTIONS,
+        help="its PEM private key, which every user may not read (o-r)"),
+    Key("tls", "client_ca", "", _path, is_path=True, on_restart=NEW_CONNECTIONS,
+        help="PEM CA certificates: when set, every TLS client must show a certificate one of "
+             "them signed, and in chat mode takes its subject CN as nick; empty: none asked"),
+    Key("tls", "handshake_timeout", 10.0, _float(0.0, strictly_above=True, hi=300.0),
+        on_restart=NEW_CONNECTIONS,
+        help="seconds a TLS client has for its handshake, holding a client slot meanwhile"),
 )
+TLS_FILES = ("tls.certificate", "tls.key", "tls.client_ca")
 KEYS: dict[str, Key] = {k.dotted: k for k in SCHEMA}
 SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
 
@@ -426,6 +437,7 @@ AccessConfig = _section_class("access")
 ChatConfig = _section_class("chat")
 ClusterConfig = _section_class("cluster")
 MetricsConfig = _section_class("metrics")
+TlsConfig = _section_class("tls")
 
 
 @dataclass(frozen=True)
@@ -440,8 +452,10 @@ class Config:
     chat: Any = field(default_factory=ChatConfig)
     cluster: Any = field(default_factory=ClusterConfig)
     metrics: Any = field(default_factory=MetricsConfig)
+    tls: Any = field(default_factory=TlsConfig)
     path: str | None = None                     # the absolute config file path, if any
     origins: dict[str, str] = field(default_factory=dict, compare=False)
+    tls_context: Any = field(default=None, compare=False, repr=False)   # tls.server_context
 
     def get(self, dotted: str) -> Any:
         section, name = dotted.split(".")
@@ -661,6 +675,13 @@ def load(path: str | None = None, overrides: dict[str, tuple[Any, str]] | None =
             on_command_line.append(setting_error(origin, message))
         else:
             errors.append((_line_order(origin.rpartition(":")[2]), f"{origin}: {message}"))
+    if cfg.tls.certificate and cfg.tls.key and not invalid & set(TLS_FILES):
+        try:
+            cfg = dataclasses.replace(cfg, tls_context=tls.server_context(
+                cfg.tls.certificate, cfg.tls.key, cfg.tls.client_ca))
+        except tls.TlsError as e:
+            origin = cfg.origin("tls." + e.key)
+            errors.append((_line_order(origin.rpartition(":")[2]), f"{origin}: [tls] {e.key}: {e}"))
     if errors:
         raise _file_errors(errors)
     if on_command_line:
@@ -688,7 +709,7 @@ def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) ->
     sections = {}
     for section, cls in (("server", ServerConfig), ("daemon", DaemonConfig), ("log", LogConfig),
                          ("limits", LimitsConfig), ("access", AccessConfig), ("chat", ChatConfig),
-                         ("cluster", ClusterConfig), ("metrics", MetricsConfig)):
+                         ("cluster", ClusterConfig), ("metrics", MetricsConfig), ("tls", TlsConfig)):
         kwargs = {}
         for key in SCHEMA:
             if key.section == section and key.dotted in values:
@@ -734,16 +755,22 @@ def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset())
             except ChatdError as e:
                 found.append((cfg.origin("server.listen"), e.message))
             else:
-                for _, endpoint in planned:
-                    if endpoint.tls:
-                        found.append((cfg.origin("server.listen"),
-                                      f"{endpoint.scheme} listeners are not supported yet"))
-                        break
+                for address, endpoint in planned:
                     if endpoint.proxy and not cfg.access.proxy_from and "access.proxy_from" not in invalid:
                         found.append((cfg.origin("server.listen"),
                                       f"{endpoint.scheme} listeners need [access] proxy_from: the "
                                       f"proxies whose PROXY headers are believed"))
                         break
+                    if endpoint.tls and not (cfg.tls.certificate and cfg.tls.key):
+                        found.append((cfg.origin("server.listen"),
+                                      f"{endpoint.label(address)} needs [tls] certificate and key"))
+                        break
+    if not invalid & set(TLS_FILES):
+        tls_set = [k for k in TLS_FILES if cfg.get(k)]
+        if tls_set and not (cfg.tls.certificate and cfg.tls.key):
+            missing = "key" if cfg.tls.certificate else "certificate"
+            found.append((cfg.origin(tls_set[0]),
+                          f"[tls] {tls_set[0][4:]} is set, but not [tls] {missing}"))
     if "server.workers" not in invalid and cfg.server.workers > 1 and not cfg.cluster.bus:
         found.append((cfg.origin("server.workers"),
                       f"[server] workers = {cfg.server.workers} needs [cluster] bus: the workers "

@@ -266,7 +266,9 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.transport = transport
         self.state.enter(self)
         limits = self.state.limits
-        transport.set_write_buffer_limits(high=0, low=0)
+        # Paused on any queued output: a plain transport pauses past `high`, an SSL one
+        # (asyncio's and uvloop's) at `high`, where 0 would keep it paused for good.
+        transport.set_write_buffer_limits(high=1 if transport.get_extra_info("sslcontext") else 0, low=0)
         self._bound_buffers()
         if limits.keepalive:
             set_keepalive(transport.get_extra_info("socket"), limits.keepalive)

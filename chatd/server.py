@@ -151,6 +151,7 @@ class Server:
         self.gate = Gate(self.state, loop)
         self.gate.access.configure(self.cfg)
         self._apply_mode(self.cfg)
+        self.gate.use_tls(self.cfg.tls_context, self.cfg.tls.handshake_timeout)
         for mode in MODES.values():
             await mode.start(self.state, self.cfg)
         for listener in self.listeners:
@@ -301,14 +302,16 @@ class Server:
         self.state.max_clients = self.max_clients
         self.gate.access.configure(new)
         self._apply_mode(new)
+        self.gate.use_tls(new.tls_context, new.tls.handshake_timeout)
         self.gate.measure()
+        reread = "; [tls] certificate and key read again for new connections" if new.tls_context else ""
         if not changed:
             log.debug("restart: nothing changed")
-            return "applied", "config re-read; nothing changed"
+            return "applied", "config re-read; nothing changed" + reread
         for key in changed:
             log.debug("restart: %s %r -> %r (from %s)", key, old.get(key), new.get(key), new.origin(key))
         parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
-        return "applied", "changed " + ", ".join(parts) + (f" {note}" if note else "")
+        return "applied", "changed " + ", ".join(parts) + (f" {note}" if note else "") + reread
 
     async def _rebind(self, new: Config) -> str:
         """Listen on the new addresses before closing the old ones; an address kept with

@@ -88,6 +88,12 @@ WORKLOADS = {
     # so two can spread over the cores: on 2 cores that shows spread, not speed-up).
     "w1000": ("workers", ["echo", "-c", "1000", "-P", "1", "-s", "64"],
               "echo, 1000 connections, 1 line in flight: 1 worker against 2 (not pinned)"),
+    # Issue 15: echo over TLS beside plaintext, both from tlsload.py (Python; loadgen.c is
+    # plaintext only): chatd-tls against chatd, the same client and lines.
+    "t100": ("tls", ["-c", "100", "-P", "1", "-s", "64"],
+             "echo over TLS and plaintext (tlsload.py), 100 connections, 1 line in flight"),
+    "t100p16": ("tls", ["-c", "100", "-P", "16", "-s", "64"],
+                "echo over TLS and plaintext (tlsload.py), 100 connections, 16 lines in flight"),
     "h10k": ("hold", ["hold", "-c", "10000", "--probe", "--pss"],
              "10,000 idle connections, each probed with one echoed line"),
     "h1k": ("hold", ["hold", "-c", "1000", "--probe", "--pss"],
@@ -106,8 +112,9 @@ for _mode, _m in (("echo", "e"), ("chat", "c")):
 HOSTILE = [wl for wl in WORKLOADS if wl[:1] in "xl" and wl[2:3] == "-"]
 BUS_MODES = ("nodes", "workers")   # workloads that need a redis-server and the redis package
 NODES = [wl for wl, (mode, _, _) in WORKLOADS.items() if mode in BUS_MODES]
-FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100s4", "c100r2k", "h10k"] + NODES + HOSTILE
-SHORT = ["e100", "e100p16", "c100", "c100s4", "c100r2k", "h1k", "n100", "le-iac-do", "lc-bidi"]
+FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100s4", "c100r2k", "t100", "t100p16",
+        "h10k"] + NODES + HOSTILE
+SHORT = ["e100", "e100p16", "c100", "c100s4", "c100r2k", "t100", "h1k", "n100", "le-iac-do", "lc-bidi"]
 
 
 @dataclass
@@ -119,6 +126,7 @@ class Server:
     workers: int = 1         # [server] workers (more than 1: on a private redis-server too)
     pinned: bool = True      # pinned to CPU 0 (with --pin); workers are not: they may spread
     scraped: bool = False    # [metrics] listen on port + METRICS_OFFSET, scraped every SCRAPE_S
+    tls: bool = False        # serves TLS (the "tls" workloads' client speaks it to this one)
 
 
 @dataclass
@@ -146,11 +154,12 @@ def chatd_servers(binary: str, work: Path, suffix: str = "") -> list[Server]:
     conf = work / "bench.conf"
     conf.write_text('[server]\nhost = "127.0.0.1"\n'
                     "[limits]\nmax_clients = 0\nmax_clients_per_ip = 0\nrate = 0\n")
-    chatd = [binary, "run", "-c", str(conf), "-p", "{port}", "--pidfile",
-             str(work / "chatd-{port}.pid"), "--log", str(work / "chatd-{port}.log")]
-    return [
-        Server("chatd" + suffix, chatd + ["--mode", "echo"], ("echo", "hold", "xecho")),
-        Server("chatd-asyncio" + suffix, chatd + ["--mode", "echo", "--loop", "asyncio"], ("echo", "xecho")),
+    files = ["--pidfile", str(work / "chatd-{port}.pid"), "--log", str(work / "chatd-{port}.log")]
+    chatd = [binary, "run", "-c", str(conf), "-p", "{port}", *files]
+    found = [
+        Server("chatd" + suffix, chatd + ["--mode", "echo"], ("echo", "hold", "xecho", "tls")),
+        Server("chatd-asyncio" + suffix, chatd + ["--mode", "echo", "--loop", "asyncio"],
+               ("echo", "xecho", "tls")),
         Server("chatd-chat" + suffix, chatd + ["--mode", "chat"], ("chat", "xchat", "nodes")),
         Server("chatd-chat-asyncio" + suffix, chatd + ["--mode", "chat", "--loop", "asyncio"], ("chat", "xchat")),
         Server("chatd-chat-bus" + suffix, chatd + ["--mode", "chat"], ("nodes",), bus_nodes=1),
@@ -159,6 +168,17 @@ def chatd_servers(binary: str, work: Path, suffix: str = "") -> list[Server]:
         Server("chatd-2workers" + suffix, chatd + ["--mode", "echo", "--workers", "2"], ("workers",),
                workers=2, pinned=False),
     ]
+    if shutil.which("openssl"):   # a self-signed certificate for the TLS listeners
+        tls_conf = work / f"bench-tls{suffix}.conf"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-subj", "/CN=localhost", "-days", "2", "-keyout", str(work / "key.pem"),
+                        "-out", str(work / "cert.pem")], check=True, capture_output=True, timeout=60)
+        tls_conf.write_text(conf.read_text() + f'[tls]\ncertificate = "{work / "cert.pem"}"\n'
+                                               f'key = "{work / "key.pem"}"\n')
+        tls = [binary, "run", "-c", str(tls_conf), "--listen", "tls://127.0.0.1:{port}", *files, "--mode", "echo"]
+        found += [Server("chatd-tls" + suffix, tls, ("tls",), tls=True),
+                  Server("chatd-tls-asyncio" + suffix, tls + ["--loop", "asyncio"], ("tls",), tls=True)]
+    return found
 
 
 def scraped_servers(binary: str, work: Path) -> list[Server]:
@@ -365,7 +385,11 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
             argv += ["--aux-pid", str(redis.pid)]
         if len(nodes) == 2:   # the last half of the receivers on the second node
             argv += ["--port2", str(ports[1]), "--conns2", str(int(lg_args[lg_args.index("-c") + 1]) // 2)]
-        if mode.startswith("x"):
+        if mode == "tls":
+            argv = [sys.executable, str(Path(args.bench) / "tlsload.py"), *lg_args, "-p", str(args.port),
+                    "--server-pid", str(proc.pid), "-d", str(args.duration), "-w", str(args.warmup)]
+            argv += ["--tls"] if server.tls else []
+        elif mode.startswith("x"):
             argv = [sys.executable, str(Path(args.bench) / "hostile.py"), "--mode", mode[1:], *lg_args,
                     "-p", str(args.port), "--server-pid", str(proc.pid), "--label", f"{server.name}/{workload}",
                     "-d", str(args.duration), "-w", str(args.warmup)]
@@ -501,7 +525,7 @@ def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> 
                        f"| {(rss0 or 0) / 1024:.1f} -> {(rss1 or 0) / 1024:.1f} "
                        f"| {spread([r.num('rss_per_conn_b') for r in ok])} | {sum(errors(r) for r in group)} |")
         return out + [""]
-    unit = "lines/s" if mode == "echo" else "deliveries/s"
+    unit = "lines/s" if mode in ("echo", "tls") else "deliveries/s"
     ref_cols = "".join(f" x {ref} |" for ref in refs)
     bus = mode == "nodes"   # across nodes: the nodes' CPU summed, and redis-server's apart
     out += [f"| server | runs | {unit} median [min-max] |{ref_cols} p50 us | p99 us | server CPU us per line | "
@@ -744,7 +768,7 @@ def node_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
 
 REFS = {"echo": ["proto-uvloop", "C-epoll", "proto-asyncio"],
         "chat": ["ncat-chat", "broadcast-uvloop", "C-epoll-chat"], "hold": [],
-        "nodes": ["chatd-chat"], "workers": ["chatd-1worker"]}
+        "nodes": ["chatd-chat"], "workers": ["chatd-1worker"], "tls": ["chatd", "chatd-asyncio"]}
 
 
 def main() -> int:

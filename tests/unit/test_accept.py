@@ -60,7 +60,7 @@ def test_a_refusal_lingers_only_while_descriptors_are_to_spare(monkeypatch, spar
                             lambda what: (soft, resource.RLIM_INFINITY))
         conn, _ = lsock.accept()
         await asyncio.sleep(0.05)   # the client's line has arrived
-        gate.refuse(conn)
+        gate.refuse(conn, None, FULL)
         lingering = len(gate.lingering)
         gate.close()
         return lingering

@@ -57,6 +57,11 @@ SPEC_DEFAULTS = {
     "cluster.reconnect_max": 5.0,
     "cluster.guest_block": 100,
     "metrics.listen": "",
+    # issue 15: TLS listeners
+    "tls.certificate": "",
+    "tls.key": "",
+    "tls.client_ca": "",
+    "tls.handshake_timeout": 10.0,
 }
 
 HERE = "# <- HERE"
