@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from .connection import ChurnLog, Connection, ServerState, format_peer
+from .moderation import Bans
 
 log = logging.getLogger("chatd")
 
@@ -108,6 +109,7 @@ class Gate:
         self.short_since: float | None = None
         self.short_logged = -SHORTAGE_LOG_S
         self.turned_away = 0               # newcomers told "server full" during the shortage
+        self.bans = Bans()                 # the server's (`chatd ban`): refused unread, untold
 
     def measure(self) -> None:
         """Count the descriptors that are not clients: listeners, logs, the loop's own."""
@@ -122,6 +124,9 @@ class Gate:
         if self.short_since is not None:
             self._shortage_over()
         ip = addr[0] if isinstance(addr, tuple) else "?"
+        if self.bans and self.bans.match(ip) is not None:
+            self._banned(sock, ip, addr)
+            return
         quiet = self.state.churn.quiet(ip, self.state.limits.logged_per_ip)
         refusal = self.state.admit(ip)
         if refusal:
@@ -156,6 +161,15 @@ class Gate:
             await asyncio.wait(list(self.connecting), timeout=1.0)
 
     # ------------------------------------------------------------ refusals
+
+    def _banned(self, sock: socket.socket, ip: str, addr: Any) -> None:
+        """Closed before any byte is read or sent; logged once per address and interval, the
+        rest counted in the churn summary."""
+        sock.close()
+        if self.bans.log_refusal(ip):
+            log.warning("refused %s: banned", format_peer(addr))
+        else:
+            self.state.churn.count(ip, ChurnLog.REFUSED)
 
     def refuse(self, sock: socket.socket) -> None:
         """Tell `sock` "server full"; linger over its input if descriptors allow."""

@@ -25,6 +25,7 @@ from .connection import CHURN_INTERVAL_S, ServerState
 from .daemon import raise_fd_limit
 from .errors import ChatdError, StartError
 from .log import Logging, resolve_target
+from .moderation import Bans, ControlSocket, Moderator, clients_by_mode, duration_text
 from .modes import MODES
 from .notify import Notifier
 from .paths import check_log_file
@@ -99,6 +100,7 @@ class Runtime:
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
     lease: str = ""                       # a worker slot's bus lease token (workers.py)
     forget: Callable[[], None] = lambda: None   # a forked worker drops the daemon's files
+    control: ControlSocket | None = None  # X.sock, for `chatd who`, `kick`, ... (moderation.py)
 
 
 class Server:
@@ -119,6 +121,8 @@ class Server:
         self.state: ServerState
         self.gate: Gate
         self._tasks: list[asyncio.Task[None]] = []
+        self.bans = Bans()        # kept across restarts in place; asked by the gate
+        self.moderator: Moderator | None = None
         self._loop_errors: dict[str, tuple[float, int]] = {}   # message -> (logged at, since)
 
     # ------------------------------------------------------------------ lifecycle
@@ -140,11 +144,15 @@ class Server:
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
         self.state.lease = self.runtime.lease
         self.gate = Gate(self.state, loop)
+        self.gate.bans = self.bans
         self._apply_mode(self.cfg)
         for mode in MODES.values():
             await mode.start(self.state, self.cfg)
         for listener in self.listeners:
             self._serve_on(listener)
+        if self.runtime.control is not None:
+            self.moderator = Moderator(self, self.runtime.control)
+            await self.moderator.start()
         self.gate.measure()
         self._abort_if_stopped_early()
         self.runtime.state.update(**self._state_fields(), generation=0, last_restart=None,
@@ -180,6 +188,8 @@ class Server:
         log.info("%s (%s), %d clients", how, signal_name(self.stop_signal) if self.stop_signal else "error",
                  len(self.state.connections))
         self.runtime.notifier.stopping(f"{how}, {len(self.state.connections)} clients")
+        if self.moderator is not None:
+            self.moderator.stop()
         for listener in self.listeners:
             self._close_listener(listener)
         self.listeners = []
@@ -453,6 +463,24 @@ class Server:
         if self.last_restart:
             text += f"; last restart {self.last_restart.kind}: {self.last_restart.message}"
         return text
+
+    def stats(self) -> dict[str, Any]:
+        """What `chatd stats --json` shows (moderation.py)."""
+        return {"mode": self.cfg.server.mode, "address": self.address,
+                "clients": len(self.state.connections),
+                "clients_by_mode": clients_by_mode(self.state.connections),
+                "uptime_s": round(time.time() - self.started, 3), "generation": self.generation,
+                "bans": len(self.bans.listing())}
+
+    def stats_text(self) -> str:
+        """What `chatd stats` prints: one `key: value` a line."""
+        stats = self.stats()
+        by_mode = ", ".join(f"{n} {mode}" for mode, n in stats["clients_by_mode"].items())
+        return "\n".join([f"mode: {stats['mode']}", f"address: {stats['address']}",
+                          f"clients: {stats['clients']} ({by_mode})",
+                          f"uptime: {duration_text(stats['uptime_s'])}",
+                          f"restarts in place: {stats['generation']}",
+                          f"bans in force: {stats['bans']}"])
 
     def _state_fields(self) -> dict[str, Any]:
         return state_fields(self.cfg, self.listeners, self.loop_name, self.runtime.logs,
