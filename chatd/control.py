@@ -581,42 +581,39 @@ def _ask(path: str, pid: int, request: dict[str, Any]) -> dict[str, Any]:
         os.close(dir_fd)
 
 
-def _table(rows: list[list[str]], out: Console) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        out.say("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+Show = Callable[[dict[str, Any], bool, Console], None]
 
 
-def _show_who(answer: dict[str, Any], as_json: bool, out: Console) -> None:
-    clients = answer.get("clients") or []
-    if as_json:
-        return _print_json({"clients": clients}, out)
-    if not clients:
-        return out.say("no clients")
-    rows = [["NICK", "ROOM", "ADDRESS", "CONNECTED", "BYTES IN", "BYTES OUT"]]
-    for c in clients:
-        rows.append([c.get("nick") or "-", c.get("room") or "-", str(c.get("address")),
-                     duration_text(c.get("connected_s") or 0),
-                     *("?" if c.get(k) is None else str(c.get(k)) for k in ("bytes_in", "bytes_out"))])
-    _table(rows, out)
+def _listing(key: str, nothing: str, header: list[str], row: Callable[[dict[str, Any]], list[str]]) -> Show:
+    """How an answer that is a list under `key` is shown: as it came (`--json`), else a
+    table with `header`, one `row` per item, or `nothing`."""
+    def show(answer: dict[str, Any], as_json: bool, out: Console) -> None:
+        items = answer.get(key) or []
+        if as_json:
+            return _print_json({key: items}, out)
+        if not items:
+            return out.say(nothing)
+        rows = [header] + [row(item) for item in items]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        for r in rows:
+            out.say("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return show
+
+
+def _who_row(c: dict[str, Any]) -> list[str]:
+    return [c.get("nick") or "-", c.get("room") or "-", str(c.get("address")),
+            duration_text(c.get("connected_s") or 0),
+            *("?" if c.get(k) is None else str(c.get(k)) for k in ("bytes_in", "bytes_out"))]
+
+
+def _ban_row(b: dict[str, Any]) -> list[str]:
+    left = b.get("expires_in_s")
+    return [str(b.get("ban")), "never (until unbanned)" if left is None else duration_text(left)]
 
 
 def _kicked(answer: dict[str, Any]) -> str:
     kicked = answer.get("kicked") or []
     return ", ".join(kicked) if kicked else "nobody"
-
-
-def _show_bans(answer: dict[str, Any], as_json: bool, out: Console) -> None:
-    bans = answer.get("bans") or []
-    if as_json:
-        return _print_json({"bans": bans}, out)
-    if not bans:
-        return out.say("no bans")
-    rows = [["BAN", "EXPIRES IN"]]
-    for b in bans:
-        left = b.get("expires_in_s")
-        rows.append([str(b.get("ban")), "never (until unbanned)" if left is None else duration_text(left)])
-    _table(rows, out)
 
 
 def _show_stats(answer: dict[str, Any], as_json: bool, out: Console) -> None:
@@ -625,12 +622,13 @@ def _show_stats(answer: dict[str, Any], as_json: bool, out: Console) -> None:
     out.say(str(answer.get("text")))
 
 
-SHOW: dict[str, Callable[[dict[str, Any], bool, Console], None]] = {
-    "who": _show_who,
+SHOW: dict[str, Show] = {
+    "who": _listing("clients", "no clients", ["NICK", "ROOM", "ADDRESS", "CONNECTED", "BYTES IN",
+                                              "BYTES OUT"], _who_row),
     "kick": lambda a, j, out: out.say(f"kicked {_kicked(a)}"),
     "ban": lambda a, j, out: out.say(f"banned {a.get('ban')}; kicked {_kicked(a)}"),
     "unban": lambda a, j, out: out.say(f"unbanned {a.get('ban')}"),
-    "bans": _show_bans,
+    "bans": _listing("bans", "no bans", ["BAN", "EXPIRES IN"], _ban_row),
     "say": lambda a, j, out: out.say(f"said to {a.get('clients')} clients"),
     "stats": _show_stats,
 }
