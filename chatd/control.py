@@ -554,7 +554,10 @@ def _ask(path: str, pid: int, request: dict[str, Any]) -> dict[str, Any]:
             if peer_uid(sock)[0] != pid:
                 raise PrivilegeError(f"control socket {path} is not served by chatd (pid {pid}); "
                                      f"refusing it")
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except BrokenPipeError:
+                pass   # answered (refused) and closed before it read: the answer is there
             data = bytearray()
             while not data.endswith(b"\n") and len(data) < ANSWER_MAX:
                 chunk = sock.recv(1 << 20)

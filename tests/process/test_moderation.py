@@ -98,11 +98,12 @@ def client_port(inst, nick: str) -> int:
 
 # ------------------------------------------------------------------ kick and say
 
-def test_kick_is_seen_by_the_kicked_user_and_by_the_room(chatd, clients):
+def test_kick_is_seen_by_the_kicked_user_and_by_the_room(loop_chatd, clients):
     """1. bob and alice in #lobby; 2. `chatd kick ALICE spamming links` (nicks compare as in
     chat: case-insensitive). Result: exit 0, stdout names her; alice gets exactly `*** you
     were kicked: spamming links` and then EOF; bob gets `*** alice left #lobby (kicked:
     spamming links)`; a second kick exits 1 (no such nick), a kick without NICK exits 2."""
+    chatd = loop_chatd   # on both loops
     start(chatd)
     alice, bob = lobby(chatd, clients)
     port = client_port(chatd, "alice")
@@ -158,11 +159,12 @@ def test_echo_mode_kick_by_address_and_say(chatd, clients):
 
 # ------------------------------------------------------------------ who and stats
 
-def test_who_lists_nick_room_address_time_and_bytes(chatd, clients):
+def test_who_lists_nick_room_address_time_and_bytes(loop_chatd, clients):
     """1. bob and alice in #lobby, alice then in #dev; 2. `chatd who --json` and `chatd who`.
     Result: one entry each with nick, room, address, mode; bytes in as sent (the kernel's
     count: `/nick alice\\n/join #dev\\n` is 23 bytes), bytes out as received; the table has
     a header and one row each."""
+    chatd = loop_chatd   # on both loops
     start(chatd)
     alice, bob = lobby(chatd, clients)
     alice.send(b"/join #dev\n")
@@ -204,12 +206,13 @@ def test_stats_text_and_json(chatd, clients):
 
 # ------------------------------------------------------------------ bans
 
-def test_ban_kicks_refuses_unread_lists_and_expires(chatd, clients):
+def test_ban_kicks_refuses_unread_lists_and_expires(loop_chatd, clients):
     """1. bob and alice in #lobby; 2. `chatd ban 127.0.0.3 2s`; 3. connect from 127.0.0.3
     three times; 4. wait for the expiry. Result: bob gets `*** you were banned` and EOF, the
     room sees him leave `(banned)`; each new connection from 127.0.0.3 is closed with not a
     byte sent; one log line says so (the others are counted); `chatd bans` lists the ban
     until it expires, then `no bans`; after it, 127.0.0.3 is welcome again."""
+    chatd = loop_chatd   # on both loops
     start(chatd)
     alice, bob = lobby(chatd, clients)
     bob_port = client_port(chatd, "bob")
@@ -347,3 +350,50 @@ def test_another_user_gets_exit_4(nobody, make_chatd):
         assert "control socket: refused pid" in inst.log_text()
         client.send(b"/rooms\n")
         assert client.recv_line().startswith(b"*** #lobby: nobody else here")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_a_daemon_that_dropped_privileges_serves_root_and_its_user(make_chatd, clients):
+    """1. root starts chatd with `user = "nobody"` in a root-owned 0755 directory; 2. root
+    runs `chatd kick`; 3. stop, start again. Result: X.sock is nobody's, mode 0600; root is
+    served; the socket nobody could not remove at exit is replaced by the next start."""
+    inst = make_chatd(public=True)
+    need_nc()
+    inst.write_config(mode="chat", daemon={"user": "nobody"})
+    for _ in range(2):
+        inst.start()
+        st = os.lstat(sock_path(inst))
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65534, 0o600)
+        c = clients(inst.port, ALICE)
+        c.expect(b"*** #lobby: nobody else here\r\n")
+        assert out(inst.cmd("kick", ALICE, check=0)).startswith(f"kicked guest")
+        assert c.expect(b"\r\n") == b"*** you were kicked\r\n"
+        inst.cmd("stop", check=0)
+        assert os.path.lexists(sock_path(inst))   # nobody may not unlink in root's directory
+
+
+def test_a_stuck_or_oversized_control_client_holds_nothing(loop_chatd):
+    """1. connect to X.sock and send nothing; 2. another sends 100 KiB with no newline;
+    3. meanwhile `chatd who` and an echo client. Result: both are answered at once; the
+    oversized request is answered `bad request`; the stuck one is closed after 5 s."""
+    chatd = loop_chatd   # on both loops
+    start(chatd, mode="echo")
+    with socket.socket(socket.AF_UNIX) as stuck, socket.socket(socket.AF_UNIX) as big:
+        stuck.connect(str(sock_path(chatd)))
+        big.connect(str(sock_path(chatd)))
+        big.settimeout(5)
+        try:
+            big.sendall(b"x" * 100_000)
+        except OSError:
+            pass   # the daemon may close it before it has taken all of it
+        began = time.monotonic()
+        assert out(chatd.cmd("who", check=0)) == "no clients\n"
+        with LineClient(chatd.port) as c:
+            c.send(b"ping\n")
+            assert c.recv_line() == b"ping\n"
+        assert time.monotonic() - began < 3
+        big.shutdown(socket.SHUT_WR)
+        assert big.recv(1000) == b'{"ok": false, "error": "bad request", "status": 2}\n'
+        stuck.settimeout(10)
+        assert stuck.recv(100) == b""
+        assert 4 < time.monotonic() - began < 9
