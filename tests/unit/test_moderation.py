@@ -115,3 +115,20 @@ def test_requests(argv, request_):
 def test_bad_requests(argv, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         moderation_request(argv[0], argv[1:])
+
+
+def test_many_bans_of_many_lengths_are_found_and_dropped():
+    """The index by prefix length agrees with testing every ban, and forgets what is removed."""
+    bans = Bans()
+    nets = [parse_network(f"10.{i}.0.0/{16 + i % 17}") for i in range(200)]
+    nets += [parse_network(f"2001:db8:{i:x}::/{48 + i % 80}") for i in range(200)]
+    for net in nets:
+        bans.add(net, None)
+    for ip in ["10.5.0.1", "10.5.255.255", "10.199.0.0", "10.200.0.0", "2001:db8:7::1", "2001:db9::1",
+               "::ffff:10.16.0.9", "192.0.2.1"]:
+        addr = client_address(ip)
+        wanted = [n for n in nets if n.version == addr.version and addr in n]
+        assert bans.match(ip) == (wanted[0] if wanted else None), ip
+    for net in nets:
+        assert bans.remove(net)
+    assert not bans and not bans.index and not bans.lengths
