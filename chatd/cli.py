@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
-
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__, control
 from .config import SCHEMA

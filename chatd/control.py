@@ -30,7 +30,7 @@ from .errors import (EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXI
                      ChatdError, PrivilegeError, StartError)
 from .lifetime import Launch, serve
 from .log import log, resolve_target
-from .moderation import duration_text, peer_uid, via_directory
+from .moderation import duration_text, peer_credentials, via_directory
 from .paths import SYSTEM_DIR, InstancePaths, check_log_file, instance_paths, prepare_directory, secured
 from .pidfile import AlreadyRunning, Probe, clear_stale, guard, open_holder, probe
 from .notify import Notifier, listen_fds, supervised, take_upstart_job
@@ -551,7 +551,7 @@ def _ask(path: str, pid: int, request: dict[str, Any]) -> dict[str, Any]:
                 raise PrivilegeError(f"control socket {path} is not a socket; refusing it")
             sock.settimeout(CONTROL_TIMEOUT_S)
             sock.connect(via_directory(dir_fd, name))
-            if peer_uid(sock)[0] != pid:
+            if peer_credentials(sock)[0] != pid:
                 raise PrivilegeError(f"control socket {path} is not served by chatd (pid {pid}); "
                                      f"refusing it")
             try:

@@ -51,6 +51,7 @@ DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION_MAX_S = 366 * 86400
 MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+LOOKS = frozenset({"who", "bans", "stats"})   # change nothing: logged at debug (monitors poll them)
 
 
 # ---------------------------------------------------------------------- parsing
@@ -259,8 +260,9 @@ class ControlSocket:
             pass
 
 
-def peer_uid(sock: Any) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+def peer_credentials(sock: Any) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED): for a
+    listening socket's, the process that made it."""
     pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                       struct.calcsize("3i")))
     return pid, uid
@@ -316,7 +318,7 @@ class Moderator:
             writer.close()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict[str, Any]:
-        pid, uid = peer_uid(writer.get_extra_info("socket"))
+        pid, uid = peer_credentials(writer.get_extra_info("socket"))
         if uid not in (0, os.geteuid()):
             now = time.monotonic()
             if now - self.refused_logged >= REFUSAL_LOG_S:
@@ -336,7 +338,8 @@ class Moderator:
             return _failure(e.message, e.status)
         except (ValueError, KeyError, TypeError) as e:
             return _failure(f"bad request: {e}", EXIT_USAGE)
-        log.info("control: %s by uid %d (pid %d)", request["cmd"], uid, pid)
+        log.log(logging.DEBUG if request["cmd"] in LOOKS else logging.INFO,
+                "control: %s by uid %d (pid %d)", request["cmd"], uid, pid)
         return {"ok": True} | answer
 
     # ------------------------------------------------------------ the commands
