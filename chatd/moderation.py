@@ -12,7 +12,7 @@ Bans live in the Server (`Bans`), so a restart in place keeps them; `accept.Gate
 them before it admits anyone. The parsing of addresses and durations is here too, for
 the command line (control.py) and the daemon alike.
 
-Tests: tests/process/test_moderation.py, tests/unit/test_moderation.py
+Tests: tests/process/test_moderation.py, tests/unit/test_bans.py
 """
 
 from __future__ import annotations
