@@ -1,4 +1,8 @@
-"""Accepting clients: admission, "server full", and running out of descriptors.
+"""Accepting clients: access rules, PROXY headers, admission, "server full", and running out of descriptors.
+
+Before anything is read from a newcomer, a ban (`chatd ban`, moderation.Bans) or
+`access.Access.check` may refuse it (deny, allow, the connect rate: `turn_away`); on a `proxy://` listener a trusted proxy's header is read first
+(`proxy.HeaderStage`) and the checks, the limits and the log apply to the client it names.
 
 chatd accepts on its listening sockets itself instead of through
 `loop.create_server`, for three things the loops do not do:
@@ -17,7 +21,7 @@ chatd accepts on its listening sockets itself instead of through
   logging every one, and uvloop stops accepting for a second. The shortage is
   logged when it begins and when it ends, with a count.
 
-Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py
+Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py, tests/process/test_access.py
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import socket
 import time
 from typing import Any
 
-from .connection import ChurnLog, Connection, ServerState, format_peer
+from . import access, proxy
+from .connection import ChurnLog, Connection, ServerState, format_peer, unmapped
 from .moderation import Bans
 
 log = logging.getLogger("chatd")
@@ -44,6 +49,7 @@ MAX_LINGERING = 96         # refused clients closed gracefully at a time
 FD_MARGIN = 16             # descriptors never spent on lingering (restart, log reopen)
 SHORTAGE_LOG_S = 10.0      # at most one "out of descriptors" line this often
 DRAIN_READS = 16           # reads of 64 KiB at most, dropping a refused client's input
+MAX_HEADERS = 1024         # PROXY headers awaited at a time (each a descriptor, for at most 5 s)
 
 
 def _drop_input(sock: socket.socket) -> bool:
@@ -109,7 +115,10 @@ class Gate:
         self.short_since: float | None = None
         self.short_logged = -SHORTAGE_LOG_S
         self.turned_away = 0               # newcomers told "server full" during the shortage
-        self.bans = Bans()                 # the server's (`chatd ban`): refused unread, untold
+        self.access = access.Access()      # the rules; the server configures it
+        self.refused = ChurnLog()          # refusals by `access`: one line per address and interval
+        self.headers: dict[socket.socket, proxy.HeaderStage] = {}   # PROXY headers awaited
+        self.bans = Bans()                 # the server's (`chatd ban`): turned away as a deny is
 
     def measure(self) -> None:
         """Count the descriptors that are not clients: listeners, logs, the loop's own."""
@@ -117,15 +126,28 @@ class Gate:
             total = len(os.listdir("/proc/self/fd")) - 1   # less listdir's own
         except OSError:
             return
-        self.fd_base = max(0, total - self.state.count - len(self.lingering))
+        self.fd_base = max(0, total - self.state.count - len(self.lingering) - len(self.headers))
 
-    def let_in(self, sock: socket.socket, addr: Any) -> None:
-        """A newly accepted socket: admitted and connected, or told "server full"."""
+    def let_in(self, sock: socket.socket, addr: Any, listener: Any = None) -> None:
+        """A newly accepted socket on `listener` (server.Listener: its endpoint says what the
+        connection starts with): a PROXY header read first if the listener asks for one, then
+        `admit`."""
         if self.short_since is not None:
             self._shortage_over()
+        if isinstance(addr, tuple):
+            addr = (unmapped(addr[0]), addr[1])
+        if listener is not None and listener.endpoint.proxy:
+            self._read_header(sock, addr)
+        else:
+            self.admit(sock, addr)
+
+    def admit(self, sock: socket.socket, addr: Any) -> None:
+        """The client at `addr` (behind a proxy, the one its header names): checked by the
+        access rules, then admitted and connected, or told "server full"."""
         ip = addr[0] if isinstance(addr, tuple) else "?"
-        if self.bans and self.bans.match(ip) is not None:
-            self._banned(sock, ip, addr)
+        refusal = "banned" if self.bans and self.bans.match(ip) is not None else self.access.check(ip)
+        if refusal:
+            self.turn_away(sock, addr, refusal)
             return
         quiet = self.state.churn.quiet(ip, self.state.limits.logged_per_ip)
         refusal = self.state.admit(ip)
@@ -145,6 +167,42 @@ class Gate:
         self.connecting.add(task)
         task.add_done_callback(self.connecting.discard)
 
+    def turn_away(self, sock: socket.socket, addr: Any, refusal: str) -> None:
+        """Refused by the access rules (or as a proxy): logged once per address and interval,
+        then counted (`refused`). Over the connect rate the newcomer is told so, like "server
+        full"; otherwise closed at once, nothing read or sent."""
+        ip = addr[0] if isinstance(addr, tuple) else "?"
+        if self.refused.quiet(ip, 1):
+            self.refused.count(ip, ChurnLog.REFUSED)
+        else:
+            log.warning("refused %s: %s", format_peer(addr), refusal)
+        if refusal == access.TOO_FAST:
+            self.refuse(sock, self.connection_class.SLOW_DOWN_LINE)
+        else:
+            sock.close()
+
+    def _read_header(self, sock: socket.socket, addr: Any) -> None:
+        """A `proxy://` listener: a trusted proxy's header first (proxy.HeaderStage), then
+        `admit` for the client it names; anyone else is turned away."""
+        ip = addr[0] if isinstance(addr, tuple) else "?"
+        if not self.access.trusted(ip):
+            self.turn_away(sock, addr, "not in [access] proxy_from, on a proxy:// listener")
+            return
+        if len(self.headers) >= MAX_HEADERS:
+            self.turn_away(sock, addr, f"{MAX_HEADERS} PROXY headers already awaited")
+            return
+
+        def done(header: proxy.Header | None, error: str) -> None:
+            del self.headers[sock]
+            if header is None:
+                self.turn_away(sock, addr, error)
+                return
+            client = addr if header.client is None else (unmapped(header.client[0]), header.client[1])
+            log.debug("PROXY header from %s: client %s", format_peer(addr), format_peer(client))
+            self.admit(sock, client)
+
+        self.headers[sock] = proxy.HeaderStage(self.loop, sock, done)
+
     async def _connect(self, sock: socket.socket, ip: str, peer: str, quiet: bool) -> None:
         conn = self.connection_class(self.state, ip, peer)
         conn.quiet = quiet
@@ -162,18 +220,9 @@ class Gate:
 
     # ------------------------------------------------------------ refusals
 
-    def _banned(self, sock: socket.socket, ip: str, addr: Any) -> None:
-        """Closed before any byte is read or sent; logged once per address and interval, the
-        rest counted in the churn summary."""
-        sock.close()
-        if self.bans.log_refusal(ip):
-            log.warning("refused %s: banned", format_peer(addr))
-        else:
-            self.state.churn.count(ip, ChurnLog.REFUSED)
-
-    def refuse(self, sock: socket.socket) -> None:
-        """Tell `sock` "server full"; linger over its input if descriptors allow."""
-        peer_gone = _tell(sock, self.connection_class.FULL_LINE)
+    def refuse(self, sock: socket.socket, line: bytes = b"") -> None:
+        """Tell `sock` "server full" (or `line`); linger over its input if descriptors allow."""
+        peer_gone = _tell(sock, line or self.connection_class.FULL_LINE)
         if peer_gone or len(self.lingering) >= MAX_LINGERING or self._room() <= FD_MARGIN:
             sock.close()
             return
@@ -184,7 +233,7 @@ class Gate:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY:
             return 1 << 30
-        return soft - self.fd_base - self.state.count - len(self.lingering)
+        return soft - self.fd_base - self.state.count - len(self.lingering) - len(self.headers)
 
     def _on_lingering_input(self, sock: socket.socket) -> None:
         if _drop_input(sock):
@@ -199,9 +248,14 @@ class Gate:
         sock.close()
 
     def close(self) -> None:
-        """Close every lingering refusal and give the spare back (the server is stopping)."""
+        """Close every lingering refusal and awaited header, and give the spare back (the
+        server is stopping)."""
         for sock in list(self.lingering):
             self._end_linger(sock)
+        for sock, stage in self.headers.items():
+            stage.cancel()
+            sock.close()
+        self.headers.clear()
         self.spare.release()
 
     # ------------------------------------------------------------ out of descriptors
@@ -240,10 +294,11 @@ class Gate:
 class Acceptor:
     """Accepts on one listening socket while started, handing each newcomer to the gate."""
 
-    def __init__(self, sock: socket.socket, gate: Gate) -> None:
+    def __init__(self, sock: socket.socket, gate: Gate, listener: Any = None) -> None:
         self.sock = sock
         self.sock.setblocking(False)
         self.gate = gate
+        self.listener = listener
         self.loop = gate.loop
         self.retry: asyncio.TimerHandle | None = None
         self.reading = False
@@ -276,7 +331,7 @@ class Acceptor:
                     log.warning("accept: %s", e.strerror or e)
                 self._pause()
                 return
-            self.gate.let_in(sock, addr)
+            self.gate.let_in(sock, addr, self.listener)
 
     def _pause(self) -> None:
         """Stop reading the listener for RETRY_S: a lasting error must not spin the loop."""

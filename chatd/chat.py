@@ -68,6 +68,7 @@ class ChatConnection(Connection):
     __slots__ = ("nick", "room", "tokens", "refilled", "dropped", "owed", "warned", "charges",
                  "billed", "watch", "mark", "handed", "takes")
     FULL_LINE = b"*** server full\r\n"
+    SLOW_DOWN_LINE = b"*** too many connections, slow down\r\n"
     CR_NUL_ENDS_LINE = True
 
     def __init__(self, state: Any, ip: str = "?", peer: str = "?") -> None:

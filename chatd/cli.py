@@ -80,7 +80,10 @@ OPTIONS
     --pidfile; the other settings describe the server you mean, and a control
     command whose settings differ from the running instance's refuses to act on it.
     -c, --config PATH        TOML config file; without it every setting has its default
-        --host ADDR          address to listen on [server] host (default 0.0.0.0)
+        --listen LIST        addresses to listen on, comma-separated, each HOST:PORT,
+                             [V6]:PORT or :PORT, maybe tls:// or proxy:// [server] listen
+        --host ADDR          address to listen on [server] host (default: every address,
+                             IPv4 and IPv6)
     -p, --port N             TCP port, 1-65535 [server] port (default 7777)
         --mode echo|chat     [server] mode (default echo)
         --pidfile PATH       [daemon] pidfile (default: see FILES)
@@ -88,6 +91,8 @@ OPTIONS
                              [log] target (default: stderr for run; syslog if its socket
                              exists, else X.log beside the pid file, for start)
         --log-level LEVEL    debug, info, warning or error [log] level (default info)
+        --log-format text|json
+                             [log] format (default text; json: one JSON object a line)
         --user NAME|#UID     drop privileges to this user after binding [daemon] user
         --group NAME|#GID    ... and this group [daemon] group
         --loop auto|uvloop|asyncio

@@ -28,8 +28,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import files
-from .errors import ConfigError, setting_error
+from . import access, files, listen
+from .errors import ChatdError, ConfigError, setting_error
 from .rooms import ROOM_RE   # "#name"; a config value may leave out the '#'
 
 FACILITIES = (
@@ -38,6 +38,8 @@ FACILITIES = (
     "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_LISTENERS = 64
+LOG_FORMATS = ("text", "json")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
@@ -49,7 +51,7 @@ class Invalid(ValueError):
 
 def _type_name(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+            list: "an array", tuple: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
 def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
@@ -109,6 +111,8 @@ def _host(value: Any) -> str:
     value = _str(value).strip()
     if value.startswith("[") and value.endswith("]"):
         value = value[1:-1]
+    if not value:
+        return value    # every address (listen.every_address)
     try:
         ipaddress.ip_address(value)
         return value
@@ -123,6 +127,48 @@ def _host(value: Any) -> str:
     except UnicodeError:   # a label IDNA cannot encode: empty ("a..b") or over 63 characters
         raise Invalid(f"not an IP address or host name: {value!r}") from None
     return value
+
+
+def _listen(value: Any) -> tuple[str, ...]:
+    """An array of endpoints, or (from the command line) one string of them split by commas;
+    each checked for shape and its host resolved (listen.parse_endpoint)."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise Invalid(f"expected an array of addresses, got {_type_name(value)}")
+    entries = []
+    for item in value:
+        if not isinstance(item, str):
+            raise Invalid(f"each address must be a string, got {_type_name(item)}")
+        try:
+            endpoint = listen.parse_endpoint(_str(item))
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+        if endpoint.host:
+            _host(endpoint.host)
+        entries.append(item.strip())
+    if len(entries) > MAX_LISTENERS:
+        raise Invalid(f"at most {MAX_LISTENERS} addresses, got {len(entries)}")
+    return tuple(entries)
+
+
+MAX_RULES = 4096   # entries in one [access] list
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    """An array of addresses and CIDR blocks, IPv4 or IPv6 (access.network checks each)."""
+    if not isinstance(value, (list, tuple)):
+        raise Invalid(f"expected an array of addresses or CIDR blocks, got {_type_name(value)}")
+    if len(value) > MAX_RULES:
+        raise Invalid(f"at most {MAX_RULES} entries, got {len(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise Invalid(f"each entry must be a string, got {_type_name(item)}")
+        try:
+            access.network(item)
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+    return tuple(item.strip() for item in value)
 
 
 def _loop(value: Any) -> str:
@@ -252,10 +298,16 @@ class Key:
 
 
 SCHEMA: tuple[Key, ...] = (
-    Key("server", "host", "0.0.0.0", _host, "--host",
-        help='address to listen on ("::" for IPv6 and IPv4); the default listens on every IPv4 '
-             'interface; a restart binds a new one before closing the old'),
-    Key("server", "port", 7777, _int(1, 65535), "--port", help="TCP port, 1-65535"),
+    Key("server", "listen", (), _listen, "--listen",
+        help='addresses to listen on, each "HOST:PORT", "[V6]:PORT" or ":PORT" (every address), '
+             'optionally prefixed "tls://" (see [tls]), "proxy://" (a PROXY protocol header first, '
+             'from [access] proxy_from) or "tls+proxy://"; on the command line, comma-separated; '
+             'empty: host and port; a restart binds new ones before closing old ones'),
+    Key("server", "host", "", _host, "--host",
+        help='the address to listen on when listen is empty; empty: every address, IPv4 and IPv6 '
+             '(one dual-stack socket; IPv4 alone where the host has no IPv6)'),
+    Key("server", "port", 7777, _int(1, 65535), "--port",
+        help="the TCP port when listen is empty, 1-65535"),
     Key("server", "mode", "echo", _choice("echo", "chat"), "--mode", help='"echo" or "chat"',
         on_restart=NEW_CONNECTIONS),
     Key("server", "backlog", 1024, _int(1, 65535), help="listen(2) backlog"),
@@ -277,6 +329,8 @@ SCHEMA: tuple[Key, ...] = (
              'socket exists, else X.log beside the pid file'),
     Key("log", "level", "info", _choice(*LOG_LEVELS), "--log-level",
         help="debug, info, warning or error; debug adds per-connection detail"),
+    Key("log", "format", "text", _choice(*LOG_FORMATS), "--log-format",
+        help='"text", or "json": one JSON object a line, for log shippers (README "Logging")'),
     Key("log", "syslog_socket", "/dev/log", _path, is_path=True, help="the syslog daemon's socket"),
     Key("log", "facility", "daemon", _choice(*FACILITIES),
         help="a syslog facility name: daemon, user, local0 ... local7"),
@@ -286,6 +340,11 @@ SCHEMA: tuple[Key, ...] = (
         help="clients at once; past it a newcomer is told it is full; 0: no limit"),
     Key("limits", "max_clients_per_ip", 100, _int(0), on_restart=NEW_CONNECTIONS,
         help="clients at once from one address; 0: no limit"),
+    Key("limits", "connect_rate", 0.0, _float(0.0), on_restart=NEW_CONNECTIONS,
+        help="new connections per second from one address (an IPv6 /64), sustained; past it a "
+             'newcomer is told "ERR too many connections, slow down"; 0: no limit'),
+    Key("limits", "connect_burst", 10, _int(1), on_restart=NEW_CONNECTIONS,
+        help="new connections one address may open at once under connect_rate (>= 1)"),
     Key("limits", "logged_per_ip", 100, _int(0),
         help="newcomers from one address (an IPv6 /64) logged one by one per 10 s, 10 times "
              "that from all; past it they are counted, one line per address; 0: no limit"),
@@ -300,6 +359,15 @@ SCHEMA: tuple[Key, ...] = (
         help="chat lines a client may send at once (>= 1)"),
     Key("limits", "keepalive", 60, _int(0, 32767), on_restart=NEW_CONNECTIONS,
         help="seconds of silence before TCP keepalive probes find dead peers; 0: off"),
+    Key("access", "allow", (), _networks, on_restart=NEW_CONNECTIONS,
+        help='addresses and CIDR blocks ("192.0.2.0/24", "2001:db8::/32") that may connect; '
+             "empty: all"),
+    Key("access", "deny", (), _networks, on_restart=NEW_CONNECTIONS,
+        help="addresses and CIDR blocks that may not connect, even if allowed: closed at once, "
+             "nothing read or sent"),
+    Key("access", "proxy_from", (), _networks, on_restart=NEW_CONNECTIONS,
+        help='the proxies whose PROXY protocol header is believed on a "proxy://" listener; '
+             "others are closed"),
     Key("chat", "motd", "", _str, on_restart=NEW_CONNECTIONS,
         help='text sent to each new chat client; one line per "\\n"'),
     Key("chat", "default_room", "lobby", _room, on_restart=NEW_CONNECTIONS,
@@ -337,6 +405,7 @@ ServerConfig = _section_class("server")
 DaemonConfig = _section_class("daemon")
 LogConfig = _section_class("log")
 LimitsConfig = _section_class("limits")
+AccessConfig = _section_class("access")
 ChatConfig = _section_class("chat")
 ClusterConfig = _section_class("cluster")
 
@@ -349,6 +418,7 @@ class Config:
     daemon: Any = field(default_factory=DaemonConfig)
     log: Any = field(default_factory=LogConfig)
     limits: Any = field(default_factory=LimitsConfig)
+    access: Any = field(default_factory=AccessConfig)
     chat: Any = field(default_factory=ChatConfig)
     cluster: Any = field(default_factory=ClusterConfig)
     path: str | None = None                     # the absolute config file path, if any
@@ -598,7 +668,7 @@ def _file_errors(errors: list[tuple[float, str]]) -> ConfigError:
 def _build(values: dict[str, Any], origins: dict[str, str], path: str | None) -> Config:
     sections = {}
     for section, cls in (("server", ServerConfig), ("daemon", DaemonConfig), ("log", LogConfig),
-                         ("limits", LimitsConfig), ("chat", ChatConfig),
+                         ("limits", LimitsConfig), ("access", AccessConfig), ("chat", ChatConfig),
                          ("cluster", ClusterConfig)):
         kwargs = {}
         for key in SCHEMA:
@@ -628,6 +698,33 @@ def _check_across(cfg: Config, invalid: set[str] | frozenset[str] = frozenset())
         if isinstance(lookup_user(cfg.daemon.user), int):
             found.append((cfg.origin("daemon.user"),
                           f"user {cfg.daemon.user} has no passwd entry; set a group too"))
+    if "server.listen" not in invalid and cfg.server.listen:
+        # The command line wins over the file; within one of them, listen stands alone.
+        on_command_line = cfg.origin("server.listen") == "--listen"
+        set_too = [k for k in ("server.host", "server.port")
+                   if cfg.origin(k) != "default" and cfg.origin(k).startswith("-") == on_command_line]
+        if set_too:
+            found.append((cfg.origin(set_too[0]),
+                          f"{cfg.origin(set_too[0])} is given beside --listen; give the addresses "
+                          f"in --listen alone" if on_command_line else
+                          f"[server] {set_too[0][7:]} is set beside [server] listen; give the "
+                          f"address in listen alone"))
+        else:
+            try:
+                planned = listen.plan(listen.endpoints(cfg))
+            except ChatdError as e:
+                found.append((cfg.origin("server.listen"), e.message))
+            else:
+                for _, endpoint in planned:
+                    if endpoint.tls:
+                        found.append((cfg.origin("server.listen"),
+                                      f"{endpoint.scheme} listeners are not supported yet"))
+                        break
+                    if endpoint.proxy and not cfg.access.proxy_from and "access.proxy_from" not in invalid:
+                        found.append((cfg.origin("server.listen"),
+                                      f"{endpoint.scheme} listeners need [access] proxy_from: the "
+                                      f"proxies whose PROXY headers are believed"))
+                        break
     if "server.workers" not in invalid and cfg.server.workers > 1 and not cfg.cluster.bus:
         found.append((cfg.origin("server.workers"),
                       f"[server] workers = {cfg.server.workers} needs [cluster] bus: the workers "
@@ -660,4 +757,6 @@ def tomllib_literal(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(tomllib_literal(v) for v in value) + "]"
     return repr(value)

@@ -28,6 +28,7 @@ import termios
 import time
 from typing import TYPE_CHECKING, Any
 
+from .listen import unmapped
 from .protocol import IAC, LineDecoder
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ CHURN_SOURCES = 64        # past CHURN_SOURCES sources an interval, the others s
 
 def format_peer(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
+        host, port = unmapped(peer[0]), peer[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peer)
 
@@ -186,24 +187,27 @@ class ServerState:
         """Count a newcomer from `ip` in, or say why it is refused ("" when admitted).
 
         Admission happens at accept time, before the connection exists, so a
-        batch of accepts cannot overshoot the limits."""
+        batch of accepts cannot overshoot the limits. `max_clients_per_ip` counts an
+        IPv6 address by its /64 (`churn_source`), of which one host may hold any number."""
         limits = self.limits
         if self.max_clients and self.count >= self.max_clients:
             return "server full"
-        if limits.max_clients_per_ip and self.per_ip.get(ip, 0) >= limits.max_clients_per_ip:
+        source = churn_source(ip)
+        if limits.max_clients_per_ip and self.per_ip.get(source, 0) >= limits.max_clients_per_ip:
             return "server full (too many connections from one address)"
         self.count += 1
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.per_ip[source] = self.per_ip.get(source, 0) + 1
         return ""
 
     def release(self, ip: str) -> None:
         """Give back what `admit(ip)` counted."""
         self.count -= 1
-        left = self.per_ip[ip] - 1
+        source = churn_source(ip)
+        left = self.per_ip[source] - 1
         if left:
-            self.per_ip[ip] = left
+            self.per_ip[source] = left
         else:
-            del self.per_ip[ip]
+            del self.per_ip[source]
 
     def enter(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -229,6 +233,7 @@ class Connection(LineDecoder, asyncio.Protocol):
     __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "closing",
                  "outbox", "budget", "quiet", "taken", "held", "backlog", "pace", "opened")
     FULL_LINE = b"ERR server full\r\n"   # what accept.Gate tells a newcomer it refuses
+    SLOW_DOWN_LINE = b"ERR too many connections, slow down\r\n"   # ... over [limits] connect_rate
     CR_NUL_ENDS_LINE = False
 
     def __init__(self, state: ServerState, ip: str = "?", peer: str = "?") -> None:

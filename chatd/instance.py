@@ -121,6 +121,8 @@ def _same(key: str, wanted: Any, running: Any) -> bool:
             return wanted == running
         ids = [getattr(i, "pw_uid", i) for i in ids]
         return ids[0] == ids[1]
+    if isinstance(running, list):   # an array setting, as the state file's JSON holds it
+        running = tuple(running)
     return wanted == running
 
 

@@ -85,14 +85,14 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
     """The daemon's body: take each resource in turn, serve until stopped, give them back."""
     cfg, paths = launch.cfg, launch.paths
     max_clients, fd_warning = daemon.raise_fd_limit(cfg.limits.max_clients)
+    planned = listen.plan(listen.endpoints(cfg))
     if launch.activated:
-        socks = [a.sock for a in launch.activated]
-        addresses = [listen.address_of(s) for s in socks]
+        listeners = [Listener(address, act.sock, listen.scheme_for(address, planned), name=act.name)
+                     for act in launch.activated for address in [listen.address_of(act.sock)]]
     else:
-        addresses = listen.resolve(cfg.server.host, cfg.server.port)
-        socks = listen.bind_all(addresses, cfg.server.backlog)
-    listeners = [Listener(a, s, name=act.name if act else "")
-                 for a, s, act in zip(addresses, socks, launch.activated or [None] * len(socks))]
+        socks = listen.bind_all([address for address, _ in planned], cfg.server.backlog)
+        listeners = [Listener(address, sock, endpoint) for (address, endpoint), sock in zip(planned, socks)]
+    socks = [li.sock for li in listeners]
     state = StateFile(paths.state)
     logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
     held = Held(socks, PidFile(paths.pidfile), state, logs)

@@ -7,17 +7,21 @@ message goes to the fallback X.log, the failure is reported once, and the
 target is tried again every RETRY_S seconds. No write waits for a reader: a
 syslog or stderr that stops reading (a full queue, a pipe nobody reads) is a
 failing target like any other. Logging's own errors never print a traceback.
+`[log] format = "json"` writes each line as one JSON object (`JsonFormatter`), to every target.
 
-Tests: tests/process/test_logging.py, tests/process/test_rsyslog.py, tests/process/test_log_abuse.py, tests/process/test_fault_resources.py
+Tests: tests/process/test_logging.py, tests/process/test_json_log.py, tests/process/test_rsyslog.py, tests/process/test_log_abuse.py, tests/process/test_fault_resources.py, tests/unit/test_json_formatter.py
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import logging.handlers
+import math
 import os
+import re
 import socket
 import stat
 import time
@@ -188,11 +192,12 @@ class SyslogTarget(logging.handlers.SysLogHandler):
 class FailoverHandler(logging.Handler):
     """Sends to the target; while it fails, to the fallback file; retries the target."""
 
-    def __init__(self, target: logging.Handler, fallback_path: str,
+    def __init__(self, target: logging.Handler, fallback_path: str, fallback_format: logging.Formatter,
                  on_change: Callable[[str], None]) -> None:
         super().__init__()
         self.target = target
         self.fallback_path = fallback_path
+        self.fallback_format = fallback_format
         self.fallback: FileTarget | None = None
         self.failed_at: float | None = None
         self.failure = ""
@@ -227,7 +232,7 @@ class FailoverHandler(logging.Handler):
         try:
             if self.fallback is None:
                 self.fallback = FileTarget(self.fallback_path)
-                self.fallback.setFormatter(logging.Formatter(FILE_FORMAT, DATE_FORMAT))
+                self.fallback.setFormatter(self.fallback_format)
             self.fallback.handle(record)
         except Exception:   # noqa: BLE001 - nowhere left to write; drop the line
             pass
@@ -262,6 +267,80 @@ STDERR_FORMAT = "chatd[%(process)d] %(levelname)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
 
+# The events of the lines that matter most to a log shipper, by the format string chatd logs
+# them with, and a name for each of its arguments: those become the JSON object's fields, with
+# no work at all for the text format (tests/unit/test_json_formatter.py checks each one is logged).
+# An argument named "" is only words for the message.
+EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chatd %s starting (pid %d, config %s)": ("starting", ("version", "pid", "config")),
+    "ready: %s mode on %s, event loop %s": ("ready", ("mode", "address", "loop")),
+    "ready: %s mode on %s, %d workers, event loop %s": ("ready", ("mode", "address", "workers", "loop")),
+    "connect %s (%d clients)": ("connect", ("peer", "clients")),
+    "disconnect %s: %s (%d clients)": ("disconnect", ("peer", "reason", "clients")),
+    "refused %s: %s": ("refused", ("peer", "reason")),
+    "connect %s failed: %s": ("connect_failed", ("peer", "reason")),
+    "churn from %s in %g s: %d connects, %d disconnects, %d refused, not logged one by one":
+        ("churn", ("source", "seconds", "connects", "disconnects", "refused")),
+    "accepted %s on %s": ("accepted", ("peer", "local")),
+    "closed %s (%s): received %d bytes, sent %d bytes%s, open %.3f s":
+        ("closed", ("peer", "reason", "received", "sent", "", "seconds")),
+    "signal %s: %s": ("signal", ("signal", "meaning")),
+    "restart %s: %s": ("restart", ("outcome", "detail")),
+    "restart: %s %r -> %r (from %s)": ("restart_change", ("key", "old", "new", "origin")),
+    "%s (%s), %d clients": ("stop", ("how", "signal", "clients")),
+    "%s (%s): stopping %d workers": ("stop", ("how", "signal", "workers")),
+    "stopping %d workers: %s": ("stop", ("workers", "reason")),
+    "log target failed (%s); writing to %s until it works again": ("log_failed", ("failure", "fallback")),
+}
+EVENT_WORD = re.compile(r"[a-z]+")
+# The line breaks besides \r and \n that json.dumps leaves as they are (str.splitlines and some
+# readers break lines there): escaped too, so a line is one line to any reader.
+LINE_BREAKS = re.compile("[\x85\u2028\u2029]")
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _field(value: object) -> object:
+    """A JSON value for a log call's argument: numbers and strings as they are, anything else
+    (and NaN or infinity, which JSON has no words for) as its text."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return str(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log shippers: `time` (RFC 3339, UTC, microseconds), `level`,
+    `event`, `message` (the text format's words), `pid`, then the event's fields (`EVENTS`).
+
+    A line not in EVENTS has the first word of its message as its event ("stopped", "bus",
+    "worker"), else "log"; asyncio's own lines have "asyncio". json.dumps escapes quotes,
+    backslashes and control characters (and LINE_BREAKS are escaped), so no value can end a
+    line or the object early; a field never replaces one of the keys every line has.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        event, names = EVENTS.get(record.msg, ("", ())) if isinstance(record.msg, str) else ("", ())
+        if record.name != LOGGER_NAME:
+            event, names = record.name, ()
+        elif not event:
+            word = EVENT_WORD.match(message)
+            event = word[0] if word else "log"
+        line: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                    + f".{int(record.created % 1 * 1e6):06d}Z",
+            "level": record.levelname.lower(), "event": event, "message": message, "pid": record.process,
+        }
+        if isinstance(record.args, tuple) and len(record.args) == len(names):
+            for name, value in zip(names, record.args):
+                if name:   # "": words for the message, not a field
+                    line.setdefault(name, _field(value))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return LINE_BREAKS.sub(lambda m: f"\\u{ord(m[0]):04x}", _to_json(line))
+
+
 def _journal_prefix() -> bool:
     """Does JOURNAL_STREAM say that our stderr is the journal? (systemd.exec(5))"""
     value = os.environ.get("JOURNAL_STREAM", "")
@@ -274,12 +353,24 @@ def _journal_prefix() -> bool:
 
 
 class _JournalFormatter(logging.Formatter):
-    """`<N>` priority prefixes (sd-daemon(3)) that the journal turns into levels."""
+    """`<N>` priority prefixes (sd-daemon(3)) that the journal turns into levels, before the
+    message, or its JSON object (`json`)."""
 
     LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
+    def __init__(self, json: bool) -> None:
+        super().__init__()
+        self.line = JsonFormatter().format if json else logging.LogRecord.getMessage
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{self.LEVELS.get(record.levelno, 6)}>{record.getMessage()}"
+        return f"<{self.LEVELS.get(record.levelno, 6)}>{self.line(record)}"
+
+
+def _formatter(cfg: Config, text_format: str) -> logging.Formatter:
+    """The format of `[log] format`: JSON, or `text_format`, the target's text lines."""
+    if cfg.log.format == "json":
+        return JsonFormatter()
+    return logging.Formatter(text_format, DATE_FORMAT)
 
 
 def resolve_target(cfg: Config, foreground: bool) -> str:
@@ -317,24 +408,24 @@ class Logging:
         try:
             if target == "syslog":
                 handler: logging.Handler = SyslogTarget(cfg.log.syslog_socket, cfg.log.facility)
-                handler.setFormatter(logging.Formatter("%(message)s"))
+                handler.setFormatter(_formatter(cfg, "%(message)s"))
                 description = f"syslog {cfg.log.syslog_socket} (facility {cfg.log.facility})"
             elif target == "stderr":
                 handler = StderrTarget()
                 journal = _journal_prefix()
-                handler.setFormatter(_JournalFormatter() if journal
-                                     else logging.Formatter(STDERR_FORMAT))
+                handler.setFormatter(_JournalFormatter(cfg.log.format == "json") if journal
+                                     else _formatter(cfg, STDERR_FORMAT))
                 description = "stderr (journal)" if journal else "stderr"
             else:
                 path = target or self.fallback_path
                 handler = FileTarget(path)
-                handler.setFormatter(logging.Formatter(FILE_FORMAT, DATE_FORMAT))
+                handler.setFormatter(_formatter(cfg, FILE_FORMAT))
                 description = f"file {path}"
                 if not target:
                     description += f" (no syslog socket at {cfg.log.syslog_socket})"
         except OSError as e:
             raise ChatdError(f"cannot open log target {target or self.fallback_path}: {e.strerror}") from None
-        new = FailoverHandler(handler, self.fallback_path, self._changed)
+        new = FailoverHandler(handler, self.fallback_path, _formatter(cfg, FILE_FORMAT), self._changed)
         old, self.handler = self.handler, new
         for logger in (log, loop_log):
             logger.addHandler(new)

@@ -9,7 +9,7 @@ unpredictable name and renamed over X.sock, so whatever was planted there is rep
 never followed; it is removed at exit only if it is still ours.
 
 Bans live in the Server (`Bans`), so a restart in place keeps them; `accept.Gate` asks
-them before it admits anyone. The parsing of addresses and durations is here too, for
+them before it admits anyone, and turns a banned newcomer away as an [access] deny is. The parsing of addresses and durations is here too, for
 the command line (control.py) and the daemon alike.
 
 Tests: tests/process/test_moderation.py, tests/unit/test_bans.py
@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .connection import CHURN_INTERVAL_S, Connection
+from .connection import Connection
 from .errors import EXIT_FAILED, EXIT_PRIVILEGE, EXIT_USAGE, ChatdError, PrivilegeError, UsageError
 from .protocol import clean_text
 from .rooms import skeleton
@@ -121,7 +121,6 @@ class Bans:
         self.index: dict[tuple[int, int, int], Network] = {}   # _key(net) -> net
         self.lengths: dict[tuple[int, int], int] = {}          # (version, prefix) -> bans
         self.due = math.inf                                    # the first expiry
-        self.logged: dict[str, float] = {}   # address -> when its last refusal was logged
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -166,17 +165,6 @@ class Bans:
                 if net is not None:
                     return net
         return None
-
-    def log_refusal(self, ip: str) -> bool:
-        """True for the first refusal of `ip` in each CHURN_INTERVAL_S (that one is logged,
-        the others counted in the churn summary)."""
-        now = time.monotonic()
-        if now - self.logged.get(ip, -CHURN_INTERVAL_S) < CHURN_INTERVAL_S:
-            return False
-        if len(self.logged) > 1024:
-            self.logged = {a: t for a, t in self.logged.items() if now - t < CHURN_INTERVAL_S}
-        self.logged[ip] = now
-        return True
 
     def listing(self) -> list[dict[str, Any]]:
         self._expire()

@@ -66,8 +66,14 @@ def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
 class Listener:
     address: listen.Address
     sock: socket.socket
+    endpoint: listen.Endpoint     # what its connections start with (TLS, a PROXY header)
     acceptor: Acceptor | None = None
     name: str = ""            # LISTEN_FDNAMES's name, for a socket handed over by systemd
+
+    def __str__(self) -> str:
+        """"tls://127.0.0.1:7443", or with socket activation's name "... (systemd: tls)"."""
+        label = self.endpoint.label(self.address)
+        return f"{label} (systemd: {self.name})" if self.name else label
 
 
 def state_fields(cfg: Config, listeners: list[Listener], loop_name: str, logs: Logging,
@@ -81,8 +87,7 @@ def state_fields(cfg: Config, listeners: list[Listener], loop_name: str, logs: L
 
 
 def describe_listeners(listeners: list[Listener]) -> str:
-    names = [li.name for li in listeners]
-    return listen.describe([li.address for li in listeners], names if any(names) else None)
+    return ", ".join(str(li) for li in listeners)
 
 
 @dataclass
@@ -145,6 +150,7 @@ class Server:
         self.state.lease = self.runtime.lease
         self.gate = Gate(self.state, loop)
         self.gate.bans = self.bans
+        self.gate.access.configure(self.cfg)
         self._apply_mode(self.cfg)
         for mode in MODES.values():
             await mode.start(self.state, self.cfg)
@@ -203,6 +209,7 @@ class Server:
         for task in self._tasks:
             task.cancel()
         self.state.churn.flush()
+        self.gate.refused.flush()
         self.runtime.release("stopped")
 
     # ------------------------------------------------------------------ signals
@@ -260,10 +267,10 @@ class Server:
                 return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
                                     f"which needs 'chatd stop' and 'chatd start'; nothing changed")
         if any(li.name for li in self.listeners):
-            for key in ("server.host", "server.port"):
+            for key in listen.ADDRESS_KEYS:
                 if new.get(key) != old.get(key):
                     return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
-                                        f"but the listening socket was handed over by socket "
+                                        f"but the listening sockets were handed over by socket "
                                         f"activation; change the .socket unit instead; nothing changed")
         changed = old.differences(new)
         log_keys = [k for k in changed if k.startswith("log.")]
@@ -292,6 +299,7 @@ class Server:
             log.warning("%s", warning)
         self.state.limits = new.limits
         self.state.max_clients = self.max_clients
+        self.gate.access.configure(new)
         self._apply_mode(new)
         self.gate.measure()
         if not changed:
@@ -303,52 +311,51 @@ class Server:
         return "applied", "changed " + ", ".join(parts) + (f" {note}" if note else "")
 
     async def _rebind(self, new: Config) -> str:
-        """Listen on the new address (if it changed) before closing the old one."""
-        if (new.server.host, new.server.port) == (self.cfg.server.host, self.cfg.server.port):
+        """Listen on the new addresses before closing the old ones; an address kept with
+        another scheme keeps its socket and takes the new scheme for new connections."""
+        if all(new.get(k) == self.cfg.get(k) for k in listen.ADDRESS_KEYS):
             return ""
-        wanted = listen.resolve(new.server.host, new.server.port)
+        wanted = dict(listen.plan(listen.endpoints(new)))
         retire = [li for li in self.listeners if li.address not in wanted]
+        for li in self.listeners:
+            li.endpoint = wanted.get(li.address, li.endpoint)
         have = [li.address for li in self.listeners]
-        add = [a for a in wanted if a not in have]
-        if any(li.address.overlaps(a) for li in retire for a in add):
+        add = [(a, e) for a, e in wanted.items() if a not in have]
+        if any(li.address.overlaps(a) for li in retire for a, _ in add):
             return await self._rebind_overlapping(retire, add, new.server.backlog)
-        socks = listen.bind_all(add, new.server.backlog)
-        for address, sock in zip(add, socks):
-            listener = Listener(address, sock)
-            self._serve_on(listener)
-            self.listeners.append(listener)
+        self._bind_and_serve(add, new.server.backlog)
         for listener in retire:
             self._retire(listener)
         return ""
 
-    async def _rebind_overlapping(self, retire: list[Listener], add: list[listen.Address],
+    async def _rebind_overlapping(self, retire: list[Listener], add: list[tuple[listen.Address, listen.Endpoint]],
                                   backlog: int) -> str:
         """0.0.0.0 -> 127.0.0.1 on one port: the kernel allows only close, then bind."""
         for listener in retire:
             self._retire(listener)
         try:
-            socks = listen.bind_all(add, backlog)
+            self._bind_and_serve(add, backlog)
         except ChatdError as e:
             try:
-                socks = listen.bind_all([li.address for li in retire], backlog)
+                self._bind_and_serve([(li.address, li.endpoint) for li in retire], backlog)
             except ChatdError as e2:
                 raise ChatdError(f"{e}; and the old address could not be bound again: {e2}") from None
-            for listener, sock in zip(retire, socks):
-                restored = Listener(listener.address, sock)
-                self._serve_on(restored)
-                self.listeners.append(restored)
             raise
-        for address, sock in zip(add, socks):
-            listener = Listener(address, sock)
-            self._serve_on(listener)
-            self.listeners.append(listener)
         return ("(the addresses overlap, so the old listener was closed before the new one "
                 "was bound; connections attempted in between were refused)")
+
+    def _bind_and_serve(self, add: list[tuple[listen.Address, listen.Endpoint]], backlog: int) -> None:
+        """Bind every one of `add` (all or none) and serve each."""
+        socks = listen.bind_all([a for a, _ in add], backlog)
+        for (address, endpoint), sock in zip(add, socks):
+            listener = Listener(address, sock, endpoint)
+            self._serve_on(listener)
+            self.listeners.append(listener)
 
     # ------------------------------------------------------------------ listeners
 
     def _serve_on(self, listener: Listener) -> None:
-        listener.acceptor = Acceptor(listener.sock, self.gate)
+        listener.acceptor = Acceptor(listener.sock, self.gate, listener)
         listener.acceptor.start()
 
     def _close_listener(self, listener: Listener) -> None:
@@ -359,7 +366,7 @@ class Server:
     def _retire(self, listener: Listener) -> None:
         """Stop serving an old address, but first accept what waits in its backlog."""
         self.listeners.remove(listener)
-        acceptor = listener.acceptor or Acceptor(listener.sock, self.gate)
+        acceptor = listener.acceptor or Acceptor(listener.sock, self.gate, listener)
         acceptor.stop()
         acceptor.accept_waiting(batch=100000)
         listener.sock.close()
@@ -431,6 +438,7 @@ class Server:
         while True:
             await asyncio.sleep(CHURN_INTERVAL_S)
             self.state.churn.flush()
+            self.gate.refused.flush()
 
     async def _refresh_state(self) -> None:
         """Bring the client count in the state file and systemd's STATUS= up to date; retry a

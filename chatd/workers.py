@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import config as config_mod
-from . import daemon
+from . import daemon, listen
 from .config import Config
 from .errors import ChatdError, StartError
 from .log import resolve_target
@@ -237,7 +237,7 @@ class Supervisor:
                 check_log_file(target)
         except ChatdError as e:
             return "rejected", str(e).replace("\n", "; ")
-        for key in (*FIXED_KEYS, "server.host", "server.port"):
+        for key in (*FIXED_KEYS, *listen.ADDRESS_KEYS):
             if new.get(key) != old.get(key):
                 return "rejected", (f"{key} changed from {old.get(key)!r} to {new.get(key)!r}, "
                                     f"which needs 'chatd stop' and 'chatd start' with workers; "
@@ -287,7 +287,7 @@ class Supervisor:
                               overrides=self.runtime.overrides
                               | {"cluster.node_id": (cfg.cluster.node_id, "[server] workers")},
                               lease=self.workers[slot].lease)
-            listeners = [Listener(li.address, li.sock, name=li.name) for li in self.listeners]
+            listeners = [Listener(li.address, li.sock, li.endpoint, name=li.name) for li in self.listeners]
             try:
                 return loop.run_until_complete(Server(cfg, listeners, runtime, self.max_clients,
                                                       loop_name).serve())

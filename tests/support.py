@@ -228,6 +228,8 @@ class Chatd:
     def write_config(self, extra: str | None = None, daemon: dict | None = None, **server: object) -> None:
         """Write the instance's config: [server] keys, [daemon] keys, then `extra` text."""
         settings = {"host": "127.0.0.1", "port": self.port, "loop": self.loop} | server
+        if "listen" in server:   # [server] listen stands alone: no host or port beside it
+            del settings["host"], settings["port"]
         daemon_keys = {"pidfile": str(self.pidfile)} | (daemon or {})
         lines = ["[server]"] + [_toml(k, v) for k, v in settings.items()]
         lines += ["[daemon]"] + [_toml(k, v) for k, v in daemon_keys.items()]

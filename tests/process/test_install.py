@@ -131,7 +131,8 @@ def test_first_command_as_a_new_user_then_try_it_in_a_new_shell(home):
     proc = in_private_network(script, env, src)
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert "FIRST-EXIT=0" in out, out + err
-    assert re.search(r"chatd started \(pid \d+\): echo mode on 0\.0\.0\.0:7777", out), out + err
+    # every address: one dual-stack [::] socket (0.0.0.0 where the host has no IPv6)
+    assert re.search(r"chatd started \(pid \d+\): echo mode on (\[::\]|0\.0\.0\.0):7777", out), out + err
     # the first shell's PATH did not have ~/.local/bin yet: it says exactly what to do
     assert 'export PATH="$HOME/.local/bin:$PATH"' in out, out
     assert f"{user_home}/.local/bin/chatd\n" in out, out          # found by name in the new shell

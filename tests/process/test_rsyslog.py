@@ -227,3 +227,33 @@ def test_shipped_snippet_sends_chatd_to_its_own_file_and_not_to_the_general_log(
     assert "not chatd" not in text
     assert not any(line.startswith("chatd") for line in daemon.lines()), daemon.lines()
     assert own.stat().st_mode & 0o777 == 0o640
+
+
+def test_json_lines_are_parsed_by_rsyslogs_mmjsonparse(chatd, tmp_path):
+    """`[log] format = "json"`: the message after chatd's tag is one JSON object, which
+    mmjsonparse with an empty cookie (README "Logging") parses into fields."""
+    if not os.path.exists(RSYSLOGD):
+        require_real("rsyslogd")
+    parsed = tmp_path / "rs" / "parsed"
+    daemon = Rsyslogd(tmp_path / "rs", rules=(
+        'module(load="mmjsonparse")\n'
+        'template(name="fields" type="string" string="%parsesuccess% %$!event% %$!peer% %$!clients%\\n")\n'
+        'if $programname == "chatd" then {\n'
+        '  action(type="mmjsonparse" cookie="")\n'
+        f'  action(type="omfile" file="{parsed}" template="fields")\n'
+        '}\n'))
+    check = daemon.check()
+    assert check.returncode == 0, check.stderr
+    log_to_syslog(chatd, daemon.socket)
+    chatd.config.write_text(chatd.config.read_text() + 'format = "json"\n')   # [log] is the last table
+    try:
+        daemon.start()
+        chatd.start()
+        echo(chatd)
+        wait_for(lambda: parsed.exists() and " disconnect " in parsed.read_text(), what="the parsed disconnect")
+    finally:
+        daemon.stop()
+    lines = parsed.read_text().splitlines()
+    assert lines and all(line.startswith("OK ") for line in lines), lines
+    assert any(re.fullmatch(r"OK connect 127\.0\.0\.1:\d+ 1", line) for line in lines), lines
+    assert any(re.fullmatch(r"OK disconnect 127\.0\.0\.1:\d+ 0", line) for line in lines), lines

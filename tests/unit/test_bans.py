@@ -89,12 +89,6 @@ def test_a_ban_expires_and_unban_removes_it():
     assert bans.match("not an address") is None
 
 
-def test_a_refused_address_is_logged_once_per_interval():
-    bans = Bans()
-    assert [bans.log_refusal("192.0.2.1") for _ in range(3)] == [True, False, False]
-    assert bans.log_refusal("192.0.2.2") is True
-
-
 @pytest.mark.parametrize("argv, request_", [
     (["who"], {"cmd": "who"}),
     (["kick", "alice"], {"cmd": "kick", "target": "alice", "reason": ""}),

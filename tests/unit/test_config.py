@@ -16,7 +16,9 @@ from chatd.errors import EXIT_CONFIG, EXIT_USAGE, ConfigError, UsageError
 
 # README "Configuration", copied from the contract (not from the code).
 SPEC_DEFAULTS = {
-    "server.host": "0.0.0.0",
+    # The contract said 0.0.0.0; issue 15 asks for IPv6 too: "" is every address (listen.resolve).
+    "server.listen": (),
+    "server.host": "",
     "server.port": 7777,
     "server.mode": "echo",
     "server.backlog": 1024,
@@ -28,17 +30,23 @@ SPEC_DEFAULTS = {
     "daemon.drain_timeout": 10.0,
     "log.target": "",
     "log.level": "info",
+    "log.format": "text",
     "log.syslog_socket": "/dev/log",
     "log.facility": "daemon",
     "limits.max_line": 4096,
     "limits.max_clients": 10000,
     "limits.max_clients_per_ip": 100,
+    "limits.connect_rate": 0.0,
+    "limits.connect_burst": 10,
     "limits.logged_per_ip": 100,
     "limits.idle_timeout": 0,
     "limits.output_buffer": 262144,
     "limits.rate": 10.0,
     "limits.burst": 20,
     "limits.keepalive": 60,
+    "access.allow": (),
+    "access.deny": (),
+    "access.proxy_from": (),
     "chat.motd": "",
     "chat.default_room": "lobby",
     "cluster.bus": "",
@@ -559,6 +567,7 @@ BAD_FLAGS = [
     ("server.loop", "gevent", "--loop"),
     ("server.host", "not a host!", "--host"),
     ("log.level", "verbose", "--log-level"),
+    ("log.format", "xml", "--log-format"),
 ]
 
 

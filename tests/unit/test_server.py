@@ -34,7 +34,7 @@ def test_retiring_a_listener_accepts_what_waits_in_its_backlog():
         server.state = ServerState(cfg.limits, 0, asyncio.get_running_loop())
         server.gate = Gate(server.state, asyncio.get_running_loop())
         server.gate.connection_class = EchoConnection
-        listener = Listener(listen.Address(socket.AF_INET, "127.0.0.1", port), sock)
+        listener = Listener(listen.Address(socket.AF_INET, "127.0.0.1", port), sock, listen.Endpoint("127.0.0.1", port))
         server.listeners.append(listener)
         server._retire(listener)
         assert server.listeners == [] and sock.fileno() == -1
