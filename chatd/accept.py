@@ -1,7 +1,7 @@
 """Accepting clients: access rules, PROXY headers, admission, "server full", and running out of descriptors.
 
-Before anything is read from a newcomer, `access.Access.check` may refuse it (deny, allow, the
-connect rate: `turn_away`); on a `proxy://` listener a trusted proxy's header is read first
+Before anything is read from a newcomer, a ban (`chatd ban`, moderation.Bans) or
+`access.Access.check` may refuse it (deny, allow, the connect rate: `turn_away`); on a `proxy://` listener a trusted proxy's header is read first
 (`proxy.HeaderStage`) and the checks, the limits and the log apply to the client it names.
 
 chatd accepts on its listening sockets itself instead of through
@@ -44,6 +44,7 @@ from typing import Any
 
 from . import access, proxy
 from .connection import ChurnLog, Connection, ServerState, format_peer, unmapped
+from .moderation import Bans
 from .tls import bound_asyncio_reads
 
 log = logging.getLogger("chatd")
@@ -161,6 +162,7 @@ class Gate:
         self.access = access.Access()      # the rules; the server configures it
         self.refused = ChurnLog()          # refusals by `access`: one line per address and interval
         self.headers: dict[socket.socket, proxy.HeaderStage] = {}   # PROXY headers awaited
+        self.bans = Bans()                 # the server's (`chatd ban`): turned away as a deny is
 
     def measure(self) -> None:
         """Count the descriptors that are not clients: listeners, logs, the loop's own."""
@@ -196,7 +198,7 @@ class Gate:
         access rules, then admitted and connected (through a TLS handshake on a TLS
         listener), or told "server full"."""
         ip = addr[0] if isinstance(addr, tuple) else "?"
-        refusal = self.access.check(ip)
+        refusal = "banned" if self.bans and self.bans.match(ip) is not None else self.access.check(ip)
         if refusal:
             self.turn_away(sock, addr, refusal, listener)
             return

@@ -400,6 +400,16 @@ class ChatConnection(Connection):
     def farewell(self) -> None:
         self.send(notice("server shutting down"))
 
+    def notify(self, text: str) -> None:
+        """An operator's notice, in order with what this pass holds for the client."""
+        self.state.chat.tell(self, notice(text))
+
+    def dismiss(self, told: str, reason: str) -> None:
+        """Told, then gone: the room sees it leave with `reason` (`close`)."""
+        self.notify(told)
+        self.state.chat.flush()   # before the close, even for a client with no nick yet
+        self.close(reason)
+
     # ------------------------------------------------------------ leaving
 
     def _leave(self, reason: str) -> None:

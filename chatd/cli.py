@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, control
 from .config import SCHEMA
 from .errors import EXIT_FAILED, EXIT_USAGE, ChatdError, UsageError
+from .moderation import parse_duration, parse_network, show_network
 
-COMMANDS = ("start", "run", "stop", "restart", "reload", "status", "check-config")
+# The moderation commands (README "Moderation"): their arguments, in order; "..." takes the rest.
+MODERATION = {"who": (), "kick": ("target", "reason..."), "ban": ("target", "duration?"),
+              "unban": ("target",), "bans": (), "say": ("text...",), "stats": ()}
+COMMANDS = ("start", "run", "stop", "restart", "reload", "status", "check-config", *MODERATION)
 
 # Options that set a config key: flag -> dotted key, from the schema (`Key.flag`).
 SETTING_FLAGS = {key.flag: key.dotted for key in SCHEMA if key.flag}
@@ -34,6 +38,11 @@ SYNOPSIS
     chatd stop [--timeout S] [OPTIONS]
     chatd restart | reload | check-config [OPTIONS]
     chatd status [--json] [OPTIONS]
+    chatd who | bans | stats [--json] [OPTIONS]
+    chatd kick NICK|ADDRESS [REASON] [OPTIONS]
+    chatd ban ADDRESS|CIDR [DURATION] [OPTIONS]
+    chatd unban ADDRESS|CIDR [OPTIONS]
+    chatd say TEXT [OPTIONS]
     chatd --help | --version
 
 COMMANDS
@@ -48,6 +57,22 @@ COMMANDS
     status         is it running? pid, address, mode, clients, uptime, ...
                    (--json: one JSON object)
     check-config   validate the config without touching the running daemon
+
+MODERATION (through the control socket X.sock; root and chatd's user only)
+    who            every client: nick, room, address, connected for, bytes in and out
+                   (--json: one JSON object)
+    kick NICK|ADDRESS [REASON]
+                   close a chat client by nick (or every client from an address, in
+                   either mode); it is told "*** you were kicked: REASON", its room sees
+                   it leave "(kicked: REASON)"
+    ban ADDRESS|CIDR [DURATION]
+                   kick the clients it matches and refuse newcomers from it, unread and
+                   untold, for DURATION (30s, 10m, 2h, 1d or seconds; default: until
+                   unbanned or stopped); kept across restarts in place, not across stop
+    unban ADDRESS|CIDR   lift a ban
+    bans           the bans in force (--json)
+    say TEXT       "*** TEXT" to every client
+    stats          clients by mode, address, uptime, restarts, bans (--json)
 
 OPTIONS
     Every command accepts every option. Each setting is also a config key; the
@@ -80,7 +105,7 @@ OPTIONS
         --workers N          worker processes sharing the listening socket, each a node
                              of the bus [server] workers (default 1)
         --timeout S          stop: seconds to wait before SIGTERM (default drain_timeout + 5)
-        --json               status: print one JSON object
+        --json               status, who, bans, stats: print one JSON object
     -f, --foreground         the same as the run command
     -h, --help               this text
         --version            print the version
@@ -93,10 +118,15 @@ EXIT STATUS (LSB)
                     no answer; 7 reload of a stopped chatd
     status          0 running; 1 dead but pid file left; 3 not running; 4 cannot tell
     check-config    0 valid; 6 invalid (file:line and what is wrong)
+    who, kick, ban, unban, bans, say, stats
+                    0 done; 1 refused (no such nick, no such ban, workers > 1);
+                    2 bad usage (missing NICK, bad CIDR or DURATION); 4 not allowed
+                    (another user's chatd); 7 not running
 
 FILES
-    X.pid, X.lock, X.state, X.log   pid file (locked while running), guard lock for the
-                   control commands, state for status and restart, fallback log.
+    X.pid, X.lock, X.state, X.log, X.sock   pid file (locked while running), guard
+                   lock for the control commands, state for status and restart, fallback
+                   log, control socket for the moderation commands (mode 0600).
                    X is --pidfile or [daemon] pidfile without .pid, else DIR/NAME where
                    NAME is chatd or the -c file's stem and DIR is $RUNTIME_DIRECTORY,
                    /run/chatd (root), $XDG_RUNTIME_DIR/chatd, or /tmp/chatd-$UID.
@@ -119,6 +149,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> _Parser:
     p = _Parser(prog="chatd", add_help=False, allow_abbrev=False)
     p.add_argument("command", nargs="?", default=None)
+    p.add_argument("args", nargs="*", default=[])
     p.add_argument("-c", "--config", default=None)
     for flag, dotted in SETTING_FLAGS.items():
         p.add_argument(*filter(None, (SHORT_FLAGS.get(flag), flag)), dest=dotted, default=None)
@@ -132,7 +163,7 @@ def _parser() -> _Parser:
 
 def parse(argv: list[str]) -> control.Options | str:
     """The options, or "help"/"version"."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     if args.help:
         return "help"
     if args.version:
@@ -143,6 +174,10 @@ def parse(argv: list[str]) -> control.Options | str:
     if args.foreground and command == "start":
         command = "run"
     opts = control.Options(command=command, config=args.config, json=args.json)
+    if command in MODERATION:
+        opts.request = moderation_request(command, args.args)
+    elif args.args:
+        raise UsageError(f"unrecognized arguments: {' '.join(args.args)}")
     for flag, key in SETTING_FLAGS.items():
         value = getattr(args, key)
         if value is not None:
@@ -155,6 +190,30 @@ def parse(argv: list[str]) -> control.Options | str:
         if not opts.timeout > 0 or opts.timeout == float("inf"):
             raise UsageError(f"--timeout: must be a positive number of seconds, got {args.timeout!r}")
     return opts
+
+
+def moderation_request(command: str, words: list[str]) -> dict[str, Any]:
+    """What a moderation command asks the daemon, its arguments checked here (exit 2)."""
+    names = MODERATION[command]
+    request: dict[str, Any] = {"cmd": command}
+    rest = list(words)
+    for name in names:
+        if name.endswith("..."):
+            request[name[:-3]] = " ".join(rest)
+            rest = []
+        elif rest:
+            request[name.rstrip("?")] = rest.pop(0)
+        elif not name.endswith("?"):
+            raise UsageError(f"{command}: missing {name.upper()}")
+    if rest:
+        raise UsageError(f"{command}: unexpected {' '.join(rest)!r}")
+    if command == "say" and not request["text"].strip():
+        raise UsageError("say: missing TEXT")
+    if command in ("ban", "unban"):
+        request["target"] = show_network(parse_network(request["target"]))
+    if "duration" in request:
+        request["seconds"] = parse_duration(request.pop("duration"))
+    return request
 
 
 def _say(text: str) -> None:
@@ -195,7 +254,7 @@ def run_command(argv: list[str]) -> int:
         "reload": lambda: control.restart(opts, out, reload=True),
         "status": lambda: control.status(opts, out),
         "check-config": lambda: control.check_config(opts, out),
-    }
+    } | dict.fromkeys(MODERATION, lambda: control.moderate(opts, out))
     return verbs[opts.command]()
 
 

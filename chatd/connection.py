@@ -233,7 +233,7 @@ class Connection(LineDecoder, asyncio.Protocol):
     """
 
     __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "closing",
-                 "outbox", "budget", "quiet", "taken", "held", "backlog", "pace",
+                 "outbox", "budget", "quiet", "taken", "held", "backlog", "pace", "opened",
                  "in_bytes", "in_lines", "out_bytes")
     MODE = ""                            # the mode's name, for the metrics
     FULL_LINE = b"ERR server full\r\n"   # what accept.Gate tells a newcomer it refuses
@@ -258,12 +258,14 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.held = False         # reading paused by `over_budget` until `resume_writing`
         self.backlog = b""        # input read but left for a later pass (`decode`)
         self.pace = 0.0           # bytes per second the last slice of telnet input took
+        self.opened = 0.0         # loop time of connection_made (`chatd who`, the debug log)
         self.in_bytes = 0         # counted by the mode's `consume`, for the metrics (metrics.py)
         self.in_lines = 0         # chat's only
         self.out_bytes = 0        # echo's only; chat's output is counted by its service
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.opened = self.state.loop.time()
         self.state.enter(self)
         limits = self.state.limits
         # Paused on any queued output: a plain transport pauses past `high`, an SSL one
@@ -429,6 +431,16 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.outbox = None
         self.transport.abort()
 
+    def notify(self, text: str) -> None:
+        """A `*** ` notice from the operator (`chatd say`, moderation.py), behind what is queued."""
+        self.write(b"*** " + text.encode() + b"\r\n")
+
+    def dismiss(self, told: str, reason: str) -> None:
+        """`chatd kick` or `ban`: the client is told `*** told`, then closed gracefully; `reason`
+        is what the log (and in chat the room) says."""
+        self.notify(told)
+        self.close(reason)
+
     def drain(self) -> _Drainer:
         """Graceful stop, first step: from now on only what has already arrived is answered.
 
@@ -507,7 +519,7 @@ class _Drainer(asyncio.Protocol):
 # The slots of a debug connection. `DebugConnection` itself has none (a second base with slots
 # of its own could not be combined with ChatConnection's), so each concrete debug class
 # declares these.
-DEBUG_SLOTS = ("bytes_in", "bytes_out", "discarded", "opened", "paused_since", "noted_at", "noted",
+DEBUG_SLOTS = ("bytes_in", "bytes_out", "discarded", "paused_since", "noted_at", "noted",
                "hushed")
 DEBUG_LINES = 3          # debug lines a connection's drops and pauses may log in DEBUG_WINDOW_S
 DEBUG_WINDOW_S = 10.0
@@ -530,7 +542,6 @@ class DebugConnection(Connection):
     bytes_in: int
     bytes_out: int
     discarded: int | None
-    opened: float
     paused_since: float | None
     noted_at: float
     noted: int
@@ -541,7 +552,6 @@ class DebugConnection(Connection):
         self.bytes_in = 0
         self.bytes_out = 0
         self.discarded = None       # output handed over, then dropped by an abort
-        self.opened = 0.0
         self.paused_since = None    # when over_budget stopped reading the client
         self.noted_at = 0.0         # when the current window of `note` began
         self.noted = 0              # lines `note` logged in it
@@ -571,7 +581,6 @@ class DebugConnection(Connection):
             self.hushed = 0
 
     def connection_made(self, transport: Any) -> None:
-        self.opened = self.state.loop.time()
         if not self.quiet:
             log.debug("accepted %s on %s", self.peer, format_peer(transport.get_extra_info("sockname")))
         super().connection_made(CountingTransport(transport, self))

@@ -1,4 +1,5 @@
-"""The commands: start, run, stop, restart, reload, status, check-config. Each returns an LSB status.
+"""The commands: start, run, stop, restart, reload, status, check-config, and the moderation
+commands (who, kick, ban, unban, bans, say, stats). Each returns an LSB status.
 
 They follow libucw's daemon-control protocol: every command holds the guard
 lock while it looks at the pid file and acts, so concurrent commands never
@@ -16,6 +17,8 @@ import json
 import os
 import select
 import signal
+import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +30,7 @@ from .errors import (EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXI
                      ChatdError, PrivilegeError, StartError)
 from .lifetime import Launch, serve
 from .log import log, resolve_target
+from .moderation import duration_text, peer_credentials, via_directory
 from .paths import SYSTEM_DIR, InstancePaths, check_log_file, instance_paths, prepare_directory, secured
 from .pidfile import AlreadyRunning, Probe, clear_stale, guard, open_holder, probe
 from .notify import Notifier, listen_fds, supervised, take_upstart_job
@@ -61,6 +65,7 @@ class Options:
     timeout: float | None = None
     json: bool = False
     cwd: str = field(default_factory=os.getcwd)
+    request: dict[str, Any] = field(default_factory=dict)   # a moderation command's, for X.sock
 
 
 def load_config(opts: Options) -> Config:
@@ -482,20 +487,12 @@ def _print_status(report: dict[str, Any], out: Console) -> None:
         last_text = "never"
     for key, value in (("address", report["address"]), ("mode", report["mode"]),
                        ("clients", report["clients"]),
-                       ("uptime", None if uptime is None else _duration(uptime)),
+                       ("uptime", None if uptime is None else duration_text(uptime)),
                        ("event loop", report["event_loop"]), ("log", report["log"]),
                        ("last restart", last_text), ("pid file", report["pidfile"]),
                        ("config", report["config"] or "none (defaults)"),
                        ("version", report["version"])):
         out.say(f"{key}: {'unknown' if value is None else value}")
-
-
-def _duration(seconds: float) -> str:
-    s = int(max(0, seconds))
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    return (f"{d}d " if d else "") + f"{h}h {m:02d}m {s:02d}s"
 
 
 # ---------------------------------------------------------------------- check-config
@@ -507,3 +504,134 @@ def check_config(opts: Options, out: Console) -> int:
     else:
         out.say("no config file given (-c): the defaults and the command-line options are valid")
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------- moderation
+
+CONTROL_TIMEOUT_S = 10.0     # for the daemon's answer on the control socket
+ANSWER_MAX = 64 << 20        # bytes of one answer (`who` of 10,000 clients is about 2 MB)
+
+
+def moderate(opts: Options, out: Console) -> int:
+    """who, kick, ban, unban, bans, say, stats: `opts.request` to the daemon's control socket
+    (moderation.py), found as `status` finds the daemon. 0 done; 1 the daemon refused (no
+    such nick, ...), or workers > 1; 4 another user's chatd; 7 not running (as reload)."""
+    _, paths = _find_instance(opts, out)
+    with guard(paths.guard, read_only=True):
+        found = probe(paths.pidfile)
+    if found.foreign or (found.running and found.pid is None):
+        raise PrivilegeError(f"cannot tell whether chatd runs: pid file {found.path} is locked, "
+                             f"but {found.problem}")
+    if not found.running:
+        raise ChatdError("chatd is not running", EXIT_NOT_RUNNING_RELOAD)
+    state = _refuse_mismatch(opts, paths, found, "not acting on it", EXIT_FAILED) or {}
+    workers = (state.get("settings") or {}).get("server.workers", 1)
+    if isinstance(workers, int) and workers > 1:
+        raise ChatdError(f"chatd {opts.command} is not supported with workers > 1 (the clients "
+                         f"are spread over {workers} processes)")
+    answer = _ask(paths.control, found.pid or 0, opts.request)
+    if not answer.get("ok"):
+        status = answer.get("status")
+        raise ChatdError(str(answer.get("error")), status if isinstance(status, int) else EXIT_FAILED)
+    SHOW[opts.command](answer, opts.json, out)
+    return EXIT_OK
+
+
+def _ask(path: str, pid: int, request: dict[str, Any]) -> dict[str, Any]:
+    """One request, one answer, from the process `pid` alone (SO_PEERCRED): what is at `path`
+    must be a socket, and whatever else listens there is not believed."""
+    directory, name = os.path.split(path)
+    try:
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ChatdError(f"cannot reach control socket {path}: {e.strerror}") from None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            if not stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                raise PrivilegeError(f"control socket {path} is not a socket; refusing it")
+            sock.settimeout(CONTROL_TIMEOUT_S)
+            sock.connect(via_directory(dir_fd, name))
+            if peer_credentials(sock)[0] != pid:
+                raise PrivilegeError(f"control socket {path} is not served by chatd (pid {pid}); "
+                                     f"refusing it")
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except BrokenPipeError:
+                pass   # answered (refused) and closed before it read: the answer is there
+            data = bytearray()
+            while not data.endswith(b"\n") and len(data) < ANSWER_MAX:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        answer = json.loads(data)
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+        return answer
+    except PermissionError:
+        raise PrivilegeError(f"not allowed to use chatd's control socket {path} (only root and "
+                             f"the user chatd runs as may)") from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ChatdError(f"chatd (pid {pid}) has no control socket at {path}") from None
+    except TimeoutError:
+        raise ChatdError(f"no answer from chatd (pid {pid}) on {path} within "
+                         f"{CONTROL_TIMEOUT_S:g} s") from None
+    except OSError as e:
+        raise ChatdError(f"control socket {path}: {e.strerror or e}") from None
+    except ValueError:
+        raise ChatdError(f"chatd (pid {pid}) gave no answer on {path}") from None
+    finally:
+        os.close(dir_fd)
+
+
+Show = Callable[[dict[str, Any], bool, Console], None]
+
+
+def _listing(key: str, nothing: str, header: list[str], row: Callable[[dict[str, Any]], list[str]]) -> Show:
+    """How an answer that is a list under `key` is shown: as it came (`--json`), else a
+    table with `header`, one `row` per item, or `nothing`."""
+    def show(answer: dict[str, Any], as_json: bool, out: Console) -> None:
+        items = answer.get(key) or []
+        if as_json:
+            return _print_json({key: items}, out)
+        if not items:
+            return out.say(nothing)
+        rows = [header] + [row(item) for item in items]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        for r in rows:
+            out.say("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return show
+
+
+def _who_row(c: dict[str, Any]) -> list[str]:
+    return [c.get("nick") or "-", c.get("room") or "-", str(c.get("address")),
+            duration_text(c.get("connected_s") or 0),
+            *("?" if c.get(k) is None else str(c.get(k)) for k in ("bytes_in", "bytes_out"))]
+
+
+def _ban_row(b: dict[str, Any]) -> list[str]:
+    left = b.get("expires_in_s")
+    return [str(b.get("ban")), "never (until unbanned)" if left is None else duration_text(left)]
+
+
+def _kicked(answer: dict[str, Any]) -> str:
+    kicked = answer.get("kicked") or []
+    return ", ".join(kicked) if kicked else "nobody"
+
+
+def _show_stats(answer: dict[str, Any], as_json: bool, out: Console) -> None:
+    if as_json:
+        return _print_json(answer.get("stats") or {}, out)
+    out.say(str(answer.get("text")))
+
+
+SHOW: dict[str, Show] = {
+    "who": _listing("clients", "no clients", ["NICK", "ROOM", "ADDRESS", "CONNECTED", "BYTES IN",
+                                              "BYTES OUT"], _who_row),
+    "kick": lambda a, j, out: out.say(f"kicked {_kicked(a)}"),
+    "ban": lambda a, j, out: out.say(f"banned {a.get('ban')}; kicked {_kicked(a)}"),
+    "unban": lambda a, j, out: out.say(f"unbanned {a.get('ban')}"),
+    "bans": _listing("bans", "no bans", ["BAN", "EXPIRES IN"], _ban_row),
+    "say": lambda a, j, out: out.say(f"said to {a.get('clients')} clients"),
+    "stats": _show_stats,
+}

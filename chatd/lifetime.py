@@ -21,6 +21,7 @@ from typing import Any, Callable
 from . import __version__, daemon, listen, metrics
 from .config import Config
 from .log import Logging, log
+from .moderation import ControlSocket
 from .notify import Activated, Notifier
 from .paths import InstancePaths
 from .pidfile import PidFile
@@ -52,6 +53,7 @@ class Held:
     pidfile: PidFile
     state: StateFile
     logs: Logging
+    control: ControlSocket | None = None
     released: bool = False
 
     def release(self, last_word: str = "") -> None:
@@ -63,6 +65,8 @@ class Held:
         self.released = True
         for s in self.socks:
             s.close()
+        if self.control is not None:
+            self.control.close()
         self.state.remove()
         if last_word:
             log.info("%s", last_word)
@@ -105,6 +109,9 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
                    mode=cfg.server.mode, address=describe_listeners(listeners), clients=0, generation=0)
         logs.configure(cfg, launch.target)
         state.update(log=logs.status())
+        if cfg.server.workers == 1:   # with workers, no process holds all the clients
+            held.control = ControlSocket.bind(paths.control,
+                                              daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group))
         log.info("chatd %s starting (pid %d, config %s)", __version__, os.getpid(), cfg.path or "none")
         if launch.activated:
             log.info("listening on sockets handed over by socket activation: %s",
@@ -119,7 +126,7 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
                           release=held.release, forget=held.forget,
                           ready=lambda info: ready(**info), recorder=launch.recorder,
                           notifier=launch.notifier, overrides=_absolute_overrides(cfg),
-                          metrics_sock=metrics_sock)
+                          metrics_sock=metrics_sock, control=held.control)
         if cfg.server.workers > 1:
             loop.close()   # uvloop is imported; each worker makes its own loop
             try:

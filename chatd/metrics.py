@@ -77,6 +77,7 @@ FAMILIES: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
      "Writes to the log target that failed (the line went to the fallback file)."),
     ("log_fallback", "chatd_log_fallback_lines_total", "counter", (),
      "Log lines written to the fallback file while the log target failed."),
+    ("bans", "chatd_bans", "gauge", (), "Bans in force (chatd ban)."),
 )
 
 
@@ -155,6 +156,19 @@ def render_text(snapshot: dict[str, Any]) -> str:
                         for values, n in sorted(value.items()))
     width = max(len(title) for title, _ in rows)
     return "\n".join(f"{title:<{width}}  {value}" for title, value in rows) + "\n"
+
+
+def render_json(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """What `chatd stats --json` prints: each family by its Prometheus name less `chatd_`, a
+    number, or for a labelled family its series as objects of their labels and `value`."""
+    out: dict[str, Any] = {}
+    for key, name, _, labels, _ in FAMILIES:
+        value = snapshot.get(key)
+        if value is None:
+            continue
+        out[name.removeprefix("chatd_")] = value if not labels else [
+            dict(zip(labels, values), value=n) for values, n in sorted(value.items())]
+    return out
 
 
 def _escape_label(value: str) -> str:

@@ -3,7 +3,7 @@
 The pid file is `--pidfile`, else `[daemon] pidfile`, else DIR/NAME.pid, NAME
 being "chatd" or the stem of the `-c` file, so instances with different
 configs get different files. Its siblings share the stem: X.pid has the guard
-X.lock, the state file X.state and the fallback log X.log.
+X.lock, the state file X.state, the fallback log X.log and the control socket X.sock.
 
 Tests: tests/unit/test_files.py, tests/process/test_local_attacks.py, tests/process/test_normal_user.py
 """
@@ -29,6 +29,7 @@ class InstancePaths:
     state: str
     fallback_log: str
     default_dir: bool   # the directory is chatd's own default, which chatd creates
+    control: str = ""   # the control socket (moderation.py)
 
 
 def default_directory() -> str:
@@ -46,7 +47,8 @@ def default_directory() -> str:
 
 def siblings(pidfile: str, default_dir: bool = False) -> InstancePaths:
     stem = pidfile[:-4] if pidfile.endswith(".pid") else pidfile
-    return InstancePaths(pidfile, stem + ".lock", stem + ".state", stem + ".log", default_dir)
+    return InstancePaths(pidfile, stem + ".lock", stem + ".state", stem + ".log", default_dir,
+                         stem + ".sock")
 
 
 def instance_paths(cfg: Config, directory: str | None = None) -> InstancePaths:

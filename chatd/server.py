@@ -26,7 +26,8 @@ from .connection import CHURN_INTERVAL_S, ServerState
 from .daemon import raise_fd_limit
 from .errors import ChatdError, StartError
 from .log import Logging, resolve_target
-from .metrics import Endpoint, render_prometheus
+from .metrics import Endpoint, render_json, render_prometheus, render_text
+from .moderation import Bans, ControlSocket, Moderator
 from .modes import MODES
 from .notify import Notifier
 from .paths import check_log_file
@@ -107,6 +108,7 @@ class Runtime:
     lease: str = ""                       # a worker slot's bus lease token (workers.py)
     forget: Callable[[], None] = lambda: None   # a forked worker drops the daemon's files
     metrics_sock: socket.socket | None = None   # `[metrics] listen`'s, bound with the listeners
+    control: ControlSocket | None = None  # X.sock, for `chatd who`, `kick`, ... (moderation.py)
 
 
 class Server:
@@ -128,6 +130,8 @@ class Server:
         self.gate: Gate
         self._tasks: list[asyncio.Task[None]] = []
         self.endpoint: Endpoint | None = None
+        self.bans = Bans()        # kept across restarts in place; asked by the gate
+        self.moderator: Moderator | None = None
         self._loop_errors: dict[str, tuple[float, int]] = {}   # message -> (logged at, since)
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,6 +153,7 @@ class Server:
         self.state = ServerState(self.cfg.limits, self.max_clients, loop)
         self.state.lease = self.runtime.lease
         self.gate = Gate(self.state, loop)
+        self.gate.bans = self.bans
         self.gate.access.configure(self.cfg)
         self._apply_mode(self.cfg)
         self.gate.use_tls(self.cfg.tls_context, self.cfg.tls.handshake_timeout)
@@ -159,6 +164,9 @@ class Server:
         if self.runtime.metrics_sock is not None:
             self.endpoint = Endpoint(self.runtime.metrics_sock,
                                      lambda: render_prometheus(self.metrics_snapshot()))
+        if self.runtime.control is not None:
+            self.moderator = Moderator(self, self.runtime.control)
+            await self.moderator.start()
         self.gate.measure()
         self._abort_if_stopped_early()
         self.runtime.state.update(**self._state_fields(), generation=0, last_restart=None,
@@ -194,6 +202,8 @@ class Server:
         log.info("%s (%s), %d clients", how, signal_name(self.stop_signal) if self.stop_signal else "error",
                  len(self.state.connections))
         self.runtime.notifier.stopping(f"{how}, {len(self.state.connections)} clients")
+        if self.moderator is not None:
+            self.moderator.stop()
         for listener in self.listeners:
             self._close_listener(listener)
         self.listeners = []
@@ -484,7 +494,7 @@ class Server:
         extra = {"build": {(__version__, self.loop_name, self.cfg.server.mode): 1},
                  "start_time": self.started, "uptime": max(0.0, now - self.started),
                  "generation": self.generation, "log_failures": log_failures,
-                 "log_fallback": log_fallback}
+                 "log_fallback": log_fallback, "bans": len(self.bans.listing())}
         labels: dict[Any, str] = {}   # local address -> its listener's, found once a snapshot
 
         def listener_of(conn: Any) -> str:
@@ -507,6 +517,14 @@ class Server:
             if listener.address.serves(local):
                 return str(listener)
         return str(local)
+
+    def stats(self) -> dict[str, Any]:
+        """What `chatd stats --json` shows: the metrics by family (metrics.render_json)."""
+        return render_json(self.metrics_snapshot())
+
+    def stats_text(self) -> str:
+        """What `chatd stats` prints: the metrics, one aligned line a family and series."""
+        return render_text(self.metrics_snapshot())
 
     def _state_fields(self) -> dict[str, Any]:
         return state_fields(self.cfg, self.listeners, self.loop_name, self.runtime.logs,

@@ -148,3 +148,15 @@ def test_workers_hold_no_daemon_file_and_die_with_their_supervisor(workers):
     status = workers.cmd("status")   # LSB: dead, its pid file left behind; no lock held by any
     assert status.returncode == 1 and b"crashed or was killed" in status.stdout, status
     assert workers.cmd("start").returncode == 0   # the port and the node ids are free again
+
+
+@pytest.mark.parametrize("args", [["who"], ["kick", "alice"], ["say", "hi"]])
+def test_moderation_commands_say_workers_are_not_supported(workers, args):
+    """README "Moderation": with workers > 1 there is no control socket; the moderation
+    commands say why, exit 1, and the workers keep serving."""
+    proc = workers.cmd(*args, check=1)
+    assert proc.stderr == f"chatd: chatd {args[0]} is not supported with workers > 1 (the clients " \
+                          f"are spread over 2 processes)\n".encode()
+    assert not workers.pidfile.with_suffix(".sock").exists()
+    with LineClient(workers.port, host="127.0.0.2") as c:
+        assert c.recv_line().startswith(b"*** Welcome to chatd, guest")

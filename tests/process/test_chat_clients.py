@@ -73,10 +73,11 @@ def stop_popen(proc: subprocess.Popen) -> None:
 # ------------------------------------------------------------------ nc, long-lived
 
 class NcClient:
-    """`nc -N 127.0.0.1 PORT` with stdin/stdout pipes; closing stdin half-closes the socket."""
+    """`nc -N [ARGS] 127.0.0.1 PORT` with stdin/stdout pipes; closing stdin half-closes the
+    socket. `args`: more options, such as `-s 127.0.0.2` (the source address)."""
 
-    def __init__(self, port: int) -> None:
-        self.proc = subprocess.Popen([NC, "-N", HOST, str(port)], stdin=subprocess.PIPE,
+    def __init__(self, port: int, *args: str) -> None:
+        self.proc = subprocess.Popen([NC, "-N", *args, HOST, str(port)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True)
         self.got = b""            # everything received, in order

@@ -26,7 +26,7 @@ def snapshot() -> dict:
     m.restarted("applied")
     open_ = [conn("echo", (5, 0, 5)), conn("chat", (7, 2, 0)), conn("chat", (1, 0, 0))]
     extra = {"build": {("0.1.0", "asyncio", "chat"): 1}, "start_time": 1700000000.0,
-             "uptime": 12.5, "generation": 1, "log_failures": 0, "log_fallback": 4}
+             "uptime": 12.5, "generation": 1, "log_failures": 0, "log_fallback": 4, "bans": 2}
     return m.snapshot(open_, lambda c: "127.0.0.1:7777", (30, 3), extra)
 
 
@@ -61,9 +61,9 @@ def test_the_text_for_people_is_aligned_with_totals_over_series():
     for title, value in (("build info", "version 0.1.0; loop asyncio; mode chat"), ("clients", "3"),
                          ("  chat, 127.0.0.1:7777", "2"), ("  echo, 127.0.0.1:7777", "1"),
                          ("connections refused", "2"), (odd, "1"), ("received bytes", "23"),
-                         ("uptime seconds", "12.500"), ("log fallback lines", "4")):
+                         ("uptime seconds", "12.500"), ("log fallback lines", "4"), ("bans", "2")):
         assert (title + pad)[:34] + value in lines, (title, text)
-    assert len(lines) == 33 + 4, text   # + denied, not allowed, connect rate, proxy (accept.REFUSED_AS)
+    assert len(lines) == 33 + 4 + 1, text   # + bans   # + denied, not allowed, connect rate, proxy (accept.REFUSED_AS)
 
 
 @pytest.mark.parametrize("value, parsed", [
