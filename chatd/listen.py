@@ -160,6 +160,8 @@ def resolve(host: str, port: int) -> list[Address]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise StartError(f"cannot resolve {host!r}: {e.strerror}") from None
+    except UnicodeError:   # IDNA refuses it: a space, a line break, a lone surrogate from argv
+        raise StartError(f"cannot resolve {host!r}: not a host name") from None
     found: list[Address] = []
     for family, _, _, _, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6):
