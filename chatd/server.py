@@ -189,6 +189,7 @@ class Server:
         for listener in self.listeners:
             self._close_listener(listener)
         self.listeners = []
+        self.gate.close_headers()
         await self.gate.settle()
         if graceful:
             await self._drain_clients()
