@@ -1,0 +1,140 @@
+"""Attacks on chatd at the edge, each a hole once found and fixed: an empty `--listen` that
+bound every address, a listen host IDNA cannot encode that ended in "internal error", PROXY
+headers awaited until no descriptor was left for a restart, a header completed after a stop
+began that was admitted and served, and a debug line per proxied connection past the churn
+bound. Through the real `chatd` command, on 127.0.0.0/8."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import subprocess
+import time
+
+import pytest
+
+from support import chatd_command, free_port, stuck_client, wait_for
+
+PROXY_LIMITS = "[limits]\nlogged_per_ip = 5\n"
+
+
+def _behind_proxy(chatd, extra: str = "", daemon: dict | None = None) -> int:
+    """A proxy:// listener trusting 127.0.0.1 on chatd.port, a plain one on the port returned."""
+    plain = free_port()
+    chatd.write_config(extra='[access]\nproxy_from = ["127.0.0.1"]\n' + extra, daemon=daemon,
+                       listen=[f"proxy://127.0.0.1:{chatd.port}", f"127.0.0.1:{plain}"])
+    return plain
+
+
+def _header_begun(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"PROXY TCP4 ")
+    return s
+
+
+def _answer(s: socket.socket, timeout: float = 5) -> bytes:
+    """The first bytes the server sends, b"" if it closes (a reset counts as a close)."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(100)
+    except ConnectionResetError:
+        return b""
+
+
+# ------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_an_empty_listen_on_the_command_line_is_an_error_not_every_address(chatd, value):
+    """`--listen "$UNSET"` once overrode the file's 127.0.0.1 and bound [::] (every address)."""
+    chatd.write_config(listen=[f"127.0.0.1:{chatd.port}"])
+    for command in ("check-config", "start"):
+        err = chatd.cmd(command, "--listen", value, check=2).stderr.decode()
+        assert "chatd: --listen: no address given" in err, err
+    assert not chatd.pidfile.exists()
+
+
+def test_a_listen_host_idna_cannot_encode_is_a_clear_error(chatd):
+    """Once "chatd: internal error: UnicodeError: encoding with 'idna' codec failed"."""
+    chatd.config.write_text(f'[server]\nlisten = ["127.0.0.1\\u2028:{chatd.port}"]\n'
+                            f'[daemon]\npidfile = "{chatd.pidfile}"\n')
+    for command in ("check-config", "start"):
+        err = chatd.cmd(command, check=6).stderr.decode()
+        assert f"{chatd.config}:2: cannot resolve '127.0.0.1\\u2028'" in err, err
+    chatd.write_config()
+    argv = chatd_command() + ["check-config", "-c", str(chatd.config), "--listen"]
+    proc = subprocess.run([*map(str.encode, argv), b"proxy://[::1%\xff]:" + str(chatd.port).encode()],
+                          capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc
+    assert b"chatd: --listen: cannot resolve '::1%\\udcff'" in proc.stderr, proc.stderr
+    assert b"internal error" not in proc.stderr
+
+
+# ------------------------------------------------------------------ PROXY headers
+
+LIMIT = 200   # RLIMIT_NOFILE of the daemon: fewer descriptors than MAX_HEADERS headers
+
+
+def test_awaited_headers_leave_descriptors_for_a_restart_and_a_client(make_chatd):
+    """300 headers begun and never finished, RLIMIT_NOFILE 200: the headers once took every
+    descriptor (a restart was rejected, "cannot read config file: Too many open files", and
+    plain clients were told "server full"); now headers past the margin are turned away."""
+    chatd = make_chatd(loop="asyncio")
+    plain = _behind_proxy(chatd)
+    chatd.cmd("start", check=0, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT)))
+    held = [_header_begun(chatd.port) for _ in range(300)]
+    try:
+        wait_for(lambda: "PROXY headers" in chatd.log_text(), what="headers turned away")
+        said = chatd.cmd("restart", check=0)
+        assert b"restarted in place" in said.stdout, said
+        with socket.create_connection(("127.0.0.1", plain), timeout=5) as s:
+            s.sendall(b"ping\n")
+            assert _answer(s) == b"ping\n"
+    finally:
+        for s in held:
+            s.close()
+    assert "restart applied" in chatd.log_text()
+
+
+def test_a_header_completed_after_the_stop_began_is_not_served(chatd):
+    """A graceful stop kept waiting by a client that reads nothing: a header begun before it
+    and completed during it was admitted and echoed ("connect 192.0.2.9:1 (2 clients)" after
+    "graceful stop"); now awaited headers are closed when the stop begins."""
+    plain = _behind_proxy(chatd, daemon={"drain_timeout": 5})
+    chatd.start()
+    stuck = stuck_client(plain)
+    late = _header_begun(chatd.port)
+    stop = subprocess.Popen(chatd_command() + ["stop", "-c", str(chatd.config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "graceful stop" in chatd.log_text(), what="the stop to begin")
+        began = time.monotonic()
+        try:
+            late.sendall(b"192.0.2.9 127.0.0.1 1 2\r\nping\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert _answer(late) == b""
+        assert time.monotonic() - began < 2
+        assert stop.wait(timeout=20) == 0
+    finally:
+        stop.kill()
+        stop.wait()
+        stuck.close()
+        late.close()
+    assert "192.0.2.9" not in chatd.log_text()
+
+
+def test_the_debug_line_of_each_proxied_connection_is_bounded_as_the_churn_is(chatd):
+    """logged_per_ip 5, 200 connections from one client through the proxy, at debug: the
+    "PROXY header from" line was logged 200 times; now with the newcomers logged one by one
+    (5 an interval)."""
+    _behind_proxy(chatd, PROXY_LIMITS)
+    chatd.start()
+    for i in range(200):
+        with socket.create_connection(("127.0.0.1", chatd.port), timeout=5) as s:
+            s.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 %d 7777\r\nping\n" % (1000 + i))
+            assert _answer(s) == b"ping\n"
+    chatd.cmd("stop", check=0)
+    text = chatd.log_text()
+    assert "churn from 192.0.2.1" in text
+    lines = text.count("PROXY header from")
+    assert lines == text.count(" connect 192.0.2.1:") and lines < 20, lines
