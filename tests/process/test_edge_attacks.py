@@ -1,8 +1,8 @@
 """Attacks on chatd at the edge, each a hole once found and fixed: an empty `--listen` that
 bound every address, a listen host IDNA cannot encode that ended in "internal error", PROXY
 headers awaited until no descriptor was left for a restart, a header completed after a stop
-began that was admitted and served, and a debug line per proxied connection past the churn
-bound. Through the real `chatd` command, on 127.0.0.0/8."""
+began that was admitted and served, a debug line per proxied connection past the churn
+bound, and a failed restart that had switched listeners' schemes all the same. Through the real `chatd` command, on 127.0.0.0/8."""
 
 from __future__ import annotations
 
@@ -138,3 +138,30 @@ def test_the_debug_line_of_each_proxied_connection_is_bounded_as_the_churn_is(ch
     assert "churn from 192.0.2.1" in text
     lines = text.count("PROXY header from")
     assert lines == text.count(" connect 192.0.2.1:") and lines < 20, lines
+
+
+# ------------------------------------------------------------------ restart
+
+def test_a_failed_restart_leaves_every_listeners_scheme_as_it_was(chatd):
+    """A restart making proxy:// plain beside an address another program holds: it failed,
+    "nothing changed", yet the proxy:// listener had become plain TCP (a proxy's header was
+    echoed as input, its clients counted as the proxy); the other way, every plain client
+    would be refused as no trusted proxy."""
+    plain = _behind_proxy(chatd)
+    chatd.start()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        chatd.write_config(extra='[access]\nproxy_from = ["127.0.0.1"]\n',
+                           listen=[f"127.0.0.1:{chatd.port}", f"proxy://127.0.0.1:{plain}", f"127.0.0.1:{busy}"])
+        said = chatd.cmd("restart", check=1)
+        assert b"address already in use" in said.stderr, said
+    with socket.create_connection(("127.0.0.1", chatd.port), timeout=5) as s:
+        s.sendall(b"PROXY TCP4 192.0.2.3 127.0.0.1 1000 7777\r\nping\n")
+        assert _answer(s) == b"ping\n"
+    with socket.create_connection(("127.0.0.1", plain), timeout=5) as s:
+        s.sendall(b"ping\n")
+        assert _answer(s) == b"ping\n"
+    status = chatd.cmd("status", check=0).stdout.decode()
+    assert f"address: proxy://127.0.0.1:{chatd.port}, 127.0.0.1:{plain}" in status, status
