@@ -81,6 +81,7 @@ def test_awaited_headers_leave_descriptors_for_a_restart_and_a_client(make_chatd
     chatd = make_chatd(loop="asyncio")
     plain = _behind_proxy(chatd)
     chatd.cmd("start", check=0, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT)))
+    began = time.monotonic()
     held = [_header_begun(chatd.port) for _ in range(300)]
     try:
         wait_for(lambda: "PROXY headers" in chatd.log_text(), what="headers turned away")
@@ -89,6 +90,7 @@ def test_awaited_headers_leave_descriptors_for_a_restart_and_a_client(make_chatd
         with socket.create_connection(("127.0.0.1", plain), timeout=5) as s:
             s.sendall(b"ping\n")
             assert _answer(s) == b"ping\n"
+        assert time.monotonic() - began < 4.5, "too slow: the headers may have timed out (5 s) first"
     finally:
         for s in held:
             s.close()
