@@ -1,5 +1,6 @@
 """Attacks on chatd at the edge, each a hole once found and fixed: an empty `--listen` that
-bound every address, a listen host IDNA cannot encode that ended in "internal error", PROXY
+bound every address, a listen host IDNA cannot encode that ended in "internal error", an IPv4-mapped listen
+address that check-config passed and start could not bind, PROXY
 headers awaited until no descriptor was left for a restart, a header completed after a stop
 began that was admitted and served, a debug line per proxied connection past the churn
 bound, a failed restart that had switched listeners' schemes all the same, and the README's
@@ -68,6 +69,20 @@ def test_a_listen_host_idna_cannot_encode_is_a_clear_error(chatd):
     assert proc.returncode == 2, proc
     assert b"chatd: --listen: cannot resolve '::1%\\udcff'" in proc.stderr, proc.stderr
     assert b"internal error" not in proc.stderr
+
+
+def test_an_ipv4_mapped_listen_address_is_served_as_the_ipv4_address(chatd):
+    """check-config said OK, then start failed: "cannot listen on [::ffff:7f00:1]:PORT: Invalid
+    argument" (an IPv6-only socket cannot bind a mapped address)."""
+    chatd.write_config(listen=[f"[::ffff:127.0.0.1]:{chatd.port}"])
+    chatd.cmd("check-config", check=0)
+    said = chatd.cmd("start", check=0).stdout.decode()
+    assert f"echo mode on 127.0.0.1:{chatd.port}," in said, said
+    with socket.create_connection(("127.0.0.1", chatd.port), timeout=5) as s:
+        s.sendall(b"ping\n")
+        assert _answer(s) == b"ping\n"
+    chatd.write_config(listen=[f"127.0.0.1:{chatd.port}", f"[::ffff:127.0.0.1]:{chatd.port}"])
+    assert "both in [server] listen" in chatd.cmd("check-config", check=6).stderr.decode()
 
 
 # ------------------------------------------------------------------ PROXY headers
