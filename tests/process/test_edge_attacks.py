@@ -1,10 +1,11 @@
 """Attacks on chatd at the edge, each a hole once found and fixed: an empty `--listen` that
-bound every address, a listen host IDNA cannot encode that ended in "internal error", an IPv4-mapped listen
-address that check-config passed and start could not bind, PROXY
-headers awaited until no descriptor was left for a restart, a header completed after a stop
-began that was admitted and served, a debug line per proxied connection past the churn
-bound, a failed restart that had switched listeners' schemes all the same, and the README's
-bound on the log's summary lines, which the access refusals doubled. Through the real `chatd` command, on 127.0.0.0/8."""
+bound every address, a listen host IDNA cannot encode that ended in "internal error", an
+IPv4-mapped listen address that check-config passed and start could not bind, PROXY headers
+awaited until no descriptor was left for a restart, a header completed after a stop began that
+was admitted and served, a debug line per proxied connection past the churn bound, a failed
+restart that had switched listeners' schemes all the same, and the README's bound on the log's
+summary lines, which the access refusals doubled. Through the real `chatd` command, on
+127.0.0.0/8."""
 
 from __future__ import annotations
 
@@ -16,9 +17,6 @@ import time
 import pytest
 
 from support import chatd_command, free_port, stuck_client, wait_for
-
-PROXY_LIMITS = "[limits]\nlogged_per_ip = 5\n"
-
 
 def _behind_proxy(chatd, extra: str = "", daemon: dict | None = None) -> int:
     """A proxy:// listener trusting 127.0.0.1 on chatd.port, a plain one on the port returned."""
@@ -145,7 +143,7 @@ def test_the_debug_line_of_each_proxied_connection_is_bounded_as_the_churn_is(ch
     """logged_per_ip 5, 200 connections from one client through the proxy, at debug: the
     "PROXY header from" line was logged 200 times; now with the newcomers logged one by one
     (5 an interval)."""
-    _behind_proxy(chatd, PROXY_LIMITS)
+    _behind_proxy(chatd, "[limits]\nlogged_per_ip = 5\n")
     chatd.start()
     for i in range(200):
         with socket.create_connection(("127.0.0.1", chatd.port), timeout=5) as s:
