@@ -27,7 +27,7 @@ chatd accepts on its listening sockets itself instead of through
   logging every one, and uvloop stops accepting for a second. The shortage is
   logged when it begins and when it ends, with a count.
 
-Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py, tests/process/test_access.py, tests/process/test_tls.py
+Tests: tests/process/test_fault_resources.py, tests/process/test_clients.py, tests/process/test_log_abuse.py, tests/process/test_access.py, tests/process/test_tls.py, tests/process/test_edge_attacks.py
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ FD_MARGIN = 16             # descriptors never spent on lingering (restart, log 
 SHORTAGE_LOG_S = 10.0      # at most one "out of descriptors" line this often
 DRAIN_READS = 16           # reads of 64 KiB at most, dropping a refused client's input
 MAX_HEADERS = 1024         # PROXY headers awaited at a time (each a descriptor, for at most 5 s)
+BANNED = "banned"          # by `chatd ban` (moderation.Bans)
 # The refusals of ServerState.admit and access.Access.check as the metrics label them
 # (metrics.REFUSALS); whatever a PROXY header stage refuses is "proxy".
 REFUSED_AS = {"server full": "server full",
               "server full (too many connections from one address)": "per-address limit",
               access.DENIED: "denied", access.NOT_ALLOWED: "not allowed",
-              access.TOO_FAST: "connect rate"}
+              access.TOO_FAST: "connect rate", BANNED: "banned"}
 
 
 def _drop_input(sock: socket.socket) -> bool:
@@ -193,16 +194,18 @@ class Gate:
         else:
             self.admit(sock, addr, listener)
 
-    def admit(self, sock: socket.socket, addr: Any, listener: Any) -> None:
-        """The client at `addr` (behind a proxy, the one its header names): checked by the
-        access rules, then admitted and connected (through a TLS handshake on a TLS
-        listener), or told "server full"."""
+    def admit(self, sock: socket.socket, addr: Any, listener: Any, proxy_addr: Any = None) -> None:
+        """The client at `addr` (behind the proxy at `proxy_addr`, the one its header names):
+        checked by the access rules, then admitted and connected (through a TLS handshake on a
+        TLS listener), or told "server full"."""
         ip = addr[0] if isinstance(addr, tuple) else "?"
-        refusal = "banned" if self.bans and self.bans.match(ip) is not None else self.access.check(ip)
+        refusal = BANNED if self.bans and self.bans.match(ip) is not None else self.access.check(ip)
         if refusal:
             self.turn_away(sock, addr, refusal, listener)
             return
         quiet = self.state.churn.quiet(ip, self.state.limits.logged_per_ip)
+        if proxy_addr is not None and not quiet:   # as bounded as the lines of the connection
+            log.debug("PROXY header from %s: client %s", format_peer(proxy_addr), format_peer(addr))
         refusal = self.state.admit(ip)
         if refusal:
             self.state.metrics.refused(REFUSED_AS.get(refusal, refusal))
@@ -246,8 +249,9 @@ class Gate:
         if not self.access.trusted(ip):
             self.turn_away(sock, addr, "not in [access] proxy_from, on a proxy:// listener", listener)
             return
-        if len(self.headers) >= MAX_HEADERS:
-            self.turn_away(sock, addr, f"{MAX_HEADERS} PROXY headers already awaited", listener)
+        if len(self.headers) >= MAX_HEADERS or self._room() <= FD_MARGIN:
+            # Each awaits with a descriptor: past that, a restart could not read its config.
+            self.turn_away(sock, addr, f"{len(self.headers)} PROXY headers already awaited", listener)
             return
 
         def done(header: proxy.Header | None, error: str) -> None:
@@ -256,8 +260,7 @@ class Gate:
                 self.turn_away(sock, addr, error, listener)
                 return
             client = addr if header.client is None else (unmapped(header.client[0]), header.client[1])
-            log.debug("PROXY header from %s: client %s", format_peer(addr), format_peer(client))
-            self.admit(sock, client, listener)
+            self.admit(sock, client, listener, addr)
 
         self.headers[sock] = proxy.HeaderStage(self.loop, sock, done)
 
@@ -347,15 +350,20 @@ class Gate:
         self.loop.remove_reader(sock.fileno())
         sock.close()
 
+    def close_headers(self) -> None:
+        """Close every awaited PROXY header: the server is stopping, and a header completed
+        later must not bring a client in."""
+        for sock, stage in self.headers.items():
+            stage.cancel()
+            sock.close()
+        self.headers.clear()
+
     def close(self) -> None:
         """Close every lingering refusal and awaited header, and give the spare back (the
         server is stopping)."""
         for sock in list(self.lingering):
             self._end_linger(sock)
-        for sock, stage in self.headers.items():
-            stage.cancel()
-            sock.close()
-        self.headers.clear()
+        self.close_headers()
         self.spare.release()
 
     # ------------------------------------------------------------ out of descriptors

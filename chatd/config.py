@@ -134,7 +134,9 @@ def _listen(value: Any) -> tuple[str, ...]:
     """An array of endpoints, or (from the command line) one string of them split by commas;
     each checked for shape and its host resolved (listen.parse_endpoint)."""
     if isinstance(value, str):
-        value = [part for part in value.split(",") if part.strip()]
+        given, value = value, [part for part in value.split(",") if part.strip()]
+        if not value:   # `--listen "$UNSET"` must not mean host and port: every address
+            raise Invalid(f"no address given ({given!r}); list at least one, HOST:PORT")
     if not isinstance(value, (list, tuple)):
         raise Invalid(f"expected an array of addresses, got {_type_name(value)}")
     entries = []

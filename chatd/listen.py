@@ -151,7 +151,8 @@ def every_address(port: int) -> list[Address]:
 
 
 def resolve(host: str, port: int) -> list[Address]:
-    """Every distinct address `host` stands for, IPv4 before IPv6; "" is every address."""
+    """Every distinct address `host` stands for, IPv4 before IPv6 (an IPv4-mapped one as the
+    IPv4 address it is); "" is every address."""
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host:
@@ -160,10 +161,15 @@ def resolve(host: str, port: int) -> list[Address]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise StartError(f"cannot resolve {host!r}: {e.strerror}") from None
+    except UnicodeError:   # IDNA refuses it: a space, a line break, a lone surrogate from argv
+        raise StartError(f"cannot resolve {host!r}: not a host name") from None
     found: list[Address] = []
     for family, _, _, _, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6):
-            addr = Address(family, ipaddress.ip_address(sockaddr[0]).compressed, port)
+            ip = ipaddress.ip_address(sockaddr[0])
+            if ip.version == 6 and ip.ipv4_mapped:   # an IPv6-only socket cannot bind it (EINVAL)
+                family, ip = socket.AF_INET, ip.ipv4_mapped
+            addr = Address(family, ip.compressed, port)
             if addr not in found:
                 found.append(addr)
     return sorted(found, key=lambda a: a.family != socket.AF_INET)

@@ -47,7 +47,7 @@ LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))
 # Refusals and disconnects known at start, so their series exist (at 0) before the first one;
 # other helpers' reasons ("denied", "banned", ...) appear when first counted.
 REFUSALS = ("server full", "per-address limit", "out of descriptors", "denied", "not allowed",
-            "connect rate", "proxy")
+            "connect rate", "banned", "proxy")
 DISCONNECTS = ("client closed", "closed", "reset", "idle", "too slow", "flooding", "quit",
                "server stopping", "server shutting down")
 RESTARTS = ("applied", "rejected", "failed")

@@ -207,6 +207,7 @@ class Server:
         for listener in self.listeners:
             self._close_listener(listener)
         self.listeners = []
+        self.gate.close_headers()
         if self.endpoint is not None:
             self.endpoint.close()
         await self.gate.settle()
@@ -330,16 +331,19 @@ class Server:
             return ""
         wanted = dict(listen.plan(listen.endpoints(new)))
         retire = [li for li in self.listeners if li.address not in wanted]
-        for li in self.listeners:
-            li.endpoint = wanted.get(li.address, li.endpoint)
+        kept = [li for li in self.listeners if li.address in wanted]
         have = [li.address for li in self.listeners]
         add = [(a, e) for a, e in wanted.items() if a not in have]
+        note = ""
         if any(li.address.overlaps(a) for li in retire for a, _ in add):
-            return await self._rebind_overlapping(retire, add, new.server.backlog)
-        self._bind_and_serve(add, new.server.backlog)
-        for listener in retire:
-            self._retire(listener)
-        return ""
+            note = await self._rebind_overlapping(retire, add, new.server.backlog)
+        else:
+            self._bind_and_serve(add, new.server.backlog)
+            for listener in retire:
+                self._retire(listener)
+        for listener in kept:   # only now: a failed restart must leave every scheme as it was
+            listener.endpoint = wanted[listener.address]
+        return note
 
     async def _rebind_overlapping(self, retire: list[Listener], add: list[tuple[listen.Address, listen.Endpoint]],
                                   backlog: int) -> str:

@@ -246,6 +246,8 @@ def test_ban_cidr_survives_restart_until_unbanned(chatd):
         assert refused_unread(chatd.port, BOB) == b""
         assert refused_unread(chatd.port, "127.0.0.1") == b"hello\n"
         chatd.cmd("restart", check=0)
+    refused = json.loads(chatd.cmd("stats", "--json", check=0).stdout)["connections_refused_total"]
+    assert {"reason": "banned", "value": 4} in refused, refused     # counted under their reason
     assert json.loads(chatd.cmd("bans", "--json", check=0).stdout) == {
         "bans": [{"ban": "127.0.0.2/31", "expires_in_s": None}]}
     assert out(chatd.cmd("unban", "127.0.0.2/31", check=0)) == "unbanned 127.0.0.2/31\n"
