@@ -131,3 +131,25 @@ def test_the_documents_the_readme_links_exist():
     assert "tests/perf/README.md" in links and "tests/README.md" in links
     for link in links:
         assert (REPO / link).is_file(), link
+
+
+def test_the_internet_sample_config_is_valid(tmp_path):
+    """The TOML sample that opens "Running it on the internet" names only real keys with good
+    values: it loads, its [tls] files swapped for a certificate made here."""
+    import subprocess
+    import tomllib
+
+    from chatd import config
+    section = readme_section("Running it on the internet")
+    text = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    data = tomllib.loads(text)
+    assert {f"{s}.{k}" for s, table in data.items() for k in table} <= set(config.KEYS)
+    cert, key = tmp_path / "chatd.crt", tmp_path / "chatd.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-subj", "/CN=localhost", "-days", "2", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    key.chmod(0o600)
+    conf = tmp_path / "chatd.conf"
+    conf.write_text(text.replace(data["tls"]["certificate"], str(cert)).replace(data["tls"]["key"], str(key)))
+    cfg = config.load(str(conf))
+    assert cfg.tls.certificate == str(cert) and cfg.server.listen == (":7777", "tls://:7443")
