@@ -41,9 +41,19 @@ def test_two_workers_take_connections_and_share_one_room(workers):
     supervisor = workers.pid()
     pids = children(supervisor)
     assert len(pids) == 2
-    clients = [LineClient(workers.port, host="127.0.0.2") for _ in range(30)]
-    for c in clients:
-        read_until(c, b"*** #lobby: ")
+    # The kernel wakes every worker for a newcomer and the first to accept takes it: on an idle
+    # machine that is often the same one. Each worker in turn is stopped while 15 arrive, so
+    # the other must take them, and the room spans both.
+    clients = []
+    for stopped in pids:
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            batch = [LineClient(workers.port, host="127.0.0.2") for _ in range(15)]
+            for c in batch:
+                read_until(c, b"*** #lobby: ")
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        clients += batch
     wait_for(lambda: serving_pids(workers) == set(pids), what="both workers to accept clients")
     time.sleep(0.5)   # every join seen
     for c in clients:
