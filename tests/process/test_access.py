@@ -242,6 +242,7 @@ def test_a_header_from_an_untrusted_address_is_refused(behind_proxy):
     assert "192.0.2.30" not in behind_proxy.log_text()
 
 
+@pytest.mark.slow   # seconds of waiting for a timeout, on both loops
 def test_a_malformed_or_slow_header_is_cut_off(behind_proxy):
     chatd, port = behind_proxy, behind_proxy.port
     assert _shut_out(port, send=b"GET / HTTP/1.0\r\n\r\n")

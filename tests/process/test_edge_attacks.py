@@ -111,6 +111,7 @@ def test_awaited_headers_leave_descriptors_for_a_restart_and_a_client(make_chatd
     assert "restart applied" in chatd.log_text()
 
 
+@pytest.mark.slow   # seconds of waiting for a timeout, on both loops
 def test_a_header_completed_after_the_stop_began_is_not_served(chatd):
     """A graceful stop kept waiting by a client that reads nothing: a header begun before it
     and completed during it was admitted and echoed ("connect 192.0.2.9:1 (2 clients)" after

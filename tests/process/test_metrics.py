@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatd import __version__ as chatd_version
@@ -227,6 +228,7 @@ def test_drops_idle_and_flooding_are_counted(chatd):
     flooder.close()
 
 
+@pytest.mark.slow   # seconds of waiting for a timeout, on both loops
 def test_a_reader_dropped_as_too_slow_is_counted(chatd):
     """Chat, output_buffer 16384, rate 0: a client that never reads while another says 400 KB
     is dropped "too slow" (within the 3 s it is judged over), counted once."""
@@ -316,6 +318,7 @@ def raw(port: int, data: bytes) -> bytes:
         return got
 
 
+@pytest.mark.slow   # seconds of waiting for a timeout, on both loops
 def test_oversized_slow_and_too_many_requests_are_cut_off(loop_chatd):
     chatd = loop_chatd
     """A request head over 8 KiB is answered 431; garbage 400; 8 connections that send nothing

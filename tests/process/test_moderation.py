@@ -377,6 +377,7 @@ def test_a_daemon_that_dropped_privileges_serves_root_and_its_user(make_chatd, c
         assert os.path.lexists(sock_path(inst))   # nobody may not unlink in root's directory
 
 
+@pytest.mark.slow   # seconds of waiting for a timeout, on both loops
 def test_a_stuck_or_oversized_control_client_holds_nothing(loop_chatd):
     """1. connect to X.sock and send nothing; 2. another sends 100 KiB with no newline;
     3. meanwhile `chatd who` and an echo client. Result: both are answered at once; the

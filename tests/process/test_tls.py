@@ -207,6 +207,7 @@ def test_chat_over_tls_and_plaintext_in_one_room(make_chatd, certs):
         assert a.recv_until_eof() == b"*** server shutting down\r\n"
 
 
+@pytest.mark.slow   # seconds of waiting for a timeout, on both loops
 def test_a_chat_client_over_tls_that_never_reads_is_dropped_as_too_slow(loop_chatd, certs):
     """Chat's bounded output holds over TLS: a TLS member that never reads is dropped as
     `too slow` while the room flows, and a reading member gets every line."""
@@ -448,6 +449,7 @@ def test_server_full_reaches_a_chat_client_as_a_line_after_the_handshake(make_ch
             assert second.recv_until_eof() == b"*** server full\r\n"
 
 
+@pytest.mark.slow   # seconds of waiting for a timeout, on both loops
 def test_a_tls_client_that_never_reads_is_bounded(loop_chatd, certs):
     """Echo's flow control holds over TLS: clients that send and never read stop being
     read; chatd's memory stays within their budgets; each still gets every byte back."""
