@@ -72,7 +72,7 @@ MODERATION (through the control socket X.sock; root and chatd's user only)
     unban ADDRESS|CIDR   lift a ban
     bans           the bans in force (--json)
     say TEXT       "*** TEXT" to every client
-    stats          clients by mode, address, uptime, restarts, bans (--json)
+    stats          the metrics: clients, connections, lines, bytes, drops, restarts (--json)
 
 OPTIONS
     Every command accepts every option. Each setting is also a config key; the
