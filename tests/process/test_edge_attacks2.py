@@ -1,0 +1,33 @@
+"""Attacks on TLS, moderation and metrics (README "Running it on the internet"), each a hole
+once found, through the real `chatd` command. Every client is local (127.0.0.1) and bounded by
+deadlines; every daemon is stopped by pid by the fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+
+from support import LineClient, free_port
+from test_metrics import scrape
+
+
+def test_kick_reasons_are_one_metrics_series_not_one_each(chatd):
+    """1. echo mode with `[metrics] listen`; 2. three clients kicked one by one by address,
+    each with a reason of its own (quotes and a backslash in one). Result: /metrics and
+    `chatd stats --json` both count 3 disconnects labelled `kicked`, and no label holds the
+    operator's text (it was a new series per reason ever given: unbounded cardinality)."""
+    port = free_port()
+    chatd.write_config(mode="echo", extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    chatd.start()
+    for reason in ("spam", 'say "hi" \\ no', "flood 3"):
+        with LineClient(chatd.port) as c:
+            c.send(b"x\n")
+            assert c.recv_line() == b"x\n"
+            chatd.cmd("kick", "127.0.0.1", reason, check=0)
+            assert c.recv_until_eof() == f"*** you were kicked: {reason}\r\n".encode()
+    reasons = {dict(labels)["reason"]: v for (name, labels), v in scrape(port).items()
+               if name == "chatd_disconnects_total"}
+    assert reasons["kicked"] == 3 and reasons["banned"] == 0, reasons
+    assert not [r for r in reasons if ":" in r], reasons
+    stats = json.loads(chatd.cmd("stats", "--json", check=0).stdout)
+    assert {d["reason"]: d["value"] for d in stats["disconnects_total"]} == reasons
