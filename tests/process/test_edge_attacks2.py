@@ -31,3 +31,20 @@ def test_kick_reasons_are_one_metrics_series_not_one_each(chatd):
     assert not [r for r in reasons if ":" in r], reasons
     stats = json.loads(chatd.cmd("stats", "--json", check=0).stdout)
     assert {d["reason"]: d["value"] for d in stats["disconnects_total"]} == reasons
+
+
+def test_an_oversized_say_or_kick_is_refused_with_the_reason(chatd):
+    """1. one echo client; 2. `chatd say` of 100,000 characters, `chatd kick` with a reason
+    that long; 3. `chatd say` of 5,000. Result: the first two exit 2 saying the arguments are
+    too long (it was the daemon's bare `chatd: bad request`), nothing reaches the client; the
+    third is said, cut at 400 characters."""
+    chatd.write_config(mode="echo")
+    chatd.start()
+    with LineClient(chatd.port) as c:
+        for args in (("say", "a" * 100_000), ("kick", "127.0.0.1", "b" * 100_000)):
+            proc = chatd.cmd(*args, check=2)
+            assert proc.stderr.startswith(f"chatd: {args[0]}: the arguments are too long (a request "
+                                          f"is at most 8192 bytes; a text is cut at 400 characters "
+                                          f"anyway)\n".encode()), proc.stderr
+        assert chatd.cmd("say", "c" * 5000, check=0).stdout == b"said to 1 clients\n"
+        assert c.recv_line() == b"*** " + b"c" * 400 + b"\r\n"
