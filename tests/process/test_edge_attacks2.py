@@ -6,6 +6,7 @@ deadlines; every daemon is stopped by pid by the fixtures.
 from __future__ import annotations
 
 import json
+import socket
 
 from support import LineClient, free_port
 from test_metrics import scrape
@@ -48,3 +49,30 @@ def test_an_oversized_say_or_kick_is_refused_with_the_reason(chatd):
                                           f"anyway)\n".encode()), proc.stderr
         assert chatd.cmd("say", "c" * 5000, check=0).stdout == b"said to 1 clients\n"
         assert c.recv_line() == b"*** " + b"c" * 400 + b"\r\n"
+
+
+def control(inst, request: dict) -> dict:
+    """One request on the control socket, as `chatd` sends it; the daemon's answer."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(inst.pidfile.with_suffix(".sock")))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        return json.loads(s.makefile("rb").readline())
+
+
+def test_a_ban_duration_is_taken_as_given_or_refused_without_a_ban(chatd):
+    """1. `chatd ban 127.0.0.9 0.00005` (a duration the command line accepts); 2. a control
+    request whose seconds are "10m"; 3. one whose seconds are "soon". Result: 1 exits 0 (the
+    daemon re-parsed str(5e-05) and refused '5e-05', a text nobody typed); 2 is answered ok
+    with a ban of about 10 minutes (it was answered `bad request` with the ban in force);
+    3 is refused, and no ban on it is made."""
+    chatd.write_config(mode="echo")
+    chatd.start()
+    assert chatd.cmd("ban", "127.0.0.9", "0.00005", check=0).stdout == \
+        b"banned 127.0.0.9; kicked nobody\n"
+    assert control(chatd, {"cmd": "ban", "target": "127.0.0.10", "seconds": "10m"}) == \
+        {"ok": True, "ban": "127.0.0.10", "kicked": []}
+    answer = control(chatd, {"cmd": "ban", "target": "127.0.0.11", "seconds": "soon"})
+    assert answer["ok"] is False and answer["status"] == 2, answer
+    bans = json.loads(chatd.cmd("bans", "--json", check=0).stdout)["bans"]
+    assert [b["ban"] for b in bans] == ["127.0.0.10"] and 590 < bans[0]["expires_in_s"] <= 600, bans
