@@ -278,6 +278,7 @@ class Gate:
                 ssl_shutdown_timeout=LINGER_S if tls else None)
         except (OSError, asyncio.CancelledError) as e:   # a failed TLS handshake is an OSError
             self.state.release(ip)
+            self.state.metrics.closed(conn, "handshake failed" if tls else "reset")   # it was accepted
             sock.close()
             what = "TLS handshake with" if tls else "connect"
             if quiet:

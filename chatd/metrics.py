@@ -48,8 +48,8 @@ LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))
 # other helpers' reasons ("denied", "banned", ...) appear when first counted.
 REFUSALS = ("server full", "per-address limit", "out of descriptors", "denied", "not allowed",
             "connect rate", "banned", "proxy")
-DISCONNECTS = ("client closed", "closed", "reset", "idle", "too slow", "flooding", "quit", "kicked",
-               "banned", "server stopping", "server shutting down")
+DISCONNECTS = ("client closed", "closed", "reset", "handshake failed", "idle", "too slow", "flooding",
+               "quit", "kicked", "banned", "server stopping", "server shutting down")
 RESTARTS = ("applied", "rejected", "failed")
 
 # The families, in the order both renderings list them: (snapshot key, Prometheus name,

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import socket
 
-from support import LineClient, free_port
-from test_metrics import scrape
+from support import LineClient, free_port, wait_for
+from test_metrics import scrape, value
+from test_tls import TlsClient, certs, tls_config  # noqa: F401 - a fixture
 
 
 def test_kick_reasons_are_one_metrics_series_not_one_each(chatd):
@@ -76,3 +77,33 @@ def test_a_ban_duration_is_taken_as_given_or_refused_without_a_ban(chatd):
     assert answer["ok"] is False and answer["status"] == 2, answer
     bans = json.loads(chatd.cmd("bans", "--json", check=0).stdout)["bans"]
     assert [b["ban"] for b in bans] == ["127.0.0.10"] and 590 < bans[0]["expires_in_s"] <= 600, bans
+
+
+def test_failed_handshakes_are_counted_so_accepted_is_disconnects_plus_clients(chatd, certs):
+    """1. a TLS listener with `[metrics] listen`; 2. three newcomers that send an HTTP request
+    instead of a ClientHello; 3. one TLS echo session, closed; 4. one left connected. Result:
+    disconnects{reason="handshake failed"} is 3, and accepted = disconnects + clients (the
+    failed handshakes were counted as accepted and never again: a handshake flood left no
+    trace but a drift between the two)."""
+    tls_port, port = free_port(), free_port()
+    tls_config(chatd, certs, tls_port, extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    chatd.start()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert s.recv(100) == b""
+    with TlsClient(tls_port) as c:
+        c.send(b"x\n")
+        assert c.recv_line() == b"x\n"
+    with TlsClient(tls_port) as c:
+        c.send(b"y\n")
+        assert c.recv_line() == b"y\n"
+
+        def settled():
+            now = scrape(port)
+            ended = sum(v for (name, _), v in now.items() if name == "chatd_disconnects_total")
+            return now if ended == 4 else None
+        now = wait_for(settled, what="four disconnects counted")
+        assert value(now, "chatd_disconnects_total", reason="handshake failed") == 3, now
+        clients = sum(v for (name, _), v in now.items() if name == "chatd_clients")
+        assert value(now, "chatd_connections_accepted_total") == 4 + clients == 5, now
