@@ -321,7 +321,7 @@ class Moderator:
         try:
             request = json.loads(await reader.readline())
             handler = self.handlers[request["cmd"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):   # "[[[...": 8 KiB of nesting
             return _failure("bad request", EXIT_USAGE)
         try:
             answer = handler(request)

@@ -52,13 +52,29 @@ def test_an_oversized_say_or_kick_is_refused_with_the_reason(chatd):
         assert c.recv_line() == b"*** " + b"c" * 400 + b"\r\n"
 
 
-def control(inst, request: dict) -> dict:
-    """One request on the control socket, as `chatd` sends it; the daemon's answer."""
+def ask(inst, line: bytes) -> bytes:
+    """`line` on the control socket; the daemon's answer line."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(str(inst.pidfile.with_suffix(".sock")))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        return json.loads(s.makefile("rb").readline())
+        s.sendall(line)
+        return s.makefile("rb").readline()
+
+
+def control(inst, request: dict) -> dict:
+    """One request on the control socket, as `chatd` sends it; the daemon's answer."""
+    return json.loads(ask(inst, json.dumps(request).encode() + b"\n"))
+
+
+def test_a_deeply_nested_control_request_is_a_bad_request(chatd):
+    """A control request of 8,000 "[" (JSON nested past Python's recursion limit, inside the
+    8 KiB line). Result: answered `bad request` (exit 2's status), and the log holds no error
+    (it was closed unanswered, the log saying "Unhandled exception ... RecursionError")."""
+    chatd.write_config(mode="echo")
+    chatd.start()
+    assert ask(chatd, b"[" * 8000 + b"\n") == b'{"ok": false, "error": "bad request", "status": 2}\n'
+    assert chatd.cmd("who", check=0).stdout == b"no clients\n"
+    assert "ERROR" not in chatd.log_text() and "RecursionError" not in chatd.log_text()
 
 
 def test_a_ban_duration_is_taken_as_given_or_refused_without_a_ban(chatd):
