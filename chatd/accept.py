@@ -285,6 +285,9 @@ class Gate:
                 self.state.churn.count(ip, ChurnLog.REFUSED)
             else:
                 log.info("%s %s failed: %s", what, peer, _reason(e))
+            return
+        if tls and self.bans and not conn.closing and self.bans.match(ip) is not None:   # banned mid-handshake
+            conn.dismiss("you were banned", "banned")
 
     async def settle(self) -> None:
         """Wait until every accepted socket has become a connection (before a stop); TLS

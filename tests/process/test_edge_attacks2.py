@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 
-from support import LineClient, free_port, wait_for
+from support import LineClient, fd_count, free_port, wait_for
 from test_metrics import scrape, value
-from test_tls import TlsClient, certs, tls_config  # noqa: F401 - a fixture
+from test_tls import TlsClient, certs, client_context, tls_config  # noqa: F401 - a fixture
 
 
 def test_kick_reasons_are_one_metrics_series_not_one_each(chatd):
@@ -123,3 +124,35 @@ def test_failed_handshakes_are_counted_so_accepted_is_disconnects_plus_clients(c
         assert value(now, "chatd_disconnects_total", reason="handshake failed") == 3, now
         clients = sum(v for (name, _), v in now.items() if name == "chatd_clients")
         assert value(now, "chatd_connections_accepted_total") == 4 + clients == 5, now
+
+
+def test_a_ban_reaches_a_tls_client_still_in_its_handshake(loop_chatd, certs):
+    """1. a TLS echo listener; 2. a client from 127.0.0.5 connects (accepted: the daemon holds
+    one more descriptor) and has not sent its ClientHello; 3. `chatd ban 127.0.0.5`; 4. it
+    completes its handshake and sends a line. Result: it is told `*** you were banned` and
+    closed, unechoed, and `chatd who` lists nobody (it was served: bans were asked only
+    before the handshake)."""
+    chatd = loop_chatd   # on both loops
+    tls_port = free_port()
+    tls_config(chatd, certs, tls_port)
+    pid = chatd.start()
+    before = fd_count(pid)
+    with socket.socket() as raw:
+        raw.settimeout(5)
+        raw.bind(("127.0.0.5", 0))
+        raw.connect(("127.0.0.1", tls_port))
+        wait_for(lambda: fd_count(pid) > before, what="the daemon to accept the client")
+        assert chatd.cmd("ban", "127.0.0.5", check=0).stdout == b"banned 127.0.0.5; kicked nobody\n"
+        with client_context().wrap_socket(raw) as c:
+            try:
+                c.sendall(b"still here\n")
+            except OSError:
+                pass   # closed already: what it was told is read below
+            got = b""
+            try:
+                while chunk := c.recv(4096):
+                    got += chunk
+            except (ssl.SSLError, ConnectionResetError):
+                pass   # closed over the unread line, after the notice
+            assert got == b"*** you were banned\r\n", got
+    assert chatd.cmd("who", check=0).stdout == b"no clients\n"
