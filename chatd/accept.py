@@ -278,12 +278,16 @@ class Gate:
                 ssl_shutdown_timeout=LINGER_S if tls else None)
         except (OSError, asyncio.CancelledError) as e:   # a failed TLS handshake is an OSError
             self.state.release(ip)
+            self.state.metrics.closed(conn, "handshake failed" if tls else "reset")   # it was accepted
             sock.close()
             what = "TLS handshake with" if tls else "connect"
             if quiet:
                 self.state.churn.count(ip, ChurnLog.REFUSED)
             else:
                 log.info("%s %s failed: %s", what, peer, _reason(e))
+            return
+        if tls and self.bans and not conn.closing and self.bans.match(ip) is not None:   # banned mid-handshake
+            conn.dismiss("you were banned", "banned")
 
     async def settle(self) -> None:
         """Wait until every accepted socket has become a connection (before a stop); TLS

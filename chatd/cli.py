@@ -10,6 +10,7 @@ exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any, NoReturn
@@ -17,7 +18,7 @@ from typing import Any, NoReturn
 from . import __version__, control
 from .config import SCHEMA
 from .errors import EXIT_FAILED, EXIT_USAGE, ChatdError, UsageError
-from .moderation import parse_duration, parse_network, show_network
+from .moderation import REQUEST_MAX, TEXT_MAX, parse_duration, parse_network, show_network
 
 # The moderation commands (README "Moderation"): their arguments, in order; "..." takes the rest.
 MODERATION = {"who": (), "kick": ("target", "reason..."), "ban": ("target", "duration?"),
@@ -213,6 +214,9 @@ def moderation_request(command: str, words: list[str]) -> dict[str, Any]:
         request["target"] = show_network(parse_network(request["target"]))
     if "duration" in request:
         request["seconds"] = parse_duration(request.pop("duration"))
+    if len(json.dumps(request)) + 1 > REQUEST_MAX:   # the daemon reads one line of this much
+        raise UsageError(f"{command}: the arguments are too long (a request is at most {REQUEST_MAX} "
+                         f"bytes; a text is cut at {TEXT_MAX} characters anyway)")
     return request
 
 

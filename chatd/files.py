@@ -69,17 +69,22 @@ def open_file(path: str, flags: int, mode: int = 0o600) -> int:
     return fd
 
 
-def read_regular(path: str) -> bytes:
+def read_regular(path: str, limit: int | None = None) -> bytes:
     """The bytes of a file that is read, not written, such as a config (links are followed,
-    any owner will do): only a FIFO's open or read could hang, so only a regular file is read."""
+    any owner will do): only a FIFO's open or read could hang, so only a regular file is read;
+    one of more than `limit` bytes (a link to /proc/kcore, say) is refused, not read whole."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeFile(path, file_problem(st, trusted()) or "it is not a regular file")
         chunks = []
+        total = 0
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
+            total += len(chunk)
+            if limit is not None and total > limit:
+                raise UnsafeFile(path, f"it holds more than {limit >> 20} MiB")
         return b"".join(chunks)
     finally:
         os.close(fd)

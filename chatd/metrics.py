@@ -48,8 +48,8 @@ LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))
 # other helpers' reasons ("denied", "banned", ...) appear when first counted.
 REFUSALS = ("server full", "per-address limit", "out of descriptors", "denied", "not allowed",
             "connect rate", "banned", "proxy")
-DISCONNECTS = ("client closed", "closed", "reset", "idle", "too slow", "flooding", "quit",
-               "server stopping", "server shutting down")
+DISCONNECTS = ("client closed", "closed", "reset", "handshake failed", "idle", "too slow", "flooding",
+               "quit", "kicked", "banned", "server stopping", "server shutting down")
 RESTARTS = ("applied", "rejected", "failed")
 
 # The families, in the order both renderings list them: (snapshot key, Prometheus name,
@@ -98,12 +98,14 @@ class Metrics:
 
     def closed(self, conn: Any, reason: str) -> None:
         """Fold a closing connection's counts into the totals, and count why it ended (a fixed
-        label, as for `refused`)."""
+        label, as for `refused`): a kick's "kicked: REASON" counts as "kicked", since the
+        operator's text after the colon would make a series of each reason ever given."""
         gone = self.gone
         gone[0] += conn.in_bytes
         gone[1] += conn.in_lines
         gone[2] += conn.out_bytes
-        self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
+        label = reason.partition(":")[0]
+        self.disconnects[label] = self.disconnects.get(label, 0) + 1
 
     def restarted(self, outcome: str) -> None:
         self.restarts[outcome] = self.restarts.get(outcome, 0) + 1

@@ -56,13 +56,16 @@ LOOKS = frozenset({"who", "bans", "stats"})   # change nothing: logged at debug 
 
 # ---------------------------------------------------------------------- parsing
 
-def parse_duration(text: str) -> float:
-    """"30s", "10m", "2h", "1d" or plain seconds ("45", "1.5"): positive, at most a year."""
-    m = DURATION_RE.fullmatch(text.strip())
-    if not m:
+def parse_duration(text: str | float) -> float:
+    """"30s", "10m", "2h", "1d" or plain seconds ("45", "1.5"), or a number of seconds (as the
+    command line sends it to the daemon): positive, at most a year."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    elif m := DURATION_RE.fullmatch(str(text).strip()):
+        seconds = float(m.group(1)) * UNITS[m.group(2)]
+    else:
         raise UsageError(f"bad duration {text!r}: expected seconds or N followed by s, m, h or d "
                          f"(30s, 10m, 2h, 1d)")
-    seconds = float(m.group(1)) * UNITS[m.group(2)]
     if not 0 < seconds <= DURATION_MAX_S:
         raise UsageError(f"bad duration {text!r}: must be more than 0 and at most 366d")
     return seconds
@@ -318,7 +321,7 @@ class Moderator:
         try:
             request = json.loads(await reader.readline())
             handler = self.handlers[request["cmd"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):   # "[[[...": 8 KiB of nesting
             return _failure("bad request", EXIT_USAGE)
         try:
             answer = handler(request)
@@ -368,12 +371,13 @@ class Moderator:
     def ban(self, request: dict[str, Any]) -> dict[str, Any]:
         net = parse_network(str(request["target"]))
         seconds = request.get("seconds")
-        self.server.bans.add(net, None if seconds is None else parse_duration(str(seconds)))
+        seconds = None if seconds is None else parse_duration(seconds)
+        self.server.bans.add(net, seconds)
         victims = [c for c in self._clients() if (a := client_address(c.ip)) is not None and a in net]
         for conn in victims:
             conn.dismiss("you were banned", "banned")
         log.warning("banned %s %s; clients kicked: %d", show_network(net),
-                    "until unbanned" if seconds is None else f"for {duration_text(float(seconds))}",
+                    "until unbanned" if seconds is None else f"for {duration_text(seconds)}",
                     len(victims))
         return {"ban": show_network(net), "kicked": [_name(c) for c in victims]}
 

@@ -30,6 +30,9 @@ from .rooms import NICK_RE
 # 256 KiB, made an idle TLS client cost 280 KB on asyncio's loop (23 KB on uvloop). A socket
 # holds little more than the 64 KiB receive buffer chatd asks for (connection.KERNEL_BUFFER).
 ASYNCIO_READ_BYTES = 65536
+# A certificate, key or CA file is read whole, in the event loop at a restart: a chain is a few
+# KB, a CA bundle a few hundred; a 400 MB file stalled the loop 3.5 s and took 800 MB of RSS.
+PEM_MAX = 16 << 20
 
 
 class TlsError(ValueError):
@@ -44,7 +47,7 @@ def _read(key: str, path: str, marker: bytes, what: str) -> None:
     """Check that `path` is a readable regular file holding a PEM `what` (a FIFO there must
     not hang a restart, and OpenSSL's own "PEM lib" says neither which file nor what)."""
     try:
-        text = files.read_regular(path)
+        text = files.read_regular(path, PEM_MAX)
     except OSError as e:
         raise TlsError(key, f"cannot read {path}: {e.strerror}") from None
     if marker not in text:

@@ -260,7 +260,7 @@ def test_a_restart_loads_a_new_certificate_for_new_connections(chatd, certs, tmp
         assert old.recv_line() == b"still here\n"
 
 
-@pytest.mark.parametrize("damage", ["missing", "garbage", "mismatched", "world-readable", "fifo"])
+@pytest.mark.parametrize("damage", ["missing", "garbage", "mismatched", "world-readable", "fifo", "huge"])
 def test_bad_files_are_refused_with_the_reason(chatd, certs, tmp_path, damage):
     """`chatd restart` exits 6 naming the file and why, and the old certificate keeps serving;
     `check-config` and `start` exit 6 the same way; never a traceback."""
@@ -281,10 +281,14 @@ def test_bad_files_are_refused_with_the_reason(chatd, certs, tmp_path, damage):
     elif damage == "world-readable":
         certs[1].chmod(0o644)
         reason = f"{certs[1]} may be read by every user (mode 0644); chmod o-r it"
-    else:
+    elif damage == "fifo":
         certs[0].unlink()
         os.mkfifo(certs[0])
         reason = "it is a FIFO"
+    else:   # the certificate, then 16 MiB of padding OpenSSL would ignore
+        with open(certs[0], "ab") as f:
+            f.truncate(f.tell() + (16 << 20))
+        reason = f"cannot read {certs[0]}: it holds more than 16 MiB; refusing it"
     for command in ("restart", "check-config"):
         proc = chatd.cmd(command, check=6)
         assert reason in proc.stderr.decode(), proc.stderr

@@ -63,7 +63,7 @@ def test_the_text_for_people_is_aligned_with_totals_over_series():
                          ("connections refused", "2"), (odd, "1"), ("received bytes", "23"),
                          ("uptime seconds", "12.500"), ("log fallback lines", "4"), ("bans", "2")):
         assert (title + pad)[:34] + value in lines, (title, text)
-    assert len(lines) == 33 + 5 + 1, text   # + the refusals of accept.REFUSED_AS, bans   
+    assert len(lines) == 33 + 5 + 1 + 3, text   # + the refusals of accept.REFUSED_AS, bans, kicked, banned, handshake failed
 
 
 @pytest.mark.parametrize("value, parsed", [
