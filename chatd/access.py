@@ -35,9 +35,10 @@ MAX_SOURCES = 65536   # connection-rate buckets at most (about 210 bytes each: 1
 SWEEP_S = 5.0         # a full table is swept for refilled buckets at most this often (a sweep
                       # of a full table took 67 ms)
 OTHERS = "other sources"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def network(text: str) -> Network:
     """An address or CIDR block; IPv4-mapped IPv6 made IPv4. ValueError saying what is wrong,
     host bits set included: "10.0.0.1/8" is refused, not read as 10.0.0.0/8."""
     try:
@@ -48,8 +49,13 @@ def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         except ValueError:
             raise ValueError(f"not an address or CIDR block: {text!r} ({e})") from None
         raise ValueError(f"{text!r} has host bits set; the block is {loose}") from None
-    mapped = net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped
-    if mapped:
+    return ipv4_if_mapped(net)
+
+
+def ipv4_if_mapped(net: Network) -> Network:
+    """A block of IPv4-mapped IPv6 addresses (::ffff:a.b.c.d/N, N >= 96) as the IPv4 block it
+    stands for: peers are unmapped before they are matched (listen.unmapped)."""
+    if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped:
         return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
     return net
 

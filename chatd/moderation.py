@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from .access import Network, ipv4_if_mapped
 from .connection import Connection
 from .errors import EXIT_FAILED, EXIT_PRIVILEGE, EXIT_USAGE, ChatdError, PrivilegeError, UsageError
 from .protocol import clean_text
@@ -46,11 +47,9 @@ REQUEST_TIMEOUT_S = 5.0     # for the whole request line to arrive, and the answ
 TEXT_MAX = 400              # characters of a `say` text or a kick reason
 REFUSAL_LOG_S = 10.0        # another user's connection is logged at most this often
 BANS_MAX = 10000            # bans at once
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION_MAX_S = 366 * 86400
-MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 LOOKS = frozenset({"who", "bans", "stats"})   # change nothing: logged at debug (monitors poll them)
 
 
@@ -79,11 +78,7 @@ def parse_network(text: str) -> Network:
     except ValueError:
         raise UsageError(f"bad address {text!r}: expected an IPv4 or IPv6 address or CIDR "
                          f"(192.0.2.7, 10.0.0.0/8, 2001:db8::/32)") from None
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(MAPPED):
-        mapped = net.network_address.ipv4_mapped
-        assert mapped is not None
-        return ipaddress.IPv4Network((int(mapped), net.prefixlen - 96))
-    return net
+    return ipv4_if_mapped(net)
 
 
 def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
