@@ -255,6 +255,8 @@ class ChatConnection(Connection):
             # Counted as handed: written while `watch` runs, it is what the client takes.
             self.handed += len(data)
             self.transport.write(data)
+            if self.outbox is not None:   # this write paused the transport (connection.queued)
+                self.tail = data
 
     @staticmethod
     def fanout(members: dict[ChatConnection, None], data: bytes, skip: ChatConnection | None,
@@ -272,6 +274,8 @@ class ChatConnection(Connection):
                 if not member.closing and not transport.is_closing():
                     member.handed += n
                     transport.write(data)
+                    if member.outbox is not None:   # paused by this write: see `send`
+                        member.tail = data
             else:
                 member.send(data, by)
 
@@ -283,6 +287,8 @@ class ChatConnection(Connection):
                 and not self.transport.is_closing()):
             self.handed += len(data)
             self.transport.write(data)
+            if self.outbox is not None:
+                self.tail = data
         else:
             for part, by in parts:
                 self.send(part, by)
@@ -399,6 +405,39 @@ class ChatConnection(Connection):
 
     def farewell(self) -> None:
         self.send(notice("server shutting down"))
+
+    # ------------------------------------------------------------ live upgrade (upgrade.py)
+
+    def capture(self, now: float, index: dict[Connection, int]) -> dict[str, Any]:
+        """Chat's part: nick and room, the token bucket, the drops that count towards
+        `flooding`, and the ledger of output queued past budgets (who pays, by index)."""
+        self._refill()
+        return super().capture(now, index) | {"chat": {
+            "nick": self.nick, "room": self.room, "tokens": self.tokens,
+            "dropped": [now - t for t in self.dropped], "warned": now - self.warned,
+            "owed": self.owed, "billed": self.billed,
+            "charges": [[index[c], n] for c, n in (self.charges or {}).items() if c in index],
+            "watched": self.watch is not None, "takes": self.takes}}
+
+    def restore(self, saved: dict[str, Any], now: float, clients: list[Connection]) -> None:
+        super().restore(saved, now, clients)
+        chat = saved["chat"]
+        self.nick, self.room = str(chat["nick"]), str(chat["room"])
+        self.tokens = float(chat["tokens"])
+        self.refilled = now
+        self.dropped = collections.deque(now - float(age) for age in chat["dropped"])
+        self.warned = now - float(chat["warned"])
+        self.owed, self.billed = int(chat["owed"]), int(chat["billed"])
+        charges = {clients[i]: int(n) for i, n in chat["charges"]}
+        self.charges = charges or None   # type: ignore[assignment]
+        self.takes = [int(n) for n in chat["takes"]]
+        self.watch = chat["watched"]     # judged again once adopted (`adopt`)
+
+    def adopt(self, transport: Any, output: bytes) -> None:
+        watched, self.watch = self.watch, None
+        super().adopt(transport, output)
+        if watched and not self.closing:
+            self._watch()
 
     def notify(self, text: str) -> None:
         """An operator's notice, in order with what this pass holds for the client."""

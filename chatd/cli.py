@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from . import __version__, control
+from . import __version__, control, lifetime, upgrade
 from .config import SCHEMA
 from .errors import EXIT_FAILED, EXIT_USAGE, ChatdError, UsageError
 from .moderation import REQUEST_MAX, TEXT_MAX, parse_duration, parse_network, show_network
@@ -23,7 +23,7 @@ from .moderation import REQUEST_MAX, TEXT_MAX, parse_duration, parse_network, sh
 # The moderation commands (README "Moderation"): their arguments, in order; "..." takes the rest.
 MODERATION = {"who": (), "kick": ("target", "reason..."), "ban": ("target", "duration?"),
               "unban": ("target",), "bans": (), "say": ("text...",), "stats": ()}
-COMMANDS = ("start", "run", "stop", "restart", "reload", "status", "check-config", *MODERATION)
+COMMANDS = ("start", "run", "stop", "restart", "reload", "upgrade", "status", "check-config", *MODERATION)
 
 # Options that set a config key: flag -> dotted key, from the schema (`Key.flag`).
 SETTING_FLAGS = {key.flag: key.dotted for key in SCHEMA if key.flag}
@@ -38,6 +38,7 @@ SYNOPSIS
     chatd run [OPTIONS]                  (also: chatd -f, chatd --foreground)
     chatd stop [--timeout S] [OPTIONS]
     chatd restart | reload | check-config [OPTIONS]
+    chatd upgrade [--timeout S] [OPTIONS]
     chatd status [--json] [OPTIONS]
     chatd who | bans | stats [--json] [OPTIONS]
     chatd kick NICK|ADDRESS [REASON] [OPTIONS]
@@ -55,6 +56,11 @@ COMMANDS
     restart        SIGHUP: re-read the config and apply it in place, print the outcome;
                    start chatd if it is not running
     reload         as restart, but never start a stopped chatd (LSB reload)
+    upgrade        live upgrade: the running chatd hands every listener and client, with
+                   its state, to the chatd installed now, which serves on; clients see
+                   no disconnect (TLS clients are told to reconnect); the old code
+                   serves on if the new one fails to take over within --timeout
+                   (default 30 s)
     status         is it running? pid, address, mode, clients, uptime, ...
                    (--json: one JSON object)
     check-config   validate the config without touching the running daemon
@@ -105,7 +111,8 @@ OPTIONS
                              (default HOST-PORT)
         --workers N          worker processes sharing the listening socket, each a node
                              of the bus [server] workers (default 1)
-        --timeout S          stop: seconds to wait before SIGTERM (default drain_timeout + 5)
+        --timeout S          stop: seconds to wait before SIGTERM (default drain_timeout + 5);
+                             upgrade: seconds for the new code to take over (default 30)
         --json               status, who, bans, stats: print one JSON object
     -f, --foreground         the same as the run command
     -h, --help               this text
@@ -117,6 +124,8 @@ EXIT STATUS (LSB)
     stop            0 stopped or not running; 1 needed SIGKILL; 4 not allowed
     restart, reload 0 applied; 6 config rejected (old one still serving); 1 failed or
                     no answer; 7 reload of a stopped chatd
+    upgrade         0 upgraded (old and new version printed); 1 failed, the old one
+                    still serving (with the reason); 7 not running
     status          0 running; 1 dead but pid file left; 3 not running; 4 cannot tell
     check-config    0 valid; 6 invalid (file:line and what is wrong)
     who, kick, ban, unban, bans, say, stats
@@ -135,6 +144,8 @@ FILES
 SIGNALS
     SIGUSR1 graceful stop; SIGHUP restart in place (and reopen the log);
     SIGTERM, SIGINT, SIGQUIT prompt tidy exit; SIGPIPE, SIGUSR2, SIGALRM ignored.
+    During an upgrade a stop signal calls it off (then stops); a SIGHUP is acted on
+    by whichever code serves after it.
 
 chatd {__version__}
 """
@@ -256,6 +267,7 @@ def run_command(argv: list[str]) -> int:
         "stop": lambda: control.stop(opts, out),
         "restart": lambda: control.restart(opts, out),
         "reload": lambda: control.restart(opts, out, reload=True),
+        "upgrade": lambda: control.upgrade_daemon(opts, out),
         "status": lambda: control.status(opts, out),
         "check-config": lambda: control.check_config(opts, out),
     } | dict.fromkeys(MODERATION, lambda: control.moderate(opts, out))
@@ -265,6 +277,9 @@ def run_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> NoReturn:
     """The `chatd` console script."""
     try:
+        takeover = upgrade.Takeover.from_environment()
+        if takeover is not None:   # started by `chatd upgrade`: argv is the old daemon's
+            sys.exit(lifetime.take_over(takeover))
         status = run_command(sys.argv[1:] if argv is None else argv)
     except ChatdError as e:
         _fail(e.message, e.status)

@@ -691,6 +691,20 @@ def load(path: str | None = None, overrides: dict[str, tuple[Any, str]] | None =
     return cfg
 
 
+def from_settings(settings: dict[str, Any], origins: dict[str, str], path: str | None) -> Config:
+    """The config a running daemon serves with, rebuilt from its state record (a live upgrade,
+    upgrade.py): every value checked as the schema checks it, the file not read again (a
+    live upgrade changes the code, not the settings; `chatd restart` re-reads the file).
+    Keys this version does not know are left out; keys it has and the record lacks keep
+    their defaults. Raises ChatdError if a value is not valid here."""
+    known = {k: v for k, v in settings.items() if k in KEYS}
+    try:
+        cfg = load(None, {k: (v, origins.get(k, "the running daemon")) for k, v in known.items()}, cwd="/")
+    except ChatdError as e:
+        raise ChatdError(f"the running daemon's settings are not valid in this version: {e}") from None
+    return dataclasses.replace(cfg, path=path, origins={k: o for k, o in origins.items() if k in known})
+
+
 def _shown(name: str) -> str:
     """A name from the file as an error shows it: escaped if it would break the line."""
     return name if name.isprintable() else repr(name)[1:-1]

@@ -185,6 +185,12 @@ class ServerState:
         self.churn = ChurnLog()
         self.metrics = Metrics()
 
+    def readmit(self, ip: str) -> None:
+        """Count in a client carried over by a live upgrade: it was admitted already."""
+        self.count += 1
+        source = churn_source(ip)
+        self.per_ip[source] = self.per_ip.get(source, 0) + 1
+
     def admit(self, ip: str) -> str:
         """Count a newcomer from `ip` in, or say why it is refused ("" when admitted).
 
@@ -234,7 +240,7 @@ class Connection(LineDecoder, asyncio.Protocol):
 
     __slots__ = ("state", "transport", "ip", "peer", "active", "idle_since", "reason", "closing",
                  "outbox", "budget", "quiet", "taken", "held", "backlog", "pace", "opened",
-                 "in_bytes", "in_lines", "out_bytes")
+                 "in_bytes", "in_lines", "out_bytes", "tail")
     MODE = ""                            # the mode's name, for the metrics
     FULL_LINE = b"ERR server full\r\n"   # what accept.Gate tells a newcomer it refuses
     SLOW_DOWN_LINE = b"ERR too many connections, slow down\r\n"   # ... over [limits] connect_rate
@@ -262,6 +268,7 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.in_bytes = 0         # counted by the mode's `consume`, for the metrics (metrics.py)
         self.in_lines = 0         # chat's only
         self.out_bytes = 0        # echo's only; chat's output is counted by its service
+        self.tail = b""           # the write that paused the transport: it holds its end (`queued`)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -378,6 +385,7 @@ class Connection(LineDecoder, asyncio.Protocol):
     def resume_writing(self) -> None:
         """The transport's queue is empty: hand it the outbox, and read the client again."""
         self.held = False
+        self.tail = b""
         self._hand_over()
         self._next_pass()
 
@@ -387,12 +395,16 @@ class Connection(LineDecoder, asyncio.Protocol):
         outbox, self.outbox = self.outbox, None
         if outbox:
             self.transport.write(outbox)
+            if self.outbox is not None:
+                self.tail = outbox
 
     def write(self, data: bytes) -> None:
         """Send `data`, behind whatever is still queued (echo and chat inline this on their
         fast paths)."""
         if self.outbox is None:
             self.transport.write(data)
+            if self.outbox is not None:   # this write paused the transport
+                self.tail = data
         else:
             self.hold(data)
 
@@ -456,6 +468,57 @@ class Connection(LineDecoder, asyncio.Protocol):
 
     def farewell(self) -> None:
         """What a client is told just before a graceful stop half-closes it (nothing, in echo)."""
+
+    # ------------------------------------------------------------ live upgrade (upgrade.py)
+
+    def queued(self) -> bytes:
+        """Output not yet handed to the kernel, in order: the end of the write that paused the
+        transport (the transport holds exactly that much of it), then the outbox. Every write
+        to the transport is made while nothing is queued, and the one that leaves some behind
+        pauses it and is kept as `tail`, so the bytes are known without the loop's help."""
+        held = self.transport.get_write_buffer_size()
+        if held > len(self.tail):
+            raise ValueError(f"{self.peer}: the transport holds {held} bytes, {len(self.tail)} known")
+        return (self.tail[len(self.tail) - held:] if held else b"") + bytes(self.outbox or b"")
+
+    def capture(self, now: float, index: dict[Connection, int]) -> dict[str, Any]:
+        """What a live upgrade carries of this client (README "Live upgrade"): all but the
+        socket, which goes beside it; times as ages, since the next process has its own
+        loop clock. `index` numbers every carried client (chat's ledger names them)."""
+        return {"mode": self.MODE, "debug": isinstance(self, DebugConnection), "ip": self.ip,
+                "peer": self.peer, "quiet": self.quiet, "age": now - self.opened,
+                "idle": 0.0 if self.active else now - self.idle_since, "held": self.held,
+                "backlog": self.backlog, "output": self.queued(), "decoder": self.decoder_state(),
+                "in_bytes": self.in_bytes, "in_lines": self.in_lines, "out_bytes": self.out_bytes}
+
+    def restore(self, saved: dict[str, Any], now: float, clients: list[Connection]) -> None:
+        """The client as `capture` saw it (its transport comes later, `adopt`); `clients` are
+        all the carried ones, in the record's order."""
+        self.quiet = bool(saved["quiet"])
+        self.opened = now - float(saved["age"])
+        self.active = not saved["idle"]
+        self.idle_since = now - float(saved["idle"])
+        self.held = bool(saved["held"])
+        self.backlog = bytes(saved["backlog"])
+        self.restore_decoder(saved["decoder"])
+        self.in_bytes, self.in_lines, self.out_bytes = (int(saved[k]) for k in ("in_bytes", "in_lines", "out_bytes"))
+
+    def adopt(self, transport: Any, output: bytes) -> None:
+        """`connection_made` for a client carried over by a live upgrade: served again where it
+        was, without a connect line or a welcome; then its queued `output` goes out first."""
+        self.transport = transport
+        self.state.enter(self)
+        transport.set_write_buffer_limits(high=0, low=0)
+        self._bound_buffers()
+        if self.state.limits.keepalive:
+            set_keepalive(transport.get_extra_info("socket"), self.state.limits.keepalive)
+        held, self.held = self.held, False
+        if output:
+            self.write(output)
+        if held and self.outbox is not None and self.unsent() > self.budget:
+            self.over_budget()
+        elif self.backlog:
+            self.sit_out()
 
 
 class _Drainer(asyncio.Protocol):
@@ -606,6 +669,16 @@ class DebugConnection(Connection):
 
     def new_drainer(self, budget: int) -> _Drainer:
         return _CountingDrainer(self, budget)
+
+    def capture(self, now: float, index: dict[Connection, int]) -> dict[str, Any]:
+        return super().capture(now, index) | {"bytes": [self.bytes_in, self.bytes_out]}
+
+    def restore(self, saved: dict[str, Any], now: float, clients: list[Connection]) -> None:
+        super().restore(saved, now, clients)
+        self.bytes_in, self.bytes_out = (int(n) for n in saved.get("bytes", (0, 0)))
+
+    def adopt(self, transport: Any, output: bytes) -> None:
+        super().adopt(CountingTransport(transport, self), output)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

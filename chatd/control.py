@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import config as config_mod, daemon, files, instance
+from . import config as config_mod, daemon, files, instance, upgrade
 from .config import Config
 from .daemon import ReadinessPipe
-from .errors import (EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK, EXIT_PRIVILEGE,
+from .errors import (EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_NOT_RUNNING_RELOAD, EXIT_OK, EXIT_PRIVILEGE,
                      ChatdError, PrivilegeError, StartError)
 from .lifetime import Launch, serve
 from .log import log, resolve_target
@@ -136,7 +136,8 @@ def _prepare(opts: Options, foreground: bool, notifier: Notifier | None = None) 
         resolved = check_log_file(target or paths.fallback_log)
         target = resolved if target else ""
     return Launch(cfg, target, paths, detached=not foreground, notifier=notifier or Notifier(),
-                  activated=listen_fds(), upstart=foreground and take_upstart_job())
+                  activated=listen_fds(), upstart=foreground and take_upstart_job(),
+                  command=upgrade.own_command(opts.cwd))
 
 
 def start(opts: Options, out: Console) -> int:
@@ -448,7 +449,8 @@ def status(opts: Options, out: Console) -> int:
 
 # `status --json`: these keys, always all of them (null where unknown or not running).
 STATUS_KEYS = ("running", "pid", "version", "address", "mode", "clients", "uptime_s", "started",
-               "event_loop", "log", "last_restart", "pidfile", "config", "stale_pid", "pid_problem")
+               "event_loop", "log", "last_restart", "last_upgrade", "pidfile", "config", "stale_pid",
+               "pid_problem")
 
 
 def _report(found: Probe | None, paths: InstancePaths, state: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -464,7 +466,8 @@ def _report(found: Probe | None, paths: InstancePaths, state: dict[str, Any] | N
     report |= {"pid": found.pid, "version": st.get("version"), "address": st.get("address"),
                "mode": st.get("mode"), "clients": st.get("clients"), "event_loop": st.get("loop"),
                "log": st.get("log"), "config": st.get("config"),
-               "last_restart": last if isinstance(last, dict) else None}
+               "last_restart": last if isinstance(last, dict) else None,
+               "last_upgrade": st.get("last_upgrade") if isinstance(st.get("last_upgrade"), dict) else None}
     if isinstance(started, (int, float)):
         report |= {"started": started, "uptime_s": round(max(0.0, time.time() - started), 3)}
     if found.pid is None:
@@ -489,10 +492,22 @@ def _print_status(report: dict[str, Any], out: Console) -> None:
                        ("clients", report["clients"]),
                        ("uptime", None if uptime is None else duration_text(uptime)),
                        ("event loop", report["event_loop"]), ("log", report["log"]),
-                       ("last restart", last_text), ("pid file", report["pidfile"]),
+                       ("last restart", last_text),
+                       ("last upgrade", _upgrade_text(report["last_upgrade"])), ("pid file", report["pidfile"]),
                        ("config", report["config"] or "none (defaults)"),
                        ("version", report["version"])):
         out.say(f"{key}: {'unknown' if value is None else value}")
+
+
+def _upgrade_text(last: dict[str, Any] | None) -> str:
+    """`status`'s line for the last `chatd upgrade`: when, from what, or why it failed."""
+    if not last:
+        return "never"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time") or 0))
+    if "failed" in last:
+        return f"{when} failed, still the old code: {last.get('failed')}"
+    return (f"{when} from {last.get('from')} (pid {last.get('from_pid')}), {last.get('clients')} "
+            f"clients carried over in {last.get('took_s')} s")
 
 
 # ---------------------------------------------------------------------- check-config
@@ -509,6 +524,7 @@ def check_config(opts: Options, out: Console) -> int:
 # ---------------------------------------------------------------------- moderation
 
 CONTROL_TIMEOUT_S = 10.0     # for the daemon's answer on the control socket
+UPGRADE_MARGIN_S = 15.0      # past an upgrade's own timeout: killing the new code, taking back
 ANSWER_MAX = 64 << 20        # bytes of one answer (`who` of 10,000 clients is about 2 MB)
 
 
@@ -519,6 +535,40 @@ def moderate(opts: Options, out: Console) -> int:
     _, paths = _find_instance(opts, out)
     with guard(paths.guard, read_only=True):
         found = probe(paths.pidfile)
+    answer = _control(opts, paths, found, CONTROL_TIMEOUT_S)
+    SHOW[opts.command](answer, opts.json, out)
+    return EXIT_OK
+
+
+def upgrade_daemon(opts: Options, out: Console) -> int:
+    """`chatd upgrade` (upgrade.py): the running daemon hands everything to the chatd installed
+    now. 0 upgraded; 1 not upgraded, the old one still serving (with the new code's reason);
+    7 not running. It holds the guard lock throughout, so a restart, a stop or a second
+    upgrade waits for it."""
+    _, paths = _find_instance(opts, out)
+    timeout = opts.timeout if opts.timeout is not None else upgrade.DEFAULT_TIMEOUT_S
+    if timeout > upgrade.MAX_TIMEOUT_S:
+        raise ChatdError(f"--timeout: at most {upgrade.MAX_TIMEOUT_S:g} s for an upgrade", EXIT_USAGE)
+    with guard(paths.guard):
+        found = probe(paths.pidfile)
+        before = read_state(paths.state) or {}
+        opts.request = {"cmd": "upgrade", "timeout": timeout}
+        try:
+            answer = _control(opts, paths, found, timeout + UPGRADE_MARGIN_S)
+        except ChatdError as e:
+            if e.status in (EXIT_NOT_RUNNING_RELOAD, EXIT_PRIVILEGE):
+                raise
+            raise ChatdError(f"upgrade failed; chatd {before.get('version', '')} (pid {found.pid}) "
+                             f"still serving: {e.message}", EXIT_FAILED) from None
+    old, new = answer.get("old") or {}, answer.get("new") or {}
+    out.say(f"chatd upgraded from {old.get('version')} (pid {old.get('pid')}) to {new.get('version')} "
+            f"(pid {new.get('pid')}) in {answer.get('took_s')} s; {answer.get('clients')} clients "
+            f"carried over")
+    return EXIT_OK
+
+
+def _control(opts: Options, paths: InstancePaths, found: Probe, timeout: float) -> dict[str, Any]:
+    """`opts.request` to the running daemon's control socket; its answer if it did it."""
     if found.foreign or (found.running and found.pid is None):
         raise PrivilegeError(f"cannot tell whether chatd runs: pid file {found.path} is locked, "
                              f"but {found.problem}")
@@ -529,15 +579,14 @@ def moderate(opts: Options, out: Console) -> int:
     if isinstance(workers, int) and workers > 1:
         raise ChatdError(f"chatd {opts.command} is not supported with workers > 1 (the clients "
                          f"are spread over {workers} processes)")
-    answer = _ask(paths.control, found.pid or 0, opts.request)
+    answer = _ask(paths.control, found.pid or 0, opts.request, timeout)
     if not answer.get("ok"):
         status = answer.get("status")
         raise ChatdError(str(answer.get("error")), status if isinstance(status, int) else EXIT_FAILED)
-    SHOW[opts.command](answer, opts.json, out)
-    return EXIT_OK
+    return answer
 
 
-def _ask(path: str, pid: int, request: dict[str, Any]) -> dict[str, Any]:
+def _ask(path: str, pid: int, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One request, one answer, from the process `pid` alone (SO_PEERCRED): what is at `path`
     must be a socket, and whatever else listens there is not believed."""
     directory, name = os.path.split(path)
@@ -549,7 +598,7 @@ def _ask(path: str, pid: int, request: dict[str, Any]) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             if not stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
                 raise PrivilegeError(f"control socket {path} is not a socket; refusing it")
-            sock.settimeout(CONTROL_TIMEOUT_S)
+            sock.settimeout(timeout)
             sock.connect(via_directory(dir_fd, name))
             if peer_credentials(sock)[0] != pid:
                 raise PrivilegeError(f"control socket {path} is not served by chatd (pid {pid}); "
@@ -575,7 +624,7 @@ def _ask(path: str, pid: int, request: dict[str, Any]) -> dict[str, Any]:
         raise ChatdError(f"chatd (pid {pid}) has no control socket at {path}") from None
     except TimeoutError:
         raise ChatdError(f"no answer from chatd (pid {pid}) on {path} within "
-                         f"{CONTROL_TIMEOUT_S:g} s") from None
+                         f"{timeout:g} s") from None
     except OSError as e:
         raise ChatdError(f"control socket {path}: {e.strerror or e}") from None
     except ValueError:

@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import __version__, daemon, listen, metrics
+from . import __version__, daemon, listen, metrics, upgrade
+from . import config as config_mod
 from .config import Config
+from .errors import ChatdError
 from .log import Logging, log
 from .moderation import ControlSocket
 from .notify import Activated, Notifier
@@ -43,6 +45,7 @@ class Launch:
     activated: list[Activated]     # sockets handed over by socket activation, if any
     upstart: bool = False          # stop itself (SIGSTOP) once ready: upstart's `expect stop`
     recorder: SignalRecorder = field(default_factory=SignalRecorder)
+    command: list[str] = field(default_factory=list)   # how to start chatd again (upgrade.py)
 
 
 @dataclass
@@ -126,7 +129,9 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
                           release=held.release, forget=held.forget,
                           ready=lambda info: ready(**info), recorder=launch.recorder,
                           notifier=launch.notifier, overrides=_absolute_overrides(cfg),
-                          metrics_sock=metrics_sock, control=held.control)
+                          metrics_sock=metrics_sock, control=held.control, command=launch.command,
+                          target=launch.target, detached=launch.detached, paths=paths,
+                          pidfile_fd=held.pidfile.fd, handed_over=logs.close)
         if cfg.server.workers > 1:
             loop.close()   # uvloop is imported; each worker makes its own loop
             try:
@@ -146,3 +151,76 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
 def _absolute_overrides(cfg: Config) -> dict[str, tuple[Any, str]]:
     """The command-line settings, as resolved at start, re-applied over the file on restart."""
     return {key: (cfg.get(key), origin) for key, origin in cfg.origins.items() if origin.startswith("-")}
+
+
+def take_over(takeover: upgrade.Takeover) -> int:
+    """The body of a process started by `chatd upgrade` (upgrade.py): say hello, take the old
+    daemon's record and descriptors, rebuild what `serve` would have taken (sockets, pid file,
+    state file, logs, loop) from them, serve once it commits, and give it all back at the
+    end as `serve` does. Nothing here is bound, created or removed before the commit: any
+    failure until then is told to the old process, which serves on."""
+    recorder = SignalRecorder()
+    recorder.install(detached=True)
+    takeover.hello()
+    takeover.receive()
+    record = takeover.record
+    try:
+        cfg = config_mod.from_settings(record["settings"], record["origins"], record["config"])
+        paths = InstancePaths(**record["paths"])
+        slots = record["fds"]
+        planned = listen.plan(listen.endpoints(cfg))
+        listeners = []
+        for entry in slots["listeners"]:
+            sock = takeover.sock(entry["fd"])
+            address = listen.address_of(sock)
+            listeners.append(Listener(address, sock, listen.scheme_for(address, planned), name=entry["name"]))
+        metrics_sock = None if slots["metrics"] is None else takeover.sock(slots["metrics"])
+        control = None
+        if slots["control"] is not None:
+            control = ControlSocket(slots["control"]["path"], takeover.sock(slots["control"]["fd"]),
+                                    tuple(slots["control"]["ident"]))   # type: ignore[arg-type]
+        max_clients, fd_warning = daemon.raise_fd_limit(cfg.limits.max_clients)
+        loop, loop_name = new_event_loop(cfg.server.loop)
+    except ChatdError as e:
+        takeover.fail(e.message)
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        takeover.fail(f"the state record cannot be used: {type(e).__name__}: {e}")
+    state = StateFile(paths.state)
+    state.adopt(record["server"]["state"], None if slots["state"] is None else takeover.fds[slots["state"]])
+    logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
+    pidfile = PidFile(paths.pidfile)
+    pidfile.fd = None if slots["pidfile"] is None else takeover.fds[slots["pidfile"]]
+    socks = [li.sock for li in listeners] + ([metrics_sock] if metrics_sock else [])
+    held = Held(socks, pidfile, state, logs, control, released=True)   # the old one's until the commit
+
+    def commit() -> None:
+        pidfile.rewrite(os.getpid())
+        if control is not None:
+            control.sock.listen(16)   # its peers' SO_PEERCRED name whoever listened last: us
+        held.released = False
+    takeover.on_commit = commit
+    try:
+        try:
+            logs.configure(cfg, record["target"])
+        except ChatdError as e:
+            takeover.fail(e.message)
+        if fd_warning:
+            log.warning("%s", fd_warning)
+        notify = record["notify"]
+        notifier = Notifier(notify["address"], int(notify["watchdog_usec"]))
+        runtime = Runtime(state=state, logs=logs, foreground=bool(record["foreground"]),
+                          release=held.release, forget=held.forget, ready=lambda info: None,
+                          recorder=recorder, notifier=notifier,
+                          overrides={k: (v, o) for k, (v, o) in record["overrides"].items()},
+                          metrics_sock=metrics_sock, control=control, command=list(record["command"]),
+                          target=record["target"], detached=bool(record["detached"]), paths=paths,
+                          pidfile_fd=pidfile.fd, handed_over=logs.close)
+        server = Server(cfg, listeners, runtime, max_clients, loop_name)
+        try:
+            return loop.run_until_complete(server.serve(takeover))
+        finally:
+            loop.close()
+            ignore_late_signals()
+            notifier.close()
+    finally:
+        held.release()

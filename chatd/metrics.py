@@ -252,6 +252,10 @@ class Endpoint:
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
 
+    def resume(self) -> None:
+        """Accept again after `close` (a live upgrade that did not happen)."""
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
 
 def _ignore_failure(task: asyncio.Task[Any]) -> None:
     """A scraper gone before its connection was made: nothing to do (no traceback)."""

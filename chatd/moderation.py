@@ -36,6 +36,7 @@ from .connection import Connection
 from .errors import EXIT_FAILED, EXIT_PRIVILEGE, EXIT_USAGE, ChatdError, PrivilegeError, UsageError
 from .protocol import clean_text
 from .rooms import skeleton
+from .upgrade import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 
 if TYPE_CHECKING:
     from .server import Server
@@ -282,7 +283,7 @@ class Moderator:
         self.refused_logged = -REFUSAL_LOG_S
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "who": self.who, "kick": self.kick, "ban": self.ban, "unban": self.unban,
-            "bans": self.bans, "say": self.say, "stats": self.stats}
+            "bans": self.bans, "say": self.say, "stats": self.stats, "upgrade": self.upgrade}
 
     async def start(self) -> None:
         self.listener = await asyncio.start_unix_server(self._serve, sock=self.control.sock,
@@ -296,6 +297,8 @@ class Moderator:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             answer = await asyncio.wait_for(self._answer(reader, writer), REQUEST_TIMEOUT_S)
+            if "upgrade" in answer:   # bounded by its own timeout (upgrade.py)
+                answer = await self.server.upgrade(answer["upgrade"], lambda a: _answer_now(writer, a))
             writer.write(json.dumps(answer).encode() + b"\n")
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
         except (asyncio.TimeoutError, OSError, ValueError):
@@ -395,8 +398,25 @@ class Moderator:
             conn.notify(text)
         return {"clients": len(clients)}
 
+    def upgrade(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`chatd upgrade`: its timeout checked here, the upgrade itself run by `_serve`."""
+        timeout = request.get("timeout", DEFAULT_TIMEOUT_S)
+        if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                or not 0 < timeout <= MAX_TIMEOUT_S):
+            raise UsageError(f"upgrade: the timeout must be 0-{MAX_TIMEOUT_S:g} seconds")
+        return {"upgrade": float(timeout)}
+
     def stats(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"stats": self.server.stats(), "text": self.server.stats_text()}
+
+
+def _answer_now(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
+    """Write `answer` at once, past the loop (a live upgrade's old process runs no loop pass
+    more after its commit): a line that small fits the socket's buffer."""
+    try:
+        os.write(writer.get_extra_info("socket").fileno(), json.dumps(answer).encode() + b"\n")
+    except (OSError, AttributeError):
+        pass
 
 
 def _text(text: str) -> str:

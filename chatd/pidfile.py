@@ -147,7 +147,9 @@ def probe(path: str) -> Probe:
         if pid is None:
             problem = f"its content {content[:20]!r} is not a pid"
             problem += f"; the lock is held by {_who(holders)}" if holders else ""
-        elif holders and pid not in holders:
+        elif holders and pid not in holders and holds(pid, inode) is not True:
+            # /proc/locks names the process that took the lock; after a live upgrade the one
+            # that holds it now is another (the same open file), which its fdinfo proves.
             problem = f"it names pid {pid} but the lock is held by {_who(holders)}"
             pid = None
         else:
@@ -250,6 +252,13 @@ class PidFile:
             except BlockingIOError:
                 time.sleep(0.005 * (attempt + 1))
         return False
+
+    def rewrite(self, pid: int) -> None:
+        """Name `pid` in the file we hold locked (a live upgrade's new process, which holds the
+        very open file the lock belongs to: the lock was never released)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{pid}\n".encode(), 0)
 
     def forget(self) -> None:
         """Close our descriptor and nothing else: in a forked worker, whose parent keeps the

@@ -78,6 +78,21 @@ class LineDecoder:
         self._pending = b""          # an incomplete telnet sequence at the end of the last read
         self._cr = False             # the last byte framed was a CR (for a CR NUL split in two)
 
+    def decoder_state(self) -> dict:
+        """What a live upgrade carries of the decoder (upgrade.py): the partial line, an
+        over-long line being dropped, and a telnet sequence cut off by the end of a read."""
+        return {"buf": bytes(self.buf), "discarding": self.discarding, "commands": self.commands,
+                "pending": self._pending, "cr": self._cr}
+
+    def restore_decoder(self, saved: dict) -> None:
+        """The decoder as `decoder_state` found it in the process before the upgrade."""
+        self.buf = bytearray(saved["buf"])
+        self.discarding = bool(saved["discarding"])
+        self.commands = int(saved["commands"])
+        self._pending = bytes(saved["pending"])
+        self._cr = bool(saved["cr"])
+        self.clean = not self.buf and not self.discarding and not self._pending
+
     def plain(self, data: bytes) -> bytes | None:
         """The fast path: the whole lines of `data` as they came, keeping its tail; or None.
 

@@ -25,7 +25,6 @@ Tests: tests/unit/test_rooms.py, tests/unit/test_chat_paths.py, tests/process/te
 
 from __future__ import annotations
 
-import itertools
 import re
 from typing import Callable, Protocol, Sequence
 
@@ -219,10 +218,12 @@ class LocalBackend:
     def __init__(self) -> None:
         self._rooms: dict[str, dict[Peer, None]] = {}   # room -> its members, in order of arrival
         self._nicks: dict[str, Peer] = {}               # skeleton(nick) -> peer
-        self._guests = itertools.count(1)              # guest numbers are never reused
+        self.next_guest = 1                             # guest numbers are never reused
 
     def guest(self) -> int | None:
-        return next(self._guests)
+        number = self.next_guest
+        self.next_guest += 1
+        return number
 
     def when_guests(self, then: Callable[[], None]) -> None:
         then()
@@ -303,6 +304,27 @@ class ChatService:
         text = motd.removesuffix("\n")   # a TOML multi-line string ends with one
         self.motd = text.split("\n") if text else []
         self.default_room = "#" + default_room.lstrip("#").lower()
+
+    # ------------------------------------------------------------ live upgrade (upgrade.py)
+
+    def capture(self, index: dict[Peer, int]) -> dict:
+        """The rooms with their members in order of arrival (by the record's client numbers),
+        and the next guest number: what a live upgrade carries besides each client's nick."""
+        backend = self.backend
+        return {"next_guest": getattr(backend, "next_guest", 1),
+                "rooms": {room: [index[p] for p in members if p in index]
+                          for room, members in getattr(backend, "_rooms", {}).items()}}
+
+    def restore(self, saved: dict, clients: Sequence[Peer]) -> None:
+        """The rooms and nicks as `capture` saw them; every client has its nick and room set."""
+        backend = self.backend
+        if isinstance(backend, LocalBackend):
+            backend.next_guest = max(backend.next_guest, int(saved["next_guest"]))
+        for room, members in saved["rooms"].items():
+            for i in members:
+                peer = clients[i]
+                backend.join(room, peer)
+                backend.claim(skeleton(peer.nick), peer)
 
     # ------------------------------------------------------------ arriving and leaving
 

@@ -10,25 +10,27 @@ Tests: tests/process/test_signals.py, tests/unit/test_server.py
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import __version__, listen
+from . import __version__, listen, upgrade
 from . import config as config_mod
 from .accept import Acceptor, Gate
 from .config import Config
 from .connection import CHURN_INTERVAL_S, ServerState
 from .daemon import raise_fd_limit
-from .errors import ChatdError, StartError
+from .errors import EXIT_FAILED, ChatdError, StartError
 from .log import Logging, resolve_target
 from .metrics import Endpoint, render_json, render_prometheus, render_text
-from .moderation import Bans, ControlSocket, Moderator
-from .modes import MODES
+from .moderation import Bans, ControlSocket, Moderator, parse_network
+from .modes import MODES, ChatMode
 from .notify import Notifier
 from .paths import check_log_file
 from .signals import STOP_SIGNALS, SignalQueue, SignalRecorder, signal_name
@@ -109,6 +111,12 @@ class Runtime:
     forget: Callable[[], None] = lambda: None   # a forked worker drops the daemon's files
     metrics_sock: socket.socket | None = None   # `[metrics] listen`'s, bound with the listeners
     control: ControlSocket | None = None  # X.sock, for `chatd who`, `kick`, ... (moderation.py)
+    command: list[str] = field(default_factory=list)   # how to start chatd again (`chatd upgrade`)
+    target: str = ""                      # the log target, as resolved at start
+    detached: bool = False
+    paths: Any = None                     # paths.InstancePaths
+    pidfile_fd: int | None = None         # the locked pid file's descriptor, for the next process
+    handed_over: Callable[[], None] = lambda: None   # a live upgrade committed: close, remove nothing
 
 
 class Server:
@@ -133,11 +141,18 @@ class Server:
         self.bans = Bans()        # kept across restarts in place; asked by the gate
         self.moderator: Moderator | None = None
         self._loop_errors: dict[str, tuple[float, int]] = {}   # message -> (logged at, since)
+        self.busy = asyncio.Lock()          # a restart and a live upgrade, one at a time
+        self.handover: upgrade.Handover | None = None   # the live upgrade in progress
+        self.deferred: list[int] = []       # SIGHUPs that came during it
+        self.last_upgrade: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def serve(self) -> int:
-        await self.startup()
+    async def serve(self, takeover: upgrade.Takeover | None = None) -> int:
+        if takeover is None:
+            await self.startup()
+        else:
+            await self.take_over(takeover)
         try:
             await self.main_loop()
         finally:
@@ -146,6 +161,51 @@ class Server:
 
     async def startup(self) -> None:
         """Take the signals over, serve every listener, then report ready."""
+        await self._begin()
+        for mode in MODES.values():
+            await mode.start(self.state, self.cfg)
+        await self._open()
+        self._abort_if_stopped_early()
+        self.runtime.state.update(**self._state_fields(), generation=0, last_restart=None,
+                                  last_upgrade=None, started=self.started)
+        info = {"address": self.address, "mode": self.cfg.server.mode, "loop": self.loop_name,
+                "log": self.runtime.logs.status()}
+        log.info("ready: %s mode on %s, event loop %s", self.cfg.server.mode, self.address, self.loop_name)
+        self.runtime.notifier.ready(self.status_text())
+        self.runtime.ready(info)
+        self._run_tasks()
+
+    async def take_over(self, takeover: upgrade.Takeover) -> None:
+        """`startup` for a live upgrade's new process (upgrade.py): everything the old one
+        held, rebuilt from its record without touching a socket; then, once the old process
+        has committed, every client served on where it was and the listeners accepted
+        again. Anything that fails before the commit leaves the old process serving."""
+        try:
+            await self._begin()
+            clients = self._restore(takeover)
+            commit = await takeover.prepared({"clients": len(clients)})
+        except BaseException as e:   # noqa: BLE001 - whatever it is, the old one serves on
+            takeover.fail(f"{type(e).__name__}: {e}" if not isinstance(e, ChatdError) else e.message)
+        takeover.committed()
+        await takeover.adopt(clients)
+        await self._open()
+        old = takeover.record
+        self.last_upgrade = {"time": time.time(), "from": old["version"], "to": __version__,
+                             "from_pid": old["pid"], "clients": len(clients),
+                             "took_s": round(time.monotonic() - float(old["began"]), 3)}
+        self.runtime.state.update(**self._state_fields(), pid=os.getpid(), version=__version__,
+                                  last_upgrade=self.last_upgrade)
+        log.info("upgraded from chatd %s (pid %d): %d clients carried over; %s mode on %s, "
+                 "event loop %s", old["version"], old["pid"], len(clients), self.cfg.server.mode,
+                 self.address, self.loop_name)
+        self.runtime.notifier.status(self.status_text())
+        self._run_tasks()
+        for sig in commit.get("signals") or ():
+            self.signals.put(int(sig))
+
+    async def _begin(self) -> None:
+        """What every start does first: the loop's error handler, the signals, the state all
+        connections share, the gate and the mode."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._on_loop_error)
         self.signals = SignalQueue(loop)
@@ -157,8 +217,9 @@ class Server:
         self.gate.access.configure(self.cfg)
         self._apply_mode(self.cfg)
         self.gate.use_tls(self.cfg.tls_context, self.cfg.tls.handshake_timeout)
-        for mode in MODES.values():
-            await mode.start(self.state, self.cfg)
+
+    async def _open(self) -> None:
+        """Accept on every listener, serve the metrics endpoint and the control socket."""
         for listener in self.listeners:
             self._serve_on(listener)
         if self.runtime.metrics_sock is not None:
@@ -168,14 +229,8 @@ class Server:
             self.moderator = Moderator(self, self.runtime.control)
             await self.moderator.start()
         self.gate.measure()
-        self._abort_if_stopped_early()
-        self.runtime.state.update(**self._state_fields(), generation=0, last_restart=None,
-                                  started=self.started)
-        info = {"address": self.address, "mode": self.cfg.server.mode, "loop": self.loop_name,
-                "log": self.runtime.logs.status()}
-        log.info("ready: %s mode on %s, event loop %s", self.cfg.server.mode, self.address, self.loop_name)
-        self.runtime.notifier.ready(self.status_text())
-        self.runtime.ready(info)
+
+    def _run_tasks(self) -> None:
         self._tasks.append(asyncio.create_task(self._refresh_state()))
         self._tasks.append(asyncio.create_task(self._sweep_idle()))
         self._tasks.append(asyncio.create_task(self._flush_churn()))
@@ -190,6 +245,11 @@ class Server:
     async def dispatch(self, sig: int) -> None:
         name = signal_name(sig)
         log.debug("signal %s: %s", name, SIGNAL_MEANINGS.get(sig, "seen"))
+        if self.handover is not None:   # README "Live upgrade": what a signal does meanwhile
+            if sig == signal.SIGHUP:
+                self.deferred.append(sig)
+                return
+            self.handover.abort(f"{name} arrived")
         handler = getattr(self, "handle_" + name[3:].lower())
         await handler()
 
@@ -253,7 +313,8 @@ class Server:
         """
         self.runtime.notifier.reloading()
         reopen_failures = self.runtime.logs.reopen()
-        kind, message = await self.restart()
+        async with self.busy:
+            kind, message = await self.restart()
         message = "; ".join([message, *reopen_failures])
         self.generation += 1
         self.state.metrics.restarted(kind)
@@ -263,6 +324,138 @@ class Server:
         self.runtime.state.update(**self._state_fields(), generation=self.generation,
                                   last_restart=self.last_restart.to_state())
         self.runtime.notifier.ready(self.status_text())
+
+    # ------------------------------------------------------------------ live upgrade
+
+    async def upgrade(self, timeout: float, answer: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """`chatd upgrade` (upgrade.py): the answer for the control client, unless the upgrade
+        happens, in which case this process answers through `answer` and exits."""
+        why = self._cannot_upgrade()
+        if why:
+            return {"ok": False, "error": why, "status": EXIT_FAILED}
+        async with self.busy:
+            if self.stop_signal is not None or self.state.stopping:
+                return {"ok": False, "error": "chatd is stopping", "status": EXIT_FAILED}
+            self.handover = upgrade.Handover(self, timeout)
+            try:
+                result = await self.handover.run(answer)
+            finally:
+                self.handover = None
+                for sig in self.deferred:
+                    self.signals.put(sig)
+                self.deferred.clear()
+        log.warning("upgrade failed, still serving: %s", result["error"])
+        self.last_upgrade = {"time": time.time(), "failed": result["error"]}
+        self.runtime.state.update(last_upgrade=self.last_upgrade)
+        return result
+
+    def _cannot_upgrade(self) -> str:
+        """Why this daemon cannot be upgraded in place ("" if it can)."""
+        if self.cfg.cluster.bus:
+            return ("chatd upgrade does not support [cluster] bus yet (the bus identity is not "
+                    "carried over); restart each node in turn instead")
+        if self.runtime.foreground and not self.runtime.notifier.enabled:
+            return (f"chatd runs in the foreground (pid {os.getpid()}), watched by whoever started "
+                    f"it, and the new code runs as a new process; restart it there instead, or "
+                    f"run it under systemd or with 'chatd start'")
+        if not self.runtime.command:
+            return "chatd does not know how it was started, so cannot start its new code"
+        return ""
+
+    def pause_accepting(self) -> None:
+        """Leave newcomers in the listeners' backlogs (and scrapers in the endpoint's)."""
+        for listener in self.listeners:
+            if listener.acceptor is not None:
+                listener.acceptor.stop()
+        if self.endpoint is not None:
+            self.endpoint.close()
+
+    def resume_accepting(self) -> None:
+        for listener in self.listeners:
+            if listener.acceptor is not None:
+                listener.acceptor.start()
+        if self.endpoint is not None:
+            self.endpoint.resume()
+
+    def capture(self, began: float) -> tuple[dict[str, Any], list[int]]:
+        """The state record of a live upgrade and its descriptors (upgrade.py's docstring
+        lists the fields). Read-only: a failed upgrade serves on from here unchanged."""
+        fds: list[int] = []
+
+        def slot(fd: int) -> int:
+            fds.append(fd)
+            return len(fds) - 1
+
+        state, runtime, cfg = self.state, self.runtime, self.cfg
+        if state.chat is not None:
+            state.chat.flush()
+        now = state.loop.time()
+        conns = [c for c in state.connections if not c.closing and not c.transport.is_closing()]
+        index: dict[Any, int] = {c: i for i, c in enumerate(conns)}
+        clients = []
+        for conn in conns:
+            saved = conn.capture(now, index)
+            saved["fd"] = slot(conn.transport.get_extra_info("socket").fileno())
+            clients.append(saved)
+        metrics = state.metrics
+        control = runtime.control
+        record = {
+            "format": upgrade.FORMAT, "version": __version__, "pid": os.getpid(), "began": began,
+            "command": runtime.command, "config": cfg.path, "origins": cfg.origins,
+            "overrides": {k: list(v) for k, v in runtime.overrides.items()},
+            "settings": {key.dotted: cfg.get(key.dotted) for key in config_mod.SCHEMA},
+            "target": runtime.target, "foreground": runtime.foreground, "detached": runtime.detached,
+            "paths": dataclasses.asdict(runtime.paths),
+            "notify": {"address": runtime.notifier.address, "watchdog_usec": runtime.notifier.watchdog_usec},
+            "fds": {"listeners": [{"fd": slot(li.sock.fileno()), "name": li.name} for li in self.listeners],
+                    "metrics": None if runtime.metrics_sock is None else slot(runtime.metrics_sock.fileno()),
+                    "control": None if control is None else {"fd": slot(control.sock.fileno()),
+                                                             "path": control.path, "ident": control.ident},
+                    "pidfile": slot(runtime.pidfile_fd) if runtime.pidfile_fd is not None else None,
+                    "state": None if runtime.state.fd is None else slot(runtime.state.fd),
+                    "stdio": [slot(0), slot(1), slot(2)]},
+            "server": {"generation": self.generation, "started": self.started,
+                       "last_restart": self.last_restart.to_state() if self.last_restart else None,
+                       "bans": self.bans.listing(), "state": runtime.state.data,
+                       "metrics": {"accepted": metrics.accepted, "refusals": metrics.refusals,
+                                   "disconnects": metrics.disconnects, "restarts": metrics.restarts,
+                                   "gone": metrics.gone,
+                                   "sent": list(state.chat.sent) if state.chat else [0, 0]},
+                       "chat": state.chat.capture(index) if state.chat else None},
+            "clients": clients}
+        return record, fds
+
+    def _restore(self, takeover: upgrade.Takeover) -> list[tuple[Any, dict[str, Any]]]:
+        """The old process's server and clients (its record), rebuilt here; no socket is
+        touched until the commit (`Takeover.adopt`)."""
+        saved = takeover.record["server"]
+        self.generation = int(saved["generation"])
+        self.started = float(saved["started"])
+        self.last_restart = RestartOutcome.from_state(saved["last_restart"])
+        for ban in saved["bans"]:
+            left = ban["expires_in_s"]
+            if left is None or left > 0:
+                self.bans.add(parse_network(ban["ban"]), left)
+        metrics, counted = self.state.metrics, saved["metrics"]
+        metrics.accepted = int(counted["accepted"])
+        metrics.refusals.update(counted["refusals"])
+        metrics.disconnects.update(counted["disconnects"])
+        metrics.restarts.update(counted["restarts"])
+        metrics.gone = [int(n) for n in counted["gone"]]
+        now = self.state.loop.time()
+        conns = []
+        for client in takeover.record["clients"]:
+            cls = MODES[client["mode"]].connection_class(self.loop_name, bool(client["debug"]))
+            conns.append(cls(self.state, client["ip"], client["peer"]))
+        if saved["chat"] is not None or any(c.MODE == "chat" for c in conns):
+            chat = ChatMode.service(self.state)
+            chat.sent = [int(n) for n in counted["sent"]]
+        for conn, client in zip(conns, takeover.record["clients"]):
+            conn.restore(client, now, conns)
+            self.state.readmit(conn.ip)
+        if saved["chat"] is not None:
+            self.state.chat.restore(saved["chat"], conns)   # type: ignore[union-attr]
+        return list(zip(conns, takeover.record["clients"]))
 
     # ------------------------------------------------------------------ restart
 

@@ -128,6 +128,10 @@ class SignalQueue:
                 return signum
             await self._arrived.wait()
 
+    def waiting(self) -> list[int]:
+        """The signals not yet acted on, left in place (a live upgrade carries them)."""
+        return list(self._pending)
+
     def stop_pending(self) -> int | None:
         """A stop signal waiting to be handled, left in place (checked during start-up)."""
         return first_stop(list(self._pending))

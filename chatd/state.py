@@ -88,6 +88,16 @@ class StateFile:
         except OSError as e:
             raise PrivilegeError(f"cannot write state file {self.path}: {e.strerror}") from None
 
+    @property
+    def fd(self) -> int | None:
+        """The descriptor kept for in-place rewrites (a live upgrade hands it on)."""
+        return self._fd
+
+    def adopt(self, data: dict[str, Any], fd: int | None) -> None:
+        """Write on where the process before a live upgrade left off (its `data` and `fd`)."""
+        self.data = dict(data)
+        self._fd = fd
+
     def forget(self) -> None:
         """Close our descriptor, write nothing more (a forked worker: the parent owns the file)."""
         if self._fd is not None:

@@ -1,0 +1,576 @@
+"""Live upgrade (README "Live upgrade"): the running daemon hands every socket and its state to
+the chatd now installed, which takes over without a client noticing.
+
+`chatd upgrade` asks the daemon over its control socket. The daemon (`Handover`) starts its
+own command line again (`own_command`: the chatd script it was started as, which now holds
+the new code) with one end of a socketpair (CHATD_TAKEOVER names its descriptor) and keeps
+serving while the new process starts. The new process (`Takeover`, lifetime.take_over) says
+hello once its code is imported. Then the old one stops accepting (newcomers wait in the
+listeners' backlogs), settles what is half done, and freezes: from here it runs no event
+loop pass, so it can neither read, write nor close a client behind the new process's back.
+It sends the state record and every descriptor (SCM_RIGHTS) and waits for the new process
+to have rebuilt everything (still touching no socket) and said "prepared". Only then is it
+committed: systemd learns the new main pid (MAINPID=, READY=1), the new process hears
+"commit" and serves, and the old one answers `chatd upgrade` and exits without a loop pass
+more. Anything that fails before the commit (the new code does not start, exits, hangs past
+the timeout, refuses the record) leaves the old one as it was: it kills the new process,
+accepts again and answers exit 1 with the reason (the new code's own message where it said
+one). The pid file's lock belongs to the open file, which both hold across the commit, so
+it is never released.
+
+The record (FORMAT) is one JSON object; bytes are {"$b": base64}. Its fields: `format`;
+`version`, `pid` and `command` of the old process; `config`, `origins`, `overrides` and
+`settings` (the config it serves with, rebuilt by `config.from_settings`: an upgrade changes
+the code, not the settings); `target`, `foreground`, `detached`, `paths`, `notify`; the
+descriptors by slot (`fds`: listeners with their scheme and systemd name, the metrics and
+control sockets, the pid and state files, stdin, stdout, stderr); `server` (generation,
+start time, last restart, bans with what is left of them, metrics, the chat rooms and next
+guest number, signals that arrived during the upgrade); and `clients`, each as its
+connection's `capture` says (connection.py, chat.py) with its socket in `fds`. A record of
+another format is refused by the new code, and the old one keeps serving.
+
+Tests: tests/process/test_upgrade.py, tests/unit/test_upgrade.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import ChatdError
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("chatd")
+
+FORMAT = 1                  # the state record's format; a new one gets a new number
+ENV = "CHATD_TAKEOVER"      # the descriptor of the new process's end of the channel
+DEFAULT_TIMEOUT_S = 30.0    # for the new code to start and take over (`chatd upgrade --timeout`)
+MAX_TIMEOUT_S = 3600.0
+SETTLE_S = 1.0              # for half-made connections and closing clients before the freeze
+CHUNK = 60000               # bytes of the record per message (a SEQPACKET message is bounded)
+FDS_PER_MESSAGE = 200       # descriptors per message (the kernel takes at most 253)
+OUTPUT_KEPT = 8192          # bytes of the new process's own output kept for a failure's reason
+WATCHDOG_TICK_S = 1.0       # how often the frozen old process still tells systemd it lives
+
+
+class UpgradeFailed(ChatdError):
+    """The upgrade did not happen; the old daemon serves on. The message says why."""
+
+
+# ---------------------------------------------------------------------- the record
+
+def encode(record: dict[str, Any]) -> bytes:
+    """The record as JSON, bytes as {"$b": base64}."""
+    def default(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return {"$b": base64.b64encode(value).decode()}
+        raise TypeError(f"cannot carry {type(value).__name__}")
+    return json.dumps(record, default=default, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """`encode`'s inverse; ValueError for anything that is not a record."""
+    def hook(obj: dict[str, Any]) -> Any:
+        if len(obj) == 1 and "$b" in obj:
+            return base64.b64decode(obj["$b"], validate=True)
+        return obj
+    record = json.loads(data, object_hook=hook)
+    if not isinstance(record, dict):
+        raise ValueError("the state record is not an object")
+    return record
+
+
+def own_command(cwd: str) -> list[str]:
+    """How this process was started, to start the chatd installed now the same way: the
+    script's path as given (not resolved: an upgrade that replaced what it points to, or a
+    symlink switched to another version, is what runs), made absolute against `cwd`."""
+    script = sys.argv[0] if sys.argv else ""
+    if not script or script == "-c" or os.path.basename(script) == "__main__.py":
+        return [sys.executable, "-m", "chatd", *sys.argv[1:]]
+    return [os.path.abspath(os.path.join(cwd, script)), *sys.argv[1:]]
+
+
+# ---------------------------------------------------------------------- the channel
+
+class Channel:
+    """One end of the socketpair between the old and the new process: messages of a kind and
+    a JSON body, the record in chunks, descriptors in batches (SOCK_SEQPACKET keeps each
+    message whole)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def pair(cls) -> tuple[Channel, socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(ours), theirs
+
+    def send(self, kind: str, body: Any = None, fds: list[int] | None = None) -> None:
+        data = kind.encode() + b" " + json.dumps(body).encode()
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.sendall(data)
+
+    def send_record(self, record: bytes, fds: list[int]) -> None:
+        """The descriptors, then the record; the receiver knows both counts from the first."""
+        self.send("record", {"bytes": len(record), "fds": len(fds)})
+        for i in range(0, len(fds), FDS_PER_MESSAGE):
+            self.send("fds", None, fds[i:i + FDS_PER_MESSAGE])
+        for i in range(0, len(record), CHUNK):
+            self.sock.sendall(b"part " + record[i:i + CHUNK])
+
+    def receive(self, deadline: float) -> tuple[str, Any, list[int]]:
+        """The next message (blocking until `deadline`): its kind, body and descriptors."""
+        data, fds = self._recv(deadline)
+        kind, _, body = data.partition(b" ")
+        if kind == b"part":
+            return "part", body, fds
+        try:
+            return kind.decode(), json.loads(body) if body else None, fds
+        except ValueError:
+            raise UpgradeFailed(f"a garbled message on the upgrade channel: {data[:40]!r}") from None
+
+    def _recv(self, deadline: float) -> tuple[bytes, list[int]]:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+            raise TimeoutError
+        data, fds, flags, _ = socket.recv_fds(self.sock, CHUNK + 16, FDS_PER_MESSAGE)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            raise UpgradeFailed("a message on the upgrade channel was cut short")
+        if not data and not fds:
+            raise EOFError
+        return data, fds
+
+    def receive_record(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
+        kind, head, _ = self.receive(deadline)
+        if kind != "record" or not isinstance(head, dict):
+            raise UpgradeFailed(f"expected the state record, got {kind!r}")
+        fds: list[int] = []
+        while len(fds) < head["fds"]:
+            kind, _, got = self.receive(deadline)
+            fds += got
+        data = bytearray()
+        while len(data) < head["bytes"]:
+            kind, part, _ = self.receive(deadline)
+            if kind != "part":
+                raise UpgradeFailed(f"expected the rest of the state record, got {kind!r}")
+            data += part
+        try:
+            return decode(bytes(data)), fds
+        except ValueError as e:
+            raise UpgradeFailed(f"the state record cannot be read: {e}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------- the old process
+
+class Handover:
+    """The running daemon's side of `chatd upgrade` (module docstring): start the new code,
+    wait for its hello, freeze, send everything, and commit or take it all back."""
+
+    def __init__(self, server: Server, timeout: float) -> None:
+        self.server = server
+        self.timeout = timeout
+        self.began = time.monotonic()
+        self.deadline = self.began + timeout
+        self.channel: Channel | None = None
+        self.child: subprocess.Popen[bytes] | None = None
+        self.output = bytearray()    # the new process's stdout and stderr, until it takes over
+        self.aborted = ""            # why the upgrade was called off (a stop signal)
+
+    async def run(self, answer: Any) -> dict[str, Any]:
+        """Upgrade, or say why not. On success this never returns: after the commit the old
+        process answers through `answer` (the control client's socket) and exits."""
+        server = self.server
+        server.runtime.notifier.reloading()
+        paused = False
+        try:
+            self._spawn()
+            hello = await self._hello()
+            paused = True
+            await self._settle()
+            record, fds = self._capture()
+            self._hand(record, fds)                      # frozen from here on: no await
+            ready = self._prepared()
+            self._commit(hello, ready, record, answer)   # never returns
+        except UpgradeFailed as e:
+            self._kill()
+            if paused:
+                server.resume_accepting()
+            server.runtime.notifier.ready(server.status_text())
+            return {"ok": False, "error": str(e), "status": e.status}
+        finally:
+            if self.channel is not None:
+                self.channel.close()
+        raise AssertionError("unreachable")
+
+    def abort(self, why: str) -> None:
+        """A stop signal during the upgrade: give it up (checked while waiting for the hello)."""
+        self.aborted = why
+
+    # ------------------------------------------------------------------ steps
+
+    def _spawn(self) -> None:
+        """Start the installed chatd with our command line and the channel's other end."""
+        self.channel, theirs = Channel.pair()
+        env = dict(os.environ, **{ENV: str(theirs.fileno())})
+        command = self.server.runtime.command
+        try:
+            self.child = subprocess.Popen(command, pass_fds=(theirs.fileno(),), env=env, cwd="/",
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT)
+        except OSError as e:
+            raise UpgradeFailed(f"cannot start {command[0]}: {e.strerror or e}") from None
+        finally:
+            theirs.close()
+        assert self.child.stdout is not None
+        os.set_blocking(self.child.stdout.fileno(), False)
+        log.info("upgrade: started %s (pid %d)", command[0], self.child.pid)
+
+    def _read_output(self) -> None:
+        """Keep the end of what the new process wrote (its own error message, if it fails)."""
+        assert self.child is not None and self.child.stdout is not None
+        try:
+            while chunk := os.read(self.child.stdout.fileno(), 65536):
+                self.output += chunk
+                del self.output[:-OUTPUT_KEPT]
+        except (BlockingIOError, OSError):
+            pass
+
+    def _said(self) -> str:
+        """The new process's last words: a traceback's last line, or what it printed."""
+        self._read_output()
+        lines = [ln.strip() for ln in self.output.decode(errors="replace").splitlines() if ln.strip()]
+        if not lines:
+            return ""
+        if any(ln.startswith("Traceback") for ln in lines):
+            lines = lines[-1:]
+        return ": " + "; ".join(lines)[-1000:]
+
+    def _exited(self) -> str:
+        """Why the new process is gone ("" while it lives)."""
+        assert self.child is not None
+        code = self.child.poll()
+        if code is None:
+            return ""
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        return f"the new chatd (pid {self.child.pid}) {how} before taking over{self._said()}"
+
+    async def _hello(self) -> dict[str, Any]:
+        """Serve on until the new code says hello (its code imported), or fail."""
+        assert self.channel is not None and self.child is not None
+        channel = self.channel
+        while True:
+            self._read_output()
+            if self.aborted:
+                raise UpgradeFailed(f"upgrade called off: {self.aborted}")
+            if select.select([channel.sock], [], [], 0)[0]:
+                try:
+                    kind, body, _ = channel.receive(self.deadline)
+                except (EOFError, OSError):
+                    await asyncio.sleep(0.05)   # it closed the channel: its exit follows
+                    raise UpgradeFailed(self._exited() or f"the new chatd (pid {self.child.pid}) "
+                                        f"closed the upgrade channel{self._said()}") from None
+                if kind == "fail":
+                    raise UpgradeFailed(self._refused(body))
+                if kind != "hello" or not isinstance(body, dict):
+                    raise UpgradeFailed(f"the new chatd said {kind!r}, not hello")
+                if FORMAT not in body.get("formats", ()):
+                    raise UpgradeFailed(f"chatd {body.get('version')} does not read state records of "
+                                        f"format {FORMAT} (it reads {body.get('formats')})")
+                return body
+            gone = self._exited()
+            if gone:
+                raise UpgradeFailed(gone)
+            if time.monotonic() >= self.deadline:
+                raise UpgradeFailed(f"no word from the new chatd (pid {self.child.pid}) within "
+                                    f"{self.timeout:g} s{self._said()}; killed it")
+            await asyncio.sleep(0.02)
+
+    def _refused(self, body: Any) -> str:
+        error = body.get("error") if isinstance(body, dict) else None
+        return f"the new chatd refused to take over: {error or 'no reason given'}"
+
+    async def _settle(self) -> None:
+        """Stop accepting (newcomers wait in the backlogs), let half-made connections become
+        clients, and close what cannot be carried: TLS clients (the TLS state lives in this
+        process's OpenSSL) are told and closed, handshakes in progress given up. Clients
+        already closing get SETTLE_S to finish."""
+        server = self.server
+        server.pause_accepting()
+        gate = server.gate
+        for task in gate.handshakes:
+            task.cancel()
+        pending = gate.connecting | gate.handshakes
+        if pending:
+            await asyncio.wait(list(pending), timeout=SETTLE_S)
+        for conn in list(server.state.connections):
+            if conn.transport.get_extra_info("sslcontext") is not None:
+                conn.dismiss("server upgrading; please reconnect", "upgrade")
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline and any(c.closing or c.transport.is_closing()
+                                                  for c in server.state.connections):
+            if self.aborted:
+                raise UpgradeFailed(f"upgrade called off: {self.aborted}")
+            await asyncio.sleep(0.01)
+
+    def _capture(self) -> tuple[dict[str, Any], list[int]]:
+        """The record and its descriptors, as they are now (the loop runs no more)."""
+        try:
+            return self.server.capture(self.began)
+        except (ValueError, OSError) as e:
+            raise UpgradeFailed(f"cannot capture the daemon's state: {e}") from None
+
+    def _hand(self, record: dict[str, Any], fds: list[int]) -> None:
+        assert self.channel is not None
+        self.channel.sock.settimeout(max(0.1, self.deadline - time.monotonic()))
+        try:
+            self.channel.send_record(encode(record), fds)
+        except (OSError, TimeoutError) as e:
+            raise UpgradeFailed(self._exited() or f"cannot send the state record: {e}") from None
+
+    def _prepared(self) -> dict[str, Any]:
+        """Wait (frozen) for the new process to have rebuilt everything."""
+        assert self.channel is not None and self.child is not None
+        notifier = self.server.runtime.notifier
+        while True:
+            tick = min(self.deadline, time.monotonic() + WATCHDOG_TICK_S)
+            try:
+                kind, body, _ = self.channel.receive(tick)
+            except TimeoutError:
+                notifier.watchdog()
+                if time.monotonic() >= self.deadline:
+                    raise UpgradeFailed(f"the new chatd (pid {self.child.pid}) did not take over "
+                                        f"within {self.timeout:g} s{self._said()}; killed it") from None
+                continue
+            except (EOFError, OSError):
+                time.sleep(0.05)
+                raise UpgradeFailed(self._exited() or f"the new chatd (pid {self.child.pid}) closed "
+                                    f"the upgrade channel{self._said()}") from None
+            if kind == "fail":
+                raise UpgradeFailed(self._refused(body))
+            if kind == "prepared" and isinstance(body, dict):
+                return body
+            raise UpgradeFailed(f"the new chatd said {kind!r}, not prepared")
+
+    def _commit(self, hello: dict[str, Any], ready: dict[str, Any], record: dict[str, Any],
+                answer: Any) -> None:
+        """No way back: systemd learns the new main pid, the new process serves, we answer
+        and leave without a loop pass (which would read, write or close clients)."""
+        assert self.channel is not None and self.child is not None
+        server = self.server
+        pid = self.child.pid
+        took = time.monotonic() - self.began
+        notifier = server.runtime.notifier
+        notifier.send(f"MAINPID={pid}", "READY=1",
+                      f"STATUS=upgraded to chatd {hello.get('version')} (pid {pid})")
+        try:   # the signals not yet acted on are the new process's to act on (README)
+            self.channel.send("commit", {"signals": server.signals.waiting() + server.deferred})
+        except OSError as e:
+            notifier.send(f"MAINPID={os.getpid()}")
+            raise UpgradeFailed(self._exited() or f"cannot commit: {e}") from None
+        clients = len(record["clients"])
+        log.info("upgrade: handed over to chatd %s (pid %d) in %.3f s, %d clients; exiting",
+                 hello.get("version"), pid, took, clients)
+        answer({"ok": True, "old": {"version": __version__, "pid": os.getpid()},
+                "new": {"version": hello.get("version"), "pid": pid},
+                "took_s": round(took, 3), "clients": clients})
+        server.runtime.handed_over()
+        os._exit(0)
+
+    def _kill(self) -> None:
+        """The new process, if it lives, is killed and reaped; it touched no socket."""
+        if self.child is None:
+            return
+        if self.child.poll() is None:
+            self.child.kill()
+        try:
+            self.child.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._read_output()
+        if self.child.stdout is not None:
+            self.child.stdout.close()
+
+
+# ---------------------------------------------------------------------- the new process
+
+RECORD_TIMEOUT_S = 60.0     # for the old process to send its record after our hello
+COMMIT_TIMEOUT_S = 60.0     # for its commit after our "prepared" (it kills us first if it gives up)
+
+
+class Takeover:
+    """The new process's side (lifetime.take_over, Server.take_over): hello, the record, and,
+    once everything is rebuilt, "prepared"; then the commit, after which it serves."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.record: dict[str, Any] = {}
+        self.fds: list[int] = []
+        self.on_commit: Any = lambda: None   # lifetime: write our pid into the pid file
+
+    @classmethod
+    def from_environment(cls) -> Takeover | None:
+        """The channel CHATD_TAKEOVER names, if this process was started by `chatd upgrade`."""
+        value = os.environ.pop(ENV, None)
+        if value is None:
+            return None
+        try:
+            sock = socket.socket(fileno=int(value))
+        except (ValueError, OSError):
+            raise ChatdError(f"{ENV}={value!r} names no upgrade channel") from None
+        sock.set_inheritable(False)
+        return cls(Channel(sock))
+
+    def hello(self) -> None:
+        self.channel.send("hello", {"version": __version__, "pid": os.getpid(), "formats": [FORMAT]})
+
+    def receive(self) -> None:
+        """The record and its descriptors; a format this code does not read is refused."""
+        try:
+            self.record, self.fds = self.channel.receive_record(time.monotonic() + RECORD_TIMEOUT_S)
+        except (EOFError, TimeoutError, OSError) as e:
+            self.fail(f"no state record from the old process: {type(e).__name__}")
+        except UpgradeFailed as e:
+            self.fail(e.message)
+        found = self.record.get("format")
+        if found != FORMAT:
+            self.fail(f"chatd {__version__} reads state records of format {FORMAT}, not {found!r}")
+
+    def sock(self, slot: int) -> socket.socket:
+        """The socket handed over in `slot`."""
+        return socket.socket(fileno=self.fds[slot])
+
+    def fail(self, message: str) -> Any:
+        """Tell the old process why we cannot take over, and leave at once: nothing may be
+        cleaned up (its pid file, state file and control socket are still the old one's)."""
+        try:
+            self.channel.sock.settimeout(5)
+            self.channel.send("fail", {"error": message})
+        except OSError:
+            pass
+        os._exit(1)
+
+    async def prepared(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Say we are ready to serve, and wait for the old process's commit."""
+        loop = asyncio.get_running_loop()
+        self.channel.send("prepared", info)
+        readable = loop.create_future()
+        fd = self.channel.sock.fileno()
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        try:
+            await asyncio.wait_for(readable, COMMIT_TIMEOUT_S)
+        finally:
+            loop.remove_reader(fd)
+        kind, body, _ = self.channel.receive(time.monotonic() + 1)
+        if kind != "commit":
+            raise UpgradeFailed(f"the old process said {kind!r}, not commit")
+        return body if isinstance(body, dict) else {}
+
+    def committed(self) -> None:
+        """Ours now: the old process's stdin, stdout and stderr become ours (until now they
+        were the pipe it read our output from), and the pid file names us."""
+        for target, slot in enumerate(self.record["fds"]["stdio"]):
+            os.dup2(self.fds[slot], target)
+            os.close(self.fds[slot])
+        self.on_commit()
+        self.channel.close()
+
+    async def adopt(self, clients: list[tuple[Any, dict[str, Any]]]) -> None:
+        """Serve every carried client on its socket: first every transport (what arrives
+        meanwhile is kept), then each is handed its connection, so none writes to a room
+        member that has no transport yet; the ones lost meanwhile leave last."""
+        loop = asyncio.get_running_loop()
+        adopters = [Adopter(conn, saved["output"]) for conn, saved in clients]
+
+        async def connect(adopter: Adopter, slot: int) -> None:
+            sock = self.sock(slot)
+            try:
+                sock.setblocking(False)
+                await loop.connect_accepted_socket(lambda: adopter, sock)
+            except (OSError, RuntimeError) as e:
+                sock.close()
+                adopter.lost = (e,)
+
+        await asyncio.gather(*(connect(a, saved["fd"]) for a, (_, saved) in zip(adopters, clients)))
+        for adopter in adopters:
+            adopter.hand_over()
+        for adopter in adopters:
+            adopter.leave_if_lost()
+
+
+class Adopter(asyncio.Protocol):
+    """Stands in for a carried client until every transport exists. uvloop starts reading a
+    socket as soon as its transport is made, whatever the protocol asks, so what arrives
+    first is kept here and put behind the input the old process had not yet handled."""
+
+    def __init__(self, conn: Any, output: bytes) -> None:
+        self.conn = conn
+        self.output = output
+        self.transport: Any = None
+        self.early: list[bytes] = []
+        self.eof = False
+        self.lost: tuple[Exception | None] | None = None
+        self.handed = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(bytes(data))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = (exc,)
+
+    def hand_over(self) -> None:
+        """The connection takes its transport: its queued output goes first, then the input
+        it had not handled, then what came meanwhile, then an end of input that came too."""
+        if self.transport is None or self.lost is not None:
+            return
+        self.handed = True
+        conn, transport = self.conn, self.transport
+        early = b"".join(self.early)
+        if early:
+            conn.in_bytes += len(early)
+            conn.in_lines += early.count(b"\n")
+            conn.backlog += early
+        transport.set_protocol(conn)
+        conn.adopt(transport, self.output)
+        if self.eof:
+            while conn.backlog and not conn.closing:
+                backlog, conn.backlog = conn.backlog, b""
+                conn.in_bytes -= len(backlog)
+                conn.in_lines -= backlog.count(b"\n")
+                conn.consume(backlog)
+            if not conn.closing and not conn.eof_received():
+                transport.close()
+
+    def leave_if_lost(self) -> None:
+        """A client gone before it was handed its transport leaves as any client does."""
+        if self.handed or self.lost is None:
+            return
+        conn = self.conn
+        conn.state.enter(conn)
+        conn.connection_lost(self.lost[0])
