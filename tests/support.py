@@ -217,6 +217,7 @@ class Chatd:
     pids: set = field(default_factory=set)
     outputs: list = field(default_factory=list)
     popens: list = field(default_factory=list)
+    command: list | None = None   # the chatd to run (tests/installs.py); else the installed one
 
     def __post_init__(self) -> None:
         self.config = self.dir / "chatd.conf"
@@ -240,7 +241,7 @@ class Chatd:
     def cmd(self, *args: str, timeout: float = 30.0, config: bool = True,
             check: int | None = None, **kw) -> subprocess.CompletedProcess:
         """Run `chatd ARGS -c CONFIG` and remember the daemon's pid for cleanup."""
-        argv = chatd_command() + list(args) + (["-c", str(self.config)] if config else [])
+        argv = (self.command or chatd_command()) + list(args) + (["-c", str(self.config)] if config else [])
         env = os.environ | self.env | kw.pop("env", {})
         proc = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               env=env, **kw)
@@ -262,7 +263,7 @@ class Chatd:
         (The port accepts connections a moment before that, and a stop signal in
         between rightly aborts the start.) Its stderr goes to `self.run_stderr`.
         """
-        argv = chatd_command() + ["run", "-c", str(self.config), *args]
+        argv = (self.command or chatd_command()) + ["run", "-c", str(self.config), *args]
         env = os.environ | self.env | kw.pop("env", {})
         with open(self.run_stderr, "wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -1,0 +1,76 @@
+"""Installed chatd versions side by side, for the live-upgrade tests (README "Live upgrade").
+
+Each install is a copy of the checkout's `chatd` package under ROOT/NAME with its version
+string changed (and, for the broken ones, one more change), and a `bin/chatd` script as pip
+would write it. ROOT/current is a symlink to one of them: a daemon started as
+ROOT/current/bin/chatd runs again, on `chatd upgrade`, whatever `current` points at then, as
+a daemon started as /usr/bin/chatd runs whatever a package upgrade left there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = """\
+#!{python}
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+from chatd.cli import main
+main()
+"""
+
+# Broken versions, each a change to one file of the package: (file, old text, new text).
+IMPORT_FAILS = ("server.py", "import asyncio\n", "import asyncio\nimport chatd_no_such_module\n")
+EXITS_EARLY = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
+               "    raise SystemExit('chatd: this build refuses to start')\n")
+HANGS = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
+         "    import time\n    time.sleep(3600)\n")
+NEW_FORMAT = ("upgrade.py", "FORMAT = 1 ", "FORMAT = 2 ")
+
+
+class Installs:
+    """Versions of chatd installed under `root`, and the `current` link between them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def make(self, name: str, version: str, change: tuple[str, str, str] | None = None) -> Path:
+        """Install the checkout's chatd as `name`, its version `version`, with `change`."""
+        where = self.root / name
+        package = where / "chatd"
+        shutil.copytree(REPO / "chatd", package, ignore=shutil.ignore_patterns("__pycache__"))
+        _edit(package / "__init__.py", '__version__ = "', f'__version__ = "{version}"  # ')
+        if change is not None:
+            _edit(package / change[0], change[1], change[2])
+        script = where / "bin" / "chatd"
+        script.parent.mkdir()
+        script.write_text(SCRIPT.format(python=sys.executable))
+        script.chmod(0o755)
+        return where
+
+    def use(self, name: str) -> None:
+        """Point `current` at `name`, atomically (as a package manager replaces a file)."""
+        link = self.root / "current"
+        temp = self.root / f".current.{os.getpid()}"
+        temp.unlink(missing_ok=True)
+        temp.symlink_to(name)
+        os.replace(temp, link)
+
+    @property
+    def command(self) -> list[str]:
+        """How the daemon is started: the script through the link, as a user types it."""
+        return [str(self.root / "current" / "bin" / "chatd")]
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    if old not in text:
+        raise AssertionError(f"{path.name} no longer holds {old!r}: update tests/installs.py")
+    path.write_text(text.replace(old, new, 1))
+
