@@ -32,6 +32,8 @@ class EchoConnection(Connection):
         if block:
             if self.outbox is None:   # Connection.write, inlined: the hot path
                 self.transport.write(block)
+                if self.outbox is not None:   # this write paused the transport
+                    self.tail = block
             else:
                 self.hold(block)
             self.out_bytes += len(block)
