@@ -25,7 +25,7 @@ waits. Several ticks, because the server sees a reader's progress only when the 
 reopens its receive window, in steps of up to an MSS (64 KiB on loopback): a reader taking
 16 KiB every 0.1 s shows no progress for 0.7 s at a time, one at half that pace for 1.4 s.
 
-Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/process/test_chat_targeted.py, tests/unit/test_chat_paths.py, tests/unit/test_debug_connection.py, tests/process/test_fair_share.py
+Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/process/test_chat_targeted.py, tests/unit/test_chat_paths.py, tests/unit/test_debug_connection.py, tests/process/test_fair_share.py, tests/unit/test_upgrade.py
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ SHARE_BYTES of input sits out one loop pass (`take_share`), so no sender can
 hold the loop while others wait. Connect and disconnect lines past a rate per
 source address (an IPv6 /64) and in all are counted and summarised (`ChurnLog`).
 
-Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/unit/test_churn_log.py, tests/process/test_log_abuse.py, tests/process/test_fair_share.py
+Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/unit/test_churn_log.py, tests/process/test_log_abuse.py, tests/process/test_fair_share.py, tests/unit/test_upgrade.py
 """
 
 from __future__ import annotations

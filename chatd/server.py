@@ -4,7 +4,7 @@
 the signal number on a queue; the main loop takes it off and calls the
 matching `handle_<sig>` method, so all work happens in the loop.
 
-Tests: tests/process/test_signals.py, tests/unit/test_server.py
+Tests: tests/process/test_signals.py, tests/unit/test_server.py, tests/process/test_upgrade.py
 """
 
 from __future__ import annotations

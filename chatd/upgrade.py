@@ -47,7 +47,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, daemon
 from .errors import EXIT_FAILED, ChatdError
 
 if TYPE_CHECKING:
@@ -248,9 +248,7 @@ class Handover:
         env = dict(os.environ, **{ENV: str(theirs.fileno())})
         command = self.server.runtime.command
         try:
-            self.child = subprocess.Popen(command, pass_fds=(theirs.fileno(),), env=env, cwd="/",
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT)
+            self.child = daemon.spawn(command, theirs.fileno(), env)
         except OSError as e:
             raise UpgradeFailed(f"cannot start {command[0]}: {e.strerror or e}") from None
         finally:
@@ -409,7 +407,7 @@ class Handover:
                 "new": {"version": hello.get("version"), "pid": pid},
                 "took_s": round(took, 3), "clients": clients})
         server.runtime.handed_over()
-        os._exit(0)
+        daemon.end(0)
 
     def _kill(self) -> None:
         """The new process, if it lives, is killed and reaped; it touched no socket."""
@@ -483,7 +481,8 @@ class Takeover:
             self.channel.send("fail", {"error": message})
         except OSError:
             pass
-        os._exit(1)
+        daemon.end(1)
+        raise AssertionError("unreachable")
 
     async def prepared(self, info: dict[str, Any]) -> dict[str, Any]:
         """Say we are ready to serve, and wait for the old process's commit."""
