@@ -6,7 +6,7 @@ only whole lines and no IAC byte is written back as it came) or else
 per read (while the transport has a queue, into the outbox: see connection.py).
 The connection is itself the decoder (see `connection.Connection`).
 
-Tests: tests/process/test_echo.py, tests/process/test_clients.py, tests/process/test_fair_share.py, tests/unit/test_upgrade.py
+Tests: tests/process/test_echo.py, tests/process/test_clients.py, tests/process/test_fair_share.py, tests/unit/test_upgrade_parts.py
 """
 
 from __future__ import annotations

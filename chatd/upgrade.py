@@ -29,7 +29,7 @@ guest number, signals that arrived during the upgrade); and `clients`, each as i
 connection's `capture` says (connection.py, chat.py) with its socket in `fds`. A record of
 another format is refused by the new code, and the old one keeps serving.
 
-Tests: tests/process/test_upgrade.py, tests/unit/test_upgrade.py
+Tests: tests/process/test_upgrade.py, tests/unit/test_upgrade_parts.py
 """
 
 from __future__ import annotations
@@ -514,15 +514,17 @@ class Takeover:
         meanwhile is kept), then each is handed its connection, so none writes to a room
         member that has no transport yet; the ones lost meanwhile leave last."""
         loop = asyncio.get_running_loop()
-        adopters = [Adopter(conn, saved["output"]) for conn, saved in clients]
+        adopters = [Adopter(conn, saved) for conn, saved in clients]
 
         async def connect(adopter: Adopter, slot: int) -> None:
-            sock = self.sock(slot)
+            sock = None
             try:
+                sock = self.sock(slot)
                 sock.setblocking(False)
                 await loop.connect_accepted_socket(lambda: adopter, sock)
             except (OSError, RuntimeError) as e:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 adopter.lost = (e,)
 
         await asyncio.gather(*(connect(a, saved["fd"]) for a, (_, saved) in zip(adopters, clients)))
@@ -537,9 +539,9 @@ class Adopter(asyncio.Protocol):
     socket as soon as its transport is made, whatever the protocol asks, so what arrives
     first is kept here and put behind the input the old process had not yet handled."""
 
-    def __init__(self, conn: Any, output: bytes) -> None:
+    def __init__(self, conn: Any, saved: dict[str, Any]) -> None:
         self.conn = conn
-        self.output = output
+        self.saved = saved
         self.transport: Any = None
         self.early: list[bytes] = []
         self.eof = False
@@ -572,7 +574,7 @@ class Adopter(asyncio.Protocol):
             conn.in_lines += early.count(b"\n")
             conn.backlog += early
         transport.set_protocol(conn)
-        conn.adopt(transport, self.output)
+        conn.adopt(transport, self.saved)
         if self.eof:
             while conn.backlog and not conn.closing:
                 backlog, conn.backlog = conn.backlog, b""
