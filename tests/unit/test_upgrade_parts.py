@@ -81,7 +81,7 @@ def _loops():
     yield "uvloop", uvloop.new_event_loop
 
 
-@pytest.mark.parametrize("mode", ["echo", "echo-first-pause", "chat"])
+@pytest.mark.parametrize("mode", ["echo", "echo-first-pause", "chat-send", "chat-fanout"])
 @pytest.mark.parametrize("name, new_loop", list(_loops()), ids=[n for n, _ in _loops()])
 def test_queued_output_is_exactly_what_the_kernel_has_not_taken(name, new_loop, mode):
     """A client that reads nothing: once the daemon holds output for it, what the client can
@@ -135,7 +135,11 @@ def test_queued_output_is_exactly_what_the_kernel_has_not_taken(name, new_loop, 
         else:
             loop.run_until_complete(asyncio.sleep(0.05))
             for i in range(8000):   # the server's notices, as the room would send them
-                conn.send(b"*** notice %05d %s\r\n" % (i, b"n" * 80))
+                notice = b"*** notice %05d %s\r\n" % (i, b"n" * 80)
+                if mode == "chat-send":
+                    conn.send(notice)
+                else:
+                    ChatConnection.fanout({conn: None}, notice, None, None)
                 if i % 50 == 0:
                     loop.run_until_complete(asyncio.sleep(0))
             loop.run_until_complete(asyncio.sleep(0.05))
