@@ -37,7 +37,7 @@ import pytest
 
 from conftest import require_real
 from installs import IMPORT_FAILS, Installs
-from support import LineClient
+from support import LineClient, figures
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 7777
@@ -618,13 +618,14 @@ def _gone_inside(box: Container, pid: int) -> bool:
     return not box.alive_inside(pid)
 
 
-def _upgrade(box: Container, old: str, new: str, old_pid: int) -> int:
+def _upgrade(box: Container, old: str, new: str, old_pid: int) -> tuple[int, float]:
     """`chatd upgrade` as root inside; the unit must have taken the new main pid, with no
-    restart, no reload left hanging and the watchdog fed by the new process. Its pid."""
+    restart, no reload left hanging and the watchdog fed by the new process. Its pid, and the
+    seconds the upgrade took as it says."""
     proc = box.chatd("upgrade", "--timeout", "20", timeout=60)
     said = proc.stdout.decode()
     found = re.search(rf"chatd upgraded from {re.escape(old)} \(pid {old_pid}\) to {re.escape(new)} "
-                      rf"\(pid (\d+)\)", said)
+                      rf"\(pid (\d+)\) in ([0-9.]+) s", said)
     assert found, said
     pid = int(found.group(1))
     assert pid != old_pid and _gone_inside(box, old_pid), f"old pid {old_pid} still there"
@@ -651,7 +652,24 @@ def _upgrade(box: Container, old: str, new: str, old_pid: int) -> int:
     while box.show("chatd", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"] == fed:
         assert time.monotonic() < deadline, f"no WATCHDOG=1 from the new main pid {pid} within 5 s"
         time.sleep(0.1)
-    return pid
+    return pid, float(found.group(2))
+
+
+def _stop_gracefully(box: Container, pid: int, earlier: int) -> float:
+    """`systemctl stop` after an upgrade: the unit inactive, not failed, no restart, and the
+    main pid `pid` stopped by its graceful stop, not SIGKILLed (journal lines past `earlier`).
+    The seconds it took."""
+    began = time.monotonic()
+    box.systemctl("stop", "chatd")
+    took = time.monotonic() - began
+    props = box.show("chatd", "ActiveState", "Result", "MainPID", "NRestarts")
+    assert props == {"ActiveState": "inactive", "Result": "success", "MainPID": "0", "NRestarts": "0"}, props
+    assert _gone_inside(box, pid)
+    journal = box.journal()[earlier:]
+    assert f"python3[{pid}]: stopped" in journal, journal[-3000:]
+    for bad in ("Killing process", "remains running", "Failed", "Traceback"):
+        assert bad not in journal, journal[-3000:]
+    return took
 
 
 def _echoes(clients: list[LineClient], text: str) -> None:
@@ -673,12 +691,12 @@ def test_upgrade_keeps_the_unit_and_its_clients(upgradable):
     _echoes(clients, "before")
 
     box.installs.use("b")
-    second = _upgrade(box, VERSION_A, VERSION_B, first)
+    second, took_b = _upgrade(box, VERSION_A, VERSION_B, first)
     _echoes(clients, "after the upgrade to B")
     assert box.echo(b"newcomer\n") == b"newcomer\n"
 
     box.installs.use("a")
-    third = _upgrade(box, VERSION_B, VERSION_A, second)
+    third, took_a = _upgrade(box, VERSION_B, VERSION_A, second)
     _echoes(clients, "back on A")
 
     journal = box.journal()[earlier:]
@@ -687,21 +705,18 @@ def test_upgrade_keeps_the_unit_and_its_clients(upgradable):
     for bad in ("Traceback", "does not belong", "Failed", "failed", "Watchdog timeout", "Scheduled restart"):
         assert bad not in journal, journal[-3000:]
 
-    box.systemctl("stop", "chatd")
-    props = box.show("chatd", "ActiveState", "Result", "MainPID", "NRestarts")
-    assert props == {"ActiveState": "inactive", "Result": "success", "MainPID": "0", "NRestarts": "0"}, props
-    assert _gone_inside(box, third)
-    journal = box.journal()[earlier:]
-    for bad in ("Killing process", "remains running", "Failed"):
-        assert bad not in journal, journal[-3000:]
+    stop_s = _stop_gracefully(box, third, earlier)
     for client in clients:
         assert client.recv_until_eof() == b""
         client.close()
+    figures("upgrade under systemd", clients=len(clients), a_to_b_s=took_b, b_to_a_s=took_a,
+            stop_after_upgrade_s=f"{stop_s:.2f}")
 
 
 def test_upgrade_keeps_a_chat_room(upgradable):
     """Nicks and the room survive the upgrade under systemd."""
     box = upgradable
+    earlier = len(box.journal())
     box.write_config(text=CONFIG.format(port=PORT, max_line=4096).replace('"echo"', '"chat"'))
     box.systemctl("start", "chatd")
     members = []
@@ -718,12 +733,14 @@ def test_upgrade_keeps_a_chat_room(upgradable):
     alice, bob = members
 
     box.installs.use("b")
-    _upgrade(box, VERSION_A, VERSION_B, box.main_pid())
+    pid, _ = _upgrade(box, VERSION_A, VERSION_B, box.main_pid())
     alice.send(b"still here, bob?\n")
     assert bob.recv_line() == b"<alice> still here, bob?\r\n"
     bob.send(b"/who\n")
     assert bob.recv_line() == b"*** #lobby: alice, bob\r\n"
-    for member in members:
+    _stop_gracefully(box, pid, earlier)
+    for member in members:   # told, as a graceful stop tells a chat (SIGKILL would not)
+        assert member.recv_until_eof() == b"*** server shutting down\r\n"
         member.close()
 
 
@@ -731,6 +748,7 @@ def test_failed_upgrade_keeps_the_old_main_pid(upgradable):
     """A version that fails at import: `chatd upgrade` exits 1 with its reason, the unit keeps
     its main pid, active, no restart; the next good version then upgrades."""
     box = upgradable
+    earlier = len(box.journal())
     box.systemctl("start", "chatd")
     pid = box.main_pid()
     clients = box.clients(3)
@@ -750,8 +768,10 @@ def test_failed_upgrade_keeps_the_old_main_pid(upgradable):
     _echoes(clients, "after the failed upgrade")
 
     box.installs.use("b")
-    _upgrade(box, VERSION_A, VERSION_B, pid)
+    new, _ = _upgrade(box, VERSION_A, VERSION_B, pid)
     _echoes(clients, "after the good one")
+    assert "Traceback" not in box.journal()[earlier:]   # the broken version's is in the answer only
+    _stop_gracefully(box, new, earlier)
     for client in clients:
         client.close()
 
@@ -765,7 +785,7 @@ def test_upgraded_main_pid_is_supervised(upgradable):
     box.systemctl("start", "chatd.socket")
     assert box.echo(b"first\n", timeout=20) == b"first\n"
     box.installs.use("b")
-    pid = _upgrade(box, VERSION_A, VERSION_B, box.main_pid())
+    pid, _ = _upgrade(box, VERSION_A, VERSION_B, box.main_pid())
     assert "(systemd: chatd)" in _status(box)["address"]
     assert box.echo(b"after\n") == b"after\n"
     assert box.proc_status(pid)["PPid"] == "1"
