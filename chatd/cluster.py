@@ -31,7 +31,7 @@ by the same road as before) and keeps the bus up to date, over bus.py's Link:
 Bus lost and back, a nick lost while cut off, lines lost, and nodes lost are
 each logged once per event, and each user is told with one of NOTICES.
 
-Tests: tests/cluster/test_cluster.py, tests/unit/test_cluster_wire.py, tests/cluster/test_workers.py
+Tests: tests/cluster/test_cluster.py, tests/unit/test_cluster_wire.py, tests/cluster/test_workers.py, tests/cluster/test_upgrade_cluster.py
 """
 
 from __future__ import annotations
@@ -291,6 +291,39 @@ class ClusterBackend(LocalBackend):
         self._room_prefix = self._room_channel.encode()   # the same, as channels come off the bus
         self._heart: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        self.held: list[tuple[bytes, bytes]] | None = None   # a live upgrade's, until its clients are served
+
+    # ------------------------------------------------------------ live upgrade (upgrade.py)
+
+    def capture(self) -> dict[str, Any]:
+        """What a live upgrade carries of this node besides its users: the lease token (the
+        new process holds the node's lease on, as the same node), the guest blocks, and the
+        last sequence number seen from each origin in each room (so nothing comes twice, and
+        what was said while neither process listened is told as a gap)."""
+        return {"token": self.token, "guests": self._guests, "spare": self._spare,
+                "seen": [[room, *origin, last] for room, seen in self._seen.items()
+                         for origin, last in seen.items()]}
+
+    def resume(self, local: LocalBackend, saved: dict[str, Any]) -> None:
+        """Before `start`, in a live upgrade's new process: this node's users as `local` holds
+        them (restored from the record), the bus state `capture` saw, and the node comes back
+        rather than first (its users are put on the bus again as they are, none announced).
+        What the bus delivers is held until `deliver_held` (the clients have no transport yet)."""
+        self._rooms, self._nicks, self.next_guest = local._rooms, local._nicks, local.next_guest
+        self._guests = [int(n) for n in saved["guests"]]
+        self._spare = None if saved["spare"] is None else [int(n) for n in saved["spare"]]
+        for room, node, epoch, incarnation, last in saved["seen"]:
+            self._seen.setdefault(room, {})[(node, epoch, incarnation)] = last
+        self._first = False
+        for room in self._rooms:
+            self.link.subscribe(self._room_channel + room)
+        self.held = []
+
+    def deliver_held(self) -> None:
+        """The clients are served: what the bus delivered meanwhile, in order."""
+        held, self.held = self.held or [], None
+        for channel, data in held:
+            self._on_message(channel, data)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -657,6 +690,9 @@ class ClusterBackend(LocalBackend):
     # ------------------------------------------------------------ what comes off the bus
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append((channel, data))
+            return
         if data.startswith(self._own) or self._lease_expired():
             return   # our own publish, back from a room we are in; or stale
         try:

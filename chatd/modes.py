@@ -5,12 +5,13 @@ the log level, and `configure`, which builds or updates what its connections
 share from a config. The server looks its mode up in MODES at start and on each
 restart, and so needs none of the modes' own modules.
 
-Tests: tests/unit/test_modes.py, tests/unit/test_server.py
+Tests: tests/unit/test_modes.py, tests/unit/test_server.py, tests/cluster/test_upgrade_cluster.py
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from .chat import ChatConnection, DebugChatConnection
 from .config import Config
@@ -85,9 +86,10 @@ class ChatMode(Mode):
             state.chat = ChatService(defer=state.loop.call_soon, fanout=ChatConnection.fanout)
         return state.chat
 
-    async def start(self, state: ServerState, cfg: Config) -> None:
+    async def start(self, state: ServerState, cfg: Config, before: Any = None, lease: str = "") -> None:
         """With `[cluster] bus` set, chat is shared through it (cluster.py, which imports
-        redis: only then), whatever the mode at start, so a restart into chat mode finds it."""
+        redis: only then), whatever the mode at start, so a restart into chat mode finds it.
+        (`before`, `lease`: `resume`'s.)"""
         bus = cfg.cluster
         if not bus.bus:
             return
@@ -99,9 +101,18 @@ class ChatMode(Mode):
         service = self.service(state)
         backend = ClusterBackend(service, bus.bus, bus.node_id or default_node_id(cfg.server.port),
                                  bus.prefix, bus.heartbeat, bus.node_timeout, bus.reconnect_max,
-                                 bus.guest_block, lease=state.lease)
+                                 bus.guest_block, lease=lease or state.lease)
+        if before is not None:
+            before(backend)
         await backend.start()
         service.backend = backend
+
+    async def resume(self, state: ServerState, cfg: Config, saved: dict) -> None:
+        """`start`, in a live upgrade's new process: the same node, on its lease (`saved`:
+        ClusterBackend.capture), its users as the record restored them."""
+        service = self.service(state)
+        local = service.backend
+        await self.start(state, cfg, lambda backend: backend.resume(local, saved), saved["token"])
 
     async def stop(self, state: ServerState) -> None:
         if state.chat is not None and state.chat.backend.shared:

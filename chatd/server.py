@@ -183,11 +183,18 @@ class Server:
         try:
             await self._begin()
             clients = self._restore(takeover)
+            bus = takeover.record["server"].get("bus")
+            if bus is not None:   # the same node of the bus, on its lease (README "Live upgrade")
+                chat = MODES["chat"]
+                assert isinstance(chat, ChatMode)
+                await chat.resume(self.state, self.cfg, bus)
             commit = await takeover.prepared({"clients": len(clients)})
         except BaseException as e:   # noqa: BLE001 - whatever it is, the old one serves on
             takeover.fail(f"{type(e).__name__}: {e}" if not isinstance(e, ChatdError) else e.message)
         takeover.committed()
         await takeover.adopt(clients)
+        if bus is not None:
+            self.state.chat.backend.deliver_held()   # type: ignore[union-attr]
         await self._open()
         old = takeover.record
         self.last_upgrade = {"time": time.time(), "from": old["version"], "to": __version__,
@@ -352,9 +359,6 @@ class Server:
 
     def _cannot_upgrade(self) -> str:
         """Why this daemon cannot be upgraded in place ("" if it can)."""
-        if self.cfg.cluster.bus:
-            return ("chatd upgrade does not support [cluster] bus yet (the bus identity is not "
-                    "carried over); restart each node in turn instead")
         if self.runtime.foreground and not self.runtime.notifier.enabled:
             return (f"chatd runs in the foreground (pid {os.getpid()}), watched by whoever started "
                     f"it, and the new code runs as a new process; restart it there instead, or "
@@ -422,7 +426,9 @@ class Server:
                                    "disconnects": metrics.disconnects, "restarts": metrics.restarts,
                                    "gone": metrics.gone,
                                    "sent": list(state.chat.sent) if state.chat else [0, 0]},
-                       "chat": state.chat.capture(index) if state.chat else None},
+                       "chat": state.chat.capture(index) if state.chat else None,
+                       "bus": state.chat.backend.capture()   # type: ignore[attr-defined]
+                              if state.chat and state.chat.backend.shared else None},
             "clients": clients}
         return record, fds
 

@@ -25,7 +25,8 @@ the code, not the settings); `target`, `foreground`, `detached`, `paths`, `notif
 descriptors by slot (`fds`: listeners with their scheme and systemd name, the metrics and
 control sockets, the pid and state files, stdin, stdout, stderr); `server` (generation,
 start time, last restart, bans with what is left of them, metrics, the chat rooms and next
-guest number, signals that arrived during the upgrade); and `clients`, each as its
+guest number, signals that arrived during the upgrade, and with a bus the node's identity
+on it: cluster.ClusterBackend.capture); and `clients`, each as its
 connection's `capture` says (connection.py, chat.py) with its socket in `fds`. A record of
 another format is refused by the new code, and the old one keeps serving.
 
