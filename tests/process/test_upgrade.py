@@ -20,7 +20,7 @@ import time
 import pytest
 
 from installs import EXITS_EARLY, HANGS, IMPORT_FAILS, NEW_FORMAT, Installs
-from support import LineClient, alive, chatd_command, fd_count, free_port, rss_kib, wait_for
+from support import LineClient, alive, chatd_command, fd_count, flock_held, free_port, rss_kib, wait_for
 
 A, B = "1.0.0+a", "1.0.0+b"
 
@@ -81,7 +81,10 @@ def test_echo_clients_keep_their_connection_partial_line_and_telnet_state(make_d
     clients[1].send(b"\xff")                   # telnet: IAC now, DO TIMING-MARK after
     time.sleep(0.2)
     fds_before = fd_count(old)
+    watch = LockWatch(inst.pidfile)
     done = upgrade(inst, installs, "b")
+    probes, free = watch.done()
+    assert probes > 20 and free == 0, f"the pid file's lock was free in {free} of {probes} probes"
     assert f"chatd upgraded from {A} (pid {old}) to {B}".encode() in done.stdout, done.stdout
     assert b"5 clients carried over" in done.stdout
     new = inst.pid()
@@ -133,6 +136,28 @@ def test_chat_keeps_nicks_rooms_partial_lines_and_the_control_socket(make_daemon
     nicks = {c["nick"]: c["room"] for c in json.loads(who.stdout)["clients"]}
     assert nicks["alice"] == "#tea" and nicks["bob"] == "#tea"
     assert status(inst)["pid"] != old
+
+
+class LockWatch(threading.Thread):
+    """Probes the pid file's lock from a fresh open file, every millisecond, until `done`:
+    `free` counts the probes that found it free, `probes` all of them."""
+
+    def __init__(self, pidfile) -> None:
+        super().__init__(daemon=True)
+        self.pidfile, self.stop, self.free, self.probes = pidfile, threading.Event(), 0, 0
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.probes += 1
+            self.free += not flock_held(self.pidfile)
+            time.sleep(0.001)
+
+    def done(self) -> tuple[int, int]:
+        self.stop.set()
+        self.join(5)
+        return self.probes, self.free
 
 
 def _pull(client: LineClient, wanted: bytes, timeout: float = 5.0) -> bool:
