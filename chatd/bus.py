@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as redis
+from redis import Redis as BlockingRedis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -49,6 +52,47 @@ Then = Callable[[Any], None]
 
 class Refused(Exception):
     """`on_connect` reached the bus but may not join it (say, the node id is taken)."""
+
+
+class EarlyListener(threading.Thread):
+    """A live upgrade's new process listening to its node's channels from a thread, before
+    its event loop runs (upgrade.py): from `start` on, what the bus publishes there is kept,
+    so that nothing said while the old process is frozen is lost (the node's sequence
+    numbers drop what the old one had already shown)."""
+
+    def __init__(self, url: str, channels: list[str], timeout: float) -> None:
+        super().__init__(name="chatd-early-bus", daemon=True)
+        self.client = BlockingRedis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.pubsub = self.client.pubsub()
+        self.got: list[tuple[bytes, bytes]] = []
+        self.stopping = threading.Event()
+        self.pubsub.subscribe(*channels)
+        deadline = time.monotonic() + timeout
+        confirmed = 0
+        while confirmed < len(channels):   # listening for sure only once Redis says so
+            if time.monotonic() > deadline:
+                raise TimeoutError("no answer to SUBSCRIBE")
+            message = self.pubsub.get_message(timeout=0.1)
+            if message is not None and message["type"] == "subscribe":
+                confirmed += 1
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                message = self.pubsub.get_message(timeout=0.02)
+            except Exception:   # noqa: BLE001 - the link proper reports the bus's troubles
+                return
+            if message is not None and message["type"] == "message":
+                self.got.append((message["channel"], message["data"]))
+
+    def stop(self) -> list[tuple[bytes, bytes]]:
+        """Stop listening; what came, in order."""
+        self.stopping.set()
+        self.join(5)
+        self.pubsub.close()
+        self.client.close()
+        return self.got
 
 
 class Link:

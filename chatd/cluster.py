@@ -228,6 +228,11 @@ return 1
 """
 
 
+def listen_early(where: dict[str, Any]) -> bus.EarlyListener:
+    """`ClusterBackend.channels`' listener for a live upgrade's new process (upgrade.py)."""
+    return bus.EarlyListener(where["url"], where["channels"], where["timeout"])
+
+
 class Forged(ValueError):
     """A bus message that chatd would never have sent."""
 
@@ -292,6 +297,7 @@ class ClusterBackend(LocalBackend):
         self._heart: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.held: list[tuple[bytes, bytes]] | None = None   # a live upgrade's, until its clients are served
+        self.early: Any = None                                # ... and what it heard before (bus.py)
 
     # ------------------------------------------------------------ live upgrade (upgrade.py)
 
@@ -304,11 +310,18 @@ class ClusterBackend(LocalBackend):
                 "seen": [[room, *origin, last] for room, seen in self._seen.items()
                          for origin, last in seen.items()]}
 
-    def resume(self, local: LocalBackend, saved: dict[str, Any]) -> None:
+    def channels(self) -> dict[str, Any]:
+        """Where a live upgrade's new process listens before this process freezes (upgrade.py)."""
+        return {"url": self.link.url, "timeout": self.link.timeout,
+                "channels": [self._room_channel + room for room in self._rooms]
+                + [f"{self.prefix}:to:{self.node_id}"]}
+
+    def resume(self, local: LocalBackend, saved: dict[str, Any], early: Any = None) -> None:
         """Before `start`, in a live upgrade's new process: this node's users as `local` holds
         them (restored from the record), the bus state `capture` saw, and the node comes back
         rather than first (its users are put on the bus again as they are, none announced).
-        What the bus delivers is held until `deliver_held` (the clients have no transport yet)."""
+        What the bus delivers is held until `deliver_held` (the clients have no transport yet),
+        as is what `early` (bus.EarlyListener) heard before."""
         self._rooms, self._nicks, self.next_guest = local._rooms, local._nicks, local.next_guest
         self._guests = [int(n) for n in saved["guests"]]
         self._spare = None if saved["spare"] is None else [int(n) for n in saved["spare"]]
@@ -318,10 +331,16 @@ class ClusterBackend(LocalBackend):
         for room in self._rooms:
             self.link.subscribe(self._room_channel + room)
         self.held = []
+        self.early = early
 
     def deliver_held(self) -> None:
         """The clients are served: what the bus delivered meanwhile, in order."""
         held, self.held = self.held or [], None
+        early, self.early = self.early, None
+        ours = json.dumps({"o": self.node_id}, separators=(",", ":"))[:-1].encode() + b","
+        for channel, data in (early.stop() if early is not None else []):
+            if not data.startswith(ours):   # the old process's own: its users saw them
+                self._on_message(channel, data)
         for channel, data in held:
             self._on_message(channel, data)
 

@@ -107,12 +107,19 @@ class ChatMode(Mode):
         await backend.start()
         service.backend = backend
 
-    async def resume(self, state: ServerState, cfg: Config, saved: dict) -> None:
+    async def resume(self, state: ServerState, cfg: Config, saved: dict, early: Any = None) -> None:
         """`start`, in a live upgrade's new process: the same node, on its lease (`saved`:
         ClusterBackend.capture), its users as the record restored them."""
         service = self.service(state)
         local = service.backend
-        await self.start(state, cfg, lambda backend: backend.resume(local, saved), saved["token"])
+        await self.start(state, cfg, lambda backend: backend.resume(local, saved, early), saved["token"])
+
+    @staticmethod
+    def listen_early(where: dict) -> Any:
+        """A live upgrade's new process, before its loop runs: listen to its node's channels
+        (`where`: ClusterBackend.channels), so the old one may freeze (cluster.py)."""
+        from .cluster import listen_early
+        return listen_early(where)
 
     async def stop(self, state: ServerState) -> None:
         if state.chat is not None and state.chat.backend.shared:

@@ -187,7 +187,7 @@ class Server:
             if bus is not None:   # the same node of the bus, on its lease (README "Live upgrade")
                 chat = MODES["chat"]
                 assert isinstance(chat, ChatMode)
-                await chat.resume(self.state, self.cfg, bus)
+                await chat.resume(self.state, self.cfg, bus, takeover.early)
             commit = await takeover.prepared({"clients": len(clients)})
         except BaseException as e:   # noqa: BLE001 - whatever it is, the old one serves on
             takeover.fail(f"{type(e).__name__}: {e}" if not isinstance(e, ChatdError) else e.message)

@@ -158,8 +158,8 @@ class Channel:
             raise EOFError
         return data, fds
 
-    def receive_record(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
-        kind, head, _ = self.receive(deadline)
+    def receive_record(self, deadline: float, kind: str, head: Any) -> tuple[dict[str, Any], list[int]]:
+        """The record whose first message (`kind`, `head`) has come."""
         if kind != "record" or not isinstance(head, dict):
             raise UpgradeFailed(f"expected the state record, got {kind!r}")
         fds: list[int] = []
@@ -211,6 +211,7 @@ class Handover:
         try:
             self._spawn()
             hello = await self._hello()
+            await self._listening()
             paused = True
             await self._settle()
             record, fds = self._capture()
@@ -290,6 +291,24 @@ class Handover:
 
     async def _hello(self) -> dict[str, Any]:
         """Serve on until the new code says hello (its code imported), or fail."""
+        body = await self._word("hello")
+        if FORMAT not in body.get("formats", ()):
+            raise UpgradeFailed(f"chatd {body.get('version')} does not read state records of "
+                                f"format {FORMAT} (it reads {body.get('formats')})")
+        return body
+
+    async def _listening(self) -> None:
+        """With a bus: serve on until the new process listens to this node's channels too,
+        so that nothing said on the bus while we are frozen is lost (bus.EarlyListener)."""
+        chat = self.server.state.chat
+        if chat is None or not chat.backend.shared:
+            return
+        assert self.channel is not None
+        self.channel.send("listen", chat.backend.channels())   # type: ignore[attr-defined]
+        await self._word("listening")
+
+    async def _word(self, expected: str) -> dict[str, Any]:
+        """Serve on until the new process says `expected` (its body), or fail."""
         assert self.channel is not None and self.child is not None
         channel = self.channel
         while True:
@@ -305,12 +324,9 @@ class Handover:
                                         f"closed the upgrade channel{self._said()}") from None
                 if kind == "fail":
                     raise UpgradeFailed(self._refused(body))
-                if kind != "hello" or not isinstance(body, dict):
-                    raise UpgradeFailed(f"the new chatd said {kind!r}, not hello")
-                if FORMAT not in body.get("formats", ()):
-                    raise UpgradeFailed(f"chatd {body.get('version')} does not read state records of "
-                                        f"format {FORMAT} (it reads {body.get('formats')})")
-                return body
+                if kind != expected:
+                    raise UpgradeFailed(f"the new chatd said {kind!r}, not {expected}")
+                return body if isinstance(body, dict) else {}
             gone = self._exited()
             if gone:
                 raise UpgradeFailed(gone)
@@ -441,6 +457,7 @@ class Takeover:
         self.record: dict[str, Any] = {}
         self.fds: list[int] = []
         self.on_commit: Any = lambda: None   # lifetime: write our pid into the pid file
+        self.early: Any = None               # bus.EarlyListener, with a bus
 
     @classmethod
     def from_environment(cls) -> Takeover | None:
@@ -459,9 +476,15 @@ class Takeover:
         self.channel.send("hello", {"version": __version__, "pid": os.getpid(), "formats": [FORMAT]})
 
     def receive(self) -> None:
-        """The record and its descriptors; a format this code does not read is refused."""
+        """The record and its descriptors; a format this code does not read is refused. With a
+        bus, the old process first asks us to listen to its node's channels (`listen`)."""
+        deadline = time.monotonic() + RECORD_TIMEOUT_S
         try:
-            self.record, self.fds = self.channel.receive_record(time.monotonic() + RECORD_TIMEOUT_S)
+            kind, head, _ = self.channel.receive(deadline)
+            if kind == "listen":
+                self.listen(head)
+                kind, head, _ = self.channel.receive(deadline)
+            self.record, self.fds = self.channel.receive_record(deadline, kind, head)
         except (EOFError, TimeoutError, OSError) as e:
             self.fail(f"no state record from the old process: {type(e).__name__}")
         except UpgradeFailed as e:
@@ -469,6 +492,15 @@ class Takeover:
         found = self.record.get("format")
         if found != FORMAT:
             self.fail(f"chatd {__version__} reads state records of format {FORMAT}, not {found!r}")
+
+    def listen(self, where: Any) -> None:
+        """Listen to the node's channels on the bus (bus.EarlyListener), then say so."""
+        try:
+            from .modes import ChatMode   # the mode that knows the bus (redis: only with one)
+            self.early = ChatMode.listen_early(where)
+        except Exception as e:   # noqa: BLE001 - whatever it is, the old one serves on
+            self.fail(f"cannot listen to the bus: {type(e).__name__}: {e}")
+        self.channel.send("listening")
 
     def sock(self, slot: int) -> socket.socket:
         """The socket handed over in `slot`."""

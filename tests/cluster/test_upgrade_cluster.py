@@ -40,12 +40,12 @@ def test_a_node_upgraded_in_place_keeps_its_users_nicks_and_lease(redis_server, 
     assert listed.startswith(b"*** #lobby: alice, bob, guest"), listed
 
 
-def test_lines_said_on_another_node_during_upgrades_come_once_in_order_and_a_loss_is_told(
-        redis_server, make_node):
+def test_lines_said_on_another_node_during_upgrades_come_once_in_order_none_lost(redis_server,
+                                                                                make_node):
     """A line every 5 ms from another node while this one upgrades three times: each reaches
-    this node's user at most once and in order (the carried sequence numbers see to it), and
-    the few said while neither process listened to the bus (the old one frozen, the new one
-    not yet subscribed) are told as lost, as any gap is."""
+    this node's user exactly once and in order. The new process listens to the node's
+    channels before the old one freezes (bus.EarlyListener), and the carried sequence
+    numbers drop what the old one had already shown."""
     server = redis_server()
     n2, n3 = make_node(server.url, 2), make_node(server.url, 3, start=False)
     n3.extra_config += "[limits]\nrate = 0.0\n"
@@ -78,7 +78,5 @@ def test_lines_said_on_another_node_during_upgrades_come_once_in_order_and_a_los
     gaps = sum(1 for a, b in zip(numbers, numbers[1:]) if b != a + 1)
     lost = sum(b - a - 1 for a, b in zip(numbers, numbers[1:]))
     figures("cluster upgrade", lines=len(numbers), lost=lost, gaps=gaps, told=told)
-    assert all(a < b for a, b in zip(numbers, numbers[1:])), "a line repeated or out of order"
-    assert numbers[0] == 0 and len(numbers) > 100
-    assert (told > 0) == (gaps > 0) and told <= 3, (told, gaps)
-    assert [l for l in got.splitlines() if l.startswith(b"***") and b"were lost" not in l] == []
+    assert numbers == list(range(len(numbers))) and len(numbers) > 100, "lost, repeated or reordered"
+    assert [line for line in got.splitlines() if line.startswith(b"***")] == []

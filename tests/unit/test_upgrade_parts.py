@@ -46,7 +46,9 @@ def test_the_channel_carries_a_big_record_and_many_descriptors():
         import threading
         sender = threading.Thread(target=ours.send_record, args=(upgrade.encode(record), files))
         sender.start()
-        got, fds = peer.receive_record(time.monotonic() + 10)
+        deadline = time.monotonic() + 10
+        kind, head, _ = peer.receive(deadline)
+        got, fds = peer.receive_record(deadline, kind, head)
         sender.join(10)
         assert got == record
         assert len(fds) == len(files)
