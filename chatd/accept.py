@@ -242,9 +242,10 @@ class Gate:
         else:
             sock.close()
 
-    def _read_header(self, sock: socket.socket, addr: Any, listener: Any) -> None:
+    def _read_header(self, sock: socket.socket, addr: Any, listener: Any, buf: bytes = b"") -> None:
         """A `proxy://` listener: a trusted proxy's header first (proxy.HeaderStage), then
-        `admit` for the client it names; anyone else is turned away."""
+        `admit` for the client it names; anyone else is turned away. (`buf`: the part of the
+        header a live upgrade's old process had read, `resume_header`.)"""
         ip = addr[0] if isinstance(addr, tuple) else "?"
         if not self.access.trusted(ip):
             self.turn_away(sock, addr, "not in [access] proxy_from, on a proxy:// listener", listener)
@@ -262,7 +263,12 @@ class Gate:
             client = addr if header.client is None else (unmapped(header.client[0]), header.client[1])
             self.admit(sock, client, listener, addr)
 
-        self.headers[sock] = proxy.HeaderStage(self.loop, sock, done)
+        self.headers[sock] = proxy.HeaderStage(self.loop, sock, done, buf, (addr, listener))
+
+    def resume_header(self, sock: socket.socket, addr: Any, listener: Any, buf: bytes) -> None:
+        """A header a live upgrade's old process was reading: read on from where it was (its
+        deadline starts again)."""
+        self._read_header(sock, addr, listener, buf)
 
     def _tls_for(self, listener: Any) -> ssl.SSLContext | None:
         """The context for a newcomer on `listener`: None on a plain one."""

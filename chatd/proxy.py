@@ -20,7 +20,7 @@ import asyncio
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 V1_MAX = 107                  # the longest v1 line the specification allows, CRLF included
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -110,11 +110,15 @@ class HeaderStage:
     the header, or None and why there is none (malformed, closed, too slow)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 done: Callable[[Header | None, str], None]) -> None:
+                 done: Callable[[Header | None, str], None], buf: bytes = b"",
+                 where: Any = None) -> None:
+        """`buf`: what a live upgrade's old process had read of the header already; `where`:
+        the caller's (accept.Gate: the peer and the listener, which an upgrade carries)."""
         self.loop = loop
         self.sock = sock
         self.done = done
-        self.buf = b""
+        self.buf = buf
+        self.where = where
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
         self.timer = loop.call_later(HEADER_TIMEOUT_S, self._finish, None,

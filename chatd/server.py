@@ -196,6 +196,9 @@ class Server:
         if bus is not None:
             self.state.chat.backend.deliver_held()   # type: ignore[union-attr]
         await self._open()
+        for header in takeover.record.get("headers", ()):   # PROXY headers being read
+            self.gate.resume_header(takeover.sock(header["fd"]), tuple(header["addr"]),
+                                    self.listeners[header["listener"]], header["buf"])
         old = takeover.record
         self.last_upgrade = {"time": time.time(), "from": old["version"], "to": __version__,
                              "from_pid": old["pid"], "clients": len(clients),
@@ -429,7 +432,10 @@ class Server:
                        "chat": state.chat.capture(index) if state.chat else None,
                        "bus": state.chat.backend.capture()   # type: ignore[attr-defined]
                               if state.chat and state.chat.backend.shared else None},
-            "clients": clients}
+            "clients": clients,
+            "headers": [{"fd": slot(sock.fileno()), "addr": list(stage.where[0]), "buf": stage.buf,
+                         "listener": self.listeners.index(stage.where[1])}
+                        for sock, stage in self.gate.headers.items() if stage.where[1] in self.listeners]}
         return record, fds
 
     def _restore(self, takeover: upgrade.Takeover) -> list[tuple[Any, dict[str, Any]]]:

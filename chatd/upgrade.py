@@ -27,7 +27,8 @@ control sockets, the pid and state files, stdin, stdout, stderr); `server` (gene
 start time, last restart, bans with what is left of them, metrics, the chat rooms and next
 guest number, signals that arrived during the upgrade, and with a bus the node's identity
 on it: cluster.ClusterBackend.capture); and `clients`, each as its
-connection's `capture` says (connection.py, chat.py) with its socket in `fds`. A record of
+connection's `capture` says (connection.py, chat.py) with its socket in `fds`; and
+`headers`, the PROXY headers being read (accept.Gate.resume_header). A record of
 another format is refused by the new code, and the old one keeps serving.
 
 Tests: tests/process/test_upgrade.py, tests/unit/test_upgrade_parts.py

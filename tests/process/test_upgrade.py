@@ -225,6 +225,22 @@ def test_bans_metrics_and_the_restart_count_are_carried(make_daemon, installs):
     assert status(inst)["last_restart"]["outcome"] == "applied"
 
 
+def test_a_proxy_header_half_read_is_read_on_by_the_new_process(make_daemon, installs):
+    """A PROXY header cut in two by the upgrade: the new process reads the rest and serves the
+    client it names (its connect line names that client, not the proxy)."""
+    inst = make_daemon(listen=[f"proxy://127.0.0.1:{0}"])
+    inst.write_config(listen=[f"proxy://127.0.0.1:{inst.port}"],
+                      extra='[access]\nproxy_from = ["127.0.0.1"]\n')
+    start(inst, installs)
+    proxied = LineClient(inst.port)
+    proxied.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 7777")
+    time.sleep(0.3)
+    upgrade(inst, installs, "b")
+    proxied.send(b"\r\nthrough\n")
+    assert proxied.recv_line() == b"through\n"
+    assert "connect 192.0.2.7:5555" in inst.log_text().split("upgraded from chatd")[-1]
+
+
 # ------------------------------------------------------------------ what may go wrong
 
 @pytest.mark.parametrize("broken, reason", [
