@@ -21,11 +21,12 @@ counting connects that fail. After `--gap` seconds it runs UPGRADE-COMMAND (say 
   (`rtt_p50_us`, `rtt_p99_us`, `rtt_max_us`).
 
 The old pid must be gone within 5 s of its successor serving. At the end every connection,
-idle or active, must echo one more line. Errors (`errors=`, the sum): `garbled` (a reply that is
+idle or active, must echo one more line within `--stall` seconds. Errors (`errors=`, the sum): `garbled` (a reply that is
 not its line), `disconnects` (a connection closed or reset by the server, or sent something
 unasked), `stalled` (a line unanswered for `--stall` seconds), `refused` (a fresh connection
-that failed: refused, reset, closed or wrong), `upgrade_failed` (the command's exit status, a
-pid that did not change, an old pid that lives on, a new one that does not serve in time), and
+that failed: refused, reset, closed or wrong), `upgrade_failed` (the command's exit status, an
+old pid that lives on, a pid that does not change or code that does not serve within
+`--serve-timeout` seconds), and
 `unanswered` (connections that did not echo at the end). Last line: `RESULT mode=upgrade
 key=value ...`, the per-upgrade figures as comma-separated lists. Loopback only; every phase has
 a deadline.
@@ -47,7 +48,6 @@ import time
 
 SIZE = 64                 # bytes per line, LF included
 CONNECT_S = 20.0          # to open and probe every connection
-SERVE_S = 60.0            # for an upgrade's new code to serve
 GONE_S = 5.0              # for the old pid to exit once the new one serves
 READ = 65536
 
@@ -288,8 +288,8 @@ class Load:
         next_read = began
         while not (cmd_s and serve_s):
             now = time.perf_counter()
-            if now - began > SERVE_S:
-                self.problem("upgrade_failed", f"no new chatd serving within {SERVE_S:g} s")
+            if now - began > a.serve_timeout:
+                self.problem("upgrade_failed", f"no new chatd serving within {a.serve_timeout:g} s")
                 break
             if not cmd_s and proc.poll() is not None:
                 cmd_s = now - began
@@ -317,11 +317,11 @@ class Load:
         return cmd_s, serve_s, max(cmd_s, serve_s)
 
     def finish(self) -> None:
-        """Every connection still held must echo one more line."""
+        """Every connection still held must echo one more line within `--stall` seconds."""
         for conn in self.conns:
             if not conn.dead and not conn.expect:
                 self.send(conn, time.perf_counter())
-        deadline = time.monotonic() + CONNECT_S
+        deadline = time.monotonic() + self.args.stall
         while any(c.expect and not c.dead for c in self.conns) and time.monotonic() < deadline:
             for key, _ in self.sel.select(0.1):
                 if key.data is not None:
@@ -378,6 +378,8 @@ def main() -> int:
     ap.add_argument("--churn-interval", type=float, default=0.001, help="seconds between fresh connections")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds before, between and after upgrades")
     ap.add_argument("--stall", type=float, default=10.0, help="seconds a line may wait for its echo")
+    ap.add_argument("--serve-timeout", type=float, default=60.0,
+                    help="seconds for the new code to serve after the command starts")
     ap.add_argument("command", nargs="+", help="the upgrade command")
     args = ap.parse_args()
     if not 0 < args.active <= args.conns:
