@@ -35,6 +35,7 @@ a deadline.
 from __future__ import annotations
 
 import argparse
+from array import array
 import errno
 import os
 import resource
@@ -111,7 +112,10 @@ class Load:
         self.sel = selectors.DefaultSelector()
         self.conns: list[Conn] = []
         self.active: list[Conn] = []
-        self.rtts: list[tuple[float, float]] = []   # (sent, received) of every active round trip
+        # every active round trip's send and reply times: arrays, which the garbage collector
+        # does not walk (a list of a million tuples made its passes pauses of their own)
+        self.sent = array("d")
+        self.got = array("d")
         self.count = dict.fromkeys(("garbled", "disconnects", "stalled", "refused", "upgrade_failed",
                                     "unanswered"), 0)
         self.problems: list[str] = []
@@ -186,7 +190,8 @@ class Load:
             return
         conn.buf = conn.expect = b""
         if record:
-            self.rtts.append((conn.sent_at, now))
+            self.sent.append(conn.sent_at)
+            self.got.append(now)
         conn.next_at = now + self.args.interval
 
     # ------------------------------------------------------------------ the fresh connections
@@ -348,9 +353,10 @@ class Load:
                 self.run_for(a.gap)
             said = open(out.name, "rb").read().decode(errors="replace").strip()
         self.finish()
-        pauses = [max([got - sent for sent, got in self.rtts if sent < end and got > start] or [0.0])
+        rtts = list(zip(self.sent, self.got))
+        pauses = [max([got - sent for sent, got in rtts if sent < end and got > start] or [0.0])
                   for start, end in windows]
-        outside = sorted(got - sent for sent, got in self.rtts
+        outside = sorted(got - sent for sent, got in rtts
                          if not any(sent < end and got > start for start, end in windows)) or [0.0]
         result = {"mode": "upgrade", "conns": str(a.conns), "active": str(a.active),
                   "upgrades": str(a.upgrades),
@@ -360,7 +366,7 @@ class Load:
                   "rtt_p50_us": f"{statistics.median(outside) * 1e6:.1f}",
                   "rtt_p99_us": f"{outside[int(len(outside) * 0.99) - 1 if len(outside) > 1 else 0] * 1e6:.1f}",
                   "rtt_max_us": f"{outside[-1] * 1e6:.1f}",
-                  "lines": str(len(self.rtts)), "fresh": str(self.fresh_done), **{k: str(v) for k, v in self.count.items()},
+                  "lines": str(len(self.sent)), "fresh": str(self.fresh_done), **{k: str(v) for k, v in self.count.items()},
                   "errors": str(sum(self.count.values()))}
         for text in self.problems + ([said.splitlines()[-1]] if said and self.count["upgrade_failed"] else []):
             print(f"upgradeload: {text}", file=sys.stderr)
