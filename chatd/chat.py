@@ -25,7 +25,7 @@ waits. Several ticks, because the server sees a reader's progress only when the 
 reopens its receive window, in steps of up to an MSS (64 KiB on loopback): a reader taking
 16 KiB every 0.1 s shows no progress for 0.7 s at a time, one at half that pace for 1.4 s.
 
-Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/process/test_chat_targeted.py, tests/unit/test_chat_paths.py, tests/unit/test_debug_connection.py, tests/process/test_fair_share.py
+Tests: tests/process/test_chat.py, tests/process/test_chat_abuse.py, tests/process/test_chat_targeted.py, tests/unit/test_chat_paths.py, tests/unit/test_debug_connection.py, tests/process/test_fair_share.py, tests/unit/test_upgrade_parts.py
 """
 
 from __future__ import annotations
@@ -431,12 +431,10 @@ class ChatConnection(Connection):
         charges = {clients[i]: int(n) for i, n in chat["charges"]}
         self.charges = charges or None   # type: ignore[assignment]
         self.takes = [int(n) for n in chat["takes"]]
-        self.watch = chat["watched"]     # judged again once adopted (`adopt`)
 
-    def adopt(self, transport: Any, output: bytes) -> None:
-        watched, self.watch = self.watch, None
-        super().adopt(transport, output)
-        if watched and not self.closing:
+    def adopt(self, transport: Any, saved: dict[str, Any]) -> None:
+        super().adopt(transport, saved)
+        if saved["chat"]["watched"] and not self.closing:   # judged again, with its last ticks
             self._watch()
 
     def notify(self, text: str) -> None:

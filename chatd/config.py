@@ -695,9 +695,10 @@ def from_settings(settings: dict[str, Any], origins: dict[str, str], path: str |
     """The config a running daemon serves with, rebuilt from its state record (a live upgrade,
     upgrade.py): every value checked as the schema checks it, the file not read again (a
     live upgrade changes the code, not the settings; `chatd restart` re-reads the file).
-    Keys this version does not know are left out; keys it has and the record lacks keep
-    their defaults. Raises ChatdError if a value is not valid here."""
-    known = {k: v for k, v in settings.items() if k in KEYS}
+    Only the values set (in the file or on the command line: `origins`) are carried, so
+    keys this version does not know are left out and the defaults are this version's.
+    Raises ChatdError if a value is not valid here."""
+    known = {k: v for k, v in settings.items() if k in KEYS and k in origins}   # the defaults: ours
     try:
         cfg = load(None, {k: (v, origins.get(k, "the running daemon")) for k, v in known.items()}, cwd="/")
     except ChatdError as e:

@@ -14,7 +14,7 @@ SHARE_BYTES of input sits out one loop pass (`take_share`), so no sender can
 hold the loop while others wait. Connect and disconnect lines past a rate per
 source address (an IPv6 /64) and in all are counted and summarised (`ChurnLog`).
 
-Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/unit/test_churn_log.py, tests/process/test_log_abuse.py, tests/process/test_fair_share.py
+Tests: tests/process/test_echo.py, tests/process/test_fault_resources.py, tests/unit/test_debug_connection.py, tests/process/test_debug_log.py, tests/unit/test_churn_log.py, tests/process/test_log_abuse.py, tests/process/test_fair_share.py, tests/unit/test_upgrade_parts.py
 """
 
 from __future__ import annotations
@@ -503,9 +503,11 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.restore_decoder(saved["decoder"])
         self.in_bytes, self.in_lines, self.out_bytes = (int(saved[k]) for k in ("in_bytes", "in_lines", "out_bytes"))
 
-    def adopt(self, transport: Any, output: bytes) -> None:
-        """`connection_made` for a client carried over by a live upgrade: served again where it
-        was, without a connect line or a welcome; then its queued `output` goes out first."""
+    def adopt(self, transport: Any, saved: dict[str, Any]) -> None:
+        """`connection_made` for a client carried over by a live upgrade (`saved` is what
+        `capture` said): served again where it was, without a connect line or a welcome; its
+        queued output goes out first."""
+        output = saved["output"]
         self.transport = transport
         self.state.enter(self)
         transport.set_write_buffer_limits(high=0, low=0)
@@ -677,8 +679,8 @@ class DebugConnection(Connection):
         super().restore(saved, now, clients)
         self.bytes_in, self.bytes_out = (int(n) for n in saved.get("bytes", (0, 0)))
 
-    def adopt(self, transport: Any, output: bytes) -> None:
-        super().adopt(CountingTransport(transport, self), output)
+    def adopt(self, transport: Any, saved: dict[str, Any]) -> None:
+        super().adopt(CountingTransport(transport, self), saved)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -22,6 +22,7 @@ import os
 import resource
 import select
 import signal
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -130,6 +131,13 @@ def fork_worker() -> int:
         if os.getppid() != parent:
             os._exit(1)
     return pid
+
+
+def spawn(command: list[str], keep: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A live upgrade's new code (upgrade.py): `command` in "/", with descriptor `keep` and
+    `env`, nothing else inherited; its stdout and stderr one pipe, for its own last words."""
+    return subprocess.Popen(command, pass_fds=(keep,), env=env, cwd="/", stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def end(code: int) -> None:

@@ -6,7 +6,7 @@ only whole lines and no IAC byte is written back as it came) or else
 per read (while the transport has a queue, into the outbox: see connection.py).
 The connection is itself the decoder (see `connection.Connection`).
 
-Tests: tests/process/test_echo.py, tests/process/test_clients.py, tests/process/test_fair_share.py
+Tests: tests/process/test_echo.py, tests/process/test_clients.py, tests/process/test_fair_share.py, tests/unit/test_upgrade_parts.py
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class EchoConnection(Connection):
         if block:
             if self.outbox is None:   # Connection.write, inlined: the hot path
                 self.transport.write(block)
+                if self.outbox is not None:   # this write paused the transport
+                    self.tail = block
             else:
                 self.hold(block)
             self.out_bytes += len(block)

@@ -297,8 +297,8 @@ class Moderator:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             answer = await asyncio.wait_for(self._answer(reader, writer), REQUEST_TIMEOUT_S)
-            if "upgrade" in answer:   # bounded by its own timeout (upgrade.py)
-                answer = await self.server.upgrade(answer["upgrade"], lambda a: _answer_now(writer, a))
+            if "upgrade" in answer:   # bounded by its own timeout, and answered at once (upgrade.py)
+                return await self.server.upgrade(answer["upgrade"], lambda a: _answer_now(writer, a))
             writer.write(json.dumps(answer).encode() + b"\n")
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
         except (asyncio.TimeoutError, OSError, ValueError):

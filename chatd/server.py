@@ -4,7 +4,7 @@
 the signal number on a queue; the main loop takes it off and calls the
 matching `handle_<sig>` method, so all work happens in the loop.
 
-Tests: tests/process/test_signals.py, tests/unit/test_server.py
+Tests: tests/process/test_signals.py, tests/unit/test_server.py, tests/process/test_upgrade.py
 """
 
 from __future__ import annotations
@@ -256,6 +256,8 @@ class Server:
     async def shutdown(self) -> None:
         """Stop accepting, close every client (gracefully after SIGUSR1), then ask for what the
         daemon holds (state file, pid file, logs) to be given back."""
+        if self.handover is not None:   # called off by the stop signal: let it see to that
+            await self.handover.finished.wait()
         graceful = self.stop_signal == signal.SIGUSR1
         self.state.stopping = True
         how = "graceful stop" if graceful else "stop"
@@ -327,27 +329,26 @@ class Server:
 
     # ------------------------------------------------------------------ live upgrade
 
-    async def upgrade(self, timeout: float, answer: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """`chatd upgrade` (upgrade.py): the answer for the control client, unless the upgrade
-        happens, in which case this process answers through `answer` and exits."""
+    async def upgrade(self, timeout: float, answer: Callable[[dict[str, Any]], None]) -> None:
+        """`chatd upgrade` (upgrade.py), answered through `answer`; if it happens, this
+        process answers and exits."""
         why = self._cannot_upgrade()
+        if not why and (self.stop_signal is not None or self.state.stopping):
+            why = "chatd is stopping"
         if why:
-            return {"ok": False, "error": why, "status": EXIT_FAILED}
+            return answer({"ok": False, "error": why, "status": EXIT_FAILED})
         async with self.busy:
-            if self.stop_signal is not None or self.state.stopping:
-                return {"ok": False, "error": "chatd is stopping", "status": EXIT_FAILED}
-            self.handover = upgrade.Handover(self, timeout)
+            handover = self.handover = upgrade.Handover(self, timeout, answer)
             try:
-                result = await self.handover.run(answer)
+                await handover.run()
             finally:
                 self.handover = None
                 for sig in self.deferred:
                     self.signals.put(sig)
                 self.deferred.clear()
-        log.warning("upgrade failed, still serving: %s", result["error"])
-        self.last_upgrade = {"time": time.time(), "failed": result["error"]}
+        log.warning("upgrade failed, still serving: %s", handover.failure)
+        self.last_upgrade = {"time": time.time(), "failed": handover.failure}
         self.runtime.state.update(last_upgrade=self.last_upgrade)
-        return result
 
     def _cannot_upgrade(self) -> str:
         """Why this daemon cannot be upgraded in place ("" if it can)."""

@@ -29,7 +29,7 @@ guest number, signals that arrived during the upgrade); and `clients`, each as i
 connection's `capture` says (connection.py, chat.py) with its socket in `fds`. A record of
 another format is refused by the new code, and the old one keeps serving.
 
-Tests: tests/process/test_upgrade.py, tests/unit/test_upgrade.py
+Tests: tests/process/test_upgrade.py, tests/unit/test_upgrade_parts.py
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .errors import ChatdError
+from . import __version__, daemon
+from .errors import EXIT_FAILED, ChatdError
 
 if TYPE_CHECKING:
     from .server import Server
@@ -193,8 +193,9 @@ class Handover:
     """The running daemon's side of `chatd upgrade` (module docstring): start the new code,
     wait for its hello, freeze, send everything, and commit or take it all back."""
 
-    def __init__(self, server: Server, timeout: float) -> None:
+    def __init__(self, server: Server, timeout: float, answer: Any) -> None:
         self.server = server
+        self.answer = answer         # writes the control client's answer at once
         self.timeout = timeout
         self.began = time.monotonic()
         self.deadline = self.began + timeout
@@ -202,10 +203,14 @@ class Handover:
         self.child: subprocess.Popen[bytes] | None = None
         self.output = bytearray()    # the new process's stdout and stderr, until it takes over
         self.aborted = ""            # why the upgrade was called off (a stop signal)
+        self.answered = False
+        self.failure = ""            # why it did not happen
+        self.killed = False
+        self.finished = asyncio.Event()   # run() is over (a stop waits for it)
 
-    async def run(self, answer: Any) -> dict[str, Any]:
-        """Upgrade, or say why not. On success this never returns: after the commit the old
-        process answers through `answer` (the control client's socket) and exits."""
+    async def run(self) -> None:
+        """Upgrade, or say why not, through `answer` (the control client's socket). On success
+        this never returns: after the commit the old process answers and exits."""
         server = self.server
         server.runtime.notifier.reloading()
         paused = False
@@ -217,21 +222,30 @@ class Handover:
             record, fds = self._capture()
             self._hand(record, fds)                      # frozen from here on: no await
             ready = self._prepared()
-            self._commit(hello, ready, record, answer)   # never returns
+            self._commit(hello, ready, record)   # never returns
         except UpgradeFailed as e:
-            self._kill()
-            if paused:
+            self.give_up(str(e))
+            if paused and server.stop_signal is None:
                 server.resume_accepting()
             server.runtime.notifier.ready(server.status_text())
-            return {"ok": False, "error": str(e), "status": e.status}
         finally:
             if self.channel is not None:
                 self.channel.close()
-        raise AssertionError("unreachable")
+            self.finished.set()
 
     def abort(self, why: str) -> None:
-        """A stop signal during the upgrade: give it up (checked while waiting for the hello)."""
+        """A stop signal during the upgrade: give it up at once (the server then stops, and
+        its loop may not run again to see this task through)."""
         self.aborted = why
+        self.give_up(f"upgrade called off: {why}")
+
+    def give_up(self, why: str) -> None:
+        """Kill the new process (it touched no socket) and answer, once."""
+        self._kill()
+        if not self.answered:
+            self.answered = True
+            self.failure = why
+            self.answer({"ok": False, "error": why, "status": EXIT_FAILED})
 
     # ------------------------------------------------------------------ steps
 
@@ -241,9 +255,7 @@ class Handover:
         env = dict(os.environ, **{ENV: str(theirs.fileno())})
         command = self.server.runtime.command
         try:
-            self.child = subprocess.Popen(command, pass_fds=(theirs.fileno(),), env=env, cwd="/",
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT)
+            self.child = daemon.spawn(command, theirs.fileno(), env)
         except OSError as e:
             raise UpgradeFailed(f"cannot start {command[0]}: {e.strerror or e}") from None
         finally:
@@ -254,7 +266,8 @@ class Handover:
 
     def _read_output(self) -> None:
         """Keep the end of what the new process wrote (its own error message, if it fails)."""
-        assert self.child is not None and self.child.stdout is not None
+        if self.child is None or self.child.stdout is None or self.child.stdout.closed:
+            return
         try:
             while chunk := os.read(self.child.stdout.fileno(), 65536):
                 self.output += chunk
@@ -378,8 +391,7 @@ class Handover:
                 return body
             raise UpgradeFailed(f"the new chatd said {kind!r}, not prepared")
 
-    def _commit(self, hello: dict[str, Any], ready: dict[str, Any], record: dict[str, Any],
-                answer: Any) -> None:
+    def _commit(self, hello: dict[str, Any], ready: dict[str, Any], record: dict[str, Any]) -> None:
         """No way back: systemd learns the new main pid, the new process serves, we answer
         and leave without a loop pass (which would read, write or close clients)."""
         assert self.channel is not None and self.child is not None
@@ -397,16 +409,18 @@ class Handover:
         clients = len(record["clients"])
         log.info("upgrade: handed over to chatd %s (pid %d) in %.3f s, %d clients; exiting",
                  hello.get("version"), pid, took, clients)
-        answer({"ok": True, "old": {"version": __version__, "pid": os.getpid()},
+        self.answered = True
+        self.answer({"ok": True, "old": {"version": __version__, "pid": os.getpid()},
                 "new": {"version": hello.get("version"), "pid": pid},
                 "took_s": round(took, 3), "clients": clients})
         server.runtime.handed_over()
-        os._exit(0)
+        daemon.end(0)
 
     def _kill(self) -> None:
         """The new process, if it lives, is killed and reaped; it touched no socket."""
-        if self.child is None:
+        if self.child is None or self.killed:
             return
+        self.killed = True
         if self.child.poll() is None:
             self.child.kill()
         try:
@@ -474,7 +488,8 @@ class Takeover:
             self.channel.send("fail", {"error": message})
         except OSError:
             pass
-        os._exit(1)
+        daemon.end(1)
+        raise AssertionError("unreachable")
 
     async def prepared(self, info: dict[str, Any]) -> dict[str, Any]:
         """Say we are ready to serve, and wait for the old process's commit."""
@@ -506,15 +521,17 @@ class Takeover:
         meanwhile is kept), then each is handed its connection, so none writes to a room
         member that has no transport yet; the ones lost meanwhile leave last."""
         loop = asyncio.get_running_loop()
-        adopters = [Adopter(conn, saved["output"]) for conn, saved in clients]
+        adopters = [Adopter(conn, saved) for conn, saved in clients]
 
         async def connect(adopter: Adopter, slot: int) -> None:
-            sock = self.sock(slot)
+            sock = None
             try:
+                sock = self.sock(slot)
                 sock.setblocking(False)
                 await loop.connect_accepted_socket(lambda: adopter, sock)
             except (OSError, RuntimeError) as e:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 adopter.lost = (e,)
 
         await asyncio.gather(*(connect(a, saved["fd"]) for a, (_, saved) in zip(adopters, clients)))
@@ -529,9 +546,9 @@ class Adopter(asyncio.Protocol):
     socket as soon as its transport is made, whatever the protocol asks, so what arrives
     first is kept here and put behind the input the old process had not yet handled."""
 
-    def __init__(self, conn: Any, output: bytes) -> None:
+    def __init__(self, conn: Any, saved: dict[str, Any]) -> None:
         self.conn = conn
-        self.output = output
+        self.saved = saved
         self.transport: Any = None
         self.early: list[bytes] = []
         self.eof = False
@@ -564,7 +581,7 @@ class Adopter(asyncio.Protocol):
             conn.in_lines += early.count(b"\n")
             conn.backlog += early
         transport.set_protocol(conn)
-        conn.adopt(transport, self.output)
+        conn.adopt(transport, self.saved)
         if self.eof:
             while conn.backlog and not conn.closing:
                 backlog, conn.backlog = conn.backlog, b""
