@@ -53,7 +53,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from upgradeload import alive, read_pid   # a sibling: this script's directory is on sys.path
 
@@ -580,6 +580,20 @@ def cpu_per_line(run: Run, key: str = "srv_cpu") -> float | None:
     return cpu / 100 * 1e6 / rate if rate and cpu is not None and cpu >= 0 else None
 
 
+def measured(by_server: dict[str, list[Run]], out: list[str],
+             cells: int) -> Iterator[tuple[str, list[Run], list[Run]]]:
+    """Each server that ran: its name, runs and runs with a result; one that has none gets a
+    row of its failure in `out` (and `cells` empty cells after it) instead."""
+    for name, group in by_server.items():
+        ok = [r for r in group if r.result]
+        if not group:
+            continue
+        if not ok:
+            out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} |" + "|" * cells)
+            continue
+        yield name, group, ok
+
+
 def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> list[str]:
     mode, _, title = WORKLOADS[workload]
     out = [f"### {workload}: {title}", ""]
@@ -590,13 +604,7 @@ def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> 
     if mode == "hold":
         out += ["| server | runs | open at end / asked | failed or closed | probes answered | server RSS MiB before -> after | RSS B per connection | errors |",
                 "|---|---|---|---|---|---|---|---|"]
-        for name, group in by_server.items():
-            ok = [r for r in group if r.result]
-            if not group:
-                continue
-            if not ok:
-                out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} ||||||")
-                continue
+        for name, group, ok in measured(by_server, out, 5):
             rss0 = median([r.num("srv_rss0_kb") for r in ok])
             rss1 = median([r.num("srv_rss1_kb") for r in ok])
             out.append(f"| {name} | {len(ok)} | {spread([r.num('open_end') for r in ok])} / {ok[0].result.get('conns')} "
@@ -612,13 +620,7 @@ def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> 
             + ("redis CPU us per line | " if bus else "")
             + "server RSS MiB | errors | loadgen CPU % |",
             "|---|---|---|" + "---|" * len(refs) + "---|---|---|---|---|---|" + ("---|" if bus else "")]
-    for name, group in by_server.items():
-        if not group:
-            continue
-        ok = [r for r in group if r.result]
-        if not ok:
-            out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} |" + "|" * (len(refs) + 6 + bus))
-            continue
+    for name, group, ok in measured(by_server, out, len(refs) + 6 + bus):
         rate = median([r.num("lines_per_s") for r in ok])
         ratios = ""
         for ref in refs:
@@ -636,21 +638,17 @@ def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> 
     return out + [""]
 
 
+def pooled(runs: list[Run], key: str) -> list[float]:
+    """A per-upgrade figure (upgradeload's comma-separated lists) of every upgrade of `runs`."""
+    return [float(v) for r in runs for v in r.result.get(key, "").split(",") if v]
+
+
 def upgrade_rows(by_server: dict[str, list[Run]]) -> list[str]:
     """A `u` workload's rows: every upgrade of every run pooled, median [min-max]."""
-    def pooled(runs: list[Run], key: str) -> list[float | None]:
-        return [float(v) for r in runs for v in r.result.get(key, "").split(",") if v]
-
     out = ["| server | runs | upgrades | `chatd upgrade` ms | until the new code serves, ms | pause ms "
            "(longest round trip) | round trip outside upgrades p50 / p99 / max us | round trips | "
            "fresh connections | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, group in by_server.items():
-        ok = [r for r in group if r.result]
-        if not group:
-            continue
-        if not ok:
-            out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} |||||||")
-            continue
+    for name, group, ok in measured(by_server, out, 7):
         outside = " / ".join(spread([r.num(k) for r in ok], 1) for k in ("rtt_p50_us", "rtt_p99_us", "rtt_max_us"))
         out.append(f"| {name} | {len(ok)} | {len(pooled(ok, 'cmd_ms'))} | {spread(pooled(ok, 'cmd_ms'), 1)} "
                    f"| {spread(pooled(ok, 'serve_ms'), 1)} | {spread(pooled(ok, 'pause_ms'), 1)} | {outside} "
@@ -881,13 +879,12 @@ def upgrade_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
             if not ok:
                 checks.append((label, False, group[-1].failure))
                 continue
-            pooled = {key: [float(v) for r in ok for v in r.result.get(key, "").split(",") if v]
-                      for key in ("cmd_ms", "serve_ms", "pause_ms")}
-            figures = "; ".join(f"{what} median {median(pooled[key]) or 0:,.0f} ms (max {max(pooled[key], default=0):,.0f})"
+            figures = "; ".join(f"{what} median {median(pooled(ok, key)) or 0:,.0f} ms "
+                                f"(max {max(pooled(ok, key), default=0):,.0f})"
                                 for what, key in (("chatd upgrade", "cmd_ms"), ("new code serving after", "serve_ms"),
                                                   ("pause", "pause_ms")))
             lost = sum(errors(r) for r in group)
-            checks.append((label, lost == 0, f"{len(pooled['cmd_ms'])} upgrades, {int(ok[0].result['conns']):,} "
+            checks.append((label, lost == 0, f"{len(pooled(ok, 'cmd_ms'))} upgrades, {int(ok[0].result['conns']):,} "
                            f"connections: {figures}; round trip outside upgrades p50 "
                            f"{median([r.num('rtt_p50_us') for r in ok]) or 0:,.0f} us; {lost} errors"))
     return checks

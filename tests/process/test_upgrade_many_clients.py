@@ -3,7 +3,7 @@ takes: the upgrade channel's descriptor is then past 1,023 in both processes, an
 the new chatd must still hear each other (a select() on it failed, and the upgrade with it,
 without a word: found by the benchmark's u workloads at 5,000 connections, tests/perf).
 
-Through the real `chatd start` and `chatd upgrade`; the clients are plain sockets on
+Through the real `chatd start` and `chatd upgrade`; the clients are LineClients on
 127.0.0.1, every one echoing a line before and after; the daemons are the fixture's,
 stopped by pid at teardown.
 """
@@ -11,36 +11,28 @@ stopped by pid at teardown.
 from __future__ import annotations
 
 import re
-import socket
 
-from support import fd_count, wait_for
+from support import LineClient, fd_count, wait_for
 
 CLIENTS = 1100
 
 
-def echo_all(socks: list[socket.socket], tag: bytes) -> None:
-    """Every socket sends its own line, then every one must get exactly it back."""
-    for n, s in enumerate(socks):
-        s.sendall(b"%s %d\n" % (tag, n))
-    for n, s in enumerate(socks):
-        want = b"%s %d\n" % (tag, n)
-        got = b""
-        while len(got) < len(want):
-            chunk = s.recv(len(want) - len(got))
-            assert chunk, f"client {n}: closed after {got!r}"
-            got += chunk
-        assert got == want, (n, got)
+def echo_all(clients: list[LineClient], tag: bytes) -> None:
+    """Every client sends its own line, then every one must get exactly it back."""
+    for n, c in enumerate(clients):
+        c.send(b"%s %d\n" % (tag, n))
+    for n, c in enumerate(clients):
+        assert c.recv_line() == b"%s %d\n" % (tag, n), n
 
 
 def test_upgrade_past_1024_descriptors(make_chatd):
     chatd = make_chatd(extra_config="[limits]\nmax_clients_per_ip = 0\nrate = 0\n")
     old = chatd.start()
-    socks = []
+    clients: list[LineClient] = []
     try:
         for _ in range(CLIENTS):
-            s = socket.create_connection(("127.0.0.1", chatd.port), timeout=10)
-            socks.append(s)
-        echo_all(socks, b"before")
+            clients.append(LineClient(chatd.port))
+        echo_all(clients, b"before")
         assert fd_count(old) > 1024
         done = chatd.cmd("upgrade", timeout=60)
         assert done.returncode == 0, (done.stdout, done.stderr, chatd.log_text()[-2000:])
@@ -48,7 +40,7 @@ def test_upgrade_past_1024_descriptors(make_chatd):
         new = chatd.pid()
         assert new != old
         wait_for(lambda: fd_count(new) > CLIENTS, what="the new chatd to hold every client")
-        echo_all(socks, b"after")
+        echo_all(clients, b"after")
     finally:
-        for s in socks:
-            s.close()
+        for c in clients:
+            c.close()
