@@ -31,6 +31,11 @@ reported apart. Workers (workload w1000): chatd-1worker against chatd-2workers (
 on a private redis-server) on echo at 1,000 connections, neither pinned, so that two workers can
 spread over the cores. These need redis-server and the redis Python package (chatd[cluster]):
 without them they are left out, or, under CHATD_REQUIRE_REAL=1, the run fails.
+Live upgrade (issue 16; workloads u1k, u200): upgradeload.py holds 1,000 (200) connections to
+chatd started as a daemon, 32 of them echoing, opens fresh ones one at a time, and runs `chatd
+upgrade` 5 (2) times: its wall time, the time until the new code serves and the longest round
+trip during each (the pause); any line lost or garbled, disconnect or refused connect fails the
+run, in --short too.
 Exit status: 1 if any run lost or garbled a line, or a server failed; 2 if the load generator
 cannot be built (no C compiler); else 0.
 """

@@ -21,21 +21,19 @@ counting connects that fail. After `--gap` seconds it runs UPGRADE-COMMAND (say 
   (`rtt_p50_us`, `rtt_p99_us`, `rtt_max_us`).
 
 The old pid must be gone within 5 s of its successor serving. At the end every connection,
-idle or active, must echo one more line within `--stall` seconds. Errors (`errors=`, the sum): `garbled` (a reply that is
-not its line), `disconnects` (a connection closed or reset by the server, or sent something
-unasked), `stalled` (a line unanswered for `--stall` seconds), `refused` (a fresh connection
-that failed: refused, reset, closed or wrong), `upgrade_failed` (the command's exit status, an
-old pid that lives on, a pid that does not change or code that does not serve within
-`--serve-timeout` seconds), and
-`unanswered` (connections that did not echo at the end). Last line: `RESULT mode=upgrade
-key=value ...`, the per-upgrade figures as comma-separated lists. Loopback only; every phase has
-a deadline.
+idle or active, must echo one more line within `--stall` seconds. Errors (`errors=`, the sum):
+`garbled` (a reply that is not its line), `disconnects` (a connection closed or reset by the
+server, or sent something unasked), `stalled` (a line unanswered for `--stall` seconds),
+`refused` (a fresh connection that failed: refused, reset, closed or wrong), `upgrade_failed`
+(the command's exit status, an old pid that lives on, a pid that does not change or code that
+does not serve within `--serve-timeout` seconds) and `unanswered` (connections that did not
+echo at the end). Last line: `RESULT mode=upgrade key=value ...`, the per-upgrade figures as
+comma-separated lists. Loopback only; every phase has a deadline.
 """
 
 from __future__ import annotations
 
 import argparse
-from array import array
 import errno
 import os
 import resource
@@ -46,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 
 SIZE = 64                 # bytes per line, LF included
 CONNECT_S = 20.0          # to open and probe every connection
@@ -113,7 +112,7 @@ class Load:
         self.conns: list[Conn] = []
         self.active: list[Conn] = []
         # every active round trip's send and reply times: arrays, which the garbage collector
-        # does not walk (a list of a million tuples made its passes pauses of their own)
+        # does not walk (a run's hundreds of thousands of tuples would make its passes long)
         self.sent = array("d")
         self.got = array("d")
         self.count = dict.fromkeys(("garbled", "disconnects", "stalled", "refused", "upgrade_failed",
@@ -143,11 +142,11 @@ class Load:
             self.sel.register(sock, selectors.EVENT_READ, conn)
         for conn in self.conns:
             self.send(conn, time.perf_counter())
-        while any(c.expect for c in self.conns) and time.monotonic() < deadline:
+        while any(c.expect and not c.dead for c in self.conns) and time.monotonic() < deadline:
             for key, _ in self.sel.select(0.1):
                 self.on_readable(key.data, time.perf_counter(), record=False)
         for conn in self.conns:
-            if conn.expect:
+            if conn.expect and not conn.dead:
                 self.problem("unanswered", f"connection {conn.n}: no echo of its first line")
         self.active = self.conns[:a.active]
 
@@ -280,16 +279,14 @@ class Load:
             self.step(min(0.01, end - time.perf_counter()))
 
     def upgrade(self, out: str) -> tuple[float, float, float]:
-        """One upgrade: its command's wall time, the time until the new code serves, and the
-        window (start, end) in which round trips count as the upgrade's."""
+        """One upgrade: its command's wall time, the time until the new code serves, and how
+        long from the start round trips count as the upgrade's (until both), in seconds."""
         a = self.args
         old = read_pid(a.pidfile)
         with open(out, "ab") as sink:
             began = time.perf_counter()
             proc = subprocess.Popen(a.command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
-        cmd_s = serve_s = 0.0
-        new = 0
-        changed_at = 0.0
+        cmd_s = serve_s = changed_at = 0.0
         next_read = began
         while not (cmd_s and serve_s):
             now = time.perf_counter()
