@@ -223,8 +223,8 @@ class Handover:
             self._hand(record, fds)                      # frozen from here on: no await
             ready = self._prepared()
             self._commit(hello, ready, record)   # never returns
-        except UpgradeFailed as e:
-            self.give_up(str(e))
+        except Exception as e:   # noqa: BLE001 - whatever went wrong, the old one serves on
+            self.give_up(str(e) if isinstance(e, UpgradeFailed) else f"internal error: {type(e).__name__}: {e}")
             if paused and server.stop_signal is None:
                 server.resume_accepting()
             server.runtime.notifier.ready(server.status_text())
