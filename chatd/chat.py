@@ -49,6 +49,7 @@ SLOW_TICKS = 3             # ...and must have taken a line's worth in the last t
 WARN_S = 1.0               # at most one warning a second to a sender whose lines were dropped
 LEDGER_ENTRY = 128         # what one entry of a recipient's `charges` costs, charged as bytes
 UNREAD = error("others are not reading your lines fast enough, some were dropped")
+_fanned = b""   # what `fanout` is writing: a member whose transport it pauses keeps it as `tail`
 PLAIN_LINE = re.compile(rb"[\x20-\x7e\t]*")   # printable ASCII and TAB: nothing to sanitize
 PLAIN_BLOCK = re.compile(rb"(?:[\x20\t]*[\x21-\x7e][\x20-\x7e\t]*\n)+")   # such lines, none blank
 # Lines that clean to nothing (README "Chat mode"), a run at a time: blanks, C0 and C1
@@ -265,6 +266,8 @@ class ChatConnection(Connection):
         for members with nothing queued, the common case. With a hundred members this loop
         is most of what chat costs in Python: inlined, it takes about 110 ns a member rather
         than 170 (Python 3.11, the write itself not counted)."""
+        global _fanned
+        _fanned = data   # once a call, not a check a member: `pause_writing` takes it
         n = len(data)
         for member in tuple(members):   # a send may drop a member
             if member is skip:
@@ -274,8 +277,6 @@ class ChatConnection(Connection):
                 if not member.closing and not transport.is_closing():
                     member.handed += n
                     transport.write(data)
-                    if member.outbox is not None:   # paused by this write: see `send`
-                        member.tail = data
             else:
                 member.send(data, by)
 
@@ -347,6 +348,12 @@ class ChatConnection(Connection):
                 charges[sender] = n - take
             sender.owed -= take
             self.billed -= take
+
+    def pause_writing(self) -> None:
+        """As any connection's; a write of `fanout` that pauses the transport is its tail
+        (connection.queued). Every other write names its own tail after it, which wins."""
+        super().pause_writing()
+        self.tail = _fanned
 
     def resume_writing(self) -> None:
         """The transport drained: the outbox follows, and what drained is given back."""

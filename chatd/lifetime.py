@@ -198,6 +198,11 @@ def take_over(takeover: upgrade.Takeover) -> int:
         if control is not None:
             control.sock.listen(16)   # its peers' SO_PEERCRED name whoever listened last: us
         held.released = False
+        if record["target"] == "stderr":
+            try:
+                logs.stderr_replaced(cfg)
+            except ChatdError as e:
+                log.warning("%s", e.message)
     takeover.on_commit = commit
     try:
         try:

@@ -96,8 +96,8 @@ def _send_whole(send: Callable[[bytes], int], data: bytes, what: str) -> None:
 
 
 @functools.cache
-def _stderr_writer() -> Callable[[bytes], int]:
-    """A write to stderr that never waits for its reader.
+def _stderr_writer() -> tuple[Callable[[bytes], int], Callable[[], None]]:
+    """A write to stderr that never waits for its reader, and how to let go of it.
 
     Under `chatd run`, stderr may be a pipe or a terminal nobody reads (or one stopped with
     Ctrl-S), or the journal's socket: one blocking write there would stop the event loop and
@@ -105,16 +105,16 @@ def _stderr_writer() -> Callable[[bytes], int]:
     written through a description of chatd's own, opened non-blocking through /proc/self/fd/2
     (O_NONBLOCK on the inherited description would reach the shell and whoever else shares it);
     a regular file, which never makes a writer wait, as it is. Opened once, before privileges
-    are dropped, and kept for the process's life, as fd 2 itself is.
+    are dropped, and kept as long as fd 2 is the same file (`Logging.stderr_replaced`).
     """
     mode = os.fstat(2).st_mode
     if stat.S_ISSOCK(mode):
         sock = socket.socket(fileno=os.dup(2))
-        return lambda data: sock.send(data, socket.MSG_DONTWAIT)
+        return (lambda data: sock.send(data, socket.MSG_DONTWAIT)), sock.close
     if stat.S_ISREG(mode):
-        return lambda data: os.write(2, data)
+        return (lambda data: os.write(2, data)), lambda: None
     fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    return lambda data: os.write(fd, data)
+    return (lambda data: os.write(fd, data)), lambda: os.close(fd)
 
 
 class StderrTarget(logging.Handler):
@@ -123,7 +123,7 @@ class StderrTarget(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.write = _stderr_writer()
+        self.write = _stderr_writer()[0]
 
     def emit(self, record: logging.LogRecord) -> None:
         data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
@@ -442,6 +442,14 @@ class Logging:
             old.close()
         log.setLevel(cfg.log.level.upper())
         self.description = description
+
+    def stderr_replaced(self, cfg: Config) -> None:
+        """fd 2 is another file now (at a live upgrade's commit, the old process's stderr took
+        the place of the pipe it read ours from): log there, and let go of the old writer."""
+        _, release = _stderr_writer()
+        _stderr_writer.cache_clear()
+        self.configure(cfg, "stderr")
+        release()
 
     def _changed(self, failure: str) -> None:
         self.on_change(self.status())

@@ -153,6 +153,14 @@ class LineClient:
         self.timeout = timeout
         self.buf = b""
 
+    @classmethod
+    def adopt(cls, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> "LineClient":
+        """A client over a socket connected elsewhere (in a container's network namespace)."""
+        client = cls.__new__(cls)
+        client.sock, client.timeout, client.buf = sock, timeout, b""
+        sock.settimeout(timeout)
+        return client
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd import config
+from chatd import config, control
 from conftest import require_real
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,6 +138,18 @@ def test_service_restarts_watches_and_stops_gracefully(service):
     drain = config.KEYS["daemon.drain_timeout"].default
     assert drain == 10
     assert seconds(one(service, "TimeoutStopSec")) > drain
+
+
+def test_service_stops_through_chatd_stop(service):
+    """ExecStop= is `chatd stop`, which sends SIGUSR1 and waits for the exit: systemd itself does
+    not wait for a main pid that a live upgrade started (README "Running under systemd").
+    TimeoutStopSec leaves room for its steps: SIGTERM after drain_timeout + 5 s, SIGKILL and
+    the wait for it KILL_WAIT_S each."""
+    start = exec_argv(service, "ExecStart")
+    stop = exec_argv(service, "ExecStop")
+    assert stop[0] == start[0] and stop[1:] == ["stop", "-c", CONF], stop
+    drain = config.KEYS["daemon.drain_timeout"].default
+    assert seconds(one(service, "TimeoutStopSec")) > drain + 5 + 2 * control.KILL_WAIT_S
 
 
 def test_service_runtime_directory_and_fd_limit(service):

@@ -602,6 +602,7 @@ def test_control_races_never_leave_two_daemons_or_a_lie(chatd):
 
 # ------------------------------------------------------------------ 3. crash and recovery
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_blocks_the_next_start(chatd):
     inst = chatd
     rng = random.Random(7)

@@ -921,7 +921,7 @@ BUSY_DETECT_BOUND = DETECT_BOUND + 3
     pytest.param("uvloop", "chat", "#ghost", id="uvloop-chat-quiet-room", marks=pytest.mark.slow),
     pytest.param("uvloop", "echo", "-", id="uvloop-echo", marks=pytest.mark.slow),
     pytest.param("asyncio", "chat", "#ghost", id="asyncio-chat-quiet-room", marks=pytest.mark.slow),
-    pytest.param("uvloop", "chat", "#lobby", id="uvloop-chat-busy-room"),
+    pytest.param("uvloop", "chat", "#lobby", id="uvloop-chat-busy-room", marks=pytest.mark.slow),
 ])
 def test_keepalive_finds_a_peer_that_vanished_without_a_fin(make_chatd, loop, mode, room):
     """A client in a network namespace of the test's own, behind a veth pair, goes silent for good:

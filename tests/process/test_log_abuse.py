@@ -251,6 +251,7 @@ def test_stderr_that_nobody_reads_never_freezes_chatd_run(chatd, kind):
         os.close(tests_end)
 
 
+@pytest.mark.slow
 def test_a_stream_syslog_that_stops_accepting_never_freezes_the_daemon(chatd, tmp_path):
     """1. a stream "syslog" socket that never accepts (listen(0)), its backlog filled by the
     test's own connection; 2. `chatd start` (level debug) with it as `syslog_socket`; ECHOES

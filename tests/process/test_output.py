@@ -9,7 +9,7 @@ from support import LineClient
 
 # The keys `chatd status --json` always prints (README, "Commands").
 STATUS_KEYS = {"running", "pid", "version", "address", "mode", "clients", "uptime_s", "started",
-               "event_loop", "log", "last_restart", "pidfile", "config", "stale_pid", "pid_problem"}
+               "event_loop", "log", "last_restart", "last_upgrade", "pidfile", "config", "stale_pid", "pid_problem"}
 
 
 def test_a_rejected_restart_says_its_reason_once_on_stderr(chatd):

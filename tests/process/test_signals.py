@@ -143,6 +143,7 @@ def test_reload_and_restart_of_a_stopped_instance(chatd):
     assert chatd.cmd("status").returncode == 0
 
 
+@pytest.mark.slow
 def test_restart_with_no_answer_times_out_with_exit_1(chatd):
     pid = chatd.start()
     os.kill(pid, signal.SIGSTOP)

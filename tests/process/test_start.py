@@ -166,6 +166,7 @@ def test_kill_9_then_status_1_then_start_works(chatd):
         assert c.recv_line() == b"x\n"
 
 
+@pytest.mark.slow
 def test_stop_and_start_in_a_loop_never_meets_address_in_use(chatd):
     for i in range(10):
         chatd.cmd("start", check=0)

@@ -7,7 +7,9 @@ nspawn has exited. The SHIPPED unit files are bound read-only to /etc/systemd/sy
 drop-in adjusts only the paths (Debian's /usr/bin/python3 with PYTHONPATH=/srv/chatd, the
 read-only checkout), and a second, empty at first, takes WatchdogSec=2 for the watchdog test.
 The config lives in a host directory bound read-only to /etc/chatd, so the test rewrites it
-between reloads. systemctl, journalctl and the TCP clients run through `nsenter` into the
+between reloads. For the live upgrade, versions of chatd are installed side by side
+(tests/installs.py) in a host directory bound read-only to /srv/chatd-installs, and a third
+drop-in points PYTHONPATH at its `current` link, which the test flips between them. systemctl, journalctl and the TCP clients run through `nsenter` into the
 container's init; the daemon's port is 7777 on the container's own loopback.
 
 Safety: never a systemd manager outside the container, never `--ephemeral -D /`, one container
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +36,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require_real
+from installs import IMPORT_FAILS, Installs
+from support import LineClient, figures
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 7777
@@ -46,9 +52,14 @@ ExecStart=
 ExecStart=/usr/bin/python3 -m chatd run -c /etc/chatd/chatd.conf
 ExecReload=
 ExecReload=/usr/bin/python3 -m chatd reload -c /etc/chatd/chatd.conf
+ExecStop=
+ExecStop=/usr/bin/python3 -m chatd stop -c /etc/chatd/chatd.conf
 Environment=PYTHONPATH=/srv/chatd
 """
 WATCHDOG_DROPIN = "[Service]\nWatchdogSec=2\n"
+# Whatever `current` points at is the chatd installed now: what `python3 -m chatd` imports.
+INSTALLS = "/srv/chatd-installs"
+UPGRADE_DROPIN = f"[Service]\nEnvironment=PYTHONPATH={INSTALLS}/current\n"
 
 CONFIG = """\
 [server]
@@ -82,6 +93,15 @@ while len(buf) < want:
     buf += chunk
 s.close()
 sys.stdout.write(buf.hex())
+"""
+
+# Connects argv[2] clients to port argv[1] on the container's loopback and hands their sockets
+# to the test through the Unix socket on descriptor argv[3], so they outlive this process.
+CONNECT = r"""
+import socket, sys
+port, count, fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+socket.send_fds(socket.socket(fileno=fd), [b"clients"], [c.fileno() for c in clients])
 """
 
 
@@ -134,6 +154,8 @@ class Container:
         self.workdir = workdir
         self.config = workdir / "etc-chatd" / "chatd.conf"
         self.watchdog_dropin = workdir / "watchdog.conf"
+        self.upgrade_dropin = workdir / "upgrade.conf"
+        self.installs = Installs(workdir / "installs")
 
     # ---------------------------------------------------------------- commands inside
 
@@ -164,7 +186,7 @@ class Container:
     def journal(self, unit: str = "chatd.service") -> str:
         if self.nspawn.poll() is not None:
             return "(container gone)"
-        proc = subprocess.run(["nsenter", "-t", str(self.init), "-a", "journalctl", "--no-pager",
+        proc = subprocess.run(["nsenter", "-t", str(self.init), "-a", "journalctl", "--no-pager", "-q",
                                "-o", "short-monotonic", "-u", unit], env=ENV, stdin=subprocess.DEVNULL,
                               capture_output=True, timeout=30, cwd="/")
         return proc.stdout.decode(errors="replace")
@@ -177,6 +199,28 @@ class Container:
         assert proc.returncode == 0, (f"client failed: {proc.stderr.decode(errors='replace')}\n"
                                       f"journal:\n{self.journal()[-3000:]}")
         return bytes.fromhex(proc.stdout.decode())
+
+    def clients(self, count: int, timeout: float = 10.0) -> list[LineClient]:
+        """`count` connections to port 7777 on the container's loopback, held by this process."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours, theirs:
+            proc = subprocess.Popen(["nsenter", "-t", str(self.init), "-n", "/usr/bin/python3", "-I", "-c",
+                                     CONNECT, str(PORT), str(count), str(theirs.fileno())], env=ENV,
+                                    stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/",
+                                    pass_fds=(theirs.fileno(),))
+            theirs.close()
+            try:
+                ours.settimeout(timeout + 20)
+                _, fds, _, _ = socket.recv_fds(ours, 64, count)
+            finally:
+                _, err = proc.communicate(timeout=timeout + 20)
+            assert len(fds) == count, f"{len(fds)} of {count} clients connected: {err.decode(errors='replace')}"
+        return [LineClient.adopt(socket.socket(fileno=fd), timeout) for fd in fds]
+
+    def chatd(self, *args: str, check: int | None = 0, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """The checkout's chatd command inside, as root types it (whichever version the daemon runs)."""
+        return self.run("/usr/bin/env", "PYTHONPATH=/srv/chatd", "/usr/bin/python3", "-m", "chatd", *args,
+                        "-c", "/etc/chatd/chatd.conf", check=check, timeout=timeout)
 
     def proc_status(self, pid: int) -> dict[str, str]:
         """/proc/PID/status as the container sees it (PID is a pid of the container)."""
@@ -210,6 +254,8 @@ def _nspawn_command(name: str, workdir: Path) -> list[str]:
         str(REPO / "systemd" / "chatd.socket"): "/etc/systemd/system/chatd.socket",
         str(workdir / "paths.conf"): "/etc/systemd/system/chatd.service.d/test.conf",
         str(workdir / "watchdog.conf"): "/etc/systemd/system/chatd.service.d/watchdog.conf",
+        str(workdir / "upgrade.conf"): "/etc/systemd/system/chatd.service.d/upgrade.conf",
+        str(workdir / "installs"): INSTALLS,
         str(workdir / "etc-chatd"): "/etc/chatd",
         "/dev/null": "/etc/systemd/system/systemd-firstboot.service",
     }
@@ -302,8 +348,10 @@ def box():
     workdir.chmod(0o755)   # DynamicUser: the config must be world-readable
     (workdir / "etc-chatd").mkdir(mode=0o755)
     (workdir / "paths.conf").write_text(PATHS_DROPIN)
-    (workdir / "watchdog.conf").write_text("")
-    for f in ("paths.conf", "watchdog.conf"):
+    (workdir / "installs").mkdir(mode=0o755)
+    for f in ("watchdog.conf", "upgrade.conf"):
+        (workdir / f).write_text("")
+    for f in ("paths.conf", "watchdog.conf", "upgrade.conf"):
         (workdir / f).chmod(0o644)
     console = workdir / "console.log"
     cgroups = [root / f"chatd-test-{ident}" for root in roots]
@@ -453,8 +501,7 @@ def test_socket_activation(fresh):
     props = box.show("chatd.service", "ActiveState", "SubState", "StatusText", "MainPID")
     assert props["ActiveState"] == "active" and props["SubState"] == "running", props
     assert "systemd: chatd" in props["StatusText"], props
-    status = box.run("/usr/bin/env", "PYTHONPATH=/srv/chatd", "/usr/bin/python3", "-m", "chatd", "status",
-                     "-c", "/etc/chatd/chatd.conf", check=0).stdout.decode()
+    status = box.chatd("status").stdout.decode()
     assert f"pid {props['MainPID']}" in status and "systemd: chatd" in status, status
     journal = box.journal()
     assert "socket activation" in journal, journal[-3000:]
@@ -526,3 +573,229 @@ def test_hardening(fresh):
     user = box.run("ps", "-o", "user=", "-p", str(pid), check=0).stdout.decode().strip()
     assert user and user != "root", user
     assert box.echo(b"hardened\n") == b"hardened\n"
+
+
+# -------------------------------------------------------------------- live upgrade
+
+VERSION_A, VERSION_B, VERSION_BROKEN = "41.0.0", "42.0.0", "43.0.0"
+
+
+@pytest.fixture(scope="module")
+def installed(box):
+    """Versions A and B of chatd, and one that fails at import, side by side under /srv/chatd-installs."""
+    for name, version, change in (("a", VERSION_A, None), ("b", VERSION_B, None),
+                                  ("broken", VERSION_BROKEN, IMPORT_FAILS)):
+        box.installs.make(name, version, change)
+    return box.installs
+
+
+@pytest.fixture
+def upgradable(fresh, installed):
+    """chatd.service runs whatever /srv/chatd-installs/current holds (A to begin with), with
+    WatchdogSec=2: a process that stopped pinging during or after an upgrade is killed in the test."""
+    box = fresh
+    installed.use("a")
+    box.upgrade_dropin.write_text(UPGRADE_DROPIN)
+    box.watchdog_dropin.write_text(WATCHDOG_DROPIN)
+    try:
+        box.systemctl("daemon-reload")
+        yield box
+    finally:
+        box.systemctl("stop", "chatd", check=None)
+        box.upgrade_dropin.write_text("")
+        box.watchdog_dropin.write_text("")
+        box.systemctl("daemon-reload", check=None)
+
+
+def _status(box: Container) -> dict:
+    return json.loads(box.chatd("status", "--json").stdout)
+
+
+def _gone_inside(box: Container, pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while box.alive_inside(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not box.alive_inside(pid)
+
+
+def _upgrade(box: Container, old: str, new: str, old_pid: int) -> tuple[int, float]:
+    """`chatd upgrade` as root inside; the unit must have taken the new main pid, with no
+    restart, no reload left hanging and the watchdog fed by the new process. Its pid, and the
+    seconds the upgrade took as it says."""
+    proc = box.chatd("upgrade", "--timeout", "20", timeout=60)
+    said = proc.stdout.decode()
+    found = re.search(rf"chatd upgraded from {re.escape(old)} \(pid {old_pid}\) to {re.escape(new)} "
+                      rf"\(pid (\d+)\) in ([0-9.]+) s", said)
+    assert found, said
+    pid = int(found.group(1))
+    assert pid != old_pid and _gone_inside(box, old_pid), f"old pid {old_pid} still there"
+    props = box.show("chatd", "ActiveState", "SubState", "MainPID", "ExecMainPID", "NRestarts", "Result",
+                     "WatchdogTimestampMonotonic")
+    assert (props["ActiveState"], props["SubState"], props["Result"]) == ("active", "running", "success"), props
+    assert props["MainPID"] == props["ExecMainPID"] == str(pid), props
+    assert props["NRestarts"] == "0", props
+    report = _status(box)
+    assert report["pid"] == pid and report["version"] == new, report
+    assert report["last_upgrade"]["from"] == old and report["last_upgrade"]["from_pid"] == old_pid, report
+    assert int(box.run("cat", "/run/chatd/chatd.pid", check=0).stdout) == pid
+    status = box.systemctl("status", "--full", "chatd").stdout.decode()
+    assert "Active: active (running)" in status and f"Main PID: {pid}" in status, status
+    # the new process logs to the journal, as the unit's process (its stderr is the old one's)
+    said_there = rf"python3\[{pid}\]: upgraded from chatd {re.escape(old)} \(pid {old_pid}\)"
+    deadline = time.monotonic() + 5
+    while not re.search(said_there, journal := box.journal()):
+        assert time.monotonic() < deadline, f"no {said_there!r} in the journal:\n{journal[-3000:]}"
+        time.sleep(0.1)
+    # NotifyAccess=main: only the new main pid's WATCHDOG=1 moves this on, every second
+    fed = props["WatchdogTimestampMonotonic"]
+    deadline = time.monotonic() + 5
+    while box.show("chatd", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"] == fed:
+        assert time.monotonic() < deadline, f"no WATCHDOG=1 from the new main pid {pid} within 5 s"
+        time.sleep(0.1)
+    return pid, float(found.group(2))
+
+
+def _stop_gracefully(box: Container, pid: int, earlier: int) -> float:
+    """`systemctl stop` after an upgrade: the unit inactive, not failed, no restart, and the
+    main pid `pid` stopped by its graceful stop, not SIGKILLed (journal lines past `earlier`).
+    The seconds it took."""
+    began = time.monotonic()
+    box.systemctl("stop", "chatd")
+    took = time.monotonic() - began
+    props = box.show("chatd", "ActiveState", "Result", "MainPID", "NRestarts")
+    assert props == {"ActiveState": "inactive", "Result": "success", "MainPID": "0", "NRestarts": "0"}, props
+    assert _gone_inside(box, pid)
+    journal = box.journal()[earlier:]
+    assert f"python3[{pid}]: stopped" in journal, journal[-3000:]
+    for bad in ("Killing process", "remains running", "Failed", "Traceback"):
+        assert bad not in journal, journal[-3000:]
+    return took
+
+
+def _echoes(clients: list[LineClient], text: str) -> None:
+    for i, client in enumerate(clients):
+        line = f"{text} {i}\n".encode()
+        client.send(line)
+        assert client.recv_line() == line
+
+
+def test_upgrade_keeps_the_unit_and_its_clients(upgradable):
+    """`chatd upgrade` is the unit's upgrade path: A -> B -> A with clients connected, the unit
+    active throughout with no restart, then `systemctl stop` stops the last main pid cleanly."""
+    box = upgradable
+    earlier = len(box.journal())   # the module's earlier tests' lines
+    box.systemctl("start", "chatd")
+    first = box.main_pid()
+    assert _status(box)["version"] == VERSION_A
+    clients = box.clients(5)
+    _echoes(clients, "before")
+
+    box.installs.use("b")
+    second, took_b = _upgrade(box, VERSION_A, VERSION_B, first)
+    _echoes(clients, "after the upgrade to B")
+    assert box.echo(b"newcomer\n") == b"newcomer\n"
+
+    box.installs.use("a")
+    third, took_a = _upgrade(box, VERSION_B, VERSION_A, second)
+    _echoes(clients, "back on A")
+
+    journal = box.journal()[earlier:]
+    for old, new, pid in ((VERSION_A, VERSION_B, second), (VERSION_B, VERSION_A, third)):
+        assert re.search(rf"upgrade: handed over to chatd {re.escape(new)} \(pid {pid}\)", journal), journal[-3000:]
+    for bad in ("Traceback", "does not belong", "Failed", "failed", "Watchdog timeout", "Scheduled restart"):
+        assert bad not in journal, journal[-3000:]
+
+    stop_s = _stop_gracefully(box, third, earlier)
+    for client in clients:
+        assert client.recv_until_eof() == b""
+        client.close()
+    figures("upgrade under systemd", clients=len(clients), a_to_b_s=took_b, b_to_a_s=took_a,
+            stop_after_upgrade_s=f"{stop_s:.2f}")
+
+
+def test_upgrade_keeps_a_chat_room(upgradable):
+    """Nicks and the room survive the upgrade under systemd."""
+    box = upgradable
+    earlier = len(box.journal())
+    box.write_config(text=CONFIG.format(port=PORT, max_line=4096).replace('"echo"', '"chat"'))
+    box.systemctl("start", "chatd")
+    members = []
+    for nick in ("alice", "bob"):
+        member, = box.clients(1)
+        while not (line := member.recv_line()).startswith(b"*** #lobby:"):
+            pass
+        assert line == (b"*** #lobby: alice\r\n" if members else b"*** #lobby: nobody else here\r\n")
+        member.send(f"/nick {nick}\n".encode())
+        for seen in [*members, member]:
+            while not (line := seen.recv_line()).endswith(f" is now known as {nick}\r\n".encode()):
+                assert line.endswith(b" joined #lobby\r\n"), line
+        members.append(member)
+    alice, bob = members
+
+    box.installs.use("b")
+    pid, _ = _upgrade(box, VERSION_A, VERSION_B, box.main_pid())
+    alice.send(b"still here, bob?\n")
+    assert bob.recv_line() == b"<alice> still here, bob?\r\n"
+    bob.send(b"/who\n")
+    assert bob.recv_line() == b"*** #lobby: alice, bob\r\n"
+    _stop_gracefully(box, pid, earlier)
+    for member in members:   # told, as a graceful stop tells a chat (SIGKILL would not)
+        assert member.recv_until_eof() == b"*** server shutting down\r\n"
+        member.close()
+
+
+def test_failed_upgrade_keeps_the_old_main_pid(upgradable):
+    """A version that fails at import: `chatd upgrade` exits 1 with its reason, the unit keeps
+    its main pid, active, no restart; the next good version then upgrades."""
+    box = upgradable
+    earlier = len(box.journal())
+    box.systemctl("start", "chatd")
+    pid = box.main_pid()
+    clients = box.clients(3)
+
+    box.installs.use("broken")
+    proc = box.chatd("upgrade", "--timeout", "20", check=1, timeout=60)
+    said = proc.stderr.decode()
+    assert f"chatd {VERSION_A} (pid {pid}) still serving" in said and "chatd_no_such_module" in said, said
+    assert "Traceback" not in said, said
+    props = box.show("chatd", "ActiveState", "SubState", "MainPID", "NRestarts", "Result")
+    assert props == {"ActiveState": "active", "SubState": "running", "MainPID": str(pid), "NRestarts": "0",
+                     "Result": "success"}, props
+    assert "Active: active (running)" in box.systemctl("status", "--full", "chatd").stdout.decode()
+    report = _status(box)
+    assert report["pid"] == pid and report["version"] == VERSION_A, report
+    assert "chatd_no_such_module" in report["last_upgrade"]["failed"], report
+    _echoes(clients, "after the failed upgrade")
+
+    box.installs.use("b")
+    new, _ = _upgrade(box, VERSION_A, VERSION_B, pid)
+    _echoes(clients, "after the good one")
+    assert "Traceback" not in box.journal()[earlier:]   # the broken version's is in the answer only
+    _stop_gracefully(box, new, earlier)
+    for client in clients:
+        client.close()
+
+
+def test_upgraded_main_pid_is_supervised(upgradable):
+    """At the commit the new main pid is the old one's child, and systemd says "Supervising
+    process N which is not our child"; the old one exits at once, the new one is reparented to
+    systemd, and its death is noticed: Restart=on-failure brings chatd back, on the socket
+    chatd.socket still holds."""
+    box = upgradable
+    box.systemctl("start", "chatd.socket")
+    assert box.echo(b"first\n", timeout=20) == b"first\n"
+    box.installs.use("b")
+    pid, _ = _upgrade(box, VERSION_A, VERSION_B, box.main_pid())
+    assert "(systemd: chatd)" in _status(box)["address"]
+    assert box.echo(b"after\n") == b"after\n"
+    assert box.proc_status(pid)["PPid"] == "1"
+
+    box.systemctl("kill", "--kill-who=main", "-s", "SIGKILL", "chatd")
+    deadline = time.monotonic() + 15
+    while (props := box.show("chatd", "ActiveState", "MainPID", "NRestarts"))["NRestarts"] != "1" \
+            or props["ActiveState"] != "active" or props["MainPID"] in ("0", str(pid)):
+        assert time.monotonic() < deadline, f"not restarted within 15 s: {props}\n{box.journal()[-3000:]}"
+        time.sleep(0.1)
+    assert "Main process exited, code=killed, status=9/KILL" in box.journal()
+    assert _status(box)["version"] == VERSION_B   # what `current` holds now
+    assert box.echo(b"back\n") == b"back\n"

@@ -240,6 +240,36 @@ def test_not_running_is_exit_7_and_a_foreground_daemon_is_refused(make_daemon, i
     assert b"runs in the foreground" in refused.stderr
 
 
+def test_under_a_notify_socket_the_old_main_pid_names_the_new_one_and_stderr_goes_on(make_daemon,
+                                                                                  installs):
+    """`chatd run` under systemd's protocol, logging to stderr (the journal's stream): the old
+    main pid sends MAINPID= the new pid and READY=1 at the commit, the new one then speaks
+    for itself, and its log lines go on to the same stderr."""
+    from test_init_systems import NotifySocket
+    notify = NotifySocket()
+    inst = make_daemon()
+    inst.config.write_text(inst.config.read_text().replace(f'target = "{inst.logfile}"', 'target = "stderr"'))
+    inst.command = installs.command
+    proc = inst.run_foreground(env=notify.env())
+    inst.command = None
+    old = proc.pid
+    notify.wait_line("READY=1")
+    upgrade(inst, installs, "b")
+    handed = notify.wait(lambda d: d.get("MAINPID") is not None, what="MAINPID=")
+    new = inst.pid()
+    assert handed.pid == old and handed.get("MAINPID") == str(new) and handed.has("READY=1")
+    wait_for(lambda: f"upgraded from chatd {A} (pid {old})".encode() in inst.foreground_stderr(),
+             what="the new process's log line on the same stderr")
+    c = LineClient(inst.port)
+    echoes(c, b"x\n")
+    assert notify.wait(lambda d: d.pid == new and d.get("STATUS") is not None).get("STATUS")
+    wait_for(lambda: b"connect 127.0.0.1" in inst.foreground_stderr().split(b"upgraded from")[-1],
+             what="the new process logging a connect")
+    assert proc.wait(5) == 0   # the old main process left of its own accord
+    os.kill(new, signal.SIGTERM)
+    wait_for(lambda: not alive(new), what="the new process to stop")
+
+
 def test_a_stop_signal_calls_the_upgrade_off_and_a_sighup_waits_for_it(make_daemon, installs):
     installs.make("hangs", "9.9.9", HANGS)
     inst = make_daemon()

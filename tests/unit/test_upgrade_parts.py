@@ -81,7 +81,7 @@ def _loops():
     yield "uvloop", uvloop.new_event_loop
 
 
-@pytest.mark.parametrize("mode", ["echo", "echo-first-pause", "chat"])
+@pytest.mark.parametrize("mode", ["echo", "echo-first-pause", "chat-send", "chat-fanout"])
 @pytest.mark.parametrize("name, new_loop", list(_loops()), ids=[n for n, _ in _loops()])
 def test_queued_output_is_exactly_what_the_kernel_has_not_taken(name, new_loop, mode):
     """A client that reads nothing: once the daemon holds output for it, what the client can
@@ -135,7 +135,14 @@ def test_queued_output_is_exactly_what_the_kernel_has_not_taken(name, new_loop, 
         else:
             loop.run_until_complete(asyncio.sleep(0.05))
             for i in range(8000):   # the server's notices, as the room would send them
-                conn.send(b"*** notice %05d %s\r\n" % (i, b"n" * 80))
+                notice = b"*** notice %05d %s\r\n" % (i, b"n" * 80)
+                if mode == "chat-send":
+                    conn.send(notice)
+                else:
+                    paused = conn.outbox is not None
+                    ChatConnection.fanout({conn: None}, notice, None, None)
+                    if not paused and conn.outbox is not None:   # this fanout paused it
+                        _check_queued(conn)
                 if i % 50 == 0:
                     loop.run_until_complete(asyncio.sleep(0))
             loop.run_until_complete(asyncio.sleep(0.05))
@@ -186,10 +193,17 @@ def _first_pause(cls: type) -> type:
             paused = self.outbox is not None
             super().consume(data)
             if not paused and self.outbox is not None and self.at_first_pause is None:
-                self.at_first_pause = self.queued()
-                buffer = getattr(self.transport, "_buffer", None)
-                if isinstance(buffer, (bytes, bytearray)):
-                    assert self.at_first_pause == bytes(buffer) + bytes(self.outbox)
+                self.at_first_pause = _check_queued(self)
 
         data_received = consume
     return FirstPause
+
+
+def _check_queued(conn) -> bytes:
+    """`queued()` at once (it raises if the write that paused the transport is unknown), and
+    on asyncio's loop the same bytes as the transport's own buffer and the outbox."""
+    queued = conn.queued()
+    buffer = getattr(conn.transport, "_buffer", None)
+    if isinstance(buffer, (bytes, bytearray)):
+        assert queued == bytes(buffer) + bytes(conn.outbox or b"")
+    return queued
