@@ -135,6 +135,13 @@ class Channel:
         for i in range(0, len(record), CHUNK):
             self.sock.sendall(b"part " + record[i:i + CHUNK])
 
+    def readable(self, timeout: float) -> bool:
+        """Whether a message (or the end) is there within `timeout` seconds. poll, not select:
+        past about 1,010 clients the channel's descriptor is past select's 1,023."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+
     def receive(self, deadline: float) -> tuple[str, Any, list[int]]:
         """The next message (blocking until `deadline`): its kind, body and descriptors."""
         data, fds = self._recv(deadline)
@@ -148,7 +155,7 @@ class Channel:
 
     def _recv(self, deadline: float) -> tuple[bytes, list[int]]:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+        if left <= 0 or not self.readable(left):
             raise TimeoutError
         data, fds, flags, _ = socket.recv_fds(self.sock, CHUNK + 16, FDS_PER_MESSAGE)
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
@@ -316,7 +323,7 @@ class Handover:
             self._read_output()
             if self.aborted:
                 raise UpgradeFailed(f"upgrade called off: {self.aborted}")
-            if select.select([channel.sock], [], [], 0)[0]:
+            if channel.readable(0):
                 try:
                     kind, body, _ = channel.receive(self.deadline)
                 except (EOFError, OSError):

@@ -31,6 +31,11 @@ reported apart. Workers (workload w1000): chatd-1worker against chatd-2workers (
 on a private redis-server) on echo at 1,000 connections, neither pinned, so that two workers can
 spread over the cores. These need redis-server and the redis Python package (chatd[cluster]):
 without them they are left out, or, under CHATD_REQUIRE_REAL=1, the run fails.
+Live upgrade (issue 16; workloads u1k, u200): upgradeload.py holds 1,000 (200) connections to
+chatd started as a daemon, 32 of them echoing, opens fresh ones one at a time, and runs `chatd
+upgrade` 5 (2) times: its wall time, the time until the new code serves and the longest round
+trip during each (the pause); any line lost or garbled, disconnect or refused connect fails the
+run, in --short too.
 Exit status: 1 if any run lost or garbled a line, or a server failed; 2 if the load generator
 cannot be built (no C compiler); else 0.
 """
@@ -53,7 +58,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from upgradeload import alive, read_pid   # a sibling: this script's directory is on sys.path
 
 HERE = Path(__file__).resolve().parent
 PORT = 7300
@@ -94,6 +101,12 @@ WORKLOADS = {
              "echo over TLS and plaintext (tlsload.py), 100 connections, 1 line in flight"),
     "t100p16": ("tls", ["-c", "100", "-P", "16", "-s", "64"],
                 "echo over TLS and plaintext (tlsload.py), 100 connections, 16 lines in flight"),
+    # Issue 16: live upgrade (upgradeload.py) of a daemon (`chatd start`) serving echo: CONNS
+    # connections, 32 of them active, a fresh connection at a time, `chatd upgrade` N times.
+    "u1k": ("upgrade", ["-c", "1000", "-u", "5"],
+            "live upgrade, 1,000 connections (32 active, 1 line each every 1 ms), 5 upgrades a run"),
+    "u200": ("upgrade", ["-c", "200", "-u", "2"],
+             "live upgrade, 200 connections (32 active, 1 line each every 1 ms), 2 upgrades a run"),
     "h10k": ("hold", ["hold", "-c", "10000", "--probe", "--pss"],
              "10,000 idle connections, each probed with one echoed line"),
     "h1k": ("hold", ["hold", "-c", "1000", "--probe", "--pss"],
@@ -110,11 +123,12 @@ for _mode, _m in (("echo", "e"), ("chat", "c")):
         WORKLOADS[f"l{_m}-{_cls}"] = ("x" + _mode, ["--class", _cls, "-S", "4", "--probe"],
                                       f"{_mode}, 4 senders of {_cls} and a well-behaved client")
 HOSTILE = [wl for wl in WORKLOADS if wl[:1] in "xl" and wl[2:3] == "-"]
+UPGRADES = [wl for wl, (mode, _, _) in WORKLOADS.items() if mode == "upgrade"]
 BUS_MODES = ("nodes", "workers")   # workloads that need a redis-server and the redis package
 NODES = [wl for wl, (mode, _, _) in WORKLOADS.items() if mode in BUS_MODES]
 FULL = ["e1", "e100", "e1000", "e100p16", "c10", "c100", "c100s4", "c100r2k", "t100", "t100p16",
-        "h10k"] + NODES + HOSTILE
-SHORT = ["e100", "e100p16", "c100", "c100s4", "c100r2k", "t100", "h1k", "n100", "le-iac-do", "lc-bidi"]
+        "h10k", "u1k", "u200"] + NODES + HOSTILE
+SHORT = ["e100", "e100p16", "c100", "c100s4", "c100r2k", "t100", "h1k", "u200", "n100", "le-iac-do", "lc-bidi"]
 
 
 @dataclass
@@ -157,9 +171,9 @@ def chatd_servers(binary: str, work: Path, suffix: str = "") -> list[Server]:
     files = ["--pidfile", str(work / "chatd-{port}.pid"), "--log", str(work / "chatd-{port}.log")]
     chatd = [binary, "run", "-c", str(conf), "-p", "{port}", *files]
     found = [
-        Server("chatd" + suffix, chatd + ["--mode", "echo"], ("echo", "hold", "xecho", "tls")),
+        Server("chatd" + suffix, chatd + ["--mode", "echo"], ("echo", "hold", "xecho", "tls", "upgrade")),
         Server("chatd-asyncio" + suffix, chatd + ["--mode", "echo", "--loop", "asyncio"],
-               ("echo", "xecho", "tls")),
+               ("echo", "xecho", "tls", "upgrade")),
         Server("chatd-chat" + suffix, chatd + ["--mode", "chat"], ("chat", "xchat", "nodes")),
         Server("chatd-chat-asyncio" + suffix, chatd + ["--mode", "chat", "--loop", "asyncio"], ("chat", "xchat")),
         Server("chatd-chat-bus" + suffix, chatd + ["--mode", "chat"], ("nodes",), bus_nodes=1),
@@ -353,6 +367,8 @@ def wait_port_free(port: int) -> None:
 def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, build: Path,
             work: Path) -> Run:
     mode, lg_args, _ = WORKLOADS[workload]
+    if mode == "upgrade":
+        return run_upgrade(server, workload, rep, args)
     run = Run(workload, server.name, rep)
     nodes: list[subprocess.Popen] = []
     redis = None
@@ -441,6 +457,73 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
     return run
 
 
+def run_upgrade(server: Server, workload: str, rep: int, args: argparse.Namespace) -> Run:
+    """A `u` workload: `server` started as a daemon (`chatd start`: `chatd upgrade` refuses a
+    foreground chatd outside systemd), upgradeload.py running `chatd upgrade` against it, and
+    the daemon stopped by the pid its pid file names at the end (each upgrade changes it)."""
+    run = Run(workload, server.name, rep)
+    argv = [a.replace("{port}", str(args.port)) for a in server.argv]
+    pidfile = argv[argv.index("--pidfile") + 1]
+    chatd = argv[:argv.index("run")]
+    config = ["-c", argv[argv.index("-c") + 1], "--pidfile", pidfile]
+    argv[len(chatd)] = "start"
+    wait_port_free(args.port)
+    try:
+        started = subprocess.run((["taskset", "-c", "0"] if args.pin else []) + argv, capture_output=True,
+                                 text=True, stdin=subprocess.DEVNULL, timeout=30)
+    except subprocess.TimeoutExpired:
+        started = None
+    first = read_pid(pidfile)
+    try:
+        if started is None or started.returncode != 0 or not first:
+            run.failure = f"{server.name} did not start: {started.stderr.strip()[-200:] if started else 'timed out'}"
+            return run
+        # `chatd upgrade` runs on the client's CPU, so that the server's holds only the old and
+        # the new chatd (on it the command's own exit, after the commit, would share the CPU
+        # with the new chatd taking the clients over: 100 ms pauses instead of 70 at u1k)
+        lg = [sys.executable, str(Path(args.bench) / "upgradeload.py"), *WORKLOADS[workload][1],
+              "-p", str(args.port), "--pidfile", pidfile, "--", *chatd, "upgrade", *config]
+        try:
+            done = subprocess.run((["taskset", "-c", "1"] if args.pin else []) + lg, capture_output=True,
+                                  text=True, stdin=subprocess.DEVNULL, timeout=600)
+        except subprocess.TimeoutExpired:
+            run.failure = "upgradeload timed out"
+            return run
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            run.failure = f"no RESULT (upgradeload rc {done.returncode}): {done.stderr.strip()[-200:]}"
+            return run
+        run.result = dict(tok.split("=", 1) for tok in lines[-1].split()[1:] if "=" in tok)
+        if done.stderr.strip():
+            print(done.stderr.strip(), file=sys.stderr)
+    finally:
+        for pid in dict.fromkeys((read_pid(pidfile), first)):
+            if pid and pidfile in cmdline(pid):
+                stop_pid(pid)
+    return run
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_pid(pid: int) -> None:
+    """TERM, wait, KILL a process that is not our child (a daemon), by its pid."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.05)
+        if not alive(pid):
+            return
+
+
 SYSCALLS = {"write": ["write", "writev", "sendto", "sendmsg"], "read": ["read", "recvfrom"],
             "wait": ["epoll_wait", "epoll_pwait", "select", "pselect6", "poll", "ppoll"]}
 
@@ -502,21 +585,31 @@ def cpu_per_line(run: Run, key: str = "srv_cpu") -> float | None:
     return cpu / 100 * 1e6 / rate if rate and cpu is not None and cpu >= 0 else None
 
 
+def measured(by_server: dict[str, list[Run]], out: list[str],
+             cells: int) -> Iterator[tuple[str, list[Run], list[Run]]]:
+    """Each server that ran: its name, runs and runs with a result; one that has none gets a
+    row of its failure in `out` (and `cells` empty cells after it) instead."""
+    for name, group in by_server.items():
+        ok = [r for r in group if r.result]
+        if not group:
+            continue
+        if not ok:
+            out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} |" + "|" * cells)
+            continue
+        yield name, group, ok
+
+
 def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> list[str]:
     mode, _, title = WORKLOADS[workload]
     out = [f"### {workload}: {title}", ""]
     mine = [r for r in runs if r.workload == workload]
     by_server = {name: [r for r in mine if r.server == name] for name in names}
+    if mode == "upgrade":
+        return out + upgrade_rows(by_server) + [""]
     if mode == "hold":
         out += ["| server | runs | open at end / asked | failed or closed | probes answered | server RSS MiB before -> after | RSS B per connection | errors |",
                 "|---|---|---|---|---|---|---|---|"]
-        for name, group in by_server.items():
-            ok = [r for r in group if r.result]
-            if not group:
-                continue
-            if not ok:
-                out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} ||||||")
-                continue
+        for name, group, ok in measured(by_server, out, 5):
             rss0 = median([r.num("srv_rss0_kb") for r in ok])
             rss1 = median([r.num("srv_rss1_kb") for r in ok])
             out.append(f"| {name} | {len(ok)} | {spread([r.num('open_end') for r in ok])} / {ok[0].result.get('conns')} "
@@ -532,13 +625,7 @@ def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> 
             + ("redis CPU us per line | " if bus else "")
             + "server RSS MiB | errors | loadgen CPU % |",
             "|---|---|---|" + "---|" * len(refs) + "---|---|---|---|---|---|" + ("---|" if bus else "")]
-    for name, group in by_server.items():
-        if not group:
-            continue
-        ok = [r for r in group if r.result]
-        if not ok:
-            out.append(f"| {name} | {len(group)} | failed: {group[-1].failure} |" + "|" * (len(refs) + 6 + bus))
-            continue
+    for name, group, ok in measured(by_server, out, len(refs) + 6 + bus):
         rate = median([r.num("lines_per_s") for r in ok])
         ratios = ""
         for ref in refs:
@@ -554,6 +641,25 @@ def table(workload: str, runs: list[Run], names: list[str], refs: list[str]) -> 
                    + f"| {(rss or 0) / 1024:.1f} "
                    f"| {sum(errors(r) for r in group)} | {lg_note} |")
     return out + [""]
+
+
+def pooled(runs: list[Run], key: str) -> list[float]:
+    """A per-upgrade figure (upgradeload's comma-separated lists) of every upgrade of `runs`."""
+    return [float(v) for r in runs for v in r.result.get(key, "").split(",") if v]
+
+
+def upgrade_rows(by_server: dict[str, list[Run]]) -> list[str]:
+    """A `u` workload's rows: every upgrade of every run pooled, median [min-max]."""
+    out = ["| server | runs | upgrades | `chatd upgrade` ms | until the new code serves, ms | pause ms "
+           "(longest round trip) | round trip outside upgrades p50 / p99 / max us | round trips | "
+           "fresh connections | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, group, ok in measured(by_server, out, 7):
+        outside = " / ".join(spread([r.num(k) for r in ok], 1) for k in ("rtt_p50_us", "rtt_p99_us", "rtt_max_us"))
+        out.append(f"| {name} | {len(ok)} | {len(pooled(ok, 'cmd_ms'))} | {spread(pooled(ok, 'cmd_ms'), 1)} "
+                   f"| {spread(pooled(ok, 'serve_ms'), 1)} | {spread(pooled(ok, 'pause_ms'), 1)} | {outside} "
+                   f"| {sum(r.num('lines') or 0 for r in ok):,.0f} | {sum(r.num('fresh') or 0 for r in ok):,.0f} "
+                   f"| {sum(errors(r) for r in group)} |")
+    return out
 
 
 def syscall_table(workload: str, runs: list[Run], names: list[str]) -> list[str]:
@@ -766,9 +872,33 @@ def node_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
     return checks
 
 
+def upgrade_targets(runs: list[Run]) -> list[tuple[str, bool | None, str]]:
+    """Issue 16's: through every upgrade nothing lost, garbled, disconnected or refused; with
+    how long each took and the longest pause a client saw (a report: no bound on either)."""
+    checks: list[tuple[str, bool | None, str]] = []
+    for wl in UPGRADES:
+        for server in dict.fromkeys(r.server for r in runs if r.workload == wl):
+            group = [r for r in runs if r.workload == wl and r.server == server]
+            ok = [r for r in group if r.result]
+            label = f"{wl} on {server}: every upgrade loses, garbles, disconnects and refuses nothing"
+            if not ok:
+                checks.append((label, False, group[-1].failure))
+                continue
+            figures = "; ".join(f"{what} median {median(pooled(ok, key)) or 0:,.0f} ms "
+                                f"(max {max(pooled(ok, key), default=0):,.0f})"
+                                for what, key in (("chatd upgrade", "cmd_ms"), ("new code serving after", "serve_ms"),
+                                                  ("pause", "pause_ms")))
+            lost = sum(errors(r) for r in group)
+            checks.append((label, lost == 0, f"{len(pooled(ok, 'cmd_ms'))} upgrades, {int(ok[0].result['conns']):,} "
+                           f"connections: {figures}; round trip outside upgrades p50 "
+                           f"{median([r.num('rtt_p50_us') for r in ok]) or 0:,.0f} us; {lost} errors"))
+    return checks
+
+
 REFS = {"echo": ["proto-uvloop", "C-epoll", "proto-asyncio"],
         "chat": ["ncat-chat", "broadcast-uvloop", "C-epoll-chat"], "hold": [],
-        "nodes": ["chatd-chat"], "workers": ["chatd-1worker"], "tls": ["chatd", "chatd-asyncio"]}
+        "nodes": ["chatd-chat"], "workers": ["chatd-1worker"], "tls": ["chatd", "chatd-asyncio"],
+        "upgrade": []}
 
 
 def main() -> int:
@@ -847,7 +977,7 @@ def main() -> int:
                     run = run_one(server, wl, rep, args, build, work)
                     runs.append(run)
                     status = run.failure or " ".join(f"{k}={run.result[k]}" for k in (
-                        "lines_per_s", "rss_per_conn_b", "mb_per_cpu_s", "p99_us", "errors") if k in run.result)
+                        "lines_per_s", "rss_per_conn_b", "mb_per_cpu_s", "p99_us", "serve_ms", "pause_ms", "errors") if k in run.result)
                     print(f"rep {rep} {wl:8} {server.name:20} {status}", file=sys.stderr, flush=True)
                     if args.out and run.result:
                         with open(args.out, "a") as f:
@@ -867,13 +997,18 @@ def main() -> int:
                               refs)))
         print("\n".join(syscall_table(wl, runs, names)))
     print("\n".join(hostile_tables(runs, workloads)))
-    if not args.short and any(r.workload not in NODES for r in runs):
+    if not args.short and any(r.workload not in NODES + UPGRADES for r in runs):
         print("### Targets (medians of this run)\n\n| target | met | figures |\n|---|---|---|")
         for label, ok, text in targets(runs):
             print(f"| {label} | {'-' if ok is None else 'yes' if ok else 'NO'} | {text} |")
     if any(r.workload in NODES for r in runs):
         print("### Issue 14 targets, chat across nodes (medians of this run)\n\n| target | met | figures |\n|---|---|---|")
         for label, ok, text in node_targets(runs):
+            print(f"| {label} | {'-' if ok is None else 'yes' if ok else 'NO'} | {text} |")
+        print()
+    if any(r.workload in UPGRADES for r in runs):
+        print("### Issue 16, live upgrade (every upgrade of this run)\n\n| target | met | figures |\n|---|---|---|")
+        for label, ok, text in upgrade_targets(runs):
             print(f"| {label} | {'-' if ok is None else 'yes' if ok else 'NO'} | {text} |")
         print()
     bad = [r for r in runs if errors(r)]
