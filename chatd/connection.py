@@ -295,7 +295,7 @@ class Connection(LineDecoder, asyncio.Protocol):
             log.info("disconnect %s: %s (%d clients)", self.peer, self.end_reason(exc),
                      len(self.state.connections))
 
-    def _bound_buffers(self) -> None:
+    def _bound_buffers(self, carried: bool = False) -> None:
         """Make `output_buffer` bound all the unread output, the kernel's share included, and
         cap what the kernel may hold of the input too.
 
@@ -310,6 +310,9 @@ class Connection(LineDecoder, asyncio.Protocol):
         """
         limit = self.state.limits.output_buffer
         kernel = max(1, min(KERNEL_BUFFER, limit // 4))
+        if carried:   # a socket a live upgrade carried over has them (setting them: 13 us a client)
+            self.budget = max(limit - kernel, self.max_line + 2)
+            return
         try:
             # The kernel doubles this for its bookkeeping (socket(7)): the payload it holds
             # is about what was asked for, and that is the share taken from the limit.
@@ -511,9 +514,7 @@ class Connection(LineDecoder, asyncio.Protocol):
         self.transport = transport
         self.state.enter(self)
         transport.set_write_buffer_limits(high=0, low=0)
-        self._bound_buffers()
-        if self.state.limits.keepalive:
-            set_keepalive(transport.get_extra_info("socket"), self.state.limits.keepalive)
+        self._bound_buffers(carried=True)   # the socket keeps its options, keepalive's too
         held, self.held = self.held, False
         if output:
             self.write(output)
