@@ -224,7 +224,7 @@ def slow_reader(c: LineClient, stop: threading.Event, got: list[int], pause: flo
         time.sleep(pause)
 
 
-@pytest.mark.parametrize("pause", [0.1, 0.2])
+@pytest.mark.parametrize("pause", [pytest.param(0.1, marks=pytest.mark.slow), 0.2])
 def test_reconnecting_senders_cannot_grow_memory_past_a_readers_bound(chatd, pause):
     """RECONNECTS connections one after another each burst LINES lines of 4 KiB at the room and
     close: a sender's debt for what it queued past the reader's budget leaves with it, so before

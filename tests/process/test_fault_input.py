@@ -917,7 +917,7 @@ BUSY_DETECT_BOUND = DETECT_BOUND + 3
 
 
 @pytest.mark.parametrize("loop,mode,room", [
-    pytest.param("asyncio", "echo", "-", id="asyncio-echo"),
+    pytest.param("asyncio", "echo", "-", id="asyncio-echo", marks=pytest.mark.slow),
     pytest.param("uvloop", "chat", "#ghost", id="uvloop-chat-quiet-room", marks=pytest.mark.slow),
     pytest.param("uvloop", "echo", "-", id="uvloop-echo", marks=pytest.mark.slow),
     pytest.param("asyncio", "chat", "#ghost", id="asyncio-chat-quiet-room", marks=pytest.mark.slow),

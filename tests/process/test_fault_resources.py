@@ -334,8 +334,10 @@ LIMIT = 300
 BURST = 400
 
 
-@pytest.mark.parametrize("mode", ["echo", "chat"])
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop, mode", [   # two of the four in the default step, all in the slow one
+    ("uvloop", "chat"), ("asyncio", "echo"),
+    pytest.param("uvloop", "echo", marks=pytest.mark.slow),
+    pytest.param("asyncio", "chat", marks=pytest.mark.slow)])
 def test_descriptors_run_out_newcomers_are_told_and_service_resumes(make_chatd, loop, mode):
     """RLIMIT_NOFILE 300, max_clients 0 (as many as fit: 300 - FD_RESERVE = 172):
     1. 400 clients at once (echo clients send a line at once). Result: 172 served, 228 told
@@ -944,7 +946,7 @@ def loop_buffer(output_buffer: int) -> int:
     return output_buffer - min(65536, output_buffer // 4)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop", ["uvloop", pytest.param("asyncio", marks=pytest.mark.slow)])
 def test_a_thousand_chat_readers_that_never_read(make_chatd, loop):
     """1,000 chat clients (SO_RCVBUF 4096) join #lobby and never read a byte, not even their
     welcome; then a sender floods the room, one line at a time, as fast as a chatty client
@@ -1054,7 +1056,7 @@ def test_a_thousand_chat_readers_that_never_read(make_chatd, loop):
 IDLE = 10000
 
 
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop", ["uvloop", pytest.param("asyncio", marks=pytest.mark.slow)])
 def test_ten_thousand_idle_connections_each_answer_a_probe(make_chatd, loop):
     """10,000 echo connections, opened with non-blocking connects in batches, each sends one
     probe line and gets it back, then all stay connected and idle (about 7 s per loop, so

@@ -232,6 +232,7 @@ def test_locked_pid_file_naming_another_process_is_not_signalled(chatd):
         kill_and_wait(holder.pid)
 
 
+@pytest.mark.slow
 def test_stop_escalates_to_sigkill_and_says_so(chatd):
     """A daemon that ignores SIGUSR1 and SIGTERM: stop --timeout 0.5 ends with SIGKILL, exit 1."""
     chatd.cmd("start", env=fault_env("ignore-stop"), check=0)

@@ -713,6 +713,7 @@ def test_upgrade_keeps_the_unit_and_its_clients(upgradable):
             stop_after_upgrade_s=f"{stop_s:.2f}")
 
 
+@pytest.mark.slow
 def test_upgrade_keeps_a_chat_room(upgradable):
     """Nicks and the room survive the upgrade under systemd."""
     box = upgradable
@@ -776,6 +777,7 @@ def test_failed_upgrade_keeps_the_old_main_pid(upgradable):
         client.close()
 
 
+@pytest.mark.slow
 def test_upgraded_main_pid_is_supervised(upgradable):
     """At the commit the new main pid is the old one's child, and systemd says "Supervising
     process N which is not our child"; the old one exits at once, the new one is reparented to
