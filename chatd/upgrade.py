@@ -552,8 +552,10 @@ class Takeover:
 
     async def adopt(self, clients: list[tuple[Any, dict[str, Any]]]) -> None:
         """Serve every carried client on its socket: first every transport (what arrives
-        meanwhile is kept), then each is handed its connection, so none writes to a room
-        member that has no transport yet; the ones lost meanwhile leave last."""
+        meanwhile is kept), then each is handed its connection, then the ones lost meanwhile
+        leave, and only then is an end of input that came meanwhile handled: what that
+        sends (a chat client's last line, its leaving) reaches room members that all have
+        their transport."""
         loop = asyncio.get_running_loop()
         adopters = [Adopter(conn, saved) for conn, saved in clients]
 
@@ -573,6 +575,8 @@ class Takeover:
             adopter.hand_over()
         for adopter in adopters:
             adopter.leave_if_lost()
+        for adopter in adopters:
+            adopter.end_input()
 
 
 class Adopter(asyncio.Protocol):
@@ -604,7 +608,7 @@ class Adopter(asyncio.Protocol):
 
     def hand_over(self) -> None:
         """The connection takes its transport: its queued output goes first, then the input
-        it had not handled, then what came meanwhile, then an end of input that came too."""
+        it had not handled, then what came meanwhile (`end_input`: then an end of input)."""
         if self.transport is None or self.lost is not None:
             return
         self.handed = True
@@ -616,7 +620,12 @@ class Adopter(asyncio.Protocol):
             conn.backlog += early
         transport.set_protocol(conn)
         conn.adopt(transport, self.saved)
-        if self.eof:
+
+    def end_input(self) -> None:
+        """An end of input that came before the connection had its transport: its input
+        is handled, then the end, as the connection would have had them."""
+        if self.handed and self.eof:
+            conn, transport = self.conn, self.transport
             while conn.backlog and not conn.closing:
                 backlog, conn.backlog = conn.backlog, b""
                 conn.in_bytes -= len(backlog)

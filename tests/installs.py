@@ -31,6 +31,13 @@ EXITS_EARLY = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.ins
 HANGS = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
          "    import time\n    time.sleep(3600)\n")
 NEW_FORMAT = ("upgrade.py", "FORMAT = 1 ", "FORMAT = 2 ")
+# Not broken, only slow: it rebuilds everything, says so in the log, then takes SLOW_S more
+# before "prepared", so a test can act while the old process is frozen.
+SLOW_S = 1.0
+SLOW_TAKEOVER = ("server.py", "            clients = self._restore(takeover)\n",
+                 "            clients = self._restore(takeover)\n"
+                 "            log.info('test: restored, taking %g s more', " + repr(SLOW_S) + ")\n"
+                 "            time.sleep(" + repr(SLOW_S) + ")\n")
 
 
 class Installs:

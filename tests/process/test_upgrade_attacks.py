@@ -1,0 +1,79 @@
+"""Live upgrade under attack (README "Live upgrade"): clients and commands at the worst moments
+of `chatd upgrade`, each test a hole once found.
+
+The new version in most of these is the checkout's chatd made slow to take over
+(installs.SLOW_TAKEOVER): it logs once it has rebuilt everything from the record, then waits
+before saying "prepared", so what a test does meanwhile happens while the old process is frozen
+and the new one does not yet serve. The fixtures and helpers are test_upgrade's.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+
+import pytest
+
+from installs import SLOW_TAKEOVER, Installs
+from support import LineClient, chatd_command, wait_for
+from test_upgrade import _drain, _pull, installs, make_daemon, start   # noqa: F401 - fixtures
+
+FROZEN = "test: restored"   # the slow version's log line: the old process is frozen from here
+
+
+def upgrade_in_background(inst, installs: Installs, to: str) -> subprocess.Popen:
+    """`chatd upgrade` to `to`, returning once the new process has rebuilt everything (the old
+    one frozen, the new one not yet serving)."""
+    installs.use(to)
+    up = subprocess.Popen(chatd_command() + ["upgrade", "-c", str(inst.config)], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: FROZEN in inst.log_text() or up.poll() is not None, timeout=30,
+             what="the new chatd to rebuild the old one's state")
+    return up
+
+
+def finished(up: subprocess.Popen) -> bytes:
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, (out, err)
+    return out
+
+
+def reset(client: LineClient) -> None:
+    """Close with SO_LINGER 0: the peer gets an RST."""
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_chat_clients_that_end_while_frozen_leave_and_the_room_is_served_on(make_daemon, installs, loop):
+    """A chat client that said its last line and half-closed (EOF) while the old process was
+    frozen, beside one that reset: the new process handled the EOF while later clients had no
+    transport yet, its "left" went to them, and the new daemon died (every client lost, the
+    port refused)."""
+    installs.make("slow", "2.0.0", SLOW_TAKEOVER)
+    inst = make_daemon(loop=loop, mode="chat")
+    start(inst, installs)
+    members = [LineClient(inst.port) for _ in range(4)]
+    for i, member in enumerate(members):
+        member.recv_line()
+        member.send(b"/nick m%d\n" % i)
+    _pull(members[0], b"guest4 is now known as m3")
+    for member in members:
+        _drain(member)
+    sayer, quitter, resetter, listener = members
+    up = upgrade_in_background(inst, installs, "slow")
+    sayer.send(b"said while frozen\n")
+    quitter.send(b"my last words\n")
+    quitter.shutdown_write()
+    reset(resetter)
+    newcomer = LineClient(inst.port)   # waits in the backlog
+    finished(up)
+    for wanted in (b"<m1> my last words\r\n", b"*** m1 left #lobby", b"*** m2 left #lobby",
+                   b"<m0> said while frozen\r\n"):
+        assert _pull(listener, wanted)
+    assert b"Welcome" in newcomer.recv_line()
+    quitter.recv_until_eof()   # closed once its input is handled
+    listener.send(b"and on\n")
+    assert _pull(sayer, b"<m3> and on\r\n")
+    assert "ERROR" not in inst.log_text(), inst.log_text()[-2000:]
