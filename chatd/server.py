@@ -209,6 +209,7 @@ class Server:
                  "event loop %s", old["version"], old["pid"], len(clients), self.cfg.server.mode,
                  self.address, self.loop_name)
         self.runtime.notifier.status(self.status_text())
+        takeover.serving()
         self._run_tasks()
         for sig in commit.get("signals") or ():
             self.signals.put(int(sig))

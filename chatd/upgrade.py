@@ -66,6 +66,8 @@ CHUNK = 60000               # bytes of the record per message (a SEQPACKET messa
 FDS_PER_MESSAGE = 200       # descriptors per message (the kernel takes at most 253)
 OUTPUT_KEPT = 8192          # bytes of the new process's own output kept for a failure's reason
 WATCHDOG_TICK_S = 1.0       # how often the frozen old process still tells systemd it lives
+EXIT_WAIT_S = 1.0           # for a new process that closed the channel to exit (its status is the reason)
+SERVING_S = 10.0            # after the commit, for the new process to say it serves (`_commit`)
 
 
 class UpgradeFailed(ChatdError):
@@ -327,7 +329,9 @@ class Handover:
                 try:
                     kind, body, _ = channel.receive(self.deadline)
                 except (EOFError, OSError):
-                    await asyncio.sleep(0.05)   # it closed the channel: its exit follows
+                    exit_by = time.monotonic() + EXIT_WAIT_S   # it closed the channel: its exit follows
+                    while self.child.poll() is None and time.monotonic() < exit_by:
+                        await asyncio.sleep(0.02)
                     raise UpgradeFailed(self._exited() or f"the new chatd (pid {self.child.pid}) "
                                         f"closed the upgrade channel{self._said()}") from None
                 if kind == "fail":
@@ -400,7 +404,10 @@ class Handover:
                                         f"within {self.timeout:g} s{self._said()}; killed it") from None
                 continue
             except (EOFError, OSError):
-                time.sleep(0.05)
+                try:
+                    self.child.wait(EXIT_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    pass
                 raise UpgradeFailed(self._exited() or f"the new chatd (pid {self.child.pid}) closed "
                                     f"the upgrade channel{self._said()}") from None
             if kind == "fail":
@@ -411,7 +418,9 @@ class Handover:
 
     def _commit(self, hello: dict[str, Any], ready: dict[str, Any], record: dict[str, Any]) -> None:
         """No way back: systemd learns the new main pid, the new process serves, we answer
-        and leave without a loop pass (which would read, write or close clients)."""
+        and leave without a loop pass (which would read, write or close clients). We answer
+        once the new process says it serves (`Takeover.serving`), so that a command run next
+        finds it in the pid file, the control socket and the state file, not us gone."""
         assert self.channel is not None and self.child is not None
         server = self.server
         pid = self.child.pid
@@ -424,6 +433,10 @@ class Handover:
         except OSError as e:
             notifier.send(f"MAINPID={os.getpid()}")
             raise UpgradeFailed(self._exited() or f"cannot commit: {e}") from None
+        try:   # its closing the channel: the pid file, control socket and state file are its own
+            self.channel.receive(time.monotonic() + SERVING_S)
+        except (EOFError, TimeoutError, OSError, UpgradeFailed):
+            pass
         clients = len(record["clients"])
         log.info("upgrade: handed over to chatd %s (pid %d) in %.3f s, %d clients; exiting",
                  hello.get("version"), pid, took, clients)
@@ -548,6 +561,10 @@ class Takeover:
             os.dup2(self.fds[slot], target)
             os.close(self.fds[slot])
         self.on_commit()
+
+    def serving(self) -> None:
+        """Everything is ours and up to date (pid file, control socket, state file): closing
+        the channel tells the old process, which then answers `chatd upgrade` and exits."""
         self.channel.close()
 
     async def adopt(self, clients: list[tuple[Any, dict[str, Any]]]) -> None:

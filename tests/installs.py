@@ -28,6 +28,9 @@ main()
 IMPORT_FAILS = ("server.py", "import asyncio\n", "import asyncio\nimport chatd_no_such_module\n")
 EXITS_EARLY = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
                "    raise SystemExit('chatd: this build refuses to start')\n")
+EXITS_SLOWLY = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
+                "    import time\n    takeover.channel.close()\n    time.sleep(0.3)\n"
+                "    raise SystemExit('chatd: this build refuses to start')\n")
 HANGS = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
          "    import time\n    time.sleep(3600)\n")
 NEW_FORMAT = ("upgrade.py", "FORMAT = 1 ", "FORMAT = 2 ")
@@ -38,6 +41,11 @@ SLOW_TAKEOVER = ("server.py", "            clients = self._restore(takeover)\n",
                  "            clients = self._restore(takeover)\n"
                  "            log.info('test: restored, taking %g s more', " + repr(SLOW_S) + ")\n"
                  "            time.sleep(" + repr(SLOW_S) + ")\n")
+# Slow just after the commit, as a new process the scheduler leaves waiting: the old one
+# may exit before the pid file names the new one.
+SLOW_COMMIT = ("upgrade.py", "        were the pipe it read our output from), and the pid file names us.\"\"\"\n",
+               "        were the pipe it read our output from), and the pid file names us.\"\"\"\n"
+               "        time.sleep(" + repr(SLOW_S) + ")\n")
 
 
 class Installs:

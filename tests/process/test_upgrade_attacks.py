@@ -15,9 +15,9 @@ import subprocess
 
 import pytest
 
-from installs import SLOW_TAKEOVER, Installs
-from support import LineClient, chatd_command, wait_for
-from test_upgrade import _drain, _pull, installs, make_daemon, start   # noqa: F401 - fixtures
+from installs import EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs
+from support import LineClient, alive, chatd_command, wait_for
+from test_upgrade import A, _drain, _pull, installs, make_daemon, start, status, upgrade   # noqa: F401 - fixtures
 
 FROZEN = "test: restored"   # the slow version's log line: the old process is frozen from here
 
@@ -77,3 +77,40 @@ def test_chat_clients_that_end_while_frozen_leave_and_the_room_is_served_on(make
     listener.send(b"and on\n")
     assert _pull(sayer, b"<m3> and on\r\n")
     assert "ERROR" not in inst.log_text(), inst.log_text()[-2000:]
+
+
+@pytest.mark.parametrize("command", ["status", "stats", "stop"])
+def test_a_command_right_after_the_upgrade_finds_the_new_process(make_daemon, installs, command):
+    """`chatd upgrade` returned once the old process had sent its commit, and the old process
+    then exited: a command run next (a script's `chatd upgrade && chatd stop`, or one that had
+    waited on the guard lock) found a pid file naming the exited process and a lock held by
+    another: `status` and `stats` exit 4 "cannot tell whether chatd runs", `stop` said "not
+    running" and left the daemon serving."""
+    installs.make("slow", "2.0.0", SLOW_COMMIT)
+    inst = make_daemon()
+    old = start(inst, installs)
+    client = LineClient(inst.port)
+    done = upgrade(inst, installs, "slow")
+    new = int(done.stdout.split(b"(pid ")[2].split(b")")[0])
+    if command == "status":
+        report = status(inst)
+        assert (report["running"], report["pid"], report["version"]) == (True, new, "2.0.0"), report
+        assert report["last_upgrade"]["from_pid"] == old
+    elif command == "stats":
+        assert b"connections" in inst.cmd("stats", check=0).stdout
+    else:
+        assert inst.cmd("stop", check=0).stdout == f"chatd stopped (pid {new})\n".encode()
+        assert not alive(new) and not alive(old)
+        assert client.recv_until_eof() == b""
+
+
+def test_a_new_version_that_closes_the_channel_then_exits_is_reported_by_its_exit(make_daemon, installs):
+    """The old process waited 50 ms for the exit that follows a closed channel: a new process
+    slower than that to exit (a loaded machine) was reported as "closed the upgrade channel",
+    without its exit status."""
+    installs.make("broken", "9.9.9", EXITS_SLOWLY)
+    inst = make_daemon()
+    old = start(inst, installs)
+    failed = upgrade(inst, installs, "broken", check=1)
+    assert b"exited with status 1 before taking over: chatd: this build refuses to start" in failed.stderr, failed.stderr
+    assert inst.pid() == old and status(inst)["version"] == A
