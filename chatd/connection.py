@@ -482,7 +482,7 @@ class Connection(LineDecoder, asyncio.Protocol):
         held = self.transport.get_write_buffer_size()
         if held > len(self.tail):
             raise ValueError(f"{self.peer}: the transport holds {held} bytes, {len(self.tail)} known")
-        return (self.tail[len(self.tail) - held:] if held else b"") + bytes(self.outbox or b"")
+        return b"".join((memoryview(self.tail)[len(self.tail) - held:], self.outbox or b""))   # one copy
 
     def capture(self, now: float, index: dict[Connection, int]) -> dict[str, Any]:
         """What a live upgrade carries of this client (README "Live upgrade"): all but the

@@ -12,11 +12,13 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
+import threading
+import time
 
 import pytest
 
 from installs import EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs
-from support import LineClient, alive, chatd_command, wait_for
+from support import LineClient, alive, chatd_command, figures, rss_kib, wait_for
 from test_upgrade import A, _drain, _pull, installs, make_daemon, start, status, upgrade   # noqa: F401 - fixtures
 
 FROZEN = "test: restored"   # the slow version's log line: the old process is frozen from here
@@ -114,3 +116,57 @@ def test_a_new_version_that_closes_the_channel_then_exits_is_reported_by_its_exi
     failed = upgrade(inst, installs, "broken", check=1)
     assert b"exited with status 1 before taking over: chatd: this build refuses to start" in failed.stderr, failed.stderr
     assert inst.pid() == old and status(inst)["version"] == A
+
+
+def _peak_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def _swamped(port: int) -> LineClient:
+    """A client that reads nothing and sent until the daemon stopped reading it: the daemon
+    holds about its output budget for it."""
+    client = LineClient(port, rcvbuf=4096)
+    client.sock.setblocking(False)
+    block = b"y" * 1023 + b"\n"
+    deadline = time.monotonic() + 10
+    stalled = 0
+    while time.monotonic() < deadline and stalled < 10:
+        try:
+            client.sock.send(block * 64)
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+            time.sleep(0.02)
+    return client
+
+
+def test_queued_output_costs_the_old_process_about_its_size_once(make_daemon, installs):
+    """Readers that read nothing, each with its output budget queued: the record carried
+    their output as base64 inside one JSON text, which cost the old process about four times
+    the output in memory at the freeze (and the freeze seconds); raw beside the record, once."""
+    budget = 8 << 20
+    inst = make_daemon(extra=f"[limits]\noutput_buffer = {budget}\n")
+    old = start(inst, installs)
+    idle = rss_kib(old)
+    readers = [_swamped(inst.port) for _ in range(6)]
+    queued = rss_kib(old) - idle
+    assert queued > 6 * budget // 1024 // 2, (queued, idle)   # the daemon really holds it
+    peak = [0]
+
+    def watch() -> None:
+        while alive(old):
+            try:
+                peak[0] = _peak_kib(old)
+            except (OSError, StopIteration):
+                return
+            time.sleep(0.005)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    upgrade(inst, installs, "b")
+    watcher.join(30)
+    figures("upgrade_queued_output", queued_kib=queued, old_rss_kib=idle + queued,
+            old_peak_kib=peak[0])
+    assert peak[0] - (idle + queued) < queued, (peak[0], idle, queued)
+    for reader in readers:
+        reader.close()
