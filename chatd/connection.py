@@ -522,6 +522,8 @@ class Connection(LineDecoder, asyncio.Protocol):
             self.over_budget()
         elif self.backlog:
             self.sit_out()
+        elif held:   # the takeover did not read it meanwhile (upgrade.Adopter)
+            transport.resume_reading()
 
 
 class _Drainer(asyncio.Protocol):

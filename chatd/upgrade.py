@@ -639,7 +639,8 @@ class Takeover:
 class Adopter(asyncio.Protocol):
     """Stands in for a carried client until every transport exists. uvloop starts reading a
     socket as soon as its transport is made, whatever the protocol asks, so what arrives
-    first is kept here and put behind the input the old process had not yet handled."""
+    first is kept here and put behind the input the old process had not yet handled; a
+    client the old process no longer read is paused at once (`hold`)."""
 
     def __init__(self, conn: Any, saved: dict[str, Any]) -> None:
         self.conn = conn
@@ -652,9 +653,18 @@ class Adopter(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.hold()
+
+    def hold(self) -> None:
+        """The old process had stopped reading this client (over its output budget): so do
+        we, until its connection reads again (`Connection.adopt`). uvloop starts reading once
+        `connection_made` has returned, so it may read once more (what the kernel held)."""
+        if self.saved["held"]:
+            self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self.early.append(bytes(data))
+        self.hold()
 
     def eof_received(self) -> bool:
         self.eof = True
