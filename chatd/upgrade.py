@@ -639,8 +639,7 @@ class Takeover:
 class Adopter(asyncio.Protocol):
     """Stands in for a carried client until every transport exists. uvloop starts reading a
     socket as soon as its transport is made, whatever the protocol asks, so what arrives
-    first is kept here and put behind the input the old process had not yet handled; a
-    client the old process no longer read is paused at once (`hold`)."""
+    first is kept here and put behind the input the old process had not yet handled."""
 
     def __init__(self, conn: Any, saved: dict[str, Any]) -> None:
         self.conn = conn
@@ -653,18 +652,16 @@ class Adopter(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.hold()
-
-    def hold(self) -> None:
-        """The old process had stopped reading this client (over its output budget): so do
-        we, until its connection reads again (`Connection.adopt`). uvloop starts reading once
-        `connection_made` has returned, so it may read once more (what the kernel held)."""
-        if self.saved["held"]:
-            self.transport.pause_reading()
+        if self.saved["held"]:   # the old process had stopped reading it (over its output
+            transport.pause_reading()   # budget): so do we, until its connection reads again
 
     def data_received(self, data: bytes) -> None:
+        """One read is kept (uvloop reads once `connection_made` has returned, whatever it
+        asked), then no more until the connection has its transport: what follows (more
+        input, an end, a reset) comes to the connection, in order, and a client the old
+        process no longer read is read at most once."""
         self.early.append(bytes(data))
-        self.hold()
+        self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True

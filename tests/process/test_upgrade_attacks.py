@@ -52,9 +52,10 @@ def reset(client: LineClient) -> None:
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_chat_clients_that_end_while_frozen_leave_and_the_room_is_served_on(make_daemon, installs, loop):
     """A chat client that said its last line and half-closed (EOF) while the old process was
-    frozen, beside one that reset: the new process handled the EOF while later clients had no
-    transport yet, its "left" went to them, and the new daemon died (every client lost, the
-    port refused)."""
+    frozen, beside one that said a line and reset: the new process handled the EOF while later
+    clients had no transport yet, its "left" went to them, and the new daemon died (every
+    client lost, the port refused). And the reset client's line was lost (uvloop) or came
+    after its "left" (asyncio): the new process saw the reset before it handled the line."""
     installs.make("slow", "2.0.0", SLOW_TAKEOVER)
     inst = make_daemon(loop=loop, mode="chat")
     start(inst, installs)
@@ -70,12 +71,16 @@ def test_chat_clients_that_end_while_frozen_leave_and_the_room_is_served_on(make
     sayer.send(b"said while frozen\n")
     quitter.send(b"my last words\n")
     quitter.shutdown_write()
+    resetter.send(b"said, then gone\n")
     reset(resetter)
     newcomer = LineClient(inst.port)   # waits in the backlog
     finished(up)
     for wanted in (b"<m1> my last words\r\n", b"*** m1 left #lobby", b"*** m2 left #lobby",
-                   b"<m0> said while frozen\r\n"):
+                   b"<m0> said while frozen\r\n", b"<m2> said, then gone\r\n"):
         assert _pull(listener, wanted)
+    heard = listener.buf
+    assert heard.index(b"<m1> my last words") < heard.index(b"*** m1 left"), heard
+    assert heard.index(b"<m2> said, then gone") < heard.index(b"*** m2 left"), heard
     assert b"Welcome" in newcomer.recv_line()
     quitter.recv_until_eof()   # closed once its input is handled
     listener.send(b"and on\n")
