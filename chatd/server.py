@@ -421,6 +421,7 @@ class Server:
                     "control": None if control is None else {"fd": slot(control.sock.fileno()),
                                                              "path": control.path, "ident": control.ident},
                     "pidfile": slot(runtime.pidfile_fd) if runtime.pidfile_fd is not None else None,
+                    "log": None if (log_fd := runtime.logs.descriptor()) is None else slot(log_fd),
                     "state": None if runtime.state.fd is None else slot(runtime.state.fd),
                     "stdio": [slot(0), slot(1), slot(2)]},
             "server": {"generation": self.generation, "started": self.started,

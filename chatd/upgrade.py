@@ -23,7 +23,7 @@ The record (FORMAT) is one JSON object, its bytes values sent raw after it (`enc
 `settings` (the config it serves with, rebuilt by `config.from_settings`: an upgrade changes
 the code, not the settings); `target`, `foreground`, `detached`, `paths`, `notify`; the
 descriptors by slot (`fds`: listeners with their scheme and systemd name, the metrics and
-control sockets, the pid and state files, stdin, stdout, stderr); `server` (generation,
+control sockets, the pid, state and log files, stdin, stdout, stderr); `server` (generation,
 start time, last restart, bans with what is left of them, metrics, the chat rooms and next
 guest number, signals that arrived during the upgrade, and with a bus the node's identity
 on it: cluster.ClusterBackend.capture); and `clients`, each as its

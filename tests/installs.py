@@ -49,10 +49,12 @@ SLOW_COMMIT = ("upgrade.py", "        were the pipe it read our output from), an
 
 
 class Installs:
-    """Versions of chatd installed under `root`, and the `current` link between them."""
+    """Versions of chatd installed under `root`, and the `current` link between them; the
+    scripts run `python` (another user may not be able to run the test's own)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, python: str = sys.executable) -> None:
         self.root = root
+        self.python = python
         root.mkdir(parents=True, exist_ok=True)
 
     def make(self, name: str, version: str, change: tuple[str, str, str] | None = None) -> Path:
@@ -65,7 +67,7 @@ class Installs:
             _edit(package / change[0], change[1], change[2])
         script = where / "bin" / "chatd"
         script.parent.mkdir()
-        script.write_text(SCRIPT.format(python=sys.executable))
+        script.write_text(SCRIPT.format(python=self.python))
         script.chmod(0o755)
         return where
 

@@ -10,18 +10,24 @@ and the new one does not yet serve. The fixtures and helpers are test_upgrade's.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from chatd.connection import KERNEL_BUFFER
 from installs import EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs
-from support import LineClient, alive, chatd_command, figures, rss_kib, wait_for
-from test_upgrade import A, _drain, _pull, installs, make_daemon, start, status, upgrade   # noqa: F401 - fixtures
+from conftest import require_real
+from support import LineClient, alive, chatd_command, figures, proc_status, rss_kib, wait_for
+from test_install import SYSTEM_PYTHON
+from test_upgrade import A, B, _drain, _pull, installs, make_daemon, start, status, upgrade   # noqa: F401 - fixtures
 
 FROZEN = "test: restored"   # the slow version's log line: the old process is frozen from here
 
@@ -211,3 +217,34 @@ def _total(family: object) -> int:
     if isinstance(family, dict):
         return sum(_total(v) for v in family.values())
     return sum(_total(v) for v in family) if isinstance(family, list) else 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_a_daemon_that_dropped_privileges_is_upgraded_and_logs_on(make_chatd, tmp_path):
+    """root starts chatd with `user = "nobody"`, its log file root's (0640, opened before the
+    drop): the new code runs as nobody, could not open the log file again, and refused to
+    take over ("cannot open log target ...: Permission denied"): such a daemon could never be
+    upgraded. The log file's descriptor is handed over now, as the pid file's is."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        require_real(SYSTEM_PYTHON)
+    public = Path(tempfile.mkdtemp(prefix="chatd-installs-"))
+    try:
+        public.chmod(0o755)
+        made = Installs(public / "installs", python=SYSTEM_PYTHON)   # nobody can run it
+        made.make("a", A), made.make("b", B)
+        made.use("a")
+        inst = make_chatd(public=True)
+        inst.write_config(mode="chat", daemon={"user": "nobody"})
+        old = start(inst, made)
+        assert os.stat(inst.logfile).st_uid == 0
+        alice, bob = LineClient(inst.port), LineClient(inst.port)
+        _pull(alice, b"guest2 joined #lobby")
+        done = upgrade(inst, made, "b")
+        new = int(done.stdout.split(b"(pid ")[2].split(b")")[0])
+        assert proc_status(new)["Uid"].split()[0] == "65534"
+        bob.send(b"still here\n")
+        assert _pull(alice, b"<guest2> still here\r\n")
+        assert f"chatd[{new}] INFO: upgraded from chatd {A} (pid {old})" in inst.log_text()
+        inst.cmd("stop", check=0)
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
