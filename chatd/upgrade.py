@@ -187,6 +187,13 @@ class Channel:
         except ValueError:
             raise UpgradeFailed(f"a garbled message on the upgrade channel: {data[:40]!r}") from None
 
+    def readable(self, timeout: float) -> bool:
+        """Is a message (or the end) waiting, within `timeout` seconds? poll(2), not select(2):
+        with a thousand clients this descriptor's number is past what select takes."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+
     def _recv(self, deadline: float) -> tuple[bytes, list[int]]:
         left = deadline - time.monotonic()
         if left <= 0 or not self.readable(left):
@@ -484,8 +491,10 @@ class Handover:
         self.answer({"ok": True, "old": {"version": __version__, "pid": os.getpid()},
                 "new": {"version": hello.get("version"), "pid": pid},
                 "took_s": round(took, 3), "clients": clients})
-        server.runtime.handed_over()
-        daemon.end(0)
+        try:
+            server.runtime.handed_over()
+        finally:   # whatever happens, never back to the loop (`run` would take it all back)
+            daemon.end(0)
 
     def _kill(self) -> None:
         """The new process, if it lives, is killed and reaped; it touched no socket."""

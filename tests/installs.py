@@ -34,13 +34,19 @@ EXITS_SLOWLY = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.in
 HANGS = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
          "    import time\n    time.sleep(3600)\n")
 NEW_FORMAT = ("upgrade.py", "FORMAT = 1 ", "FORMAT = 2 ")
-# Not broken, only slow: it rebuilds everything, says so in the log, then takes SLOW_S more
-# before "prepared", so a test can act while the old process is frozen.
+# Not broken, only slow: it rebuilds everything, says so in the log, then takes `seconds`
+# more before "prepared", so a test can act while the old process is frozen.
 SLOW_S = 1.0
-SLOW_TAKEOVER = ("server.py", "            clients = self._restore(takeover)\n",
-                 "            clients = self._restore(takeover)\n"
-                 "            log.info('test: restored, taking %g s more', " + repr(SLOW_S) + ")\n"
-                 "            time.sleep(" + repr(SLOW_S) + ")\n")
+
+
+def slow_takeover(seconds: float) -> tuple[str, str, str]:
+    return ("server.py", "            clients = self._restore(takeover)\n",
+            "            clients = self._restore(takeover)\n"
+            f"            log.info('test: restored, taking %g s more', {seconds!r})\n"
+            f"            time.sleep({seconds!r})\n")
+
+
+SLOW_TAKEOVER = slow_takeover(SLOW_S)
 # Slow just after the commit, as a new process the scheduler leaves waiting: the old one
 # may exit before the pid file names the new one.
 SLOW_COMMIT = ("upgrade.py", "        were the pipe it read our output from), and the pid file names us.\"\"\"\n",

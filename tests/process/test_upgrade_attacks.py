@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import struct
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from chatd.connection import KERNEL_BUFFER
-from installs import EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs
+from installs import EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs, slow_takeover
 from conftest import require_real
 from support import LineClient, alive, chatd_command, figures, proc_status, rss_kib, wait_for
 from test_install import SYSTEM_PYTHON
@@ -32,11 +33,11 @@ from test_upgrade import A, B, _drain, _pull, installs, make_daemon, start, stat
 FROZEN = "test: restored"   # the slow version's log line: the old process is frozen from here
 
 
-def upgrade_in_background(inst, installs: Installs, to: str) -> subprocess.Popen:
-    """`chatd upgrade` to `to`, returning once the new process has rebuilt everything (the old
-    one frozen, the new one not yet serving)."""
+def upgrade_in_background(inst, installs: Installs, to: str, *args: str) -> subprocess.Popen:
+    """`chatd upgrade ARGS` to `to`, returning once the new process has rebuilt everything
+    (the old one frozen, the new one not yet serving)."""
     installs.use(to)
-    up = subprocess.Popen(chatd_command() + ["upgrade", "-c", str(inst.config)], stdin=subprocess.DEVNULL,
+    up = subprocess.Popen(chatd_command() + ["upgrade", *args, "-c", str(inst.config)], stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: FROZEN in inst.log_text() or up.poll() is not None, timeout=30,
              what="the new chatd to rebuild the old one's state")
@@ -248,3 +249,58 @@ def test_a_daemon_that_dropped_privileges_is_upgraded_and_logs_on(make_chatd, tm
         inst.cmd("stop", check=0)
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+def test_more_than_a_thousand_clients_are_carried(make_daemon, installs):
+    """With 1,100 clients the upgrade channel's descriptor is past 1024, which select(2)
+    cannot take: the old process's upgrade died on a ValueError, `chatd upgrade` got no
+    answer, and the new process was left behind. Now poll(2)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    inst = make_daemon(extra="[limits]\nmax_clients_per_ip = 0\n")
+    start(inst, installs)
+    clients = [socket.create_connection(("127.0.0.1", inst.port), timeout=10) for _ in range(1100)]
+    try:
+        wait_for(lambda: status(inst)["clients"] == 1100, what="1,100 clients")
+        done = upgrade(inst, installs, "b")
+        assert b"1100 clients carried over" in done.stdout
+        clients[-1].sendall(b"last\n")
+        assert clients[-1].recv(16) == b"last\n"
+    finally:
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.slow   # --timeout 3 s, waited out
+def test_a_new_version_stuck_while_the_old_one_is_frozen_is_given_up_and_nothing_is_lost(make_daemon, installs):
+    """The new code stops after rebuilding everything (the old process frozen, holding what
+    clients send meanwhile, an end of input and a reset among it): past --timeout it is
+    killed, and the old one handles all of it, in order, and accepts the newcomer waiting."""
+    installs.make("stuck", "2.0.0", slow_takeover(3600))
+    inst = make_daemon(mode="chat")
+    old = start(inst, installs)
+    members = [LineClient(inst.port) for _ in range(4)]
+    for i, member in enumerate(members):
+        member.recv_line()
+        member.send(b"/nick m%d\n" % i)
+    _pull(members[0], b"guest4 is now known as m3")
+    for member in members:
+        _drain(member)
+    up = upgrade_in_background(inst, installs, "stuck", "--timeout", "3")
+    members[0].send(b"said while frozen\n")
+    members[1].send(b"my last words\n")
+    members[1].shutdown_write()
+    members[2].send(b"said, then gone\n")
+    reset(members[2])
+    newcomer = LineClient(inst.port)
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 1 and b"did not take over within 3 s; killed it" in err, err
+    for wanted in (b"*** m1 left", b"*** m2 left", b"*** guest5 joined"):
+        _pull(members[3], wanted)
+    heard = members[3].buf
+    assert heard.index(b"<m0> said while frozen") < heard.index(b"*** guest5 joined")
+    assert heard.index(b"<m1> my last words") < heard.index(b"*** m1 left") < heard.index(b"*** guest5 joined")
+    assert heard.index(b"<m2> said, then gone") < heard.index(b"*** m2 left")
+    assert b"Welcome" in newcomer.recv_line()
+    assert inst.pid() == old
