@@ -49,7 +49,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, daemon
-from .errors import EXIT_FAILED, ChatdError
+from .errors import EXIT_FAILED, EXIT_NOT_RUNNING_RELOAD, ChatdError
 
 if TYPE_CHECKING:
     from .server import Server
@@ -337,14 +337,14 @@ class Handover:
             lines = lines[-1:]
         return ": " + "; ".join(lines)[-1000:]
 
-    def _exited(self) -> str:
+    def _exited(self, when: str = "before taking over") -> str:
         """Why the new process is gone ("" while it lives)."""
         assert self.child is not None
         code = self.child.poll()
         if code is None:
             return ""
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        return f"the new chatd (pid {self.child.pid}) {how} before taking over{self._said()}"
+        return f"the new chatd (pid {self.child.pid}) {how} {when}{self._said()}"
 
     async def _hello(self) -> dict[str, Any]:
         """Serve on until the new code says hello (its code imported), or fail."""
@@ -480,21 +480,40 @@ class Handover:
         except OSError as e:
             notifier.send(f"MAINPID={os.getpid()}")
             raise UpgradeFailed(self._exited() or f"cannot commit: {e}") from None
-        try:   # its closing the channel: the pid file, control socket and state file are its own
-            self.channel.receive(time.monotonic() + SERVING_S)
-        except (EOFError, TimeoutError, OSError, UpgradeFailed):
-            pass
-        clients = len(record["clients"])
-        log.info("upgrade: handed over to chatd %s (pid %d) in %.3f s, %d clients; exiting",
-                 hello.get("version"), pid, took, clients)
         self.answered = True
-        self.answer({"ok": True, "old": {"version": __version__, "pid": os.getpid()},
-                "new": {"version": hello.get("version"), "pid": pid},
-                "took_s": round(took, 3), "clients": clients})
-        try:
+        try:   # whatever happens now, never back to the loop (`run` would take it all back)
+            clients = len(record["clients"])
+            gone = self._serving()
+            if gone:
+                log.error("upgrade: %s", gone)
+                self.answer({"ok": False, "error": gone, "status": EXIT_NOT_RUNNING_RELOAD})
+            else:
+                log.info("upgrade: handed over to chatd %s (pid %d) in %.3f s, %d clients; exiting",
+                         hello.get("version"), pid, took, clients)
+                self.answer({"ok": True, "old": {"version": __version__, "pid": os.getpid()},
+                             "new": {"version": hello.get("version"), "pid": pid},
+                             "took_s": round(took, 3), "clients": clients})
             server.runtime.handed_over()
-        finally:   # whatever happens, never back to the loop (`run` would take it all back)
+        finally:
             daemon.end(0)
+
+    def _serving(self) -> str:
+        """Wait for the new process to say it serves (the pid file, control socket and state
+        file its own, so a command run next finds it); if it died instead, how."""
+        assert self.channel is not None and self.child is not None
+        try:
+            kind, _, _ = self.channel.receive(time.monotonic() + SERVING_S)
+        except TimeoutError:
+            return ""   # slow, not gone: it serves on, and says so in its own time
+        except (EOFError, OSError, UpgradeFailed):
+            kind = ""
+        if kind == "serving":
+            return ""
+        try:
+            self.child.wait(EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            return ""
+        return f"{self._exited('after taking over')}; chatd is not running"
 
     def _kill(self) -> None:
         """The new process, if it lives, is killed and reaped; it touched no socket."""
@@ -612,8 +631,12 @@ class Takeover:
         self.on_commit()
 
     def serving(self) -> None:
-        """Everything is ours and up to date (pid file, control socket, state file): closing
-        the channel tells the old process, which then answers `chatd upgrade` and exits."""
+        """Everything is ours and up to date (pid file, control socket, state file): the old
+        process, told so, answers `chatd upgrade` and exits."""
+        try:
+            self.channel.send("serving")
+        except OSError:
+            pass
         self.channel.close()
 
     async def adopt(self, clients: list[tuple[Any, dict[str, Any]]]) -> None:

@@ -47,6 +47,9 @@ def slow_takeover(seconds: float) -> tuple[str, str, str]:
 
 
 SLOW_TAKEOVER = slow_takeover(SLOW_S)
+# Dies once it has taken over, before it serves: no way back for the old process.
+DIES_AFTER_COMMIT = ("server.py", "        await takeover.adopt(clients)\n",
+                     "        raise SystemExit('chatd: this build dies serving')\n")
 # Slow just after the commit, as a new process the scheduler leaves waiting: the old one
 # may exit before the pid file names the new one.
 SLOW_COMMIT = ("upgrade.py", "        were the pipe it read our output from), and the pid file names us.\"\"\"\n",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from chatd.connection import KERNEL_BUFFER
-from installs import EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs, slow_takeover
+from installs import DIES_AFTER_COMMIT, EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs, slow_takeover
 from conftest import require_real
 from support import LineClient, alive, chatd_command, figures, proc_status, rss_kib, wait_for
 from test_install import SYSTEM_PYTHON
@@ -304,3 +305,20 @@ def test_a_new_version_stuck_while_the_old_one_is_frozen_is_given_up_and_nothing
     assert heard.index(b"<m2> said, then gone") < heard.index(b"*** m2 left")
     assert b"Welcome" in newcomer.recv_line()
     assert inst.pid() == old
+
+
+def test_a_new_version_that_dies_after_the_commit_is_not_reported_as_an_upgrade(make_daemon, installs):
+    """Past the commit there is no way back, but `chatd upgrade` said "upgraded ... 1 clients
+    carried over" (exit 0) for a new process that had died, and nothing was serving. Now it
+    says so, exit 7 (not running)."""
+    installs.make("dies", "2.0.0", DIES_AFTER_COMMIT)
+    inst = make_daemon()
+    old = start(inst, installs)
+    client = LineClient(inst.port)
+    failed = upgrade(inst, installs, "dies", check=7)
+    assert failed.stdout == b""
+    assert re.fullmatch(rb"chatd: the new chatd \(pid \d+\) exited with status 1 after taking over; "
+                        rb"chatd is not running\n", failed.stderr), failed.stderr
+    assert f"upgrade: the new chatd (pid ".encode() in inst.log_text().encode()
+    wait_for(lambda: not alive(old), what="the old process to exit")
+    assert client.recv_until_eof() == b""
