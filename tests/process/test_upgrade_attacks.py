@@ -57,6 +57,38 @@ def reset(client: LineClient) -> None:
     client.close()
 
 
+def room_of_four(inst) -> list[LineClient]:
+    """m0 to m3 in #lobby, everything they were told so far read."""
+    members = [LineClient(inst.port) for _ in range(4)]
+    for i, member in enumerate(members):
+        member.recv_line()
+        member.send(b"/nick m%d\n" % i)
+    _pull(members[0], b"guest4 is now known as m3")
+    for member in members:
+        _drain(member)
+    return members
+
+
+def act_while_frozen(members: list[LineClient]) -> None:
+    """m0 says a line, m1 its last words and half-closes, m2 a line and resets."""
+    members[0].send(b"said while frozen\n")
+    members[1].send(b"my last words\n")
+    members[1].shutdown_write()
+    members[2].send(b"said, then gone\n")
+    reset(members[2])
+
+
+def heard_in_order(listener: LineClient) -> bytes:
+    """What m3 heard of `act_while_frozen`, each line before its sayer's leaving."""
+    for wanted in (b"<m0> said while frozen\r\n", b"<m1> my last words\r\n", b"*** m1 left #lobby",
+                   b"<m2> said, then gone\r\n", b"*** m2 left #lobby"):
+        _pull(listener, wanted)
+    heard = listener.buf
+    assert heard.index(b"<m1> my last words") < heard.index(b"*** m1 left"), heard
+    assert heard.index(b"<m2> said, then gone") < heard.index(b"*** m2 left"), heard
+    return heard
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_chat_clients_that_end_while_frozen_leave_and_the_room_is_served_on(make_daemon, installs, loop):
     """A chat client that said its last line and half-closed (EOF) while the old process was
@@ -67,32 +99,16 @@ def test_chat_clients_that_end_while_frozen_leave_and_the_room_is_served_on(make
     installs.make("slow", "2.0.0", SLOW_TAKEOVER)
     inst = make_daemon(loop=loop, mode="chat")
     start(inst, installs)
-    members = [LineClient(inst.port) for _ in range(4)]
-    for i, member in enumerate(members):
-        member.recv_line()
-        member.send(b"/nick m%d\n" % i)
-    _pull(members[0], b"guest4 is now known as m3")
-    for member in members:
-        _drain(member)
-    sayer, quitter, resetter, listener = members
+    members = room_of_four(inst)
     up = upgrade_in_background(inst, installs, "slow")
-    sayer.send(b"said while frozen\n")
-    quitter.send(b"my last words\n")
-    quitter.shutdown_write()
-    resetter.send(b"said, then gone\n")
-    reset(resetter)
+    act_while_frozen(members)
     newcomer = LineClient(inst.port)   # waits in the backlog
     finished(up)
-    for wanted in (b"<m1> my last words\r\n", b"*** m1 left #lobby", b"*** m2 left #lobby",
-                   b"<m0> said while frozen\r\n", b"<m2> said, then gone\r\n"):
-        assert _pull(listener, wanted)
-    heard = listener.buf
-    assert heard.index(b"<m1> my last words") < heard.index(b"*** m1 left"), heard
-    assert heard.index(b"<m2> said, then gone") < heard.index(b"*** m2 left"), heard
+    heard_in_order(members[3])
     assert b"Welcome" in newcomer.recv_line()
-    quitter.recv_until_eof()   # closed once its input is handled
-    listener.send(b"and on\n")
-    assert _pull(sayer, b"<m3> and on\r\n")
+    members[1].recv_until_eof()   # closed once its input is handled
+    members[3].send(b"and on\n")
+    assert _pull(members[0], b"<m3> and on\r\n")
     assert "ERROR" not in inst.log_text(), inst.log_text()[-2000:]
 
 
@@ -281,28 +297,15 @@ def test_a_new_version_stuck_while_the_old_one_is_frozen_is_given_up_and_nothing
     installs.make("stuck", "2.0.0", slow_takeover(3600))
     inst = make_daemon(mode="chat")
     old = start(inst, installs)
-    members = [LineClient(inst.port) for _ in range(4)]
-    for i, member in enumerate(members):
-        member.recv_line()
-        member.send(b"/nick m%d\n" % i)
-    _pull(members[0], b"guest4 is now known as m3")
-    for member in members:
-        _drain(member)
+    members = room_of_four(inst)
     up = upgrade_in_background(inst, installs, "stuck", "--timeout", "3")
-    members[0].send(b"said while frozen\n")
-    members[1].send(b"my last words\n")
-    members[1].shutdown_write()
-    members[2].send(b"said, then gone\n")
-    reset(members[2])
+    act_while_frozen(members)
     newcomer = LineClient(inst.port)
     out, err = up.communicate(timeout=60)
     assert up.returncode == 1 and b"did not take over within 3 s; killed it" in err, err
-    for wanted in (b"*** m1 left", b"*** m2 left", b"*** guest5 joined"):
-        _pull(members[3], wanted)
-    heard = members[3].buf
-    assert heard.index(b"<m0> said while frozen") < heard.index(b"*** guest5 joined")
-    assert heard.index(b"<m1> my last words") < heard.index(b"*** m1 left") < heard.index(b"*** guest5 joined")
-    assert heard.index(b"<m2> said, then gone") < heard.index(b"*** m2 left")
+    _pull(members[3], b"*** guest5 joined")
+    heard = heard_in_order(members[3])
+    assert heard.index(b"*** m2 left") < heard.index(b"*** guest5 joined")
     assert b"Welcome" in newcomer.recv_line()
     assert inst.pid() == old
 
