@@ -666,6 +666,8 @@ class Takeover:
             adopter.leave_if_lost()
         for adopter in adopters:
             adopter.end_input()
+        self.record["clients"] = []   # their output and input are the connections' now: the
+        # record, kept for the process's life, would hold every byte of it (megabytes a reader)
 
 
 class Adopter(asyncio.Protocol):

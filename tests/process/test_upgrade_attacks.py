@@ -175,15 +175,17 @@ def _swamped(port: int) -> tuple[LineClient, bytes]:
 
 
 @pytest.mark.slow
-def test_queued_output_costs_the_old_process_about_its_size_once(make_daemon, installs):
+def test_queued_output_costs_its_size_once_at_the_freeze_and_is_let_go_once_sent(make_daemon, installs):
     """Readers that read nothing, each with its output budget queued: the record carried
     their output as base64 inside one JSON text, which cost the old process about four times
-    the output in memory at the freeze (and the freeze seconds); raw beside the record, once."""
+    the output in memory at the freeze (and the freeze seconds); raw beside the record, once.
+    And the new process kept the record, every byte of that output in it, for its life: once
+    the readers had taken everything, it still held it all."""
     budget = 8 << 20
-    inst = make_daemon(extra=f"[limits]\noutput_buffer = {budget}\n")
+    inst = make_daemon(loop="asyncio", extra=f"[limits]\noutput_buffer = {budget}\n")
     old = start(inst, installs)
     idle = rss_kib(old)
-    readers = [_swamped(inst.port)[0] for _ in range(6)]
+    readers = [_swamped(inst.port) for _ in range(6)]
     queued = rss_kib(old) - idle
     assert queued > 6 * budget // 1024 // 2, (queued, idle)   # the daemon really holds it
     peak = [0]
@@ -199,11 +201,17 @@ def test_queued_output_costs_the_old_process_about_its_size_once(make_daemon, in
     watcher.start()
     upgrade(inst, installs, "b")
     watcher.join(30)
+    new = inst.pid()
+    for reader, sent in readers:
+        reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        reader.sock.setblocking(True)
+        lines = sent[:sent.rindex(b"\n") + 1]
+        assert reader.recv_exact(len(lines), timeout=30) == lines
+    time.sleep(0.5)
     figures("upgrade_queued_output", queued_kib=queued, old_rss_kib=idle + queued,
-            old_peak_kib=peak[0])
+            old_peak_kib=peak[0], new_rss_sent_kib=rss_kib(new))
     assert peak[0] - (idle + queued) < queued, (peak[0], idle, queued)
-    for reader in readers:
-        reader.close()
+    assert rss_kib(new) < idle + queued // 2, (rss_kib(new), idle, queued)
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
