@@ -31,7 +31,7 @@ connection's `capture` says (connection.py, chat.py) with its socket in `fds`; a
 `headers`, the PROXY headers being read (accept.Gate.resume_header). A record of
 another format is refused by the new code, and the old one keeps serving.
 
-Tests: tests/process/test_upgrade.py, tests/unit/test_upgrade_parts.py
+Tests: tests/process/test_upgrade.py, tests/process/test_upgrade_attacks.py, tests/unit/test_upgrade_parts.py
 """
 
 from __future__ import annotations
