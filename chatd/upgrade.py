@@ -65,6 +65,7 @@ CHUNK = 60000               # bytes of the record per message (a SEQPACKET messa
 FDS_PER_MESSAGE = 200       # descriptors per message (the kernel takes at most 253)
 OUTPUT_KEPT = 8192          # bytes of the new process's own output kept for a failure's reason
 WATCHDOG_TICK_S = 1.0       # how often the frozen old process still tells systemd it lives
+OUTPUT_TICK_S = 0.05        # how often the frozen old process reads what the new one writes
 EXIT_WAIT_S = 1.0           # for a new process that closed the channel to exit (its status is the reason)
 SERVING_S = 10.0            # after the commit, for the new process to say it serves (`_commit`)
 
@@ -440,12 +441,15 @@ class Handover:
         """Wait (frozen) for the new process to have rebuilt everything."""
         assert self.channel is not None and self.child is not None
         notifier = self.server.runtime.notifier
+        pinged = time.monotonic()
         while True:
-            tick = min(self.deadline, time.monotonic() + WATCHDOG_TICK_S)
+            self._read_output()   # what it writes meanwhile: a pipe it filled would stop it
             try:
-                kind, body, _ = self.channel.receive(tick)
+                kind, body, _ = self.channel.receive(min(self.deadline, time.monotonic() + OUTPUT_TICK_S))
             except TimeoutError:
-                notifier.watchdog()
+                if time.monotonic() - pinged >= WATCHDOG_TICK_S:
+                    notifier.watchdog()
+                    pinged = time.monotonic()
                 if time.monotonic() >= self.deadline:
                     raise UpgradeFailed(f"the new chatd (pid {self.child.pid}) did not take over "
                                         f"within {self.timeout:g} s{self._said()}; killed it") from None

@@ -47,6 +47,10 @@ def slow_takeover(seconds: float) -> tuple[str, str, str]:
 
 
 SLOW_TAKEOVER = slow_takeover(SLOW_S)
+# Writes 300 KB to its stderr (a pipe the old process reads) while the old one is frozen.
+CHATTY = ("server.py", "            clients = self._restore(takeover)\n",
+          "            clients = self._restore(takeover)\n"
+          "            import sys\n            sys.stderr.write('w' * 300000)\n            sys.stderr.flush()\n")
 # Dies once it has taken over, before it serves: no way back for the old process.
 DIES_AFTER_COMMIT = ("server.py", "        await takeover.adopt(clients)\n",
                      "        raise SystemExit('chatd: this build dies serving')\n")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from chatd.connection import KERNEL_BUFFER
-from installs import DIES_AFTER_COMMIT, EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs, slow_takeover
+from installs import CHATTY, DIES_AFTER_COMMIT, EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs, slow_takeover
 from conftest import require_real
 from support import LineClient, alive, chatd_command, figures, proc_status, rss_kib, wait_for
 from test_install import SYSTEM_PYTHON
@@ -333,3 +333,19 @@ def test_a_new_version_that_dies_after_the_commit_is_not_reported_as_an_upgrade(
     assert f"upgrade: the new chatd (pid ".encode() in inst.log_text().encode()
     wait_for(lambda: not alive(old), what="the old process to exit")
     assert client.recv_until_eof() == b""
+
+
+def test_a_new_version_that_writes_a_lot_while_the_old_one_is_frozen_takes_over(make_daemon, installs):
+    """Until the commit the new process's stdout and stderr are a pipe the old one reads, but
+    the frozen old process did not read it: a new version writing more than the pipe holds
+    (warnings, a log to stderr) blocked on it, and every client stayed frozen until --timeout
+    failed the upgrade."""
+    installs.make("chatty", "2.0.0", CHATTY)
+    inst = make_daemon()
+    start(inst, installs)
+    client = LineClient(inst.port)
+    began = time.monotonic()
+    done = upgrade(inst, installs, "chatty", "--timeout", "5")
+    assert b"to 2.0.0" in done.stdout and time.monotonic() - began < 4, done.stdout
+    client.send(b"x\n")
+    assert client.recv_line() == b"x\n"
