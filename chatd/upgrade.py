@@ -188,13 +188,6 @@ class Channel:
         except ValueError:
             raise UpgradeFailed(f"a garbled message on the upgrade channel: {data[:40]!r}") from None
 
-    def readable(self, timeout: float) -> bool:
-        """Is a message (or the end) waiting, within `timeout` seconds? poll(2), not select(2):
-        with a thousand clients this descriptor's number is past what select takes."""
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(max(0.0, timeout) * 1000))
-
     def _recv(self, deadline: float) -> tuple[bytes, list[int]]:
         left = deadline - time.monotonic()
         if left <= 0 or not self.readable(left):
