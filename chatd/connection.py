@@ -482,7 +482,7 @@ class Connection(LineDecoder, asyncio.Protocol):
         held = self.transport.get_write_buffer_size()
         if held > len(self.tail):
             raise ValueError(f"{self.peer}: the transport holds {held} bytes, {len(self.tail)} known")
-        return (self.tail[len(self.tail) - held:] if held else b"") + bytes(self.outbox or b"")
+        return b"".join((memoryview(self.tail)[len(self.tail) - held:], self.outbox or b""))   # one copy
 
     def capture(self, now: float, index: dict[Connection, int]) -> dict[str, Any]:
         """What a live upgrade carries of this client (README "Live upgrade"): all but the
@@ -522,6 +522,8 @@ class Connection(LineDecoder, asyncio.Protocol):
             self.over_budget()
         elif self.backlog:
             self.sit_out()
+        elif held:   # the takeover did not read it meanwhile (upgrade.Adopter)
+            transport.resume_reading()
 
 
 class _Drainer(asyncio.Protocol):

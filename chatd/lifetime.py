@@ -206,7 +206,7 @@ def take_over(takeover: upgrade.Takeover) -> int:
     takeover.on_commit = commit
     try:
         try:
-            logs.configure(cfg, record["target"])
+            logs.configure(cfg, record["target"], None if slots["log"] is None else takeover.fds[slots["log"]])
         except ChatdError as e:
             takeover.fail(e.message)
         if fd_warning:

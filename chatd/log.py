@@ -54,14 +54,17 @@ class _StrictMixin:
 class FileTarget(_StrictMixin, logging.StreamHandler):
     """Appends to a file opened with an explicit mode; `reopen()` follows logrotate."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        """`fd`: the file already open (a live upgrade's, which a daemon that dropped its
+        privileges may not be able to open again)."""
         self.path = path
-        super().__init__(self._open())
+        super().__init__(self._open(fd))
 
-    def _open(self) -> TextIO:
+    def _open(self, fd: int | None = None) -> TextIO:
         # Through `files`: never a planted link, FIFO or another user's file (UnsafeFile is
         # an OSError, so a refused reopen keeps the old descriptor like any failed one).
-        fd = files.open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        if fd is None:
+            fd = files.open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
 
     def reopen(self) -> None:
@@ -408,8 +411,9 @@ class Logging:
         self.counted = (0, 0)   # failures and fallback lines of the handlers replaced so far
         logging.raiseExceptions = False
 
-    def configure(self, cfg: Config, target: str) -> None:
-        """Point the chatd logger at `target` ("" means the fallback file)."""
+    def configure(self, cfg: Config, target: str, fd: int | None = None) -> None:
+        """Point the chatd logger at `target` ("" means the fallback file); a file target
+        already open at `fd` (`descriptor`) is written there."""
         try:
             if target == "syslog":
                 handler: logging.Handler = SyslogTarget(cfg.log.syslog_socket, cfg.log.facility)
@@ -423,7 +427,7 @@ class Logging:
                 description = "stderr (journal)" if journal else "stderr"
             else:
                 path = target or self.fallback_path
-                handler = FileTarget(path)
+                handler = FileTarget(path, fd)
                 handler.setFormatter(_formatter(cfg, FILE_FORMAT))
                 description = f"file {path}"
                 if not target:
@@ -442,6 +446,11 @@ class Logging:
             old.close()
         log.setLevel(cfg.log.level.upper())
         self.description = description
+
+    def descriptor(self) -> int | None:
+        """The file target's descriptor, for a live upgrade to hand over (None: no file)."""
+        target = self.handler.target if self.handler is not None else None
+        return target.stream.fileno() if isinstance(target, FileTarget) else None
 
     def stderr_replaced(self, cfg: Config) -> None:
         """fd 2 is another file now (at a live upgrade's commit, the old process's stderr took

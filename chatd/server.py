@@ -209,6 +209,7 @@ class Server:
                  "event loop %s", old["version"], old["pid"], len(clients), self.cfg.server.mode,
                  self.address, self.loop_name)
         self.runtime.notifier.status(self.status_text())
+        takeover.serving()
         self._run_tasks()
         for sig in commit.get("signals") or ():
             self.signals.put(int(sig))
@@ -420,6 +421,7 @@ class Server:
                     "control": None if control is None else {"fd": slot(control.sock.fileno()),
                                                              "path": control.path, "ident": control.ident},
                     "pidfile": slot(runtime.pidfile_fd) if runtime.pidfile_fd is not None else None,
+                    "log": None if (log_fd := runtime.logs.descriptor()) is None else slot(log_fd),
                     "state": None if runtime.state.fd is None else slot(runtime.state.fd),
                     "stdio": [slot(0), slot(1), slot(2)]},
             "server": {"generation": self.generation, "started": self.started,

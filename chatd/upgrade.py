@@ -18,12 +18,12 @@ accepts again and answers exit 1 with the reason (the new code's own message whe
 one). The pid file's lock belongs to the open file, which both hold across the commit, so
 it is never released.
 
-The record (FORMAT) is one JSON object; bytes are {"$b": base64}. Its fields: `format`;
+The record (FORMAT) is one JSON object, its bytes values sent raw after it (`encode`). Its fields: `format`;
 `version`, `pid` and `command` of the old process; `config`, `origins`, `overrides` and
 `settings` (the config it serves with, rebuilt by `config.from_settings`: an upgrade changes
 the code, not the settings); `target`, `foreground`, `detached`, `paths`, `notify`; the
 descriptors by slot (`fds`: listeners with their scheme and systemd name, the metrics and
-control sockets, the pid and state files, stdin, stdout, stderr); `server` (generation,
+control sockets, the pid, state and log files, stdin, stdout, stderr); `server` (generation,
 start time, last restart, bans with what is left of them, metrics, the chat rooms and next
 guest number, signals that arrived during the upgrade, and with a bus the node's identity
 on it: cluster.ClusterBackend.capture); and `clients`, each as its
@@ -31,13 +31,12 @@ connection's `capture` says (connection.py, chat.py) with its socket in `fds`; a
 `headers`, the PROXY headers being read (accept.Gate.resume_header). A record of
 another format is refused by the new code, and the old one keeps serving.
 
-Tests: tests/process/test_upgrade.py, tests/unit/test_upgrade_parts.py
+Tests: tests/process/test_upgrade.py, tests/process/test_upgrade_attacks.py, tests/unit/test_upgrade_parts.py
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -50,7 +49,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, daemon
-from .errors import EXIT_FAILED, ChatdError
+from .errors import EXIT_FAILED, EXIT_NOT_RUNNING_RELOAD, ChatdError
 
 if TYPE_CHECKING:
     from .server import Server
@@ -66,6 +65,9 @@ CHUNK = 60000               # bytes of the record per message (a SEQPACKET messa
 FDS_PER_MESSAGE = 200       # descriptors per message (the kernel takes at most 253)
 OUTPUT_KEPT = 8192          # bytes of the new process's own output kept for a failure's reason
 WATCHDOG_TICK_S = 1.0       # how often the frozen old process still tells systemd it lives
+OUTPUT_TICK_S = 0.05        # how often the frozen old process reads what the new one writes
+EXIT_WAIT_S = 1.0           # for a new process that closed the channel to exit (its status is the reason)
+SERVING_S = 10.0            # after the commit, for the new process to say it serves (`_commit`)
 
 
 class UpgradeFailed(ChatdError):
@@ -74,22 +76,42 @@ class UpgradeFailed(ChatdError):
 
 # ---------------------------------------------------------------------- the record
 
-def encode(record: dict[str, Any]) -> bytes:
-    """The record as JSON, bytes as {"$b": base64}."""
+def encode(record: dict[str, Any]) -> tuple[bytes, list[Any]]:
+    """The record as JSON, each bytes value as {"$r": its length}, and the values themselves
+    in the order the JSON names them, to go raw beside it: queued output can be megabytes a
+    client, which as base64 inside JSON cost about four times its size in each process and
+    seconds of the freeze (200 readers at their output budget: 3.0 s, 195 MB more)."""
+    raw: list[Any] = []
+
     def default(value: Any) -> Any:
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return {"$b": base64.b64encode(value).decode()}
+            raw.append(value)
+            return {"$r": len(value)}
         raise TypeError(f"cannot carry {type(value).__name__}")
-    return json.dumps(record, default=default, separators=(",", ":")).encode()
+    return json.dumps(record, default=default, separators=(",", ":")).encode(), raw
 
 
-def decode(data: bytes) -> dict[str, Any]:
-    """`encode`'s inverse; ValueError for anything that is not a record."""
-    def hook(obj: dict[str, Any]) -> Any:
-        if len(obj) == 1 and "$b" in obj:
-            return base64.b64decode(obj["$b"], validate=True)
+def decode(data: bytes, raw: bytes | bytearray = b"") -> dict[str, Any]:
+    """`encode`'s inverse, `raw` its values joined; ValueError for anything that is not a
+    record, or whose values do not add up to `raw`."""
+    at = 0
+    view = memoryview(raw)
+
+    def hook(obj: dict[str, Any]) -> Any:   # called in the order the text names them
+        nonlocal at
+        if len(obj) == 1 and "$r" in obj:
+            n = obj["$r"]
+            if type(n) is not int or n < 0 or at + n > len(view):
+                raise ValueError("the record's bytes do not add up")
+            at += n
+            return bytes(view[at - n:at])
         return obj
-    record = json.loads(data, object_hook=hook)
+    try:
+        record = json.loads(data, object_hook=hook)
+    finally:
+        view.release()
+    if at != len(raw):
+        raise ValueError("the record's bytes do not add up")
     if not isinstance(record, dict):
         raise ValueError("the state record is not an object")
     return record
@@ -127,13 +149,26 @@ class Channel:
         else:
             self.sock.sendall(data)
 
-    def send_record(self, record: bytes, fds: list[int]) -> None:
-        """The descriptors, then the record; the receiver knows both counts from the first."""
-        self.send("record", {"bytes": len(record), "fds": len(fds)})
+    def send_record(self, record: bytes, raw: list[Any], fds: list[int]) -> None:
+        """The descriptors, then the record, then its bytes values (`encode`) joined; the
+        receiver knows all three counts from the first message."""
+        self.send("record", {"bytes": len(record), "raw": sum(len(v) for v in raw), "fds": len(fds)})
         for i in range(0, len(fds), FDS_PER_MESSAGE):
             self.send("fds", None, fds[i:i + FDS_PER_MESSAGE])
         for i in range(0, len(record), CHUNK):
             self.sock.sendall(b"part " + record[i:i + CHUNK])
+        message = bytearray(b"part ")
+        for value in raw:
+            view = memoryview(value)
+            while view:
+                take = CHUNK + 5 - len(message)
+                message += view[:take]
+                view = view[take:]
+                if len(message) == CHUNK + 5:
+                    self.sock.sendall(message)
+                    del message[5:]
+        if len(message) > 5:
+            self.sock.sendall(message)
 
     def readable(self, timeout: float) -> bool:
         """Whether a message (or the end) is there within `timeout` seconds. poll, not select:
@@ -174,16 +209,24 @@ class Channel:
         while len(fds) < head["fds"]:
             kind, _, got = self.receive(deadline)
             fds += got
-        data = bytearray()
-        while len(data) < head["bytes"]:
-            kind, part, _ = self.receive(deadline)
-            if kind != "part":
-                raise UpgradeFailed(f"expected the rest of the state record, got {kind!r}")
-            data += part
+        data, raw = self._parts(head["bytes"], deadline), self._parts(head["raw"], deadline)
         try:
-            return decode(bytes(data)), fds
+            return decode(bytes(data), raw), fds
         except ValueError as e:
             raise UpgradeFailed(f"the state record cannot be read: {e}") from None
+
+    def _parts(self, n: int, deadline: float) -> bytearray:
+        """`n` bytes in "part" messages, into one buffer of that size (grown, it would leave
+        the heap fragmented)."""
+        data = bytearray(n)
+        at = 0
+        while at < n:
+            kind, part, _ = self.receive(deadline)
+            if kind != "part" or at + len(part) > n:
+                raise UpgradeFailed(f"expected the rest of the state record, got {kind!r}")
+            data[at:at + len(part)] = part
+            at += len(part)
+        return data
 
     def close(self) -> None:
         self.sock.close()
@@ -288,14 +331,14 @@ class Handover:
             lines = lines[-1:]
         return ": " + "; ".join(lines)[-1000:]
 
-    def _exited(self) -> str:
+    def _exited(self, when: str = "before taking over") -> str:
         """Why the new process is gone ("" while it lives)."""
         assert self.child is not None
         code = self.child.poll()
         if code is None:
             return ""
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        return f"the new chatd (pid {self.child.pid}) {how} before taking over{self._said()}"
+        return f"the new chatd (pid {self.child.pid}) {how} {when}{self._said()}"
 
     async def _hello(self) -> dict[str, Any]:
         """Serve on until the new code says hello (its code imported), or fail."""
@@ -327,7 +370,9 @@ class Handover:
                 try:
                     kind, body, _ = channel.receive(self.deadline)
                 except (EOFError, OSError):
-                    await asyncio.sleep(0.05)   # it closed the channel: its exit follows
+                    exit_by = time.monotonic() + EXIT_WAIT_S   # it closed the channel: its exit follows
+                    while self.child.poll() is None and time.monotonic() < exit_by:
+                        await asyncio.sleep(0.02)
                     raise UpgradeFailed(self._exited() or f"the new chatd (pid {self.child.pid}) "
                                         f"closed the upgrade channel{self._said()}") from None
                 if kind == "fail":
@@ -381,7 +426,7 @@ class Handover:
         assert self.channel is not None
         self.channel.sock.settimeout(max(0.1, self.deadline - time.monotonic()))
         try:
-            self.channel.send_record(encode(record), fds)
+            self.channel.send_record(*encode(record), fds)
         except (OSError, TimeoutError) as e:
             raise UpgradeFailed(self._exited() or f"cannot send the state record: {e}") from None
 
@@ -389,18 +434,24 @@ class Handover:
         """Wait (frozen) for the new process to have rebuilt everything."""
         assert self.channel is not None and self.child is not None
         notifier = self.server.runtime.notifier
+        pinged = time.monotonic()
         while True:
-            tick = min(self.deadline, time.monotonic() + WATCHDOG_TICK_S)
+            self._read_output()   # what it writes meanwhile: a pipe it filled would stop it
             try:
-                kind, body, _ = self.channel.receive(tick)
+                kind, body, _ = self.channel.receive(min(self.deadline, time.monotonic() + OUTPUT_TICK_S))
             except TimeoutError:
-                notifier.watchdog()
+                if time.monotonic() - pinged >= WATCHDOG_TICK_S:
+                    notifier.watchdog()
+                    pinged = time.monotonic()
                 if time.monotonic() >= self.deadline:
                     raise UpgradeFailed(f"the new chatd (pid {self.child.pid}) did not take over "
                                         f"within {self.timeout:g} s{self._said()}; killed it") from None
                 continue
             except (EOFError, OSError):
-                time.sleep(0.05)
+                try:
+                    self.child.wait(EXIT_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    pass
                 raise UpgradeFailed(self._exited() or f"the new chatd (pid {self.child.pid}) closed "
                                     f"the upgrade channel{self._said()}") from None
             if kind == "fail":
@@ -411,7 +462,9 @@ class Handover:
 
     def _commit(self, hello: dict[str, Any], ready: dict[str, Any], record: dict[str, Any]) -> None:
         """No way back: systemd learns the new main pid, the new process serves, we answer
-        and leave without a loop pass (which would read, write or close clients)."""
+        and leave without a loop pass (which would read, write or close clients). We answer
+        once the new process says it serves (`Takeover.serving`), so that a command run next
+        finds it in the pid file, the control socket and the state file, not us gone."""
         assert self.channel is not None and self.child is not None
         server = self.server
         pid = self.child.pid
@@ -424,15 +477,40 @@ class Handover:
         except OSError as e:
             notifier.send(f"MAINPID={os.getpid()}")
             raise UpgradeFailed(self._exited() or f"cannot commit: {e}") from None
-        clients = len(record["clients"])
-        log.info("upgrade: handed over to chatd %s (pid %d) in %.3f s, %d clients; exiting",
-                 hello.get("version"), pid, took, clients)
         self.answered = True
-        self.answer({"ok": True, "old": {"version": __version__, "pid": os.getpid()},
-                "new": {"version": hello.get("version"), "pid": pid},
-                "took_s": round(took, 3), "clients": clients})
-        server.runtime.handed_over()
-        daemon.end(0)
+        try:   # whatever happens now, never back to the loop (`run` would take it all back)
+            clients = len(record["clients"])
+            gone = self._serving()
+            if gone:
+                log.error("upgrade: %s", gone)
+                self.answer({"ok": False, "error": gone, "status": EXIT_NOT_RUNNING_RELOAD})
+            else:
+                log.info("upgrade: handed over to chatd %s (pid %d) in %.3f s, %d clients; exiting",
+                         hello.get("version"), pid, took, clients)
+                self.answer({"ok": True, "old": {"version": __version__, "pid": os.getpid()},
+                             "new": {"version": hello.get("version"), "pid": pid},
+                             "took_s": round(took, 3), "clients": clients})
+            server.runtime.handed_over()
+        finally:
+            daemon.end(0)
+
+    def _serving(self) -> str:
+        """Wait for the new process to say it serves (the pid file, control socket and state
+        file its own, so a command run next finds it); if it died instead, how."""
+        assert self.channel is not None and self.child is not None
+        try:
+            kind, _, _ = self.channel.receive(time.monotonic() + SERVING_S)
+        except TimeoutError:
+            return ""   # slow, not gone: it serves on, and says so in its own time
+        except (EOFError, OSError, UpgradeFailed):
+            kind = ""
+        if kind == "serving":
+            return ""
+        try:
+            self.child.wait(EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            return ""
+        return f"{self._exited('after taking over')}; chatd is not running"
 
     def _kill(self) -> None:
         """The new process, if it lives, is killed and reaped; it touched no socket."""
@@ -548,12 +626,22 @@ class Takeover:
             os.dup2(self.fds[slot], target)
             os.close(self.fds[slot])
         self.on_commit()
+
+    def serving(self) -> None:
+        """Everything is ours and up to date (pid file, control socket, state file): the old
+        process, told so, answers `chatd upgrade` and exits."""
+        try:
+            self.channel.send("serving")
+        except OSError:
+            pass
         self.channel.close()
 
     async def adopt(self, clients: list[tuple[Any, dict[str, Any]]]) -> None:
         """Serve every carried client on its socket: first every transport (what arrives
-        meanwhile is kept), then each is handed its connection, so none writes to a room
-        member that has no transport yet; the ones lost meanwhile leave last."""
+        meanwhile is kept), then each is handed its connection, then the ones lost meanwhile
+        leave, and only then is an end of input that came meanwhile handled: what that
+        sends (a chat client's last line, its leaving) reaches room members that all have
+        their transport."""
         loop = asyncio.get_running_loop()
         adopters = [Adopter(conn, saved) for conn, saved in clients]
 
@@ -573,6 +661,10 @@ class Takeover:
             adopter.hand_over()
         for adopter in adopters:
             adopter.leave_if_lost()
+        for adopter in adopters:
+            adopter.end_input()
+        self.record["clients"] = []   # their output and input are the connections' now: the
+        # record, kept for the process's life, would hold every byte of it (megabytes a reader)
 
 
 class Adopter(asyncio.Protocol):
@@ -591,9 +683,16 @@ class Adopter(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        if self.saved["held"]:   # the old process had stopped reading it (over its output
+            transport.pause_reading()   # budget): so do we, until its connection reads again
 
     def data_received(self, data: bytes) -> None:
+        """One read is kept (uvloop reads once `connection_made` has returned, whatever it
+        asked), then no more until the connection has its transport: what follows (more
+        input, an end, a reset) comes to the connection, in order, and a client the old
+        process no longer read is read at most once."""
         self.early.append(bytes(data))
+        self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -604,7 +703,7 @@ class Adopter(asyncio.Protocol):
 
     def hand_over(self) -> None:
         """The connection takes its transport: its queued output goes first, then the input
-        it had not handled, then what came meanwhile, then an end of input that came too."""
+        it had not handled, then what came meanwhile (`end_input`: then an end of input)."""
         if self.transport is None or self.lost is not None:
             return
         self.handed = True
@@ -616,7 +715,12 @@ class Adopter(asyncio.Protocol):
             conn.backlog += early
         transport.set_protocol(conn)
         conn.adopt(transport, self.saved)
-        if self.eof:
+
+    def end_input(self) -> None:
+        """An end of input that came before the connection had its transport: its input
+        is handled, then the end, as the connection would have had them."""
+        if self.handed and self.eof:
+            conn, transport = self.conn, self.transport
             while conn.backlog and not conn.closing:
                 backlog, conn.backlog = conn.backlog, b""
                 conn.in_bytes -= len(backlog)

@@ -28,16 +28,46 @@ main()
 IMPORT_FAILS = ("server.py", "import asyncio\n", "import asyncio\nimport chatd_no_such_module\n")
 EXITS_EARLY = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
                "    raise SystemExit('chatd: this build refuses to start')\n")
+EXITS_SLOWLY = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
+                "    import time\n    takeover.channel.close()\n    time.sleep(0.3)\n"
+                "    raise SystemExit('chatd: this build refuses to start')\n")
 HANGS = ("lifetime.py", "    recorder = SignalRecorder()\n    recorder.install(detached=True)\n",
          "    import time\n    time.sleep(3600)\n")
 NEW_FORMAT = ("upgrade.py", "FORMAT = 1 ", "FORMAT = 2 ")
+# Not broken, only slow: it rebuilds everything, says so in the log, then takes `seconds`
+# more before "prepared", so a test can act while the old process is frozen.
+SLOW_S = 1.0
+
+
+def slow_takeover(seconds: float) -> tuple[str, str, str]:
+    return ("server.py", "            clients = self._restore(takeover)\n",
+            "            clients = self._restore(takeover)\n"
+            f"            log.info('test: restored, taking %g s more', {seconds!r})\n"
+            f"            time.sleep({seconds!r})\n")
+
+
+SLOW_TAKEOVER = slow_takeover(SLOW_S)
+# Writes 300 KB to its stderr (a pipe the old process reads) while the old one is frozen.
+CHATTY = ("server.py", "            clients = self._restore(takeover)\n",
+          "            clients = self._restore(takeover)\n"
+          "            import sys\n            sys.stderr.write('w' * 300000)\n            sys.stderr.flush()\n")
+# Dies once it has taken over, before it serves: no way back for the old process.
+DIES_AFTER_COMMIT = ("server.py", "        await takeover.adopt(clients)\n",
+                     "        raise SystemExit('chatd: this build dies serving')\n")
+# Slow just after the commit, as a new process the scheduler leaves waiting: the old one
+# may exit before the pid file names the new one.
+SLOW_COMMIT = ("upgrade.py", "        were the pipe it read our output from), and the pid file names us.\"\"\"\n",
+               "        were the pipe it read our output from), and the pid file names us.\"\"\"\n"
+               "        time.sleep(" + repr(SLOW_S) + ")\n")
 
 
 class Installs:
-    """Versions of chatd installed under `root`, and the `current` link between them."""
+    """Versions of chatd installed under `root`, and the `current` link between them; the
+    scripts run `python` (another user may not be able to run the test's own)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, python: str = sys.executable) -> None:
         self.root = root
+        self.python = python
         root.mkdir(parents=True, exist_ok=True)
 
     def make(self, name: str, version: str, change: tuple[str, str, str] | None = None) -> Path:
@@ -50,7 +80,7 @@ class Installs:
             _edit(package / change[0], change[1], change[2])
         script = where / "bin" / "chatd"
         script.parent.mkdir()
-        script.write_text(SCRIPT.format(python=sys.executable))
+        script.write_text(SCRIPT.format(python=self.python))
         script.chmod(0o755)
         return where
 

@@ -28,23 +28,33 @@ json_values = st.recursive(
 
 @given(st.dictionaries(st.text(), json_values, max_size=6))
 def test_a_record_survives_encoding_bytes_included(record):
-    assert upgrade.decode(upgrade.encode(record)) == record
+    data, raw = upgrade.encode(record)
+    assert upgrade.decode(data, b"".join(raw)) == record
 
 
 def test_anything_but_a_record_is_refused():
-    for data in (b"[]", b"nope", b"{\"$b\": \"***\"}"):
+    for data, raw in ((b"[]", b""), (b"nope", b""), (b"{\"$r\": 3}", b"abc"), (b"{\"a\": {\"$r\": 4}}", b"abc"),
+                      (b"{\"a\": {\"$r\": 2}}", b"abc"), (b"{\"a\": {\"$r\": -1}}", b""), (b"{\"a\": {\"$r\": 1.5}}", b"ab")):
         with pytest.raises(ValueError):
-            upgrade.decode(data)
+            upgrade.decode(data, raw)
+
+
+def test_bytes_go_raw_beside_the_record():
+    """Queued output goes as itself, not as base64 inside the JSON (four times its size in
+    each process, and seconds of the freeze): the JSON holds only its length."""
+    output = os.urandom(300000)
+    data, raw = upgrade.encode({"clients": [{"output": output, "backlog": b""}]})
+    assert len(data) < 100 and raw == [output, b""]
 
 
 def test_the_channel_carries_a_big_record_and_many_descriptors():
     ours, theirs = upgrade.Channel.pair()
     peer = upgrade.Channel(theirs)
     files = [os.open(os.devnull, os.O_RDONLY) for _ in range(450)]   # > 2 messages of descriptors
-    record = {"clients": [{"output": os.urandom(1000)} for _ in range(300)]}   # ~400 KB
+    record = {"clients": [{"output": os.urandom(n * 97), "backlog": b"x"} for n in range(300)]}   # ~4 MB
     try:
         import threading
-        sender = threading.Thread(target=ours.send_record, args=(upgrade.encode(record), files))
+        sender = threading.Thread(target=ours.send_record, args=(*upgrade.encode(record), files))
         sender.start()
         deadline = time.monotonic() + 10
         kind, head, _ = peer.receive(deadline)
@@ -65,7 +75,7 @@ def test_a_takeover_refuses_a_record_of_another_format(monkeypatch):
     ours, theirs = upgrade.Channel.pair()
     monkeypatch.setattr(upgrade.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
     taking = upgrade.Takeover(upgrade.Channel(theirs))
-    ours.send_record(upgrade.encode({"format": upgrade.FORMAT + 1}), [])
+    ours.send_record(*upgrade.encode({"format": upgrade.FORMAT + 1}), [])
     with pytest.raises(SystemExit):
         taking.receive()
     kind, body, _ = ours.receive(time.monotonic() + 5)
