@@ -20,6 +20,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from support import LineClient, rss_kib
 
 TIMEOUT = 5.0
@@ -240,6 +242,7 @@ def test_a_reader_that_never_reads_is_dropped_and_delays_nobody(loop_chatd, reco
     assert state["peak"] - state["baseline"] < 6 * 1024, state["figures"]
 
 
+@pytest.mark.slow
 def test_a_reader_that_never_reads_is_dropped_once_output_buffer_is_unread(loop_chatd):
     """README "Chat mode": a client whose unread output stays past `output_buffer` (262144 by
     default) while it takes less than a line in three seconds is dropped as `too slow`; what it is

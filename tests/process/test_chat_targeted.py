@@ -194,6 +194,7 @@ def test_a_msg_burst_from_twenty_connections_keeps_a_reader_and_drops_a_non_read
     assert got["rss_growth_kib"] < (2 + SENDERS) * 2 * 256 + 16 * 1024, got
 
 
+@pytest.mark.slow
 def test_a_room_burst_from_twenty_members_keeps_every_reader_and_drops_a_non_reader(loop_chatd):
     """20 members each burst 20 lines of 4 KiB to the room at once: every member that reads
     stays and gets every line (or its sender is warned); `stuck` is dropped as too slow."""

@@ -9,6 +9,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from support import LineClient, alive, wait_for
 
 WELCOME = re.compile(rb"\*\*\* Welcome to chatd, (guest[0-9]+)\. Type /help for commands\.\r\n")
@@ -215,6 +217,7 @@ def test_debug_logs_chat_lines_dropped_and_a_flooder_dropped(loop_chatd):
     assert "secret" not in inst.log_text()
 
 
+@pytest.mark.slow
 def test_debug_logs_a_chat_reader_dropped_as_too_slow(loop_chatd):
     """1. level debug, chat mode, output_buffer 16384, 2. a client never reads while another
     says 400 KB. Result: "dropped PEER (too slow): took T bytes in 3 s, U bytes unsent, budget
