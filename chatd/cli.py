@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from . import __version__, control, lifetime, upgrade
+from . import __version__, control, lifetime, upgrade, workers_upgrade
 from .config import SCHEMA
 from .errors import EXIT_FAILED, EXIT_USAGE, ChatdError, UsageError
 from .moderation import REQUEST_MAX, TEXT_MAX, parse_duration, parse_network, show_network
@@ -277,6 +277,9 @@ def run_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> NoReturn:
     """The `chatd` console script."""
     try:
+        resumed = workers_upgrade.resumed()
+        if resumed is not None:   # a supervisor re-executed by `chatd upgrade`
+            sys.exit(lifetime.resume_supervisor(*resumed))
         takeover = upgrade.Takeover.from_environment()
         if takeover is not None:   # started by `chatd upgrade`: argv is the old daemon's
             sys.exit(lifetime.take_over(takeover))

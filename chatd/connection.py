@@ -187,9 +187,7 @@ class ServerState:
 
     def readmit(self, ip: str) -> None:
         """Count in a client carried over by a live upgrade: it was admitted already."""
-        self.count += 1
-        source = churn_source(ip)
-        self.per_ip[source] = self.per_ip.get(source, 0) + 1
+        self._count_in(churn_source(ip))
 
     def admit(self, ip: str) -> str:
         """Count a newcomer from `ip` in, or say why it is refused ("" when admitted).
@@ -203,9 +201,12 @@ class ServerState:
         source = churn_source(ip)
         if limits.max_clients_per_ip and self.per_ip.get(source, 0) >= limits.max_clients_per_ip:
             return "server full (too many connections from one address)"
+        self._count_in(source)
+        return ""
+
+    def _count_in(self, source: str) -> None:
         self.count += 1
         self.per_ip[source] = self.per_ip.get(source, 0) + 1
-        return ""
 
     def release(self, ip: str) -> None:
         """Give back what `admit(ip)` counted."""

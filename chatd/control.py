@@ -576,7 +576,7 @@ def _control(opts: Options, paths: InstancePaths, found: Probe, timeout: float) 
         raise ChatdError("chatd is not running", EXIT_NOT_RUNNING_RELOAD)
     state = _refuse_mismatch(opts, paths, found, "not acting on it", EXIT_FAILED) or {}
     workers = (state.get("settings") or {}).get("server.workers", 1)
-    if isinstance(workers, int) and workers > 1:
+    if isinstance(workers, int) and workers > 1 and opts.command != "upgrade":
         raise ChatdError(f"chatd {opts.command} is not supported with workers > 1 (the clients "
                          f"are spread over {workers} processes)")
     answer = _ask(paths.control, found.pid or 0, opts.request, timeout)

@@ -31,6 +31,7 @@ from .errors import ChatdError, PrivilegeError, StartError
 
 UMASK = 0o022
 PR_SET_PDEATHSIG = 1   # prctl(2)
+PR_SET_CHILD_SUBREAPER = 36
 FD_RESERVE = 128     # descriptors kept for listeners, logs, the loop, the pid file and
                      # refused clients being told "server full" (accept.MAX_LINGERING)
 
@@ -123,14 +124,30 @@ def fork_worker() -> int:
     dies (Linux's PR_SET_PDEATHSIG), and one whose supervisor died before that was set ends."""
     parent = os.getpid()
     pid = os.fork()
-    if pid == 0:
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass   # not Linux: the supervisor's stop still reaches its workers
-        if os.getppid() != parent:
-            os._exit(1)
+    if pid == 0 and not die_with_parent(parent):
+        os._exit(1)
     return pid
+
+
+def die_with_parent(parent: int) -> bool:
+    """Have the kernel send us SIGTERM when our parent dies; False if `parent` is not our
+    parent (any more): it died before. Not Linux: the supervisor's stop still reaches us."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent
+
+
+def become_subreaper() -> None:
+    """Orphans among our descendants become our children (Linux's PR_SET_CHILD_SUBREAPER): a
+    worker's live upgrade starts the new worker from the old one, which then exits, and the
+    supervisor must still be its parent (to reap it, and for `die_with_parent`)."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _prctl(option: int, value: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def spawn(command: list[str], keep: int, env: dict[str, str]) -> subprocess.Popen[bytes]:

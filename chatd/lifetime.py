@@ -30,7 +30,7 @@ from .pidfile import PidFile
 from .server import Listener, Runtime, Server, describe_listeners, new_event_loop
 from .signals import SignalRecorder, ignore_late_signals
 from .state import StateFile
-from .workers import Supervisor
+from .workers import Report, Supervisor, rejoin, worker_runtime
 
 
 @dataclass
@@ -112,9 +112,8 @@ def serve(launch: Launch, ready: Callable[..., None]) -> int:
                    mode=cfg.server.mode, address=describe_listeners(listeners), clients=0, generation=0)
         logs.configure(cfg, launch.target)
         state.update(log=logs.status())
-        if cfg.server.workers == 1:   # with workers, no process holds all the clients
-            held.control = ControlSocket.bind(paths.control,
-                                              daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group))
+        held.control = ControlSocket.bind(paths.control,
+                                          daemon.check_privilege_drop(cfg.daemon.user, cfg.daemon.group))
         log.info("chatd %s starting (pid %d, config %s)", __version__, os.getpid(), cfg.path or "none")
         if launch.activated:
             log.info("listening on sockets handed over by socket activation: %s",
@@ -153,51 +152,109 @@ def _absolute_overrides(cfg: Config) -> dict[str, tuple[Any, str]]:
     return {key: (cfg.get(key), origin) for key, origin in cfg.origins.items() if origin.startswith("-")}
 
 
-def take_over(takeover: upgrade.Takeover) -> int:
-    """The body of a process started by `chatd upgrade` (upgrade.py): say hello, take the old
-    daemon's record and descriptors, rebuild what `serve` would have taken (sockets, pid file,
-    state file, logs, loop) from them, serve once it commits, and give it all back at the
-    end as `serve` does. Nothing here is bound, created or removed before the commit: any
-    failure until then is told to the old process, which serves on."""
-    recorder = SignalRecorder()
-    recorder.install(detached=True)
-    takeover.hello()
-    takeover.receive()
-    record = takeover.record
-    try:
+@dataclass
+class Carried:
+    """What a live upgrade's record hands on (server.daemon_record), rebuilt in the process
+    that takes over: a daemon's, a worker's or a re-executed supervisor's."""
+
+    record: dict[str, Any]
+    cfg: Config
+    paths: InstancePaths
+    listeners: list[Listener]
+    metrics_sock: socket.socket | None
+    control: ControlSocket | None
+    state: StateFile | Report
+    pidfile: PidFile
+    logs: Logging
+    max_clients: int
+    fd_warning: str
+
+    @classmethod
+    def rebuild(cls, record: dict[str, Any], fds: list[int]) -> Carried:
+        """From the record and its descriptors, touching no socket; ChatdError, KeyError,
+        TypeError, ValueError or OSError if they cannot be used here."""
         cfg = config_mod.from_settings(record["settings"], record["origins"], record["config"])
         paths = InstancePaths(**record["paths"])
         slots = record["fds"]
         planned = listen.plan(listen.endpoints(cfg))
         listeners = []
         for entry in slots["listeners"]:
-            sock = takeover.sock(entry["fd"])
+            sock = socket.socket(fileno=fds[entry["fd"]])
             address = listen.address_of(sock)
             listeners.append(Listener(address, sock, listen.scheme_for(address, planned), name=entry["name"]))
-        metrics_sock = None if slots["metrics"] is None else takeover.sock(slots["metrics"])
+        metrics_sock = None if slots["metrics"] is None else socket.socket(fileno=fds[slots["metrics"]])
         control = None
         if slots["control"] is not None:
-            control = ControlSocket(slots["control"]["path"], takeover.sock(slots["control"]["fd"]),
+            control = ControlSocket(slots["control"]["path"], socket.socket(fileno=fds[slots["control"]["fd"]]),
                                     tuple(slots["control"]["ident"]))   # type: ignore[arg-type]
+        state: StateFile | Report
+        if "worker" in record:   # its "state" is its report socket to the supervisor
+            state = Report(socket.socket(fileno=fds[slots["state"]]))
+        else:
+            state = StateFile(paths.state)
+            state.adopt((record.get("server") or record["supervisor"])["state"],
+                        None if slots["state"] is None else fds[slots["state"]])
+        logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
+        logs.configure(cfg, record["target"], None if slots["log"] is None else fds[slots["log"]])
+        pidfile = PidFile(paths.pidfile)
+        pidfile.fd = None if slots["pidfile"] is None else fds[slots["pidfile"]]
         max_clients, fd_warning = daemon.raise_fd_limit(cfg.limits.max_clients)
-        loop, loop_name = new_event_loop(cfg.server.loop)
+        return cls(record, cfg, paths, listeners, metrics_sock, control, state, pidfile, logs,
+                   max_clients, fd_warning)
+
+    def held(self, released: bool) -> Held:
+        socks = [li.sock for li in self.listeners] + ([self.metrics_sock] if self.metrics_sock else [])
+        return Held(socks, self.pidfile, self.state, self.logs, self.control,   # type: ignore[arg-type]
+                    released=released)
+
+    def runtime(self, held: Held, recorder: SignalRecorder) -> Runtime:
+        record, notify = self.record, self.record["notify"]
+        runtime = Runtime(state=self.state, logs=self.logs,   # type: ignore[arg-type]
+                          foreground=bool(record["foreground"]), release=held.release,
+                          forget=held.forget, ready=lambda info: None, recorder=recorder,
+                          notifier=Notifier(notify["address"], int(notify["watchdog_usec"])),
+                          overrides={k: (v, o) for k, (v, o) in record["overrides"].items()},
+                          metrics_sock=self.metrics_sock, control=self.control,
+                          command=list(record["command"]), target=record["target"],
+                          detached=bool(record["detached"]), paths=self.paths,
+                          pidfile_fd=self.pidfile.fd, handed_over=self.logs.close)
+        worker = record.get("worker")
+        if worker is not None:
+            runtime = worker_runtime(runtime, self.state, self.cfg,   # type: ignore[arg-type]
+                                     int(worker["slot"]), str(worker["lease"]), recorder)
+        return runtime
+
+
+def take_over(takeover: upgrade.Takeover) -> int:
+    """The body of a process started by `chatd upgrade` (upgrade.py): say hello, take the old
+    daemon's (or worker's) record and descriptors, rebuild what `serve` would have taken
+    (sockets, pid file, state file, logs, loop) from them, serve once it commits, and give it
+    all back at the end as `serve` does. Nothing here is bound, created or removed before the
+    commit: any failure until then is told to the old process, which serves on."""
+    recorder = SignalRecorder()
+    recorder.install(detached=True)
+    takeover.hello()
+    takeover.receive()
+    record = takeover.record
+    try:
+        carried = Carried.rebuild(record, takeover.fds)
+        loop, loop_name = new_event_loop(carried.cfg.server.loop)
     except ChatdError as e:
         takeover.fail(e.message)
     except (KeyError, TypeError, ValueError, OSError) as e:
         takeover.fail(f"the state record cannot be used: {type(e).__name__}: {e}")
-    state = StateFile(paths.state)
-    state.adopt(record["server"]["state"], None if slots["state"] is None else takeover.fds[slots["state"]])
-    logs = Logging(paths.fallback_log, on_change=lambda status: state.update(log=status))
-    pidfile = PidFile(paths.pidfile)
-    pidfile.fd = None if slots["pidfile"] is None else takeover.fds[slots["pidfile"]]
-    socks = [li.sock for li in listeners] + ([metrics_sock] if metrics_sock else [])
-    held = Held(socks, pidfile, state, logs, control, released=True)   # the old one's until the commit
+    cfg, logs, control, worker = carried.cfg, carried.logs, carried.control, record.get("worker")
+    held = carried.held(released=True)   # the old one's until the commit
 
     def commit() -> None:
-        pidfile.rewrite(os.getpid())
+        carried.pidfile.rewrite(os.getpid())
         if control is not None:
             control.sock.listen(16)   # its peers' SO_PEERCRED name whoever listened last: us
-        held.released = False
+        if worker is None:
+            held.released = False
+        else:   # a worker: its supervisor's requests come to us now, and we die with it
+            carried.state.listen(loop, server)   # type: ignore[union-attr]
+            loop.create_task(rejoin(int(worker["supervisor"]), int(record["pid"])))
         if record["target"] == "stderr":
             try:
                 logs.stderr_replaced(cfg)
@@ -205,27 +262,34 @@ def take_over(takeover: upgrade.Takeover) -> int:
                 log.warning("%s", e.message)
     takeover.on_commit = commit
     try:
-        try:
-            logs.configure(cfg, record["target"], None if slots["log"] is None else takeover.fds[slots["log"]])
-        except ChatdError as e:
-            takeover.fail(e.message)
-        if fd_warning:
-            log.warning("%s", fd_warning)
-        notify = record["notify"]
-        notifier = Notifier(notify["address"], int(notify["watchdog_usec"]))
-        runtime = Runtime(state=state, logs=logs, foreground=bool(record["foreground"]),
-                          release=held.release, forget=held.forget, ready=lambda info: None,
-                          recorder=recorder, notifier=notifier,
-                          overrides={k: (v, o) for k, (v, o) in record["overrides"].items()},
-                          metrics_sock=metrics_sock, control=control, command=list(record["command"]),
-                          target=record["target"], detached=bool(record["detached"]), paths=paths,
-                          pidfile_fd=pidfile.fd, handed_over=logs.close)
-        server = Server(cfg, listeners, runtime, max_clients, loop_name)
+        if carried.fd_warning:
+            log.warning("%s", carried.fd_warning)
+        runtime = carried.runtime(held, recorder)
+        server = Server(cfg, carried.listeners, runtime, carried.max_clients, loop_name)
         try:
             return loop.run_until_complete(server.serve(takeover))
         finally:
             loop.close()
             ignore_late_signals()
-            notifier.close()
+            runtime.notifier.close()
+    finally:
+        held.release()
+
+
+def resume_supervisor(record: dict[str, Any], fds: list[int]) -> int:
+    """The body of a supervisor that a live upgrade re-executed (workers_upgrade.py): the
+    same process, its workers and everything it held rebuilt from its record, serving on."""
+    recorder = SignalRecorder()
+    recorder.install(detached=bool(record["detached"]))   # the signals held across the exec: ours now
+    carried = Carried.rebuild(record, fds)
+    held = carried.held(released=False)
+    try:
+        runtime = carried.runtime(held, recorder)
+        new_event_loop(carried.cfg.server.loop)[0].close()   # as `serve`: a worker started later needs uvloop
+        try:
+            return Supervisor(carried.cfg, carried.listeners, runtime, carried.max_clients).serve((record, fds))
+        finally:
+            ignore_late_signals()
+            runtime.notifier.close()
     finally:
         held.release()

@@ -273,6 +273,47 @@ def _traffic(conn: Connection) -> tuple[int | None, int | None]:
     return received, acked
 
 
+class Doorman:
+    """Who may use the control socket: root and the user chatd serves as (SO_PEERCRED, on
+    every connection). A refusal is logged at most every REFUSAL_LOG_S."""
+
+    def __init__(self) -> None:
+        self.refused_logged = -REFUSAL_LOG_S
+
+    def refusal(self, sock: Any) -> tuple[int, int, dict[str, Any] | None]:
+        """The peer's pid and uid, and the answer that refuses it (None: it may ask)."""
+        pid, uid = peer_credentials(sock)
+        if uid in (0, os.geteuid()):
+            return pid, uid, None
+        now = time.monotonic()
+        if now - self.refused_logged >= REFUSAL_LOG_S:
+            self.refused_logged = now
+            log.warning("control socket: refused pid %d of uid %d (only root and uid %d)",
+                        pid, uid, os.geteuid())
+        return pid, uid, failure(f"not allowed: only root and uid {os.geteuid()} may control chatd",
+                                  EXIT_PRIVILEGE)
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """A request line: a JSON object with a "cmd"; UsageError otherwise."""
+    try:
+        request = json.loads(line)
+        if isinstance(request, dict) and isinstance(request.get("cmd"), str):
+            return request
+    except (ValueError, RecursionError):   # "[[[...": 8 KiB of nesting
+        pass
+    raise UsageError("bad request")
+
+
+def upgrade_timeout(request: dict[str, Any]) -> float:
+    """`chatd upgrade`'s timeout, checked."""
+    timeout = request.get("timeout", DEFAULT_TIMEOUT_S)
+    if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+            or not 0 < timeout <= MAX_TIMEOUT_S):
+        raise UsageError(f"upgrade: the timeout must be 0-{MAX_TIMEOUT_S:g} seconds")
+    return float(timeout)
+
+
 class Moderator:
     """Serves the control socket for one Server: who, kick, ban, unban, bans, say, stats."""
 
@@ -280,7 +321,7 @@ class Moderator:
         self.server = server
         self.control = control
         self.listener: asyncio.AbstractServer | None = None
-        self.refused_logged = -REFUSAL_LOG_S
+        self.doorman = Doorman()
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "who": self.who, "kick": self.kick, "ban": self.ban, "unban": self.unban,
             "bans": self.bans, "say": self.say, "stats": self.stats, "upgrade": self.upgrade}
@@ -307,26 +348,20 @@ class Moderator:
             writer.close()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict[str, Any]:
-        pid, uid = peer_credentials(writer.get_extra_info("socket"))
-        if uid not in (0, os.geteuid()):
-            now = time.monotonic()
-            if now - self.refused_logged >= REFUSAL_LOG_S:
-                self.refused_logged = now
-                log.warning("control socket: refused pid %d of uid %d (only root and uid %d)",
-                            pid, uid, os.geteuid())
-            return _failure(f"not allowed: only root and uid {os.geteuid()} may control chatd",
-                            EXIT_PRIVILEGE)
+        pid, uid, refusal = self.doorman.refusal(writer.get_extra_info("socket"))
+        if refusal is not None:
+            return refusal
         try:
-            request = json.loads(await reader.readline())
+            request = parse_request(await reader.readline())
             handler = self.handlers[request["cmd"]]
-        except (ValueError, KeyError, TypeError, RecursionError):   # "[[[...": 8 KiB of nesting
-            return _failure("bad request", EXIT_USAGE)
+        except (UsageError, KeyError):
+            return failure("bad request", EXIT_USAGE)
         try:
             answer = handler(request)
         except ChatdError as e:
-            return _failure(e.message, e.status)
+            return failure(e.message, e.status)
         except (ValueError, KeyError, TypeError) as e:
-            return _failure(f"bad request: {e}", EXIT_USAGE)
+            return failure(f"bad request: {e}", EXIT_USAGE)
         log.log(logging.DEBUG if request["cmd"] in LOOKS else logging.INFO,
                 "control: %s by uid %d (pid %d)", request["cmd"], uid, pid)
         return {"ok": True} | answer
@@ -400,11 +435,7 @@ class Moderator:
 
     def upgrade(self, request: dict[str, Any]) -> dict[str, Any]:
         """`chatd upgrade`: its timeout checked here, the upgrade itself run by `_serve`."""
-        timeout = request.get("timeout", DEFAULT_TIMEOUT_S)
-        if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                or not 0 < timeout <= MAX_TIMEOUT_S):
-            raise UsageError(f"upgrade: the timeout must be 0-{MAX_TIMEOUT_S:g} seconds")
-        return {"upgrade": float(timeout)}
+        return {"upgrade": upgrade_timeout(request)}
 
     def stats(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"stats": self.server.stats(), "text": self.server.stats_text()}
@@ -429,6 +460,6 @@ def _name(conn: Connection) -> str:
     return f"{nick} ({conn.peer})" if nick else conn.peer
 
 
-def _failure(message: str, status: int) -> dict[str, Any]:
+def failure(message: str, status: int) -> dict[str, Any]:
     return {"ok": False, "error": message, "status": status}
 

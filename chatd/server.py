@@ -87,7 +87,40 @@ def state_fields(cfg: Config, listeners: list[Listener], loop_name: str, logs: L
     return {"address": describe_listeners(listeners), "mode": cfg.server.mode, "loop": loop_name,
             "log": logs.status(), "clients": clients,
             "listeners": [[li.address.host, li.address.port] for li in listeners],
-            "settings": {key.dotted: cfg.get(key.dotted) for key in config_mod.SCHEMA}}
+            "settings": settings_of(cfg)}
+
+
+def settings_of(cfg: Config) -> dict[str, Any]:
+    """Every key's value, as the state file and a live upgrade's record carry them."""
+    return {key.dotted: cfg.get(key.dotted) for key in config_mod.SCHEMA}
+
+
+def daemon_record(cfg: Config, listeners: list[Listener], runtime: Runtime, began: float,
+                  slot: Callable[[int], int]) -> dict[str, Any]:
+    """The part of a live upgrade's record that any chatd process hands on, a daemon, a worker
+    or a supervisor (upgrade.py lists the fields): how it was started, the settings it serves
+    with, and its descriptors, each by `slot`. A worker's "state" is its report socket to
+    the supervisor (workers.Report), and "worker" says which slot it serves."""
+    control = runtime.control
+    record = {
+        "format": upgrade.FORMAT, "version": __version__, "pid": os.getpid(), "began": began,
+        "command": runtime.command, "config": cfg.path, "origins": cfg.origins,
+        "overrides": {k: list(v) for k, v in runtime.overrides.items()},
+        "settings": settings_of(cfg),
+        "target": runtime.target, "foreground": runtime.foreground, "detached": runtime.detached,
+        "paths": dataclasses.asdict(runtime.paths),
+        "notify": {"address": runtime.notifier.address, "watchdog_usec": runtime.notifier.watchdog_usec},
+        "fds": {"listeners": [{"fd": slot(li.sock.fileno()), "name": li.name} for li in listeners],
+                "metrics": None if runtime.metrics_sock is None else slot(runtime.metrics_sock.fileno()),
+                "control": None if control is None else {"fd": slot(control.sock.fileno()),
+                                                         "path": control.path, "ident": control.ident},
+                "pidfile": slot(runtime.pidfile_fd) if runtime.pidfile_fd is not None else None,
+                "log": None if (log_fd := runtime.logs.descriptor()) is None else slot(log_fd),
+                "state": None if runtime.state.fd is None else slot(runtime.state.fd),
+                "stdio": [slot(0), slot(1), slot(2)]}}
+    if runtime.slot:
+        record["worker"] = {"slot": runtime.slot, "lease": runtime.lease, "supervisor": os.getppid()}
+    return record
 
 
 def describe_listeners(listeners: list[Listener]) -> str:
@@ -108,6 +141,7 @@ class Runtime:
     notifier: Notifier = field(default_factory=Notifier)
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
     lease: str = ""                       # a worker slot's bus lease token (workers.py)
+    slot: int = 0                         # the worker slot this process serves; 0: the daemon
     forget: Callable[[], None] = lambda: None   # a forked worker drops the daemon's files
     metrics_sock: socket.socket | None = None   # `[metrics] listen`'s, bound with the listeners
     control: ControlSocket | None = None  # X.sock, for `chatd who`, `kick`, ... (moderation.py)
@@ -363,7 +397,7 @@ class Server:
 
     def _cannot_upgrade(self) -> str:
         """Why this daemon cannot be upgraded in place ("" if it can)."""
-        if self.runtime.foreground and not self.runtime.notifier.enabled:
+        if self.runtime.foreground and not self.runtime.notifier.enabled and not self.runtime.slot:
             return (f"chatd runs in the foreground (pid {os.getpid()}), watched by whoever started "
                     f"it, and the new code runs as a new process; restart it there instead, or "
                     f"run it under systemd or with 'chatd start'")
@@ -407,23 +441,7 @@ class Server:
             saved["fd"] = slot(conn.transport.get_extra_info("socket").fileno())
             clients.append(saved)
         metrics = state.metrics
-        control = runtime.control
-        record = {
-            "format": upgrade.FORMAT, "version": __version__, "pid": os.getpid(), "began": began,
-            "command": runtime.command, "config": cfg.path, "origins": cfg.origins,
-            "overrides": {k: list(v) for k, v in runtime.overrides.items()},
-            "settings": {key.dotted: cfg.get(key.dotted) for key in config_mod.SCHEMA},
-            "target": runtime.target, "foreground": runtime.foreground, "detached": runtime.detached,
-            "paths": dataclasses.asdict(runtime.paths),
-            "notify": {"address": runtime.notifier.address, "watchdog_usec": runtime.notifier.watchdog_usec},
-            "fds": {"listeners": [{"fd": slot(li.sock.fileno()), "name": li.name} for li in self.listeners],
-                    "metrics": None if runtime.metrics_sock is None else slot(runtime.metrics_sock.fileno()),
-                    "control": None if control is None else {"fd": slot(control.sock.fileno()),
-                                                             "path": control.path, "ident": control.ident},
-                    "pidfile": slot(runtime.pidfile_fd) if runtime.pidfile_fd is not None else None,
-                    "log": None if (log_fd := runtime.logs.descriptor()) is None else slot(log_fd),
-                    "state": None if runtime.state.fd is None else slot(runtime.state.fd),
-                    "stdio": [slot(0), slot(1), slot(2)]},
+        record = daemon_record(cfg, self.listeners, runtime, began, slot) | {
             "server": {"generation": self.generation, "started": self.started,
                        "last_restart": self.last_restart.to_state() if self.last_restart else None,
                        "bans": self.bans.listing(), "state": runtime.state.data,

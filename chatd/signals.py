@@ -45,13 +45,14 @@ class SignalRecorder:
             self.pending.append(signum)
 
     def install(self, detached: bool) -> None:
-        """Empty the signal mask and set every disposition of the table, in one step.
+        """Set every disposition of the table, then empty the signal mask: a signal held
+        until then (across a supervisor's re-exec, workers_upgrade.py) is recorded, never
+        acted on by its default.
 
         Signals outside the table get their defaults back (a parent may have left
         SIGCHLD or SIGHUP ignored, as nohup does). A detached daemon ignores the
         job-control stops; `chatd run` keeps them so Ctrl-Z works at a terminal.
         """
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         special = set(CAUGHT) | set(IGNORED) | set(JOB_CONTROL) | set(KEPT_IGNORED)
         for sig in signal.valid_signals():
             if sig in special or sig in (signal.SIGKILL, signal.SIGSTOP):
@@ -66,6 +67,7 @@ class SignalRecorder:
             signal.signal(sig, signal.SIG_IGN if detached else signal.SIG_DFL)
         for sig in CAUGHT:
             signal.signal(sig, self._record)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])   # last: what was held comes to `_record`
 
     def take_over(self, sink: Callable[[int], None]) -> None:
         """From now on deliver signals to `sink`, starting with those recorded so far."""

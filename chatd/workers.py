@@ -13,8 +13,10 @@ it first; a worker that dies is started again at once (then after a growing
 pause if it keeps dying young), and meanwhile the others go on accepting from
 the same queue, so no connection is refused.
 
-The supervisor alone writes the state file and talks to systemd; workers
-report to it (ready, failed, their client counts) in JSON lines on their pipe.
+The supervisor alone writes the state file, serves the control socket (`chatd
+upgrade` only: workers_upgrade.py) and talks to systemd; workers report to it
+(ready, failed, their client counts, an upgrade's outcome) in JSON lines on a
+socket, on which the supervisor asks them for an upgrade.
 Signals: a stop signal is passed to every worker and waited for; SIGHUP is
 checked here first (an invalid config, or a change that needs a stop and start,
 is rejected and the workers are not disturbed), then passed on, and each worker
@@ -25,6 +27,7 @@ Tests: tests/cluster/test_workers.py
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import json
@@ -32,6 +35,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +52,7 @@ from .server import (FIXED_KEYS, Listener, Runtime, Server, describe_listeners, 
 from .signals import (STOP_SIGNALS, SignalRecorder, first_stop, held_signals, signal_name,
                       stop_waking, wake_on)
 from .state import RestartOutcome
+from .workers_upgrade import Desk, Rolling, resume
 
 log = logging.getLogger("chatd")
 START_TIMEOUT_S = 30.0    # a worker must say ready (or why not) within this
@@ -63,7 +68,7 @@ class Worker:
 
     slot: int
     pid: int = 0
-    pipe: int = -1             # the supervisor's read end of the worker's report pipe
+    pipe: int = -1             # the supervisor's end of the worker's report socket
     buffer: bytes = b""
     started: float = 0.0
     ready: bool = False
@@ -73,21 +78,61 @@ class Worker:
     deaths: int = 0            # deaths in a row, each younger than YOUNG_S
     pause: float = 0.0         # the wait before the next start: 0 the first time, then 1, 2, 4 s...
     due: float = 0.0           # when the next start may happen (monotonic)
+    answer: dict[str, Any] | None = None   # its live upgrade's outcome (workers_upgrade.py)
 
 
 @dataclass
 class Report:
-    """A worker's side of its pipe: stands in for the state file (`update`, `retry`) and for the
-    readiness pipe (`ready`), so its Server runs unchanged."""
+    """A worker's side of its report socket: stands in for the state file (`update`, `retry`,
+    and `fd`, which a live upgrade hands on) and for the readiness pipe (`ready`), so its
+    Server runs unchanged; and takes the supervisor's requests (`listen`)."""
 
-    fd: int
+    sock: socket.socket
     data: dict[str, Any] = field(default_factory=dict)
+    tasks: set[Any] = field(default_factory=set)
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
 
     def send(self, **message: Any) -> None:
         try:
-            os.write(self.fd, (json.dumps(message) + "\n").encode())
+            self.sock.sendall((json.dumps(message) + "\n").encode())
         except OSError:
             pass   # the supervisor is gone or not reading: it learns by other means
+
+    def remove(self) -> None:
+        """Nothing to remove: the state file is the supervisor's."""
+
+    def listen(self, loop: asyncio.AbstractEventLoop, server: Server) -> None:
+        """Serve the supervisor's requests, a JSON line each, from `server`'s loop. There is
+        one: {"cmd": "upgrade", "timeout": S}, this worker's part of a live upgrade
+        (workers_upgrade.py), answered as {"event": "upgrade", "answer": ...}."""
+        fd, buffer = self.sock.fileno(), bytearray()
+
+        def readable() -> None:
+            try:
+                data = self.sock.recv(4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:   # the supervisor is gone: its death signal stops us
+                loop.remove_reader(fd)
+                return
+            buffer.extend(data)
+            while b"\n" in buffer:
+                line, _, rest = bytes(buffer).partition(b"\n")
+                buffer[:] = rest
+                try:
+                    timeout = float(json.loads(line)["timeout"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                task = loop.create_task(server.upgrade(
+                    timeout, lambda answer: self.send(event="upgrade", answer=answer)))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        loop.add_reader(fd, readable)
 
     def update(self, **fields: Any) -> None:
         if "clients" in fields:
@@ -116,15 +161,24 @@ class Supervisor:
         self.last_restart: RestartOutcome | None = None
         self.started = time.time()
         self.clients = 0
+        self.last_upgrade: dict[str, Any] | None = None
+        self.desk = Desk(self, runtime.control)   # the control socket: `chatd upgrade`
+        self.rolling: Rolling | None = None       # the live upgrade in progress
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def serve(self) -> int:
+    def serve(self, resumed: tuple[dict[str, Any], list[int]] | None = None) -> int:
+        """Start the workers, or, after a live upgrade's re-exec, go on with those in
+        `resumed` (workers_upgrade.py); supervise them until stopped."""
         self.runtime.recorder.take_over(self.signals.append)
         wake_on(self._wake_w)
+        daemon.become_subreaper()
         try:
-            self.startup()
+            if resumed is None:
+                self.startup()
+            else:
+                resume(self, *resumed)
             self.main_loop()
         except BaseException as e:
             self.shutdown(f"{e}" if isinstance(e, ChatdError) else f"{type(e).__name__}: {e}")
@@ -157,11 +211,16 @@ class Supervisor:
 
     def main_loop(self) -> None:
         while self.stop_signal is None:
-            self._wait(TICK_S)
+            self._wait(TICK_S if self.rolling is None else Rolling.TICK_S)
             while self.signals and self.stop_signal is None:
-                sig = first_stop(self.signals) or self.signals[0]
+                sig = first_stop(self.signals)
+                if sig is None and self.rolling is not None:
+                    break   # a SIGHUP waits for the upgrade to end (README "Live upgrade")
+                sig = sig or self.signals[0]
                 self.signals.remove(sig)
                 getattr(self, "handle_" + signal_name(sig)[3:].lower())()
+            if self.rolling is not None and self.stop_signal is None:
+                self.rolling.step()
             now = time.monotonic()
             for worker in self.workers.values():
                 if not worker.pid and now >= worker.due:
@@ -172,6 +231,8 @@ class Supervisor:
         """Pass the stop on to every worker, wait for them (a graceful stop: drain_timeout),
         kill what is left, then give everything back. `failure`: why, if no signal asked."""
         sig = self.stop_signal or signal.SIGTERM
+        if self.rolling is not None:
+            self.rolling.fail(f"upgrade called off: {signal_name(sig)}")
         running = sum(1 for w in self.workers.values() if w.pid)
         if failure:
             log.error("stopping %d workers: %s", running, failure)
@@ -193,6 +254,7 @@ class Supervisor:
         stop_waking()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+        self.desk.close()
         self.runtime.release("stopped")
 
     # ------------------------------------------------------------------ signals
@@ -253,7 +315,8 @@ class Supervisor:
     # ------------------------------------------------------------------ workers
 
     def _start(self, worker: Worker) -> None:
-        r, w = os.pipe2(os.O_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        r, w = ours.detach(), theirs.detach()
         with held_signals():   # one sent to the new worker before its own table: kept pending
             pid = daemon.fork_worker()
             if pid == 0:
@@ -268,9 +331,10 @@ class Supervisor:
     def _work(self, slot: int, fd: int) -> int:
         """In the worker: the signal table of its own, a loop, and a Server as a node
         NODE_ID-SLOT; its exit status."""
-        report = Report(fd)
+        report = Report(socket.socket(fileno=fd))
         try:
-            self.runtime.forget()   # the pid file's lock and the state file are the supervisor's
+            self.runtime.forget()   # the pid file's lock, state file and control socket are the supervisor's
+            self.desk.forget()
             stop_waking()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -281,16 +345,12 @@ class Supervisor:
             recorder.install(detached=not self.runtime.foreground)
             cfg = self._worker_config(slot)
             loop, loop_name = new_event_loop(cfg.server.loop)
-            runtime = Runtime(state=report, logs=self.runtime.logs,   # type: ignore[arg-type]
-                              foreground=self.runtime.foreground, release=lambda word: None,
-                              ready=report.ready, recorder=recorder, notifier=Notifier(),
-                              overrides=self.runtime.overrides
-                              | {"cluster.node_id": (cfg.cluster.node_id, "[server] workers")},
-                              lease=self.workers[slot].lease)
+            runtime = worker_runtime(self.runtime, report, cfg, slot, self.workers[slot].lease, recorder)
             listeners = [Listener(li.address, li.sock, li.endpoint, name=li.name) for li in self.listeners]
+            server = Server(cfg, listeners, runtime, self.max_clients, loop_name)
+            report.listen(loop, server)
             try:
-                return loop.run_until_complete(Server(cfg, listeners, runtime, self.max_clients,
-                                                      loop_name).serve())
+                return loop.run_until_complete(server.serve())
             finally:
                 loop.close()
         except ChatdError as e:
@@ -310,14 +370,18 @@ class Supervisor:
             self.cfg.cluster, node_id=f"{base}-{slot}"))
 
     def _wait(self, timeout: float, starting: bool = False, stopping: bool = False) -> None:
-        """Sleep until a signal, a report or `timeout`; then take the reports and reap."""
+        """Sleep until a signal, a report, a control request or `timeout`; then take the
+        reports and requests, and reap."""
         pipes = {w.pipe: w for w in self.workers.values() if w.pipe >= 0}
+        desk = [] if starting or stopping else self.desk.fds()
         try:
-            readable, _, _ = select.select([self._wake_r, *pipes], [], [], max(0.0, timeout))
+            readable, _, _ = select.select([self._wake_r, *pipes, *desk], [], [], max(0.0, timeout))
         except InterruptedError:
             readable = []
         for fd in readable:
-            if fd == self._wake_r:
+            if fd in desk:
+                self.desk.readable(fd)
+            elif fd == self._wake_r:
                 while True:
                     try:
                         if not os.read(self._wake_r, 512):
@@ -354,6 +418,11 @@ class Supervisor:
                 log.info("worker %d ready (pid %d)", worker.slot, worker.pid)
             elif event == "clients" and type(message.get("clients")) is int:
                 worker.clients = message["clients"]
+            elif event == "upgrade" and isinstance(message.get("answer"), dict):
+                worker.answer = answer = message["answer"]
+                new = (answer.get("new") or {}).get("pid") if answer.get("ok") else None
+                if type(new) is int:   # its slot is the new process's from now on (its old
+                    worker.pid = new   # one exits; the new one, its child, becomes ours)
             elif event == "fail" and starting:
                 status = message.get("status")
                 raise ChatdError(f"worker {worker.slot}: {message.get('message', 'failed')}",
@@ -375,6 +444,8 @@ class Supervisor:
                 continue
             if worker.pipe >= 0:
                 self._read(worker, starting)
+                if worker.pid != pid:
+                    continue   # it handed its slot to a new process, and left (`upgrade`)
                 if worker.pipe >= 0:
                     os.close(worker.pipe)
                     worker.pipe = -1
@@ -419,3 +490,30 @@ class Supervisor:
         if self.last_restart:
             text += f"; last restart {self.last_restart.kind}: {self.last_restart.message}"
         return text
+
+
+REJOIN_S = 30.0   # after its upgrade, for the new worker's old process to have exited
+
+
+async def rejoin(supervisor: int, old: int) -> None:
+    """In a worker that a live upgrade started (lifetime.take_over): once its old process
+    has exited, its parent is the supervisor (a subreaper), and it dies with it as a forked
+    worker does (daemon.fork_worker). If the supervisor is gone meanwhile, it stops."""
+    deadline = time.monotonic() + REJOIN_S
+    while os.getppid() == old and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if not daemon.die_with_parent(supervisor):
+        log.error("worker: its supervisor (pid %d) is gone; stopping", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_runtime(runtime: Runtime, report: Report, cfg: Config, slot: int, lease: str,
+                   recorder: SignalRecorder) -> Runtime:
+    """A worker's Runtime, from its supervisor's: it reports on `report` instead of the state
+    file and readiness pipe, holds none of the daemon's files, and serves as node NODE_ID-SLOT
+    on its slot's lease. Forked (`Supervisor._work`) or upgraded in place (lifetime.take_over)."""
+    return dataclasses.replace(
+        runtime, state=report, release=lambda word: None, forget=lambda: None, ready=report.ready,
+        recorder=recorder, notifier=Notifier(), metrics_sock=None, control=None, pidfile_fd=None,
+        handed_over=lambda: None, lease=lease, slot=slot,
+        overrides=runtime.overrides | {"cluster.node_id": (cfg.cluster.node_id, "[server] workers")})
