@@ -157,6 +157,13 @@ def spawn(command: list[str], keep: int, env: dict[str, str]) -> subprocess.Pope
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def reexec(command: list[str], env: dict[str, str]) -> None:
+    """A supervisor's live upgrade (workers_upgrade.py): this process runs `command` in its
+    place, keeping its pid, its children and its inheritable descriptors; returns only by
+    raising OSError."""
+    os.execve(command[0], command, env)
+
+
 def end(code: int) -> None:
     """End a forked daemon process with `code` at once: it must not unwind into the
     invoker's frames, nor run the invoker's atexit handlers a second time."""

@@ -29,17 +29,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, daemon
 from .errors import EXIT_FAILED, ChatdError
 from .moderation import REQUEST_MAX, REQUEST_TIMEOUT_S, ControlSocket, Doorman, failure, parse_request, \
     upgrade_timeout
 from .server import daemon_record, state_fields
-from .signals import CAUGHT
+from .signals import held_signals
 from .state import RestartOutcome
 
 if TYPE_CHECKING:
@@ -237,19 +236,18 @@ class Rolling:
         memfd = os.memfd_create("chatd-upgrade", 0)
         os.write(memfd, json.dumps(record).encode())
         command = runtime.command
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT)   # until the new code catches them
+        for fd in (*fds, memfd):
+            os.set_inheritable(fd, True)
+        log.info("upgrade: the workers run chatd %s; the supervisor runs it next (exec %s)",
+                 self.version, command[0])
         try:
-            for fd in (*fds, memfd):
-                os.set_inheritable(fd, True)
-            log.info("upgrade: the workers run chatd %s; the supervisor runs it next (exec %s)",
-                     self.version, command[0])
-            os.execve(command[0], command, dict(os.environ, **{ENV: str(memfd)}))
+            with held_signals():   # until the new code catches them: none acted on by default
+                daemon.reexec(command, dict(os.environ, **{ENV: str(memfd)}))
         except OSError as e:
             for fd in fds:
                 if fd > 2:
                     os.set_inheritable(fd, False)
             os.close(memfd)
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             self.fail(f"the supervisor cannot run {command[0]}: {e.strerror or e}")
 
 

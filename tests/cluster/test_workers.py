@@ -3,6 +3,7 @@ bus, supervised by the daemon (README "More than one process"); real chatd, real
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -162,11 +163,17 @@ def test_workers_hold_no_daemon_file_and_die_with_their_supervisor(workers):
 
 @pytest.mark.parametrize("args", [["who"], ["kick", "alice"], ["say", "hi"]])
 def test_moderation_commands_say_workers_are_not_supported(workers, args):
-    """README "Moderation": with workers > 1 there is no control socket; the moderation
-    commands say why, exit 1, and the workers keep serving."""
+    """README "Moderation": with workers > 1 the supervisor's control socket serves only
+    `chatd upgrade`; the moderation commands say why, exit 1, and the workers keep serving.
+    Asked on the socket itself, the supervisor says the same."""
     proc = workers.cmd(*args, check=1)
-    assert proc.stderr == f"chatd: chatd {args[0]} is not supported with workers > 1 (the clients " \
-                          f"are spread over 2 processes)\n".encode()
-    assert not workers.pidfile.with_suffix(".sock").exists()
+    why = f"chatd {args[0]} is not supported with workers > 1 (the clients are spread over 2 processes)"
+    assert proc.stderr == f"chatd: {why}\n".encode()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(workers.pidfile.with_suffix(".sock")))
+        sock.sendall(json.dumps({"cmd": args[0], "target": "alice", "text": "hi"}).encode() + b"\n")
+        answer = json.loads(sock.makefile("rb").readline())
+    assert answer == {"ok": False, "error": why, "status": 1}
     with LineClient(workers.port, host="127.0.0.2") as c:
         assert c.recv_line().startswith(b"*** Welcome to chatd, guest")
