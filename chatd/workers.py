@@ -4,7 +4,7 @@
 With more than one worker the daemon does not serve clients itself: after it
 has taken its resources (sockets, pid file, state file, logs, privilege drop;
 lifetime.py), it becomes the supervisor, gunicorn's arbiter in shape: a
-synchronous loop that sleeps in select() on its workers' report pipes and a
+synchronous loop that sleeps in select() on its workers' report sockets and a
 signal wake-up pipe, and dispatches each signal by name to `handle_<name>`.
 Each worker is forked from it and runs a whole `Server` on the inherited
 listening sockets, as a node of the bus named NODE_ID-1 ... NODE_ID-N, so rooms
@@ -68,7 +68,7 @@ class Worker:
 
     slot: int
     pid: int = 0
-    pipe: int = -1             # the supervisor's end of the worker's report socket
+    report: int = -1             # the supervisor's end of the worker's report socket
     buffer: bytes = b""
     started: float = 0.0
     ready: bool = False
@@ -324,7 +324,7 @@ class Supervisor:
                 daemon.end(self._work(worker.slot, w))
         os.close(w)
         os.set_blocking(r, False)
-        worker.pid, worker.pipe, worker.buffer = pid, r, b""
+        worker.pid, worker.report, worker.buffer = pid, r, b""
         worker.started, worker.ready, worker.clients = time.monotonic(), False, 0
         log.debug("worker %d started (pid %d)", worker.slot, pid)
 
@@ -339,8 +339,8 @@ class Supervisor:
             os.close(self._wake_r)
             os.close(self._wake_w)
             for other in self.workers.values():
-                if other.pipe >= 0:
-                    os.close(other.pipe)
+                if other.report >= 0:
+                    os.close(other.report)
             recorder = SignalRecorder()
             recorder.install(detached=not self.runtime.foreground)
             cfg = self._worker_config(slot)
@@ -372,10 +372,10 @@ class Supervisor:
     def _wait(self, timeout: float, starting: bool = False, stopping: bool = False) -> None:
         """Sleep until a signal, a report, a control request or `timeout`; then take the
         reports and requests, and reap."""
-        pipes = {w.pipe: w for w in self.workers.values() if w.pipe >= 0}
+        reports = {w.report: w for w in self.workers.values() if w.report >= 0}
         desk = [] if starting or stopping else self.desk.fds()
         try:
-            readable, _, _ = select.select([self._wake_r, *pipes, *desk], [], [], max(0.0, timeout))
+            readable, _, _ = select.select([self._wake_r, *reports, *desk], [], [], max(0.0, timeout))
         except InterruptedError:
             readable = []
         for fd in readable:
@@ -389,17 +389,17 @@ class Supervisor:
                     except BlockingIOError:
                         break
             else:
-                self._read(pipes[fd], starting)
+                self._read(reports[fd], starting)
         self._reap(starting, stopping)
 
     def _read(self, worker: Worker, starting: bool) -> None:
         try:
-            data = os.read(worker.pipe, 65536)
+            data = os.read(worker.report, 65536)
         except BlockingIOError:
             return
         if not data:
-            os.close(worker.pipe)
-            worker.pipe = -1
+            os.close(worker.report)
+            worker.report = -1
             return
         worker.buffer += data
         *lines, worker.buffer = worker.buffer.split(b"\n")
@@ -442,13 +442,13 @@ class Supervisor:
             worker = next((w for w in self.workers.values() if w.pid == pid), None)
             if worker is None:
                 continue
-            if worker.pipe >= 0:
+            if worker.report >= 0:
                 self._read(worker, starting)
                 if worker.pid != pid:
                     continue   # it handed its slot to a new process, and left (`upgrade`)
-                if worker.pipe >= 0:
-                    os.close(worker.pipe)
-                    worker.pipe = -1
+                if worker.report >= 0:
+                    os.close(worker.report)
+                    worker.report = -1
             how = (f"exit status {os.waitstatus_to_exitcode(status)}" if os.WIFEXITED(status)
                    else f"signal {signal_name(os.WTERMSIG(status))}")
             worker.pid, worker.ready, worker.clients = 0, False, 0

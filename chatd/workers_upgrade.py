@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatd")
 
 ENV = "CHATD_RESUME"     # the memfd holding a re-executed supervisor's record
-ANSWER_MARGIN_S = 15.0   # past the upgrade's timeout: a worker that has not answered by then failed
+ANSWER_MARGIN_S = 10.0   # past the upgrade's timeout: a worker that has not answered by then failed
 
 
 def answer(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -188,13 +188,13 @@ class Rolling:
             return self.reexec()
         worker = self.supervisor.workers[self.queue.pop(0)]
         left = self.deadline - time.monotonic()
-        if not worker.pid or not worker.ready or worker.pipe < 0:
+        if not worker.pid or not worker.ready or worker.report < 0:
             return self.fail(f"worker {worker.slot} is not serving (it is being started again)")
         if left <= 0:
             return self.fail(f"not done within {self.timeout:g} s")
         self.current, self.old_pid, worker.answer = worker, worker.pid, None
         try:
-            os.write(worker.pipe, json.dumps({"cmd": "upgrade", "timeout": round(left, 3)}).encode() + b"\n")
+            os.write(worker.report, json.dumps({"cmd": "upgrade", "timeout": round(left, 3)}).encode() + b"\n")
         except OSError as e:
             self.fail(f"worker {worker.slot} (pid {worker.pid}): cannot ask it: {e.strerror}")
 
@@ -228,7 +228,7 @@ class Rolling:
             "last_restart": supervisor.last_restart.to_state() if supervisor.last_restart else None,
             "signals": list(supervisor.signals), "state": runtime.state.data,
             "answer": slot(self.conn.fileno()), "clients": self.clients,
-            "workers": [{"slot": w.slot, "pid": w.pid, "pipe": None if w.pipe < 0 else slot(w.pipe),
+            "workers": [{"slot": w.slot, "pid": w.pid, "report": None if w.report < 0 else slot(w.report),
                          "lease": w.lease, "ready": w.ready, "clients": w.clients, "loop": w.loop,
                          "deaths": w.deaths, "age": now - w.started, "due_in": max(0.0, w.due - now)}
                         for w in supervisor.workers.values()]}
@@ -285,9 +285,9 @@ def resume(supervisor: Supervisor, record: dict[str, Any], fds: list[int]) -> No
         worker.pid, worker.lease, worker.ready = int(entry["pid"]), str(entry["lease"]), bool(entry["ready"])
         worker.clients, worker.loop, worker.deaths = int(entry["clients"]), str(entry["loop"]), int(entry["deaths"])
         worker.started, worker.due = now - float(entry["age"]), now + float(entry["due_in"])
-        if entry["pipe"] is not None:
-            worker.pipe = fds[entry["pipe"]]
-            os.set_blocking(worker.pipe, False)
+        if entry["report"] is not None:
+            worker.report = fds[entry["report"]]
+            os.set_blocking(worker.report, False)
     took = now - float(record["began"])
     supervisor.last_upgrade = {"time": time.time(), "from": record["version"], "to": __version__,
                                "from_pid": record["pid"], "clients": saved["clients"], "took_s": round(took, 3)}
