@@ -354,6 +354,10 @@ def guard(path: str, timeout: float = GUARD_TIMEOUT_S, read_only: bool = False) 
                 delay = min(delay * 2, 0.1)
         yield
     finally:
+        try:   # unlocked, not only closed: a worker forked meanwhile (`chatd run` with
+            fcntl.flock(fd, fcntl.LOCK_UN)   # workers) holds a copy of the descriptor, and the
+        except OSError:                      # lock belongs to the open file they share
+            pass
         os.close(fd)
 
 

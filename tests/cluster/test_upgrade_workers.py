@@ -161,3 +161,26 @@ def test_upgraded_workers_still_die_with_their_supervisor(workers, installs):
     os.kill(supervisor, signal.SIGKILL)
     wait_for(lambda: not any(alive(p) for p in after), timeout=15,
              what="the upgraded workers to end with their supervisor")
+
+
+def test_a_foreground_daemon_with_workers_is_upgraded_under_the_same_pid(redis_server, make_node, installs):
+    """A single daemon in the foreground is refused (its watcher knows only its pid); with
+    workers the supervisor keeps its pid, so `chatd run --workers 2` is upgraded, and its
+    parent still has it as its child."""
+    node = make_node(redis_server().url, 2, start=False)
+    node.write_config(host="127.0.0.2", mode="chat", workers=2)
+    node.command = installs.command
+    try:
+        proc = node.run_foreground()
+    finally:
+        node.command = None
+    with LineClient(node.port, host=node.host) as c:
+        read_until(c, b"*** #lobby: ")
+        installs.use("b")
+        out = node.cmd("upgrade", check=0, timeout=90).stdout.decode()
+        assert f"to {B} (pid {proc.pid})" in out, out
+        assert proc.poll() is None
+        c.send(b"/nick fg\n")
+        read_until(c, b"is now known as fg")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 0
