@@ -363,11 +363,11 @@ class Supervisor:
 
     def _worker_config(self, slot: int) -> Config:
         """The config with this worker's node id: NODE_ID-SLOT (NODE_ID: [cluster] node_id, or
-        HOST-PORT)."""
+        HOST-PORT), set as a setting is, so a live upgrade's record carries it."""
         from .cluster import default_node_id   # only with a bus, which workers need
         base = self.cfg.cluster.node_id or default_node_id(self.cfg.server.port)
-        return dataclasses.replace(self.cfg, cluster=dataclasses.replace(
-            self.cfg.cluster, node_id=f"{base}-{slot}"))
+        return dataclasses.replace(self.cfg, cluster=dataclasses.replace(self.cfg.cluster, node_id=f"{base}-{slot}"),
+                                   origins=self.cfg.origins | {"cluster.node_id": "[server] workers"})
 
     def _wait(self, timeout: float, starting: bool = False, stopping: bool = False) -> None:
         """Sleep until a signal, a report, a control request or `timeout`; then take the

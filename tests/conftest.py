@@ -100,7 +100,8 @@ def make_node(make_chatd):
         settings = {"bus": url, "node_id": f"n{n}", "heartbeat": HEARTBEAT,
                     "node_timeout": NODE_TIMEOUT} | cluster
         extra = "[cluster]\n" + "".join(
-            f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n" for k, v in settings.items())
+            f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n" for k, v in settings.items()
+            if v is not None)   # None: the key left out
         node = make_chatd(extra_config=extra, name=f"node{n}")
         node.write_config(host=f"127.0.0.{n}", mode="chat")
         node.host = f"127.0.0.{n}"

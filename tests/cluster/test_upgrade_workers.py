@@ -37,9 +37,10 @@ def installs(tmp_path) -> Installs:
 
 @pytest.fixture
 def workers(redis_server, make_node, installs):
-    """Two workers in chat mode, started through `current` (version A)."""
+    """Two workers in chat mode, started through `current` (version A), their node ids the
+    default ones (HOST-PORT-SLOT), which no setting names."""
     server = redis_server()
-    node = make_node(server.url, 2, start=False)
+    node = make_node(server.url, 2, start=False, node_id=None)
     node.write_config(host="127.0.0.2", mode="chat", workers=2)
     node.command = installs.command
     try:
