@@ -32,7 +32,8 @@ on a private redis-server) on echo at 1,000 connections, neither pinned, so that
 spread over the cores. These need redis-server and the redis Python package (chatd[cluster]):
 without them they are left out, or, under CHATD_REQUIRE_REAL=1, the run fails.
 Live upgrade (issue 16; workloads u1k, u200): upgradeload.py holds 1,000 (200) connections to
-chatd started as a daemon, 32 of them echoing, opens fresh ones one at a time, and runs `chatd
+chatd started as a daemon (chatd, chatd-asyncio, and chatd-2workers, whose every worker is
+upgraded in turn, then its supervisor), 32 of them echoing, opens fresh ones one at a time, and runs `chatd
 upgrade` 5 (2) times: its wall time, the time until the new code serves and the longest round
 trip during each (the pause); any line lost or garbled, disconnect or refused connect fails the
 run, in --short too.
@@ -179,7 +180,7 @@ def chatd_servers(binary: str, work: Path, suffix: str = "") -> list[Server]:
         Server("chatd-chat-bus" + suffix, chatd + ["--mode", "chat"], ("nodes",), bus_nodes=1),
         Server("chatd-2nodes" + suffix, chatd + ["--mode", "chat"], ("nodes",), bus_nodes=2),
         Server("chatd-1worker" + suffix, chatd + ["--mode", "echo"], ("workers",), pinned=False),
-        Server("chatd-2workers" + suffix, chatd + ["--mode", "echo", "--workers", "2"], ("workers",),
+        Server("chatd-2workers" + suffix, chatd + ["--mode", "echo", "--workers", "2"], ("workers", "upgrade"),
                workers=2, pinned=False),
     ]
     if shutil.which("openssl"):   # a self-signed certificate for the TLS listeners
@@ -368,7 +369,7 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
             work: Path) -> Run:
     mode, lg_args, _ = WORKLOADS[workload]
     if mode == "upgrade":
-        return run_upgrade(server, workload, rep, args)
+        return run_upgrade(server, workload, rep, args, work)
     run = Run(workload, server.name, rep)
     nodes: list[subprocess.Popen] = []
     redis = None
@@ -457,10 +458,11 @@ def run_one(server: Server, workload: str, rep: int, args: argparse.Namespace, b
     return run
 
 
-def run_upgrade(server: Server, workload: str, rep: int, args: argparse.Namespace) -> Run:
+def run_upgrade(server: Server, workload: str, rep: int, args: argparse.Namespace, work: Path) -> Run:
     """A `u` workload: `server` started as a daemon (`chatd start`: `chatd upgrade` refuses a
     foreground chatd outside systemd), upgradeload.py running `chatd upgrade` against it, and
-    the daemon stopped by the pid its pid file names at the end (each upgrade changes it)."""
+    the daemon stopped by the pid its pid file names at the end (each upgrade changes it, but
+    a supervisor's: with workers, on a private redis-server, the workers are new each time)."""
     run = Run(workload, server.name, rep)
     argv = [a.replace("{port}", str(args.port)) for a in server.argv]
     pidfile = argv[argv.index("--pidfile") + 1]
@@ -468,6 +470,14 @@ def run_upgrade(server: Server, workload: str, rep: int, args: argparse.Namespac
     config = ["-c", argv[argv.index("-c") + 1], "--pidfile", pidfile]
     argv[len(chatd)] = "start"
     wait_port_free(args.port)
+    redis = None
+    if server.workers > 1:
+        try:
+            redis, bus_port = start_redis(work, args.pin and server.pinned, {args.port})
+        except RuntimeError as e:
+            run.failure = str(e)
+            return run
+        argv += ["--bus", f"redis://127.0.0.1:{bus_port}", "--node-id", "bench"]
     try:
         started = subprocess.run((["taskset", "-c", "0"] if args.pin else []) + argv, capture_output=True,
                                  text=True, stdin=subprocess.DEVNULL, timeout=30)
@@ -482,7 +492,8 @@ def run_upgrade(server: Server, workload: str, rep: int, args: argparse.Namespac
         # the new chatd (on it the command's own exit, after the commit, would share the CPU
         # with the new chatd taking the clients over: 100 ms pauses instead of 70 at u1k)
         lg = [sys.executable, str(Path(args.bench) / "upgradeload.py"), *WORKLOADS[workload][1],
-              "-p", str(args.port), "--pidfile", pidfile, "--", *chatd, "upgrade", *config]
+              "-p", str(args.port), "--pidfile", pidfile, *(["--workers"] if server.workers > 1 else []),
+              "--", *chatd, "upgrade", *config]
         try:
             done = subprocess.run((["taskset", "-c", "1"] if args.pin else []) + lg, capture_output=True,
                                   text=True, stdin=subprocess.DEVNULL, timeout=600)
@@ -500,6 +511,8 @@ def run_upgrade(server: Server, workload: str, rep: int, args: argparse.Namespac
         for pid in dict.fromkeys((read_pid(pidfile), first)):
             if pid and pidfile in cmdline(pid):
                 stop_pid(pid)
+        if redis is not None:
+            stop_server(redis)
     return run
 
 
@@ -954,7 +967,8 @@ def main() -> int:
         all_servers = servers(bench, build, work, args.short, args.baseline, args.metrics)
         if args.servers:
             all_servers = [s for s in all_servers if s.name in args.servers.split(",")]
-        missing = cluster_missing() if any(WORKLOADS[wl][0] in BUS_MODES for wl in workloads) else None
+        missing = (cluster_missing() if any(WORKLOADS[wl][0] in (*BUS_MODES, "upgrade") for wl in workloads)
+                   else None)   # an upgrade of workers needs a bus too
         if missing and os.environ.get("CHATD_REQUIRE_REAL") == "1":
             required = f"{missing} is required here (CHATD_REQUIRE_REAL=1) but missing"
             print(f"bench.py: chat across nodes: {required}", file=sys.stderr)

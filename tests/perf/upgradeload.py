@@ -2,7 +2,7 @@
 """Live-upgrade load for bench.py (the `u` workloads): what a client sees while `chatd upgrade`
 hands a running echo daemon to new code, again and again.
 
-    upgradeload.py --port P --pidfile F -u N [-c CONNS] [-a ACTIVE] [--gap S] -- UPGRADE-COMMAND...
+    upgradeload.py --port P --pidfile F [--workers] -u N [-c CONNS] [-a ACTIVE] [--gap S] -- UPGRADE-COMMAND...
 
 CONNS connections (1,000 by default) are opened and each echoes one probe line, so that every one
 is a client of the daemon before the first upgrade. ACTIVE of them (32) then keep one 64-byte line
@@ -15,12 +15,13 @@ counting connects that fail. After `--gap` seconds it runs UPGRADE-COMMAND (say 
 
 * `cmd_ms`: the command's wall time, which must exit 0;
 * `serve_ms`: from its start until the new code serves: the pid file (read every millisecond)
-  names another pid, and a fresh connection opened after that echoes its line;
+  names another pid (with `--workers`: the supervisor it names has none of its old workers
+  left as children), and a fresh connection opened after that echoes its line;
 * `pause_ms`: the longest round trip of any active client that overlapped the upgrade (from
   the command's start until both of the above), against the round trips outside upgrades
   (`rtt_p50_us`, `rtt_p99_us`, `rtt_max_us`).
 
-The old pid must be gone within 5 s of its successor serving. At the end every connection,
+The old pid (old workers) must be gone within 5 s of the successor serving. At the end every connection,
 idle or active, must echo one more line within `--stall` seconds. Errors (`errors=`, the sum):
 `garbled` (a reply that is not its line), `disconnects` (a connection closed or reset by the
 server, or sent something unasked), `stalled` (a line unanswered for `--stall` seconds),
@@ -78,6 +79,18 @@ def read_pid(path: str) -> int:
             return int(f.read().strip() or 0)
     except (OSError, ValueError):
         return 0
+
+
+def serving(pidfile: str, workers: bool) -> set[int]:
+    """The pids that serve: the one the pid file names, or with workers its children."""
+    pid = read_pid(pidfile)
+    if not workers or not pid:
+        return {pid} - {0}
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(p) for p in f.read().split()}
+    except (OSError, ValueError):
+        return set()
 
 
 class Conn:
@@ -282,7 +295,7 @@ class Load:
         """One upgrade: its command's wall time, the time until the new code serves, and how
         long from the start round trips count as the upgrade's (until both), in seconds."""
         a = self.args
-        old = read_pid(a.pidfile)
+        old = serving(a.pidfile, a.workers)
         with open(out, "ab") as sink:
             began = time.perf_counter()
             proc = subprocess.Popen(a.command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
@@ -299,8 +312,8 @@ class Load:
                     self.problem("upgrade_failed", f"{' '.join(a.command)} exited {proc.returncode}")
                     break
             if not changed_at and now >= next_read:
-                new = read_pid(a.pidfile)
-                if new and new != old:
+                new = serving(a.pidfile, a.workers)
+                if new and not new & old:
                     changed_at = now
                 next_read = now + 0.001
             opened, echoed = self.fresh_echoed
@@ -310,12 +323,12 @@ class Load:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if cmd_s and serve_s and old and alive(old):
+        if cmd_s and serve_s:
             deadline = time.monotonic() + GONE_S
-            while alive(old) and time.monotonic() < deadline:
+            while any(alive(p) for p in old) and time.monotonic() < deadline:
                 self.step(0.01)
-            if alive(old):
-                self.problem("upgrade_failed", f"the old chatd (pid {old}) still runs")
+            for pid in filter(alive, old):
+                self.problem("upgrade_failed", f"the old chatd (pid {pid}) still runs")
         return cmd_s, serve_s, max(cmd_s, serve_s)
 
     def finish(self) -> None:
@@ -374,6 +387,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-p", "--port", type=int, required=True)
     ap.add_argument("--pidfile", required=True, help="the daemon's pid file, which the upgrade rewrites")
+    ap.add_argument("--workers", action="store_true",
+                    help="the daemon has workers: the new code serves once they are all new")
     ap.add_argument("-u", "--upgrades", type=int, default=5)
     ap.add_argument("-c", "--conns", type=int, default=1000)
     ap.add_argument("-a", "--active", type=int, default=32)
