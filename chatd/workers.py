@@ -282,7 +282,7 @@ class Supervisor:
         self.generation += 1
         log.log(logging.INFO if kind == "applied" else logging.WARNING, "restart %s: %s", kind, message)
         self.last_restart = RestartOutcome(kind, message, time.time())
-        self.runtime.state.update(**state_fields(self.cfg, self.listeners, self._loop_name(),
+        self.runtime.state.update(**state_fields(self.cfg, self.listeners, self.loop_name(),
                                                  self.runtime.logs, self.clients),
                                   generation=self.generation, last_restart=self.last_restart.to_state())
         self.runtime.notifier.ready(self.status_text())
@@ -481,7 +481,7 @@ class Supervisor:
             self.runtime.notifier.status(self.status_text())
         self.runtime.state.retry()
 
-    def _loop_name(self) -> str:
+    def loop_name(self) -> str:
         return next((w.loop for w in self.workers.values() if w.loop), "")
 
     def status_text(self) -> str:

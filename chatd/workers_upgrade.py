@@ -210,7 +210,8 @@ class Rolling:
         supervisor.last_upgrade = {"time": time.time(), "failed": why}
         supervisor.runtime.state.update(last_upgrade=supervisor.last_upgrade)
         answer(self.conn, failure(why, status))
-        supervisor.runtime.notifier.ready(supervisor.status_text())
+        if supervisor.stop_signal is None:
+            supervisor.runtime.notifier.ready(supervisor.status_text())
 
     def reexec(self) -> None:
         """The supervisor runs the new code in its own process (the module docstring); on
@@ -293,7 +294,7 @@ def resume(supervisor: Supervisor, record: dict[str, Any], fds: list[int]) -> No
                                "from_pid": record["pid"], "clients": saved["clients"], "took_s": round(took, 3)}
     supervisor.clients = sum(w.clients for w in supervisor.workers.values())
     runtime = supervisor.runtime
-    runtime.state.update(**state_fields(supervisor.cfg, supervisor.listeners, supervisor._loop_name(),
+    runtime.state.update(**state_fields(supervisor.cfg, supervisor.listeners, supervisor.loop_name(),
                                         runtime.logs, supervisor.clients),
                          pid=os.getpid(), version=__version__, last_upgrade=supervisor.last_upgrade,
                          workers=[w.pid for w in supervisor.workers.values()])

@@ -9,12 +9,14 @@ import json
 import os
 import re
 import signal
+import subprocess
+import time
 
 import pytest
 
 from bus_support import read_until
-from installs import IMPORT_FAILS, Installs
-from support import LineClient, alive, flock_held, wait_for
+from installs import HANGS, IMPORT_FAILS, SLOW_TAKEOVER, Installs
+from support import LineClient, alive, chatd_command, flock_held, processes_mentioning, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 A, B = "1.0.0+a", "1.0.0+b"
@@ -185,3 +187,37 @@ def test_a_foreground_daemon_with_workers_is_upgraded_under_the_same_pid(redis_s
         read_until(c, b"is now known as fg")
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(30) == 0
+
+
+def test_a_sighup_waits_for_the_upgrade_and_a_stop_signal_calls_it_off(workers, installs):
+    """README "Live upgrade": with workers as without, a SIGHUP that comes during an upgrade
+    is applied after it (by the new code), and a stop signal calls it off and stops."""
+    installs.make("slow", "1.0.0+slow", SLOW_TAKEOVER)
+    installs.make("hangs", "9.9.9", HANGS)
+    supervisor = workers.pid()
+    installs.use("slow")
+    up = subprocess.Popen(chatd_command() + ["upgrade", "-c", str(workers.config)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    wait_for(lambda: "test: restored, taking" in workers.log_text(), what="worker 1's takeover")
+    os.kill(supervisor, signal.SIGHUP)
+    time.sleep(0.3)
+    assert "restart applied" not in workers.log_text()   # it waits for the upgrade's end
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 0 and b"to 1.0.0+slow" in out, (out, err)
+    wait_for(lambda: f"chatd[{supervisor}] INFO: restart applied" in workers.log_text(),
+             what="the supervisor to apply the SIGHUP after the upgrade")
+    log = workers.log_text()
+    assert log.index("restart applied") > log.index(f"chatd[{supervisor}] INFO: upgraded from chatd")
+
+    after = children(supervisor)
+    installs.use("hangs")
+    up = subprocess.Popen(chatd_command() + ["upgrade", "--timeout", "20", "-c", str(workers.config)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    wait_for(lambda: workers.log_text().count("upgrade: started") == 3, what="the second upgrade")
+    os.kill(supervisor, signal.SIGTERM)
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 1 and b"upgrade called off" in err, err
+    wait_for(lambda: not alive(supervisor), what="the daemon to stop")
+    assert not any(alive(p) for p in after)
+    wait_for(lambda: not processes_mentioning(str(installs.root)), timeout=10,
+             what="every process of the installs, the hanging new code too, to be gone")
