@@ -374,8 +374,11 @@ class Supervisor:
         reports and requests, and reap."""
         reports = {w.report: w for w in self.workers.values() if w.report >= 0}
         desk = [] if starting or stopping else self.desk.fds()
+        poller = select.poll()   # not select(): a control client's descriptor may be past FD_SETSIZE
+        for fd in (self._wake_r, *reports, *desk):
+            poller.register(fd, select.POLLIN)
         try:
-            readable, _, _ = select.select([self._wake_r, *reports, *desk], [], [], max(0.0, timeout))
+            readable = [fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
         except InterruptedError:
             readable = []
         for fd in readable:
