@@ -9,13 +9,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
 from bus_support import read_until
 from installs import SLOW_TAKEOVER, Installs
-from support import LineClient, alive, fd_count, flock_held, wait_for
+from support import LineClient, alive, chatd_command, fd_count, flock_held, processes_mentioning, wait_for
 from test_upgrade_workers import A, B, children, installs, talk, workers  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(240)
@@ -30,6 +31,17 @@ def slow(installs: Installs) -> None:
 
 def restored(node) -> int:
     return node.log_text().count("test: restored, taking")
+
+
+def upgrading(node, *args: str) -> subprocess.Popen:
+    """`chatd upgrade` running meanwhile."""
+    return subprocess.Popen(chatd_command() + ["upgrade", *args, "-c", str(node.config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def outcome(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=90)
+    return proc.returncode, out.decode(), err.decode()
 
 
 def state(node) -> dict:
@@ -97,3 +109,149 @@ def test_control_clients_that_misbehave_stall_nothing(workers):
     finally:
         for s in (silent, flood, garbage):
             s.close()
+
+
+def test_chatd_stop_during_an_upgrade_waits_for_it_then_stops_everything(workers, installs):
+    slow(installs)
+    proc = upgrading(workers)
+    wait_for(lambda: restored(workers) == 1, timeout=30, what="the first new worker to be restoring")
+    workers.cmd("stop", check=0, timeout=60)   # the guard lock: after the upgrade's answer
+    code, out, err = outcome(proc)
+    assert code == 0, (code, out, err)
+    wait_for(lambda: not processes_mentioning(str(workers.dir)), timeout=10, what="no chatd left")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_during_a_workers_handover_calls_the_upgrade_off_and_leaves_no_process(
+        workers, installs, sig):
+    supervisor = workers.pid()
+    slow(installs)
+    proc = upgrading(workers)
+    wait_for(lambda: restored(workers) == 1, timeout=30, what="the first new worker to be restoring")
+    began = time.monotonic()
+    os.kill(supervisor, sig)
+    wait_for(lambda: not alive(supervisor), timeout=30, what="the supervisor to stop")
+    took = time.monotonic() - began
+    code, out, err = outcome(proc)
+    assert code == 1 and "called off" in err, (code, out, err, workers.log_text()[-3000:])
+    wait_for(lambda: not processes_mentioning(str(workers.dir)), timeout=10, what="no chatd left")
+    assert took < 4, (took, workers.log_text()[-3000:])
+    assert "SIGKILL" not in workers.log_text()
+
+
+def test_a_sighup_during_the_upgrade_is_applied_by_the_new_supervisor(workers, installs):
+    supervisor = workers.pid()
+    slow(installs)
+    proc = upgrading(workers)
+    wait_for(lambda: restored(workers) == 1, timeout=30, what="the first new worker to be restoring")
+    os.kill(supervisor, signal.SIGHUP)
+    code, out, err = outcome(proc)
+    assert code == 0, (code, out, err)
+    wait_for(lambda: f"chatd[{supervisor}] INFO: restart applied" in workers.log_text(), timeout=10,
+             what="the restart after it")
+    log = workers.log_text()
+    assert log.index(f"chatd[{supervisor}] INFO: upgraded from") < log.index("restart applied"), log[-3000:]
+    assert state(workers)["version"] == SLOW
+
+
+def test_the_supervisors_exec_failing_leaves_it_serving_and_says_which_workers_moved(workers, installs):
+    supervisor = workers.pid()
+    before_fds = fd_count(supervisor)
+    slow(installs)
+    proc = upgrading(workers)
+    wait_for(lambda: restored(workers) == 2, timeout=60, what="the second new worker to be restoring")
+    installs.use("gone")   # the command's path now leads nowhere
+    code, out, err = outcome(proc)
+    assert code == 1, (code, out, err)
+    assert "the supervisor cannot run" in err and "workers 1, 2 already run chatd " + SLOW in err, err
+    got = state(workers)
+    assert got["pid"] == supervisor and got["version"] == A, got
+    assert flock_held(workers.pidfile)
+    assert fd_count(supervisor) == before_fds, sorted(os.listdir(f"/proc/{supervisor}/fd"))
+    after = children(supervisor)
+    assert len(after) == 2
+    with LineClient(workers.port, host=workers.host) as c:
+        read_until(c, b"*** #lobby: ")
+    installs.use("b")
+    workers.cmd("upgrade", check=0, timeout=90)
+    assert state(workers)["version"] == B
+    workers.cmd("stop", check=0)
+    wait_for(lambda: not processes_mentioning(str(workers.dir)), timeout=10, what="no chatd left")
+
+
+def test_two_upgrades_at_once_one_is_refused(workers, installs):
+    slow(installs)
+    first = upgrading(workers)
+    wait_for(lambda: restored(workers) == 1, timeout=30, what="the first upgrade to be under way")
+    with connect(workers) as second:   # `chatd upgrade` would wait for the guard lock
+        second.sendall(b'{"cmd": "upgrade", "timeout": 30}\n')
+        second.settimeout(5)
+        assert json.loads(second.recv(4096))["error"] == "an upgrade is in progress"
+    code, out, err = outcome(first)
+    assert code == 0, (code, out, err)
+
+
+def test_an_upgrade_during_a_workers_restart_pause_changes_nothing(workers, installs):
+    supervisor = workers.pid()
+    for _ in range(2):   # dies young twice: its next start waits 1 s
+        victim = children(supervisor)[-1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in children(supervisor), timeout=10, what="the worker to go")
+        wait_for(lambda: len(children(supervisor)) == 2 or "worker 2 exited" in workers.log_text(),
+                 timeout=10, what="a restart")
+    installs.use("b")
+    proc = workers.cmd("upgrade", check=None, timeout=90)
+    if proc.returncode != 0:
+        assert b"already run" not in proc.stderr, proc.stderr
+        assert state(workers)["version"] == A
+
+
+def test_a_worker_killed_during_its_handover_fails_the_upgrade_cleanly(workers, installs):
+    supervisor = workers.pid()
+    old = children(supervisor)
+    slow(installs)
+    proc = upgrading(workers)
+    wait_for(lambda: restored(workers) == 1, timeout=30, what="the first new worker to be restoring")
+    os.kill(old[0], signal.SIGKILL)
+    code, out, err = outcome(proc)
+    assert code == 1 and "died during its upgrade" in err, (code, out, err)
+    wait_for(lambda: len(children(supervisor)) == 2 and len(processes_mentioning(str(workers.dir))) == 3,
+             timeout=15, what="two workers and the supervisor, nothing else")
+    with LineClient(workers.port, host=workers.host) as c:
+        read_until(c, b"*** #lobby: ")
+
+
+def test_the_foreground_supervisor_upgrades_and_stops_with_its_workers(redis_server, make_node, installs):
+    server = redis_server()
+    node = make_node(server.url, 2, start=False)
+    node.write_config(host="127.0.0.2", mode="chat", workers=2)
+    node.command = installs.command
+    proc = node.run_foreground()
+    node.command = None
+    installs.use("b")
+    got = node.cmd("upgrade", check=0, timeout=40)   # the guard lock free: not "busy" after 30 s
+    assert f"(pid {proc.pid}) to {B} (pid {proc.pid})".encode() in got.stdout, got.stdout
+    workers_now = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0, node.foreground_stderr()[-2000:]
+    wait_for(lambda: not any(alive(p) for p in workers_now), timeout=10, what="the workers to end")
+
+
+@pytest.mark.slow
+def test_five_upgrades_leak_no_descriptor_and_keep_the_lock(workers, installs):
+    supervisor = workers.pid()
+    with LineClient(workers.port, host=workers.host) as c:
+        read_until(c, b"*** #lobby: ")
+        counts = [fd_count(supervisor)]
+        for i in range(5):
+            installs.use("b" if i % 2 == 0 else "a")
+            workers.cmd("upgrade", check=0, timeout=90)
+            counts.append(fd_count(supervisor))
+            assert flock_held(workers.pidfile)
+            got = state(workers)
+            assert got["pid"] == supervisor and got["version"] == (B if i % 2 == 0 else A), got
+            assert sorted(got["workers"]) == children(supervisor), got
+            assert got["clients"] == 1, got
+        assert len(set(counts)) == 1, counts
+        c.send(b"/nick still\n")
+        read_until(c, b"is now known as still")
