@@ -106,8 +106,10 @@ class Report:
 
     def listen(self, loop: asyncio.AbstractEventLoop, server: Server) -> None:
         """Serve the supervisor's requests, a JSON line each, from `server`'s loop. There is
-        one: {"cmd": "upgrade", "timeout": S}, this worker's part of a live upgrade
-        (workers_upgrade.py), answered as {"event": "upgrade", "answer": ...}."""
+        one: {"cmd": "upgrade", "timeout": S, "deadline": MONOTONIC}, this worker's part of a
+        live upgrade (workers_upgrade.py), answered as {"event": "upgrade", "answer": ...}.
+        The deadline is CLOCK_MONOTONIC's, which every process here shares; a supervisor of
+        an older version sends none."""
         fd, buffer = self.sock.fileno(), bytearray()
 
         def readable() -> None:
@@ -125,9 +127,15 @@ class Report:
                 line, _, rest = bytes(buffer).partition(b"\n")
                 buffer[:] = rest
                 try:
-                    timeout = float(json.loads(line)["timeout"])
+                    request = json.loads(line)
+                    timeout = float(request["timeout"])
+                    if "deadline" in request:   # a request read late (we were stopped) is stale
+                        timeout = float(request["deadline"]) - time.monotonic()
                 except (ValueError, KeyError, TypeError):
                     continue
+                if timeout <= 0:   # the supervisor gave up on it and said it failed: no answer,
+                    log.warning("upgrade: asked too late (the supervisor gave up); not upgrading")
+                    continue       # which it would take for the next upgrade's
                 task = loop.create_task(server.upgrade(
                     timeout, lambda answer: self.send(event="upgrade", answer=answer)))
                 self.tasks.add(task)

@@ -194,7 +194,8 @@ class Rolling:
             return self.fail(f"not done within {self.timeout:g} s")
         self.current, self.old_pid, worker.answer = worker, worker.pid, None
         try:
-            os.write(worker.report, json.dumps({"cmd": "upgrade", "timeout": round(left, 3)}).encode() + b"\n")
+            os.write(worker.report, json.dumps({"cmd": "upgrade", "timeout": round(left, 3),
+                                                "deadline": self.deadline}).encode() + b"\n")
         except OSError as e:
             self.fail(f"worker {worker.slot} (pid {worker.pid}): cannot ask it: {e.strerror}")
 

@@ -16,7 +16,7 @@ import pytest
 
 from bus_support import read_until
 from installs import SLOW_TAKEOVER, Installs
-from support import LineClient, alive, chatd_command, fd_count, flock_held, processes_mentioning, wait_for
+from support import LineClient, alive, chatd_command, fd_count, figures, flock_held, processes_mentioning, wait_for
 from test_upgrade_workers import A, B, children, installs, talk, workers  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(240)
@@ -237,7 +237,6 @@ def test_the_foreground_supervisor_upgrades_and_stops_with_its_workers(redis_ser
     wait_for(lambda: not any(alive(p) for p in workers_now), timeout=10, what="the workers to end")
 
 
-@pytest.mark.slow
 def test_five_upgrades_leak_no_descriptor_and_keep_the_lock(workers, installs):
     supervisor = workers.pid()
     with LineClient(workers.port, host=workers.host) as c:
@@ -250,8 +249,61 @@ def test_five_upgrades_leak_no_descriptor_and_keep_the_lock(workers, installs):
             assert flock_held(workers.pidfile)
             got = state(workers)
             assert got["pid"] == supervisor and got["version"] == (B if i % 2 == 0 else A), got
-            assert sorted(got["workers"]) == children(supervisor), got
+            record = json.loads((workers.dir / "chatd.state").read_text())
+            assert sorted(record["workers"]) == children(supervisor), record
             assert got["clients"] == 1, got
+        figures("workers-upgrade-fds", supervisor_fds=counts)
         assert len(set(counts)) == 1, counts
         c.send(b"/nick still\n")
         read_until(c, b"is now known as still")
+
+
+def test_sighups_all_through_the_upgrade_and_its_exec_are_taken_not_fatal(workers, installs):
+    supervisor = workers.pid()
+    installs.use("b")
+    proc = upgrading(workers)
+    sent = 0
+    while proc.poll() is None and sent < 2000:   # SIGHUP's default action would end it
+        os.kill(supervisor, signal.SIGHUP)
+        sent += 1
+        time.sleep(0.005)
+    code, out, err = outcome(proc)
+    assert code == 0, (code, out, err)
+    assert alive(supervisor) and state(workers)["version"] == B
+    with LineClient(workers.port, host=workers.host) as c:
+        read_until(c, b"*** #lobby: ")
+
+
+def test_a_stop_signal_to_a_worker_during_its_handover_leaves_its_slot_served(workers, installs):
+    supervisor = workers.pid()
+    old = children(supervisor)
+    slow(installs)
+    proc = upgrading(workers)
+    wait_for(lambda: restored(workers) == 1, timeout=30, what="the first new worker to be restoring")
+    os.kill(old[0], signal.SIGTERM)
+    code, out, err = outcome(proc)
+    wait_for(lambda: len(children(supervisor)) == 2 and len(processes_mentioning(str(workers.dir))) == 3,
+             timeout=15, what="two workers and the supervisor, nothing else")
+    with LineClient(workers.port, host=workers.host) as c:
+        read_until(c, b"*** #lobby: ")
+    record = json.loads((workers.dir / "chatd.state").read_text())
+    assert sorted(record["workers"]) == children(supervisor), (record, code, out, err)
+
+
+@pytest.mark.slow   # the supervisor waits the timeout and ANSWER_MARGIN_S, 11 s
+def test_a_worker_that_answers_too_late_does_not_upgrade_behind_the_users_back(workers, installs):
+    supervisor = workers.pid()
+    stopped = children(supervisor)[0]
+    installs.use("b")
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        got = workers.cmd("upgrade", "--timeout", "1", check=1, timeout=60)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert b"did not answer" in got.stderr, got.stderr
+    time.sleep(3)
+    assert alive(stopped) and stopped in children(supervisor), workers.log_text()[-3000:]
+    assert "upgrade: started" not in workers.log_text()
+    assert f"chatd[{stopped}] WARNING: upgrade: asked too late" in workers.log_text()
+    workers.cmd("upgrade", check=0, timeout=60)   # and the next upgrade is answered as its own
+    assert not alive(stopped) and state(workers)["version"] == B
