@@ -481,9 +481,14 @@ class Handover:
         try:   # whatever happens now, never back to the loop (`run` would take it all back)
             clients = len(record["clients"])
             gone = self._serving()
-            if gone:
+            if gone and server.runtime.slot:   # a worker: its supervisor serves on, and starts it again
                 log.error("upgrade: %s", gone)
-                self.answer({"ok": False, "error": gone, "status": EXIT_NOT_RUNNING_RELOAD})
+                self.answer({"ok": False, "error": f"{gone}; its clients are cut, and it is started again",
+                             "status": EXIT_FAILED})
+            elif gone:
+                log.error("upgrade: %s; chatd is not running", gone)
+                self.answer({"ok": False, "error": f"{gone}; chatd is not running",
+                             "status": EXIT_NOT_RUNNING_RELOAD})
             else:
                 log.info("upgrade: handed over to chatd %s (pid %d) in %.3f s, %d clients; exiting",
                          hello.get("version"), pid, took, clients)
@@ -510,7 +515,7 @@ class Handover:
             self.child.wait(EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
             return ""
-        return f"{self._exited('after taking over')}; chatd is not running"
+        return self._exited("after taking over")
 
     def _kill(self) -> None:
         """The new process, if it lives, is killed and reaped; it touched no socket."""

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from bus_support import read_until
+import installs as kinds
 from installs import SLOW_TAKEOVER, Installs
 from support import LineClient, alive, chatd_command, fd_count, figures, flock_held, processes_mentioning, wait_for
 from test_upgrade_workers import A, B, children, installs, talk, workers  # noqa: F401 (fixtures)
@@ -307,3 +308,25 @@ def test_a_worker_that_answers_too_late_does_not_upgrade_behind_the_users_back(w
     assert f"chatd[{stopped}] WARNING: upgrade: asked too late" in workers.log_text()
     workers.cmd("upgrade", check=0, timeout=60)   # and the next upgrade is answered as its own
     assert not alive(stopped) and state(workers)["version"] == B
+
+
+@pytest.mark.parametrize("kind", ["EXITS_EARLY", "EXITS_SLOWLY", "HANGS", "NEW_FORMAT", "DIES_AFTER_COMMIT",
+                                  "CHATTY", "SLOW_COMMIT"])
+def test_each_kind_of_new_version_leaves_every_slot_served_and_nothing_else(workers, installs, kind):
+    supervisor = workers.pid()
+    installs.make("x", "1.0.0+x", getattr(kinds, kind))
+    installs.use("x")
+    with LineClient(workers.port, host=workers.host) as c:
+        read_until(c, b"*** #lobby: ")
+        got = workers.cmd("upgrade", "--timeout", "5", timeout=60)
+        wait_for(lambda: len(children(supervisor)) == 2 and len(processes_mentioning(str(workers.dir))) == 3,
+                 timeout=15, what="two workers and the supervisor, nothing else")
+        if kind in ("CHATTY", "SLOW_COMMIT"):   # slow or noisy, not broken
+            assert got.returncode == 0 and state(workers)["version"] == "1.0.0+x", got
+        else:   # the daemon serves on: never "not running" (exit 7)
+            assert got.returncode == 1 and b"not running" not in got.stderr, got
+            assert state(workers)["version"] == A
+        with LineClient(workers.port, host=workers.host) as fresh:
+            read_until(fresh, b"*** #lobby: ")
+    workers.cmd("stop", check=0)
+    wait_for(lambda: not processes_mentioning(str(workers.dir)), timeout=10, what="no chatd left")
