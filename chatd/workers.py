@@ -80,6 +80,11 @@ class Worker:
     due: float = 0.0           # when the next start may happen (monotonic)
     answer: dict[str, Any] | None = None   # its live upgrade's outcome (workers_upgrade.py)
 
+    @property
+    def serving(self) -> bool:
+        """Ready, and can be asked for an upgrade: not dead, waiting or starting."""
+        return bool(self.pid and self.ready and self.report >= 0)
+
 
 @dataclass
 class Report:

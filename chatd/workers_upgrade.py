@@ -125,6 +125,10 @@ class Desk:
             raise ChatdError("an upgrade is in progress")
         if supervisor.stop_signal is not None:
             raise ChatdError("chatd is stopping")
+        down = [w.slot for w in supervisor.workers.values() if not w.serving]
+        if down:   # found now, not after the workers before it have moved on (a mix of versions)
+            raise ChatdError(f"worker {down[0]} is not serving (it is being started again); nothing "
+                             f"changed: try again once it serves")
         supervisor.rolling = Rolling(supervisor, conn, timeout)
 
     def forget(self) -> None:
@@ -188,7 +192,7 @@ class Rolling:
             return self.reexec()
         worker = self.supervisor.workers[self.queue.pop(0)]
         left = self.deadline - time.monotonic()
-        if not worker.pid or not worker.ready or worker.report < 0:
+        if not worker.serving:   # it died during the upgrade: the request found all serving
             return self.fail(f"worker {worker.slot} is not serving (it is being started again)")
         if left <= 0:
             return self.fail(f"not done within {self.timeout:g} s")
