@@ -340,3 +340,39 @@ def test_each_kind_of_new_version_leaves_every_slot_served_and_nothing_else(work
             read_until(fresh, b"*** #lobby: ")
     workers.cmd("stop", check=0)
     wait_for(lambda: not processes_mentioning(str(workers.dir)), timeout=10, what="no chatd left")
+
+
+def test_chat_queued_for_a_reader_that_does_not_read_arrives_whole_and_in_order(workers, installs):
+    workers.extra_config += "[limits]\nrate = 0\noutput_buffer = 4194304\n"
+    workers.write_config(host="127.0.0.2", mode="chat", workers=2)
+    workers.cmd("reload", check=0)
+    reader = LineClient(workers.port, host=workers.host, rcvbuf=4096)
+    read_until(reader, b"*** #lobby: ")
+    with LineClient(workers.port, host=workers.host) as speaker:
+        read_until(speaker, b"*** #lobby: ")
+        speaker.send(b"/nick talker\n")
+        read_until(speaker, b"is now known as talker")
+        read_until(reader, b"is now known as talker")
+        lines = [b"%05d %s" % (i, b"q" * 100) for i in range(8000)]   # ~850 KB: more than the kernel buffers hold
+        for i in range(0, len(lines), 100):
+            speaker.send(b"".join(line + b"\n" for line in lines[i:i + 100]))
+        time.sleep(1)
+        installs.use("b")
+        workers.cmd("upgrade", check=0, timeout=90)
+        got = read_until(reader, lines[-1], timeout=30)
+        said = [line.split(b"> ", 1)[1] for line in got.splitlines() if line.startswith(b"<talker> ")]
+        assert said == lines, (len(said), said[:2], said[-2:])
+    reader.close()
+
+
+@pytest.mark.parametrize("restoring", [1, 2])
+def test_the_supervisor_killed_during_a_workers_handover_leaves_no_process(workers, installs, restoring):
+    supervisor = workers.pid()
+    slow(installs)
+    proc = upgrading(workers)
+    wait_for(lambda: restored(workers) == restoring, timeout=60, what="a new worker to be restoring")
+    os.kill(supervisor, signal.SIGKILL)
+    outcome(proc)
+    wait_for(lambda: not processes_mentioning(str(workers.dir)), timeout=40, what="no chatd left")
+    workers.start()   # and it starts again
+    assert len(children(workers.pid())) == 2
