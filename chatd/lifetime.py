@@ -252,7 +252,9 @@ def take_over(takeover: upgrade.Takeover) -> int:
             control.sock.listen(16)   # its peers' SO_PEERCRED name whoever listened last: us
         if worker is None:
             held.released = False
-        else:   # a worker: its supervisor's requests come to us now, and we die with it
+        else:   # a worker: the slot is ours (told at once: the old one may die unheard), its
+            # supervisor's requests come to us now, and we die with it
+            carried.state.send(event="took_over", pid=os.getpid(), old=int(record["pid"]))   # type: ignore[union-attr]
             carried.state.listen(loop, server)   # type: ignore[union-attr]
             loop.create_task(rejoin(int(worker["supervisor"]), int(record["pid"])))
         if record["target"] == "stderr":

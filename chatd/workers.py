@@ -79,6 +79,7 @@ class Worker:
     pause: float = 0.0         # the wait before the next start: 0 the first time, then 1, 2, 4 s...
     due: float = 0.0           # when the next start may happen (monotonic)
     answer: dict[str, Any] | None = None   # its live upgrade's outcome (workers_upgrade.py)
+    leaving: int = 0           # the process it took the slot over from, until that one is reaped
 
     @property
     def serving(self) -> bool:
@@ -437,8 +438,11 @@ class Supervisor:
             elif event == "upgrade" and isinstance(message.get("answer"), dict):
                 worker.answer = answer = message["answer"]
                 new = (answer.get("new") or {}).get("pid") if answer.get("ok") else None
-                if type(new) is int:   # its slot is the new process's from now on (its old
-                    worker.pid = new   # one exits; the new one, its child, becomes ours)
+                if type(new) is int:
+                    self._handed(worker, new)
+            elif event == "took_over" and type(message.get("pid")) is int and message.get("old") == worker.pid:
+                self._handed(worker, message["pid"])   # said by the new process at its commit, in
+                                                       # case the old one dies before its answer
             elif event == "fail" and starting:
                 status = message.get("status")
                 raise ChatdError(f"worker {worker.slot}: {message.get('message', 'failed')}",
@@ -446,6 +450,13 @@ class Supervisor:
             elif event == "fail":
                 log.error("worker %d (pid %d) could not start: %s", worker.slot, worker.pid,
                           message.get("message", "failed"))
+
+    @staticmethod
+    def _handed(worker: Worker, new: int) -> None:
+        """Its slot is the new process's from now on (a live upgrade): the old one exits, and
+        the new one, its child, becomes ours."""
+        if worker.pid != new:
+            worker.leaving, worker.pid = worker.pid, new
 
     def _reap(self, starting: bool, stopping: bool) -> None:
         while True:
@@ -455,18 +466,21 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            worker = next((w for w in self.workers.values() if w.pid == pid), None)
+            worker = next((w for w in self.workers.values() if pid in (w.pid, w.leaving)), None)
             if worker is None:
                 continue
             if worker.report >= 0:
                 self._read(worker, starting)
-                if worker.pid != pid:
-                    continue   # it handed its slot to a new process, and left (`upgrade`)
-                if worker.report >= 0:
-                    os.close(worker.report)
-                    worker.report = -1
-            how = (f"exit status {os.waitstatus_to_exitcode(status)}" if os.WIFEXITED(status)
-                   else f"signal {signal_name(os.WTERMSIG(status))}")
+            if worker.pid != pid:   # it handed its slot to a new process, and left (`upgrade`)
+                worker.leaving = 0
+                pid, how = self._adopted(worker.pid)
+                if not pid:
+                    continue
+            else:
+                how = _how(status)
+            if worker.report >= 0:
+                os.close(worker.report)
+                worker.report = -1
             worker.pid, worker.ready, worker.clients = 0, False, 0
             if stopping:
                 log.debug("worker %d exited (%s)", worker.slot, how)
@@ -479,6 +493,16 @@ class Supervisor:
             log.warning("worker %d (pid %d) exited (%s); %s", worker.slot, pid, how,
                         f"starting another in {worker.pause:g} s" if worker.pause
                         else "starting another")
+
+    @staticmethod
+    def _adopted(pid: int) -> tuple[int, str]:
+        """A new worker whose old process has left is our child now (we are a subreaper),
+        unless it died first and that one reaped it: (0, "") if it lives; else its pid, and how."""
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return pid, "died before the process it took over from"
+        return got, _how(status) if got else ""
 
     def _signal_all(self, sig: int) -> None:
         for worker in self.workers.values():
@@ -506,6 +530,12 @@ class Supervisor:
         if self.last_restart:
             text += f"; last restart {self.last_restart.kind}: {self.last_restart.message}"
         return text
+
+
+def _how(status: int) -> str:
+    """How a process ended, from its wait status."""
+    return (f"exit status {os.waitstatus_to_exitcode(status)}" if os.WIFEXITED(status)
+            else f"signal {signal_name(os.WTERMSIG(status))}")
 
 
 REJOIN_S = 30.0   # after its upgrade, for the new worker's old process to have exited

@@ -175,17 +175,26 @@ class Rolling:
                 status = said.get("status")
                 return self.fail(f"worker {worker.slot} (pid {self.old_pid}): {said.get('error')}",
                                  status if type(status) is int else EXIT_FAILED)
-            self.upgraded.append(worker.slot)
             self.clients += int(said.get("clients") or 0)
             self.version = str((said.get("new") or {}).get("version"))
             log.info("upgrade: worker %d: pid %d handed %s clients to pid %d (chatd %s)", worker.slot,
                      self.old_pid, said.get("clients"), worker.pid, self.version)
-            self.supervisor.runtime.state.update(workers=[w.pid for w in self.supervisor.workers.values()])
-        elif worker.pid != self.old_pid:
+            self._moved(worker)
+        elif not worker.pid:
             self.fail(f"worker {worker.slot} (pid {self.old_pid}) died during its upgrade")
+        elif worker.pid != self.old_pid and not worker.leaving:   # it died past its commit, unheard
+            log.warning("upgrade: worker %d: pid %d died after handing its clients to pid %d",
+                        worker.slot, self.old_pid, worker.pid)
+            self.current = None
+            self._moved(worker)
         elif time.monotonic() > self.deadline + ANSWER_MARGIN_S:
             self.fail(f"worker {worker.slot} (pid {self.old_pid}) did not answer within "
                       f"{self.timeout + ANSWER_MARGIN_S:g} s")
+
+    def _moved(self, worker: Worker) -> None:
+        """`worker`'s slot runs the new code."""
+        self.upgraded.append(worker.slot)
+        self.supervisor.runtime.state.update(workers=[w.pid for w in self.supervisor.workers.values()])
 
     def _next(self) -> None:
         if not self.queue:

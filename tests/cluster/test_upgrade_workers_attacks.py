@@ -376,3 +376,57 @@ def test_the_supervisor_killed_during_a_workers_handover_leaves_no_process(worke
     wait_for(lambda: not processes_mentioning(str(workers.dir)), timeout=40, what="no chatd left")
     workers.start()   # and it starts again
     assert len(children(workers.pid())) == 2
+
+
+def test_the_pid_file_names_the_supervisor_and_stays_locked_all_through(workers, installs):
+    supervisor = workers.pid()
+    slow(installs)
+    proc = upgrading(workers)
+    looks = 0
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        assert flock_held(workers.pidfile) and workers.pid() == supervisor
+        looks += 1
+        time.sleep(0.005)
+    code, out, err = outcome(proc)
+    assert code == 0 and looks > 50, (code, out, err, looks)
+    assert flock_held(workers.pidfile) and workers.pid() == supervisor
+
+
+def test_the_upgrade_goes_on_when_its_command_is_killed(workers, installs):
+    supervisor = workers.pid()
+    slow(installs)
+    proc = upgrading(workers)
+    wait_for(lambda: restored(workers) == 1, timeout=30, what="the first new worker to be restoring")
+    proc.kill()   # Ctrl-C, or a lost ssh session: its answer has nowhere to go
+    outcome(proc)
+    wait_for(lambda: f"chatd[{supervisor}] INFO: upgraded from chatd {A}: 2 workers" in workers.log_text(),
+             timeout=30, what="the upgrade to end")
+    assert alive(supervisor) and state(workers)["version"] == SLOW
+    installs.use("b")
+    workers.cmd("upgrade", check=0, timeout=90)
+
+
+# Slow just after its commit, and says so: the old worker can be killed before it answers.
+COMMITTED_SLOWLY = ("upgrade.py", "        self.on_commit()\n",
+                    "        self.on_commit()\n        log.info('test: committed, taking 1 s more')\n"
+                    "        time.sleep(1.0)\n")
+
+
+def test_an_old_worker_killed_past_its_commit_leaves_one_process_per_slot(workers, installs):
+    supervisor = workers.pid()
+    old = children(supervisor)
+    installs.make("late", "1.0.0+late", COMMITTED_SLOWLY)
+    installs.use("late")
+    proc = upgrading(workers)
+    wait_for(lambda: "test: committed" in workers.log_text(), timeout=30, what="the first commit")
+    os.kill(old[0], signal.SIGKILL)
+    code, out, err = outcome(proc)
+    assert code == 0, (code, out, err)   # its clients moved: the new process serves them
+    time.sleep(1)
+    serving = processes_mentioning(str(workers.dir))
+    assert len(serving) == 3 and len(children(supervisor)) == 2, (serving, children(supervisor), code, err,
+                                                                   workers.log_text()[-3000:])
+    assert workers.log_text().count("joined as node n2-1") == 2   # the first worker's, then the new one's
+    workers.cmd("stop", check=0)
+    wait_for(lambda: not processes_mentioning(str(workers.dir)), timeout=10, what="no chatd left")
