@@ -15,8 +15,8 @@ the same queue, so no connection is refused.
 
 The supervisor alone writes the state file, serves the control socket (`chatd
 upgrade` only: workers_upgrade.py) and talks to systemd; workers report to it
-(ready, failed, their client counts, an upgrade's outcome) in JSON lines on a
-socket, on which the supervisor asks them for an upgrade.
+(ready, failed, their client counts, an upgrade's outcome, a new worker's taking
+over) in JSON lines on a socket, on which the supervisor asks them for an upgrade.
 Signals: a stop signal is passed to every worker and waited for; SIGHUP is
 checked here first (an invalid config, or a change that needs a stop and start,
 is rejected and the workers are not disturbed), then passed on, and each worker
