@@ -246,7 +246,7 @@ class Supervisor:
         kill what is left, then give everything back. `failure`: why, if no signal asked."""
         sig = self.stop_signal or signal.SIGTERM
         if self.rolling is not None:
-            self.rolling.fail(f"upgrade called off: {signal_name(sig)}")
+            self.rolling.fail(f"upgrade called off: {signal_name(sig)} arrived")
         running = sum(1 for w in self.workers.values() if w.pid)
         if failure:
             log.error("stopping %d workers: %s", running, failure)

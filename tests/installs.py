@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -96,6 +98,31 @@ class Installs:
     def command(self) -> list[str]:
         """How the daemon is started: the script through the link, as a user types it."""
         return [str(self.root / "current" / "bin" / "chatd")]
+
+
+def stopped_mid_upgrade(inst, installs: Installs, daemon: int, began: int) -> None:
+    """Start `chatd upgrade` to a version that hangs (the install "hangs": HANGS), wait until
+    the daemon has started its new code (`began` "upgrade: started" lines before it), and
+    SIGTERM the daemon (pid `daemon`): the upgrade is called off (exit 1), and the daemon
+    stops, its new code with it (nothing of the installs lives on)."""
+    from support import alive, processes_mentioning, wait_for
+    installs.use("hangs")
+    up = upgrading(inst, "--timeout", "20")
+    wait_for(lambda: inst.log_text().count("upgrade: started") > began, what="the upgrade to begin")
+    os.kill(daemon, signal.SIGTERM)
+    _, err = up.communicate(timeout=60)
+    assert up.returncode == 1 and b"upgrade called off: SIGTERM arrived" in err, err
+    wait_for(lambda: not alive(daemon), what="the daemon to stop")
+    wait_for(lambda: not processes_mentioning(str(installs.root)), timeout=10,
+             what="every process of the installs, the hanging new code too, to be gone")
+
+
+def upgrading(inst, *args: str) -> subprocess.Popen:
+    """`chatd upgrade ARGS` against the instance `inst`, running meanwhile (the checkout's
+    command: a broken install's own could not even run)."""
+    from support import chatd_command
+    return subprocess.Popen(chatd_command() + ["upgrade", *args, "-c", str(inst.config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
 def _edit(path: Path, old: str, new: str) -> None:

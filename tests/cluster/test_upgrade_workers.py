@@ -9,14 +9,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 
 import pytest
 
 from bus_support import read_until
-from installs import HANGS, IMPORT_FAILS, SLOW_TAKEOVER, Installs
-from support import LineClient, alive, chatd_command, flock_held, processes_mentioning, wait_for
+from installs import HANGS, IMPORT_FAILS, SLOW_TAKEOVER, Installs, stopped_mid_upgrade, upgrading
+from support import LineClient, alive, flock_held, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 A, B = "1.0.0+a", "1.0.0+b"
@@ -196,8 +195,7 @@ def test_a_sighup_waits_for_the_upgrade_and_a_stop_signal_calls_it_off(workers, 
     installs.make("hangs", "9.9.9", HANGS)
     supervisor = workers.pid()
     installs.use("slow")
-    up = subprocess.Popen(chatd_command() + ["upgrade", "-c", str(workers.config)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    up = upgrading(workers)
     wait_for(lambda: "test: restored, taking" in workers.log_text(), what="worker 1's takeover")
     os.kill(supervisor, signal.SIGHUP)
     time.sleep(0.3)
@@ -210,14 +208,5 @@ def test_a_sighup_waits_for_the_upgrade_and_a_stop_signal_calls_it_off(workers, 
     assert log.index("restart applied") > log.index(f"chatd[{supervisor}] INFO: upgraded from chatd")
 
     after = children(supervisor)
-    installs.use("hangs")
-    up = subprocess.Popen(chatd_command() + ["upgrade", "--timeout", "20", "-c", str(workers.config)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    wait_for(lambda: workers.log_text().count("upgrade: started") == 3, what="the second upgrade")
-    os.kill(supervisor, signal.SIGTERM)
-    out, err = up.communicate(timeout=60)
-    assert up.returncode == 1 and b"upgrade called off" in err, err
-    wait_for(lambda: not alive(supervisor), what="the daemon to stop")
+    stopped_mid_upgrade(workers, installs, supervisor, 2)   # one "upgrade: started" a worker
     assert not any(alive(p) for p in after)
-    wait_for(lambda: not processes_mentioning(str(installs.root)), timeout=10,
-             what="every process of the installs, the hanging new code too, to be gone")

@@ -17,8 +17,8 @@ import pytest
 
 from bus_support import read_until
 import installs as kinds
-from installs import SLOW_TAKEOVER, Installs
-from support import LineClient, alive, chatd_command, fd_count, figures, flock_held, processes_mentioning, wait_for
+from installs import SLOW_TAKEOVER, Installs, upgrading
+from support import LineClient, alive, fd_count, figures, flock_held, processes_mentioning, wait_for
 from test_upgrade_workers import A, B, children, installs, talk, workers  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(240)
@@ -46,12 +46,6 @@ def under_way(node, installs: Installs, restoring: int) -> subprocess.Popen:
 def one_process_per_slot(node, supervisor: int) -> None:
     wait_for(lambda: len(children(supervisor)) == 2 and len(processes_mentioning(str(node.dir))) == 3,
              timeout=15, what="two workers and the supervisor, nothing else")
-
-
-def upgrading(node, *args: str) -> subprocess.Popen:
-    """`chatd upgrade` running meanwhile."""
-    return subprocess.Popen(chatd_command() + ["upgrade", *args, "-c", str(node.config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
 def outcome(proc: subprocess.Popen) -> tuple[int, str, str]:

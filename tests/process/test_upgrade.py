@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from installs import EXITS_EARLY, HANGS, IMPORT_FAILS, NEW_FORMAT, Installs
-from support import LineClient, alive, chatd_command, fd_count, flock_held, free_port, rss_kib, wait_for
+from installs import EXITS_EARLY, HANGS, IMPORT_FAILS, NEW_FORMAT, Installs, stopped_mid_upgrade, upgrading
+from support import LineClient, alive, fd_count, flock_held, free_port, rss_kib, wait_for
 
 A, B = "1.0.0+a", "1.0.0+b"
 
@@ -316,8 +316,7 @@ def test_a_stop_signal_calls_the_upgrade_off_and_a_sighup_waits_for_it(make_daem
     inst = make_daemon()
     old = start(inst, installs)
     installs.use("hangs")
-    up = subprocess.Popen(chatd_command() + ["upgrade", "--timeout", "3", "-c", str(inst.config)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    up = upgrading(inst, "--timeout", "3")
     wait_for(lambda: "upgrade: started" in inst.log_text(), what="the upgrade to begin")
     os.kill(old, signal.SIGHUP)
     time.sleep(0.3)
@@ -325,28 +324,7 @@ def test_a_stop_signal_calls_the_upgrade_off_and_a_sighup_waits_for_it(make_daem
     out, err = up.communicate(timeout=30)
     assert up.returncode == 1 and b"within 3 s" in err, err
     wait_for(lambda: "restart applied" in inst.log_text(), what="the restart after the upgrade")
-    installs.use("hangs")
-    up = subprocess.Popen(chatd_command() + ["upgrade", "--timeout", "20", "-c", str(inst.config)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    wait_for(lambda: inst.log_text().count("upgrade: started") == 2, what="the second upgrade")
-    os.kill(old, signal.SIGTERM)
-    out, err = up.communicate(timeout=30)
-    assert up.returncode == 1 and b"upgrade called off: SIGTERM arrived" in err, err
-    wait_for(lambda: not alive(old), what="the daemon to stop")
-    assert not any(alive(p) for p in _children_of(old))
-
-
-def _children_of(pid: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
-                        found.append(int(name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
+    stopped_mid_upgrade(inst, installs, old, 1)
 
 
 def test_two_upgrades_at_once_take_turns(make_daemon, installs):

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from chatd.connection import KERNEL_BUFFER
-from installs import CHATTY, DIES_AFTER_COMMIT, EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs, slow_takeover
+from installs import CHATTY, DIES_AFTER_COMMIT, EXITS_SLOWLY, SLOW_COMMIT, SLOW_TAKEOVER, Installs, slow_takeover, upgrading
 from conftest import require_real
-from support import LineClient, alive, chatd_command, figures, proc_status, rss_kib, wait_for
+from support import LineClient, alive, figures, proc_status, rss_kib, wait_for
 from test_install import SYSTEM_PYTHON
 from test_upgrade import A, B, _drain, _pull, installs, make_daemon, start, status, upgrade   # noqa: F401 - fixtures
 
@@ -38,8 +38,7 @@ def upgrade_in_background(inst, installs: Installs, to: str, *args: str) -> subp
     """`chatd upgrade ARGS` to `to`, returning once the new process has rebuilt everything
     (the old one frozen, the new one not yet serving)."""
     installs.use(to)
-    up = subprocess.Popen(chatd_command() + ["upgrade", *args, "-c", str(inst.config)], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    up = upgrading(inst, *args)
     wait_for(lambda: FROZEN in inst.log_text() or up.poll() is not None, timeout=30,
              what="the new chatd to rebuild the old one's state")
     return up
