@@ -21,7 +21,8 @@ from installs import SLOW_TAKEOVER, Installs, upgrading
 from support import LineClient, alive, fd_count, figures, flock_held, processes_mentioning, wait_for
 from test_upgrade_workers import A, B, children, installs, talk, workers  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.timeout(240)
+# About 85 s in all: the slow step (the default step keeps tests/cluster/test_upgrade_workers.py).
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 SLOW = "1.0.0+slow"
 
 
@@ -284,7 +285,6 @@ def test_a_worker_killed_or_stopped_during_its_handover_leaves_its_slot_served(w
         assert sorted(record["workers"]) == children(supervisor), (record, code, out, err)
 
 
-@pytest.mark.slow   # the supervisor waits the timeout and ANSWER_MARGIN_S, 11 s
 def test_a_worker_that_answers_too_late_does_not_upgrade_behind_the_users_back(workers, installs):
     supervisor = workers.pid()
     stopped = children(supervisor)[0]
