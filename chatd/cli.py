@@ -58,6 +58,7 @@ class Section:
     intro: str = ""
     entries: tuple[tuple[str, str], ...] = ()
     width: int = 15      # --help: the term column
+    sub: bool = False    # chatd(8): a subsection of the section before it
 
 
 DESCRIPTION = Section("DESCRIPTION", (
@@ -81,7 +82,7 @@ COMMAND_HELP = Section("COMMANDS", entries=(
     ("status", "is it running? pid, address, mode, clients, uptime, ... (--json: one JSON object)"),
     ("check-config", "validate the config without touching the running daemon"),
 ))
-MODERATION_HELP = Section("MODERATION", "through the control socket X.sock; root and chatd's user only", (
+MODERATION_HELP = Section("MODERATION", "through the control socket X.sock; root and chatd's user only", sub=True, entries=(
     ("who", "every client: nick, room, address, connected for, bytes in and out (--json: one JSON object)"),
     ("kick NICK|ADDRESS [REASON]", 'close a chat client by nick (or every client from an address, in '
                                    'either mode); it is told "*** you were kicked: REASON", its room '
@@ -227,8 +228,8 @@ def option_help() -> Section:
 
 def manual() -> tuple[Section, ...]:
     """Every section of `chatd --help` in order (chatd(8) adds NAME, SYNOPSIS, EXAMPLES, SEE ALSO)."""
-    return (DESCRIPTION, COMMAND_HELP, MODERATION_HELP, option_help(), EXIT_HELP, FILES_HELP,
-            ENVIRONMENT_HELP, SIGNALS_HELP)
+    return (DESCRIPTION, COMMAND_HELP, MODERATION_HELP, option_help(), EXIT_HELP, SIGNALS_HELP,
+            FILES_HELP, ENVIRONMENT_HELP)
 
 
 def help_text(width: int = 79) -> str:

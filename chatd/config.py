@@ -316,6 +316,12 @@ AT_ONCE = "at once"
 NEW_CONNECTIONS = "new connections"
 ALL_CONNECTIONS = "every connection"
 NEEDS_RESTART = "needs stop and start"
+RESTART_EFFECTS = {   # each in words, for chatd.conf(5)
+    AT_ONCE: "the new value applies as the restart completes",
+    NEW_CONNECTIONS: "clients already connected keep the value they came with",
+    ALL_CONNECTIONS: "connected clients take the new value too",
+    NEEDS_RESTART: "the restart is rejected, naming the key, and nothing changes: stop and start chatd",
+}
 
 
 @dataclass(frozen=True)
