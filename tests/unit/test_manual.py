@@ -67,10 +67,11 @@ def test_groff_warns_of_nothing():
     assert (proc.returncode, proc.stderr) == (0, "")
 
 
-def rendered(name: str) -> str:
+def rendered(name: str, how: str = "-l") -> str:
+    """The page as man shows it: `man -l PATH`, or (how="./") `man ./etc/man/NAME` in the checkout."""
     env = dict(os.environ, MANPAGER="cat", PAGER="cat", MANWIDTH="250", LC_ALL="C.UTF-8")
-    proc = subprocess.run([tool("man"), "-l", str(PAGES / name)], capture_output=True, text=True,
-                          timeout=60, env=env)
+    args = ["-l", str(PAGES / name)] if how == "-l" else [f"./etc/man/{name}"]
+    proc = subprocess.run([tool("man"), *args], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -82,6 +83,7 @@ def test_man_reads_them_from_the_checkout():
         assert f"\n{title}\n" in text
     assert "chatd - a TCP line-echo and chat daemon" in text
     assert "-c, --config PATH" in text and "chatd.conf(5)" in text
+    assert rendered("chatd.8", how="./") == text   # as the README says to read it
     text = rendered("chatd.conf.5")
     assert "\n   [server]\n" in text and "Default: 7777." in text and "Option: -p, --port." in text
 
