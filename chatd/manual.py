@@ -17,7 +17,7 @@ import re
 from typing import Callable
 
 from . import __date__, __version__, cli
-from .config import KEYS, RESTART_EFFECTS, SCHEMA, SECTIONS, tomllib_literal
+from .config import RESTART_EFFECTS, SCHEMA, SECTIONS, tomllib_literal
 
 GENERATED = (r'.\" Made by chatd.manual from the help and config schema of chatd; do not edit. '
              "Rebuild: python3 -m chatd.manual --out etc/man")
@@ -63,9 +63,9 @@ motd = "welcome to chatd"
 default_room = "lobby"
 """
 SEE_ALSO = {
-    "chatd.8": ("chatd.conf(5)", "systemd.service(5)", "sd_notify(3)", "daemon(7)", "signal(7)",
-                "logrotate(8)", "rsyslogd(8)"),
-    "chatd.conf.5": ("chatd(8)",),
+    "chatd.8": (("chatd.conf", 5), ("systemd.service", 5), ("sd_notify", 3), ("daemon", 7), ("signal", 7),
+                ("logrotate", 8), ("rsyslogd", 8)),
+    "chatd.conf.5": (("chatd", 8),),
 }
 # How a term (the tag of an entry) is set: a command line (literal words bold, PLACEHOLDERS
 # italic), names (the upper-case ones bold), or a file name (italic).
@@ -104,6 +104,7 @@ def syntax(text: str) -> str:
 
 
 def term(text: str, style: str) -> str:
+    """An entry's tag in its section's style (TERM_STYLES)."""
     text = text.strip()
     if style == "file":
         return _font("I", text)
@@ -127,8 +128,8 @@ def _section(section: cli.Section) -> list[str]:
 
 def _see_also(page: str) -> list[str]:
     refs = SEE_ALSO[page]
-    return ['.SH "SEE ALSO"'] + [f".BR {name} ({number[:-1]}){',' if i < len(refs) - 1 else ''}"
-                                 for i, ref in enumerate(refs) for name, number in [ref.split("(")]]
+    return ['.SH "SEE ALSO"'] + [f".BR {escape(name)} ({number}){',' * (i < len(refs) - 1)}"
+                                 for i, (name, number) in enumerate(refs)]
 
 
 def _example(lines: str) -> list[str]:
@@ -148,11 +149,6 @@ def chatd_8() -> str:
     return "\n".join(out + _see_also("chatd.8")) + "\n"
 
 
-def options_of(dotted: str) -> str:
-    """The command-line options that set a key: "-p, --port"; "" if none does."""
-    return next((", ".join(a.option_strings) for a in cli.parser()._actions if a.dest == dotted), "")
-
-
 def chatd_conf_5() -> str:
     """The man page chatd.conf(5): every key of the schema, by section."""
     out = _head("CHATD.CONF", 5, "File Formats Manual")
@@ -163,11 +159,12 @@ def chatd_conf_5() -> str:
         out += [".PP", escape(paragraph)]
     for effect, words in RESTART_EFFECTS.items():
         out += [".TP", _font("I", effect), escape(words)]
+    options = {a.dest: ", ".join(a.option_strings) for a in cli.parser()._actions}   # "-p, --port"
     out.append(".SH SETTINGS")
     for section in SECTIONS:
         out.append(f".SS [{section}]")
         for key in (k for k in SCHEMA if k.section == section):
-            flags = options_of(key.dotted)
+            flags = options.get(key.dotted, "")
             out += [".TP", _font("B", key.name), escape(key.help), ".br",
                     escape(f"Value: {key.accepts}. Default: {tomllib_literal(key.default)}."),
                     *([f"Option: {syntax(flags)}."] if flags else []),
