@@ -4,7 +4,9 @@ This is the only module that writes to the terminal or exits. A command's
 result goes to stdout, notes and warnings to stderr. No user mistake and no
 run-time fault ends in a Python traceback here: every failure is said once,
 as `chatd: <reason>` on stderr (a config file's errors one a line), with an
-exit status.
+exit status. The help is a list of sections (`manual()`) that `chatd --help`
+and the man page chatd(8) (chatd.manual) both render; the options and their
+help come from the parser, which shell completion (shtab) reads too.
 """
 
 from __future__ import annotations

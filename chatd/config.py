@@ -329,8 +329,8 @@ class Key:
     """One config key: where it lives, its default, its check, its command-line flag, what it
     means (`help`) and what a restart in place does with a new value (`on_restart`).
 
-    The command line's setting options (`cli`) and the README's reference table are made
-    from these, so neither can drift from the schema.
+    The command line's setting options (`cli`), the README's reference table and the man
+    page chatd.conf(5) (`manual`) are made from these, so none can drift from the schema.
     """
 
     section: str
