@@ -2,8 +2,10 @@
 shipped units) and tests/package/test_deb.py (the Debian package).
 
 `booted` boots the host's own root, never a copy of it: `--volatile=yes` (a fresh tmpfs root,
-the host's /usr read-only) or `--volatile=overlay` (the whole host root under a tmpfs that
-takes every write, so dpkg can install into it), in a private network namespace, inside
+the host's /usr read-only) or, with `overlay`, the whole host root under an overlayfs whose
+upper layer is a tmpfs that takes every write, so that dpkg can install into it (nspawn's own
+`--volatile=overlay` refuses `-D /`); that overlay is mounted in a private mount namespace
+(`unshare`), so it goes with nspawn. In a private network namespace, inside
 cgroups it creates before exec and removes after nspawn has exited. systemctl, journalctl and
 the TCP clients run through `nsenter` into the container's init; chatd's port is 7777 on the
 container's own loopback.
@@ -266,7 +268,7 @@ def require_nspawn() -> None:
     """Skip (fail with CHATD_REQUIRE_REAL=1) without root, nspawn, nsenter or a cgroup tree."""
     if os.geteuid() != 0:
         require_real("root (for systemd-nspawn)")
-    for tool in ("systemd-nspawn", "nsenter"):
+    for tool in ("systemd-nspawn", "nsenter", "unshare"):
         if shutil.which(tool) is None:
             require_real(tool)
     if not any(Path(r, "cgroup.procs").exists() for r in CGROUP_ROOTS):
@@ -275,11 +277,23 @@ def require_nspawn() -> None:
 
 BoxT = TypeVar("BoxT", bound=Container)
 
+# Run by `unshare --mount --propagation private`: the host root under a tmpfs-backed overlay at
+# $1/root, then nspawn ("$@" after $1) on it. The tmpfs keeps the upper layer off the root file
+# system (an upper layer inside the lower one is refused), and both mounts end with nspawn.
+OVERLAY = """\
+set -e
+mount -t tmpfs -o mode=0755 chatd-test "$1/overlay"
+mkdir "$1/overlay/upper" "$1/overlay/work"
+mount -t overlay chatd-test -o "lowerdir=/,upperdir=$1/overlay/upper,workdir=$1/overlay/work" "$1/root"
+shift
+exec "$@"
+"""
+
 
 @contextlib.contextmanager
 def booted(make: Callable[[subprocess.Popen, int, Path], BoxT], binds: Callable[[Path], dict[str, str]],
-           volatile: str = "yes", masked: tuple[str, ...] = MASKED) -> Iterator[BoxT]:
-    """A container booted from the host's root with `--volatile=<volatile>`, `binds(workdir)`
+           overlay: bool = False, masked: tuple[str, ...] = MASKED) -> Iterator[BoxT]:
+    """A container booted from the host's root (`--volatile=yes`, or its writable `overlay`), `binds(workdir)`
     bound read-only (host path -> path inside; workdir is a fresh world-readable temporary
     directory the caller fills), and the `masked` units masked: `make(nspawn, init, workdir)`,
     once its systemd is up, and everything undone afterwards."""
@@ -303,8 +317,15 @@ def booted(make: Callable[[subprocess.Popen, int, Path], BoxT], binds: Callable[
                     with open(cg / "cgroup.procs", "w") as f:
                         f.write("0")
 
-            argv = ["systemd-nspawn", "-b", "-D", "/", f"--volatile={volatile}", "--register=no",
-                    "--keep-unit", "--private-network", "-M", f"chatd-{ident}", "--console=pipe"]
+            argv = ["systemd-nspawn", "-b", "--register=no", "--keep-unit", "--private-network",
+                    "-M", f"chatd-{ident}", "--console=pipe"]
+            if overlay:
+                (workdir / "overlay").mkdir()
+                (workdir / "root").mkdir()
+                argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", OVERLAY, "sh", str(workdir),
+                        *argv, "-D", str(workdir / "root")]
+            else:
+                argv += ["-D", "/", "--volatile=yes"]
             argv += [f"--bind-ro={src}:{dst}" for src, dst in binds(workdir).items()]
             argv += [f"--bind-ro=/dev/null:/etc/systemd/system/{unit}" for unit in masked]
             with open(console, "wb") as out:
