@@ -50,6 +50,19 @@ class Invalid(ValueError):
 
 # ---------------------------------------------------------------- value checks
 
+Check = Callable[[Any], Any]
+
+
+def _accepting(text: str, choices: tuple[str, ...] = ()) -> Callable[[Check], Check]:
+    """Mark a check with what it accepts, in words (`Key.accepts`, which chatd.conf(5) shows)
+    and, for a closed set, the values (`Key.choices`, which shell completion offers)."""
+    def mark(check: Check) -> Check:
+        check.accepts = text            # type: ignore[attr-defined]
+        check.choices = choices         # type: ignore[attr-defined]
+        return check
+    return mark
+
+
 def _type_name(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "an array", tuple: "an array", dict: "a table"}.get(type(value), type(value).__name__)
@@ -65,10 +78,10 @@ def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
         if isinstance(value, bool) or not isinstance(value, int):
             raise Invalid(f"expected an integer, got {_type_name(value)}")
         if value < lo or (hi is not None and value > hi):
-            span = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise Invalid(f"must be {span}, got {value}")
         return value
-    return check
+    span = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+    return _accepting(f"an integer {span}")(check)
 
 
 def _float(lo: float, strictly_above: bool = False, hi: float | None = None) -> Callable[[Any], float]:
@@ -84,13 +97,15 @@ def _float(lo: float, strictly_above: bool = False, hi: float | None = None) -> 
         if value != value or value in (float("inf"), float("-inf")):
             raise Invalid(f"expected a finite number, got {value}")
         if value < lo or (strictly_above and value == lo):
-            raise Invalid(f"must be {'greater than' if strictly_above else 'at least'} {lo:g}, got {value:g}")
+            raise Invalid(f"must be {floor}, got {value:g}")
         if hi is not None and value > hi:
             raise Invalid(f"must be at most {hi:g}, got {value:g}")
         return value
-    return check
+    floor = f"{'greater than' if strictly_above else 'at least'} {lo:g}"
+    return _accepting(f"a number {floor}" + (f", at most {hi:g}" if hi is not None else ""))(check)
 
 
+@_accepting("a string")
 def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise Invalid(f"expected a string, got {_type_name(value)}")
@@ -105,9 +120,10 @@ def _choice(*choices: str) -> Callable[[Any], str]:
         if value not in choices:
             raise Invalid(f"must be one of {', '.join(choices)}; got {value!r}")
         return value
-    return check
+    return _accepting("one of " + ", ".join(f'"{c}"' for c in choices), choices)(check)
 
 
+@_accepting("an IP address or host name, or empty")
 def _host(value: Any) -> str:
     value = _str(value).strip()
     if value.startswith("[") and value.endswith("]"):
@@ -130,6 +146,7 @@ def _host(value: Any) -> str:
     return value
 
 
+@_accepting('an array of strings, each "HOST:PORT", "[V6]:PORT" or ":PORT", maybe after a scheme')
 def _listen(value: Any) -> tuple[str, ...]:
     """An array of endpoints, or (from the command line) one string of them split by commas;
     each checked for shape and its host resolved (listen.parse_endpoint)."""
@@ -158,6 +175,7 @@ def _listen(value: Any) -> tuple[str, ...]:
 MAX_RULES = 4096   # entries in one [access] list
 
 
+@_accepting(f"an array of at most {MAX_RULES} strings, each an IPv4 or IPv6 address or CIDR block")
 def _networks(value: Any) -> tuple[str, ...]:
     """An array of addresses and CIDR blocks, IPv4 or IPv6 (access.network checks each)."""
     if not isinstance(value, (list, tuple)):
@@ -174,13 +192,18 @@ def _networks(value: Any) -> tuple[str, ...]:
     return tuple(item.strip() for item in value)
 
 
+LOOPS = ("auto", "uvloop", "asyncio")
+
+
+@_accepting('one of "auto", "uvloop" (if installed), "asyncio"', LOOPS)
 def _loop(value: Any) -> str:
-    value = _choice("auto", "uvloop", "asyncio")(value)
+    value = _choice(*LOOPS)(value)
     if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise Invalid("uvloop is not installed here; use 'auto' or 'asyncio'")
     return value
 
 
+@_accepting('a user name or "#UID", or empty')
 def _user(value: Any) -> str:
     value = _str(value).strip()
     if value:
@@ -188,6 +211,7 @@ def _user(value: Any) -> str:
     return value
 
 
+@_accepting('a group name or "#GID", or empty')
 def _group(value: Any) -> str:
     value = _str(value).strip()
     if value:
@@ -195,6 +219,7 @@ def _group(value: Any) -> str:
     return value
 
 
+@_accepting("a room name: 1 to 32 letters, digits, _ or -, maybe after a #")
 def _room(value: Any) -> str:
     value = _str(value)
     if not ROOM_RE.fullmatch(value if value.startswith("#") else "#" + value):
@@ -202,6 +227,7 @@ def _room(value: Any) -> str:
     return value.lstrip("#").lower()
 
 
+@_accepting("a path, or empty")
 def _path(value: Any) -> str:
     return _str(value)
 
@@ -213,6 +239,7 @@ NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
+@_accepting('"redis://HOST[:PORT][/DB]", "unix:///PATH[?db=DB]", or empty')
 def _bus(value: Any) -> str:
     """"" (one process), redis://HOST[:PORT][/DB] or unix:///PATH[?db=DB]: checked for shape
     here; whether the server answers is found at start."""
@@ -234,6 +261,7 @@ def _bus(value: Any) -> str:
     return value
 
 
+@_accepting('"HOST:PORT", "[IPV6]:PORT", or empty')
 def _metrics_listen(value: Any) -> str:
     """"" (off), "HOST:PORT" or "[IPV6]:PORT": the address `[metrics] listen` binds."""
     value = _str(value).strip()
@@ -254,7 +282,7 @@ def _pattern(regex: re.Pattern[str], what: str, empty: bool = True) -> Callable[
         if (value or not empty) and not regex.fullmatch(value):
             raise Invalid(f"{what}; got {value!r}")
         return value
-    return check
+    return _accepting(f"a string of {what}" + (", or empty" if empty else ""))(check)
 
 
 def lookup_user(spec: str) -> pwd.struct_passwd | int:
@@ -288,6 +316,12 @@ AT_ONCE = "at once"
 NEW_CONNECTIONS = "new connections"
 ALL_CONNECTIONS = "every connection"
 NEEDS_RESTART = "needs stop and start"
+RESTART_EFFECTS = {   # each in words, for chatd.conf(5)
+    AT_ONCE: "the new value applies as the restart completes",
+    NEW_CONNECTIONS: "clients already connected keep the value they came with",
+    ALL_CONNECTIONS: "connected clients take the new value too",
+    NEEDS_RESTART: "the restart is rejected, naming the key, and nothing changes: stop and start chatd",
+}
 
 
 @dataclass(frozen=True)
@@ -311,6 +345,16 @@ class Key:
     @property
     def dotted(self) -> str:
         return f"{self.section}.{self.name}"
+
+    @property
+    def accepts(self) -> str:
+        """What the value may be, in words: "an integer between 1 and 65535"."""
+        return str(getattr(self.check, "accepts"))
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The values, when they are a closed set; else ()."""
+        return tuple(getattr(self.check, "choices"))
 
 
 SCHEMA: tuple[Key, ...] = (
