@@ -21,7 +21,7 @@ import pytest
 
 from chatd import __version__
 from conftest import require_real
-from installs import IMPORT_FAILS, edit
+from installs import EXITS_EARLY, edit
 from nspawn import ENV, MASKED, PORT, Container, booted
 from support import LineClient, figures
 
@@ -57,8 +57,7 @@ def _copy(dest: Path) -> Path:
     return dest
 
 
-def build(where: Path, version: str = __version__, change: tuple[str, str, str] | None = None,
-          check: bool = True) -> Path:
+def build(where: Path, version: str = __version__, change: tuple[str, str, str] | None = None) -> Path:
     """`dpkg-buildpackage -b -us -uc` in a copy of the checkout under `where`, as chatd `version`
     (its __init__.py and debian/changelog), with `change` (tests/installs.py) made: the .deb,
     which lands in `where`, never beside the checkout."""
@@ -68,8 +67,7 @@ def build(where: Path, version: str = __version__, change: tuple[str, str, str] 
         edit(src / "debian" / "changelog", f"chatd ({__version__})", f"chatd ({version})")
     if change is not None:
         edit(src / "chatd" / change[0], change[1], change[2])
-    env = {"PATH": ENV["PATH"], "HOME": str(where), "LC_ALL": "C.UTF-8",
-           "DEB_BUILD_OPTIONS": "" if check else "nocheck"}
+    env = {"PATH": ENV["PATH"], "HOME": str(where), "LC_ALL": "C.UTF-8"}
     proc = subprocess.run(["dpkg-buildpackage", "-b", "-us", "-uc"], cwd=src, env=env, capture_output=True,
                           text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"dpkg-buildpackage failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -180,15 +178,14 @@ def _masks() -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def box(deb, tmp_path_factory):
-    """A booted container with A (the checkout's chatd), B (a newer version) and a B that fails
-    at import (`broken`) at /srv/debs."""
+    """A booted container with A (the checkout's chatd), B (a newer version) and a newer one
+    whose daemon exits before it takes over (`broken`) at /srv/debs."""
     debs = tmp_path_factory.mktemp("debs")
     debs.chmod(0o755)
     shutil.copy(deb, debs / "a.deb")
     began = time.monotonic()
     shutil.copy(build(tmp_path_factory.mktemp("deb-b"), VERSION_B), debs / "b.deb")
-    shutil.copy(build(tmp_path_factory.mktemp("deb-broken"), VERSION_BROKEN, IMPORT_FAILS, check=False),
-                debs / "broken.deb")
+    shutil.copy(build(tmp_path_factory.mktemp("deb-broken"), VERSION_BROKEN, EXITS_EARLY), debs / "broken.deb")
     figures("package builds for the upgrade", seconds=f"{time.monotonic() - began:.1f}")
     with booted(Box, lambda _workdir: {str(debs): "/srv/debs"}, overlay=True, masked=_masks()) as box:
         box.run("rm", "-f", "/usr/sbin/policy-rc.d", check=0)
@@ -308,26 +305,41 @@ def test_package_upgrade_upgrades_the_running_chatd_in_place(fresh):
 
 
 @pytest.mark.slow
-def test_failed_live_upgrade_keeps_the_old_version_serving(fresh):
-    """A new version that fails at import: the install succeeds, says the old one serves on,
-    and it does; the next good version then upgrades it in place."""
+def test_failed_or_forbidden_live_upgrade_keeps_the_old_version_serving(fresh):
+    """A policy-rc.d that forbids restarts, then a new version whose daemon exits before it
+    takes over: each
+    install succeeds and says the old version serves on, and it does (same main pid, no
+    restart); the next good version then upgrades it in place."""
     box = fresh
     box.install("a.deb")
     members = _start_chat(box)
     old = box.main_pid()
 
-    said, _ = box.install("broken.deb")
-    assert f"chatd: the live upgrade failed: chatd {__version__} keeps serving" in said, said
-    assert "chatd_no_such_module" in said, said
-    assert box.dpkg("-s", "chatd").count(f"Version: {VERSION_BROKEN}") == 1
-    props = box.show("chatd", "ActiveState", "MainPID", "NRestarts")
-    assert props == {"ActiveState": "active", "MainPID": str(old), "NRestarts": "0"}, props
-    _talk(members, "still")
-    # the installed command cannot even run now: the state file says what serves
-    state = json.loads(box.run("cat", "/run/chatd/chatd.state", check=0).stdout)
-    assert (state["pid"], state["version"]) == (old, __version__), state
+    def still_serving(version: str) -> None:
+        props = box.show("chatd", "ActiveState", "MainPID", "NRestarts")
+        assert props == {"ActiveState": "active", "MainPID": str(old), "NRestarts": "0"}, props
+        assert f"Version: {version}\n" in box.dpkg("-s", "chatd")
+        state = json.loads(box.chatd("status", "--json"))
+        assert (state["pid"], state["version"]) == (old, __version__), state
+        _talk(members, f"still on {version}")
 
-    said, _ = box.install("b.deb")
+    box.run("sh", "-c", "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d",
+            check=0)
+    try:
+        said, _ = box.install("b.deb")
+    finally:
+        box.run("rm", "-f", "/usr/sbin/policy-rc.d", check=0)
+    assert f"chatd: policy-rc.d forbids restarting chatd.service: the running chatd (pid {old}) keeps serving" in said, said
+    still_serving(VERSION_B)
+
+    said, _ = box.install("broken.deb")
+    assert f"chatd: the live upgrade failed: the running chatd (pid {old}) keeps serving" in said, said
+    assert f"chatd {__version__} (pid {old}) still serving" in said, said    # chatd upgrade's own words
+    assert "this build refuses to start" in said and "Traceback" not in said, said
+    still_serving(VERSION_BROKEN)
+    figures("a failed live upgrade, as dpkg -i shows it", said=said.strip().replace("\n", " | "))
+
+    said, _ = box.install("b.deb")   # a downgrade from the broken one: configured all the same
     assert re.search(rf"chatd upgraded from {re.escape(__version__)} \(pid {old}\) to {re.escape(VERSION_B)}", said), said
     _talk(members, "after")
     assert box.show("chatd", "NRestarts")["NRestarts"] == "0"
