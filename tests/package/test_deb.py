@@ -112,6 +112,7 @@ def _contents(deb: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow   # the build takes 4-10 s, which the default step has not to spare
 def test_package_ships_every_file_where_its_tool_reads_it(deb):
     files = _contents(deb)
     for path, wanted in SHIPPED.items():
