@@ -30,6 +30,7 @@ VERSION_B = f"{__version__}+upgrade1"
 VERSION_BROKEN = f"{__version__}+upgrade2"
 CONF = "/etc/chatd/chatd.conf"
 CHAT_CONF = '[server]\nmode = "chat"\n'
+NICKS = ("alice", "bob", "carol")
 
 # path in the package -> what must be there (the units name /usr/bin/chatd)
 SHIPPED = {
@@ -46,7 +47,7 @@ SHIPPED = {
     "./usr/share/zsh/vendor-completions/_chatd": None,
 }
 CONFFILES = {"/etc/chatd/chatd.conf", "/etc/logrotate.d/chatd", "/etc/rsyslog.d/30-chatd.conf"}
-TOOLS = ("dpkg-buildpackage", "dh", "dh_python3", "lintian", "fakeroot")
+TOOLS = ("dpkg-buildpackage", "dpkg-checkbuilddeps", "dh", "dh_python3", "lintian", "fakeroot")
 BUILD_DEPS = ("debhelper", "dh-python", "pybuild-plugin-pyproject", "flit", "python3-all")
 
 
@@ -217,18 +218,18 @@ def _room(box: Box, nicks: tuple[str, ...]) -> list[LineClient]:
 
 
 def _talk(members: list[LineClient], text: str) -> None:
-    """Each member says a line, and every other hears it once, in order."""
+    """Each member says a line, and every other hears it next, under the member's nick."""
     for i, speaker in enumerate(members):
         speaker.send(f"{text} {i}\n".encode())
         for j, hearer in enumerate(members):
             if j != i:
-                assert hearer.recv_line().endswith(f"> {text} {i}\r\n".encode())
+                assert hearer.recv_line() == f"<{NICKS[i]}> {text} {i}\r\n".encode()
 
 
 def _start_chat(box: Box) -> list[LineClient]:
     box.run("sh", "-c", f"printf '{CHAT_CONF}' > {CONF}", check=0)   # the admin's change to a conffile
     box.systemctl("start", "chatd")
-    members = _room(box, ("alice", "bob", "carol"))
+    members = _room(box, NICKS)
     _talk(members, "before")
     return members
 
