@@ -1,4 +1,4 @@
-"""chatd's Debian package (debian/, README "Installing the Debian package"): built from a copy
+"""chatd's Debian package (debian/, README "The Debian package"): built from a copy
 of the checkout, linted, then installed, upgraded while it serves, and purged under a real
 systemd in `systemd-nspawn` (tests/nspawn.py).
 
