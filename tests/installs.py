@@ -77,9 +77,9 @@ class Installs:
         where = self.root / name
         package = where / "chatd"
         shutil.copytree(REPO / "chatd", package, ignore=shutil.ignore_patterns("__pycache__"))
-        _edit(package / "__init__.py", '__version__ = "', f'__version__ = "{version}"  # ')
+        edit(package / "__init__.py", '__version__ = "', f'__version__ = "{version}"  # ')
         if change is not None:
-            _edit(package / change[0], change[1], change[2])
+            edit(package / change[0], change[1], change[2])
         script = where / "bin" / "chatd"
         script.parent.mkdir()
         script.write_text(SCRIPT.format(python=self.python))
@@ -125,7 +125,7 @@ def upgrading(inst, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
-def _edit(path: Path, old: str, new: str) -> None:
+def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     if old not in text:
         raise AssertionError(f"{path.name} no longer holds {old!r}: update tests/installs.py")
