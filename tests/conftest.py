@@ -59,6 +59,18 @@ def chatd(make_chatd) -> Chatd:
     return make_chatd()
 
 
+@pytest.hookimpl(tryfirst=True)   # before `-m 'not slow'` picks the default step's tests
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In a module marked `asyncio_twin_slow`, a test's run on asyncio's own loop (the same
+    case as on uvloop) goes to the slow step: the default step keeps one loop of each case
+    there, and test_echo, test_clients and test_chat keep both (.ci/run runs both steps)."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if (item.get_closest_marker("asyncio_twin_slow") and params is not None
+                and "asyncio" in params.params.values()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=LOOPS)
 def loop_chatd(request, make_chatd) -> Chatd:
     """A chatd instance on each event loop in turn."""

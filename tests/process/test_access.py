@@ -13,6 +13,8 @@ import pytest
 
 from support import free_port, wait_for
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 

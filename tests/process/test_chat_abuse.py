@@ -24,6 +24,8 @@ import pytest
 
 from support import LineClient, rss_kib
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 TIMEOUT = 5.0
 WELCOME = re.compile(rb"\*\*\* Welcome to chatd, (guest[0-9]+)\. Type /help for commands\.\r\n")
 SLOW_DOWN = b"*** error: slow down, line dropped\r\n"

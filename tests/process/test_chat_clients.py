@@ -29,6 +29,8 @@ import pytest
 from telnet_pty import TELNET, connected_telnet, need
 from support import kill_and_wait
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 NC = "/usr/bin/nc"
 HOST = "127.0.0.1"
 TIMEOUT = 10.0

@@ -21,6 +21,8 @@ import pytest
 
 from support import LineClient, figures, rss_kib
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 TIMEOUT = 10.0
 SENDERS = 20
 LINES = 20                      # one `burst` of lines per sender (the default)

@@ -13,6 +13,8 @@ import pytest
 
 from support import LineClient, alive, wait_for
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 WELCOME = re.compile(rb"\*\*\* Welcome to chatd, (guest[0-9]+)\. Type /help for commands\.\r\n")
 SLOW_DOWN = b"*** error: slow down, line dropped\r\n"
 OPEN = r", open \d+\.\d{3} s"

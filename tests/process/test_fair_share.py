@@ -32,6 +32,8 @@ import pytest
 
 from support import LineClient, figures, wait_for
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 HOSTILE = {   # class -> the unit repeated as fast as the senders can
     "iac-nop": b"\xff\xf1",
     "iac-do": b"\xff\xfd\x01\xff\xfb\x18",

@@ -28,6 +28,8 @@ import pytest
 from support import (LineClient, alive, chatd_command, fault_env, fd_count, figures, kill_and_wait,
                      proc_stat, processes_mentioning, stuck_client, wait_for)
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 
 # ------------------------------------------------------------------ helpers
 

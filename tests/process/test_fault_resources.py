@@ -52,6 +52,8 @@ from conftest import LOOPS, require_real
 from support import (LineClient, alive, chatd_command, fd_count, figures, free_port, kill_and_wait,
                      wait_for)
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FULL = {"echo": b"ERR server full\r\n", "chat": b"*** server full\r\n"}
 NO_LIMITS = "[limits]\nmax_clients = 0\nmax_clients_per_ip = 0\nrate = 0\n"

@@ -30,6 +30,8 @@ from conftest import require_real
 from support import (LineClient, alive, chatd_command, dup_onto_3, free_port, kill_and_wait, listening,
                      proc_stat, wait_for)
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 INIT_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS",
                   "LISTEN_FDNAMES", "UPSTART_JOB")
 CREDS = struct.calcsize("iII")

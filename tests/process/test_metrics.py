@@ -23,6 +23,8 @@ from chatd import __version__ as chatd_version
 from conftest import require_real
 from support import LineClient, free_port, wait_for
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 TIMEOUT = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

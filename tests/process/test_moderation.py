@@ -23,6 +23,8 @@ from test_chat_clients import NC, NcClient
 from test_normal_user import (AS_NOBODY, CLEAN_ENV, SYSTEM_PYTHON,  # noqa: F401 - fixtures
                               nobody, nobody_can_run_chatd)
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 ALICE, BOB = "127.0.0.2", "127.0.0.3"
 
 

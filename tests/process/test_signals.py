@@ -13,6 +13,8 @@ import pytest
 
 from support import LineClient, alive, free_port, listening, stuck_client, wait_for
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 
 def state(inst) -> dict:
     return json.loads((inst.dir / "chatd.state").read_text())

@@ -19,7 +19,8 @@ import pytest
 
 from support import LineClient, chatd_command, dup_onto_3, figures, free_port, rss_kib, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
+              pytest.mark.asyncio_twin_slow]
 
 
 # ------------------------------------------------------------------ certificates and clients

@@ -22,6 +22,8 @@ import pytest
 from installs import EXITS_EARLY, HANGS, IMPORT_FAILS, NEW_FORMAT, Installs, stopped_mid_upgrade, upgrading
 from support import LineClient, alive, fd_count, flock_held, free_port, rss_kib, wait_for
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 A, B = "1.0.0+a", "1.0.0+b"
 
 

@@ -31,6 +31,8 @@ from support import LineClient, alive, figures, proc_status, rss_kib, wait_for
 from test_install import SYSTEM_PYTHON
 from test_upgrade import A, B, _drain, _pull, installs, make_daemon, start, status, upgrade   # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.asyncio_twin_slow   # the default step runs these on uvloop
+
 FROZEN = "test: restored"   # the slow version's log line: the old process is frozen from here
 
 
