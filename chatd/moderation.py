@@ -354,7 +354,7 @@ class Moderator:
         try:
             request = parse_request(await reader.readline())
             handler = self.handlers[request["cmd"]]
-        except (UsageError, KeyError):
+        except (UsageError, KeyError, ValueError):   # ValueError: a line past REQUEST_MAX
             return failure("bad request", EXIT_USAGE)
         try:
             answer = handler(request)
