@@ -152,7 +152,7 @@ def held_signals() -> Iterator[None]:
 
 
 def wake_on(fd: int) -> None:
-    """For a loop that sleeps in select() (workers.Supervisor): every caught signal, and
+    """For a loop that sleeps in poll() (workers.Supervisor): every caught signal, and
     SIGCHLD (given a handler that records nothing, for that), writes a byte to `fd`."""
     signal.set_wakeup_fd(fd)
     signal.signal(signal.SIGCHLD, lambda *_: None)

@@ -4,7 +4,7 @@
 With more than one worker the daemon does not serve clients itself: after it
 has taken its resources (sockets, pid file, state file, logs, privilege drop;
 lifetime.py), it becomes the supervisor, gunicorn's arbiter in shape: a
-synchronous loop that sleeps in select() on its workers' report sockets and a
+synchronous loop that sleeps in poll() on its workers' report sockets and a
 signal wake-up pipe, and dispatches each signal by name to `handle_<name>`.
 Each worker is forked from it and runs a whole `Server` on the inherited
 listening sockets, as a node of the bus named NODE_ID-1 ... NODE_ID-N, so rooms
